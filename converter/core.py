@@ -1,0 +1,201 @@
+"""``convert``: load a source model, export ONNX, prove it, then move it into place."""
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from retool import console
+from retool.converter.base import ConvertRequest, SourceModel
+from retool.errors import ConversionError, RetoolError, UsageError, ValidationFailed
+from retool.fsutil import atomic_write_text, check_output_path, move_onnx, sha256_file, staging_dir
+from retool.registry import CONVERTERS
+from retool.types import CheckResult, ModelArtifact, ProvenanceStep, Report, TensorSpec, now_iso
+
+
+def is_callable_ref(text: str) -> bool:
+    """``package.module:factory`` or ``path/file.py:factory`` (and not an existing path)."""
+    return bool(re.fullmatch(r"[\w./-]+(\.py)?:[A-Za-z_][\w.]*", text)) and not Path(text).exists()
+
+
+def detect_framework(source: Any, framework: str = "auto") -> str:
+    """The framework for ``source``; with ``auto`` every registered converter sniffs it."""
+    if framework != "auto":
+        CONVERTERS.get(framework)  # unknown names fail with the known list
+        return framework
+    if isinstance(source, (str, Path)) and not is_callable_ref(str(source)) and not Path(source).exists():
+        raise UsageError(f"{source}: model file not found")
+    hits = []
+    for name in CONVERTERS:
+        reason = CONVERTERS.get(name).sniff(source)
+        if reason:
+            hits.append((name, reason))
+    if len(hits) == 1:
+        return hits[0][0]
+    label = source if isinstance(source, (str, Path)) else type(source).__name__
+    if not hits:
+        raise UsageError(f"{label}: cannot tell which framework this model is from; "
+                         f"pass --framework ({', '.join(CONVERTERS.names())})")
+    considered = "; ".join(f"{n}: {r}" for n, r in hits)
+    raise UsageError(f"{label}: ambiguous source ({considered}); pass --framework")
+
+
+def convert(source: Any, output, *, framework: str = "auto", weights=None,
+            inputs: Sequence[TensorSpec | str] = (), example_inputs: Mapping | str | Path | None = None,
+            opset: int | None = None, trust_remote_code: bool = False, verify: bool = True,
+            tolerance=None, options: Mapping[str, Any] | None = None, seed: int = 0,
+            write_report: bool = True) -> tuple[ModelArtifact, Report]:
+    """Convert ``source`` to ONNX at ``output``; verify parity unless ``verify=False``.
+
+    Returns (artifact, report). Raises ValidationFailed (exit 6) when parity fails:
+    the ONNX file is then not written to ``output``; only the sidecar report is.
+    """
+    from retool.inputs import load_npz, parse_specs
+    from retool.validators.parity import Tolerance, tolerance_for
+
+    out = check_output_path(output)
+    if weights is not None and not Path(weights).exists():
+        raise UsageError(f"{weights}: weights file not found")
+    specs = tuple(s if isinstance(s, TensorSpec) else parse_specs([s])[0] for s in inputs)
+    examples = load_npz(example_inputs) if isinstance(example_inputs, (str, Path)) else example_inputs
+    if opset is not None and not 7 <= int(opset) <= 25:
+        raise UsageError(f"--opset {opset}: choose an opset between 7 and 25 (tf2onnx supports 13-18, torch.onnx 18 and up)")
+    fw = detect_framework(source, framework)
+    converter = CONVERTERS.get(fw)
+    request = ConvertRequest(source, out, fw, Path(weights) if weights else None, specs,
+                             dict(examples) if examples is not None else None, opset, trust_remote_code,
+                             dict(options or {}), seed)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    with console.step(f"loading {fw} model {request.source_label}"):
+        model = converter.load(request)
+    timings["load_s"] = time.perf_counter() - t0
+    try:
+        return _convert_loaded(model, request, out, verify,
+                               tolerance if isinstance(tolerance, Tolerance) or tolerance is None else Tolerance(**tolerance),
+                               timings, write_report)
+    finally:
+        model.close()
+
+
+def _source_digest(model: SourceModel, request: ConvertRequest) -> str | None:
+    files = [Path(f) for f in model.source_files if Path(f).exists()]
+    if not files:
+        return None
+    if len(files) == 1:
+        return sha256_file(files[0])
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in files:
+        h.update(bytes.fromhex(sha256_file(f)))
+    return h.hexdigest()
+
+
+def _convert_loaded(model: SourceModel, request: ConvertRequest, out: Path, verify: bool, tolerance,
+                    timings: dict, write_report: bool) -> tuple[ModelArtifact, Report]:
+    from retool.onnx_info import artifact_from_onnx, sidecar_report_path
+    from retool.validators.parity import tolerance_for
+    from retool.validators.structure import ort_load_check, structural_checks
+
+    started = now_iso()
+    tol = tolerance or tolerance_for("fp32")
+    with staging_dir(out) as tmp:
+        staged = tmp / out.name
+        t0 = time.perf_counter()
+        with console.step(f"exporting to ONNX"):
+            try:
+                result = model.export(staged, request.opset)
+            except RetoolError:
+                raise
+            except Exception as exc:  # exporters raise anything; the first line says what
+                raise ConversionError(f"{request.source_label}: export to ONNX failed: {_first_line(exc)}") from exc
+        timings["export_s"] = time.perf_counter() - t0
+        if not staged.exists():
+            raise ConversionError(f"{request.source_label}: the exporter wrote no ONNX file")
+
+        checks: list[CheckResult] = structural_checks(staged)
+        load_check, sess = ort_load_check(staged)
+        checks.append(load_check)
+        broken = [c for c in checks if not c.passed]
+        if broken:
+            raise ConversionError(f"{request.source_label}: the exported ONNX is invalid "
+                                  f"({broken[0].name}: {broken[0].message})")
+        digest = sha256_file(staged)
+        art = artifact_from_onnx(staged)
+        src_digest = _source_digest(model, request)
+        step = ProvenanceStep(
+            "convert", result.tool, dict(model.versions),
+            {"framework": request.framework, "source": request.source_label, "opset": art.opset,
+             "inputs": [str(s) for s in model.input_specs], **dict(result.params)},
+            src_digest, digest, started, None)
+        art = ModelArtifact(out, "onnx", art.inputs, art.outputs, art.opset, "fp32", None, digest, (step,),
+                            art.extra_files)
+
+        if verify:
+            t0 = time.perf_counter()
+            with console.step("verifying parity against the source framework"):
+                checks += verify_parity(model, sess, art, request, tol)
+            timings["verify_s"] = time.perf_counter() - t0
+        else:
+            checks.append(CheckResult("parity", True, message="skipped (--no-verify)", severity="info"))
+        del sess
+        timings["total_s"] = sum(v for k, v in timings.items() if k != "total_s")
+        final_step = ProvenanceStep(step.stage, step.tool, step.versions, step.params, step.input_sha256,
+                                    step.output_sha256, step.started, round(timings["total_s"], 3))
+        art = ModelArtifact(out, "onnx", art.inputs, art.outputs, art.opset, "fp32", None, digest,
+                            (final_step,), art.extra_files)
+        report = Report("convert", art, tuple(checks),
+                        {"timings": {k: round(v, 4) for k, v in timings.items()},
+                         "tolerance": tol.to_dict(), "exporter": result.tool,
+                         "framework": request.framework, "verified": verify},
+                        tuple(result.warnings))
+        side = sidecar_report_path(out)
+        if not report.passed:
+            if write_report:
+                atomic_write_text(side, report.to_json())
+            raise ValidationFailed(
+                f"{request.source_label}: parity check failed for "
+                f"{', '.join(c.name for c in report.failed_checks)}; {out} was not written "
+                f"(report: {side})", report=report)
+        move_onnx(staged, out)
+    if write_report:
+        atomic_write_text(side, report.to_json())
+    return art, report
+
+
+def verify_parity(model: SourceModel, sess, art: ModelArtifact, request: ConvertRequest, tol) -> list[CheckResult]:
+    """Compare ORT against the source framework, at two batch sizes when the batch is dynamic."""
+    from retool.inputs import verification_feeds
+    from retool.runtime import run_session
+    from retool.validators.parity import compare_outputs
+
+    feeds_list = verification_feeds(art.inputs, request.example_inputs, seed=request.seed)
+    names = [o.name for o in art.outputs]
+    checks = []
+    for feeds in feeds_list:
+        batch = next(iter(feeds.values())).shape[0] if feeds and next(iter(feeds.values())).ndim else 1
+        label = f"batch{batch}" if len(feeds_list) > 1 else ""
+        try:
+            cand = run_session(sess, feeds)
+        except Exception as exc:
+            raise ConversionError(f"{request.source_label}: onnxruntime failed on inputs "
+                                  f"{ {k: list(v.shape) for k, v in feeds.items()} }: {_first_line(exc)}") from exc
+        try:
+            ref = model.run(model.reference_feeds(feeds))
+        except RetoolError:
+            raise
+        except Exception as exc:
+            raise ConversionError(f"{request.source_label}: the source model failed on inputs "
+                                  f"{ {k: list(v.shape) for k, v in feeds.items()} }: {_first_line(exc)}") from exc
+        checks += compare_outputs(names, ref, cand, tol, label)
+    return checks
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    for line in text.splitlines():
+        if line.strip():
+            return f"{type(exc).__name__}: {line.strip()[:500]}"
+    return type(exc).__name__

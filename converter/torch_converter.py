@@ -1,0 +1,390 @@
+"""PyTorch -> ONNX with torch.onnx (dynamo exporter first, TorchScript exporter as fallback).
+
+Source forms: TorchScript archive, ExportedProgram (.pt2), ``module:factory``
+callable (+ state_dict via --weights, loaded weights_only), a whole pickled
+nn.Module (only with --trust-remote-code), or an in-memory nn.Module.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from retool.converter.base import Converter, ConvertRequest, ExportResult, SourceModel, merge_specs
+from retool.deps import require, version_of
+from retool.errors import ConversionError, TrustRequired, UsageError
+from retool.types import TensorSpec
+
+TORCH_SUFFIXES = (".pt", ".pth", ".pt2", ".ts", ".torchscript", ".bin")
+#: Above this size of parameters, ONNX protobuf's 2 GB limit forces external data.
+EXTERNAL_DATA_BYTES = 1_900_000_000
+
+
+def _zip_names(path: Path) -> list[str]:
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return []
+
+
+def classify_file(path: Path) -> str | None:
+    """torchscript | exported_program | pickle | None, from the zip layout (no torch import)."""
+    names = _zip_names(path)
+    if not names:
+        return None
+    base = {n.split("/", 1)[1] if "/" in n else n for n in names}
+    if any(n.endswith("archive_format") for n in names) or any("/models/" in n and n.endswith(".json") for n in names):
+        return "exported_program"
+    if "constants.pkl" in base or any(n.startswith("code/") or "/code/" in n for n in names):
+        return "torchscript"
+    if "data.pkl" in base:
+        return "pickle"
+    return None
+
+
+class TorchConverter(Converter):
+    name = "torch"
+    extra = "torch"
+
+    def sniff(self, source: Any) -> str | None:
+        if isinstance(source, (str, Path)):
+            from retool.converter.core import is_callable_ref
+
+            if is_callable_ref(str(source)):
+                return "a Python callable reference (module:factory)"
+            p = Path(source)
+            if p.is_file():
+                kind = classify_file(p)
+                if kind:
+                    return f"{p.name} is a torch {kind.replace('_', ' ')} archive"
+                if p.suffix in TORCH_SUFFIXES:
+                    return f"{p.name} has a torch suffix"
+            return None
+        mod = type(source).__module__
+        if mod.startswith("torch") or any(c.__module__.startswith("torch.nn") for c in type(source).__mro__):
+            return "an in-memory torch module"
+        return None
+
+    def load(self, request: ConvertRequest) -> SourceModel:
+        torch = require("torch", "torch", "convert PyTorch models")
+        src = request.source
+        if not isinstance(src, (str, Path)):
+            return TorchSource(src, request, kind="module", files=())
+        from retool.converter.core import is_callable_ref
+
+        text = str(src)
+        if is_callable_ref(text):
+            module = _load_factory(text, request)
+            return TorchSource(module, request, kind="factory",
+                               files=(request.weights,) if request.weights else ())
+        path = Path(src)
+        if not path.exists():
+            raise UsageError(f"{path}: model file not found")
+        if path.is_dir():
+            raise ConversionError(f"{path}: is a folder, not a PyTorch model file (use --framework tensorflow for a SavedModel)")
+        kind = classify_file(path)
+        if kind is None:
+            raise ConversionError(f"{path}: not a PyTorch model file (not a torch zip archive; "
+                                  f"truncated or corrupt?). Re-save it with torch.save/torch.jit.save/torch.export.save")
+        try:
+            if kind == "torchscript":
+                module = torch.jit.load(str(path), map_location="cpu")
+            elif kind == "exported_program":
+                module = torch.export.load(str(path))
+            else:
+                module = _load_pickle(torch, path, request)
+        except (TrustRequired, UsageError, ConversionError):
+            raise
+        except Exception as exc:
+            raise ConversionError(f"{path}: cannot load as a torch {kind.replace('_', ' ')} "
+                                  f"({type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}); "
+                                  f"the file may be truncated or corrupt") from None
+        return TorchSource(module, request, kind=kind, files=(path,))
+
+
+def _load_pickle(torch, path: Path, request: ConvertRequest):
+    # weights_only first: a state_dict loads safely and tells the user what to do.
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as safe_exc:
+        if "weights_only" not in str(safe_exc) and "Unsupported global" not in str(safe_exc):
+            raise
+        if not request.trust_remote_code:
+            raise TrustRequired(
+                f"{path}: is a pickled Python object (a whole nn.Module); unpickling it runs arbitrary code. "
+                f"Re-run with --trust-remote-code if you trust its origin, or export a state_dict and pass "
+                f"module:factory with --weights") from None
+        obj = torch.load(str(path), map_location="cpu", weights_only=False)
+    if isinstance(obj, torch.nn.Module):
+        return obj
+    if isinstance(obj, Mapping):
+        raise UsageError(f"{path}: holds a state_dict, not a model; pass the model's factory as SOURCE "
+                         f"(package.module:factory) and this file as --weights")
+    raise ConversionError(f"{path}: holds a {type(obj).__name__}, not a torch nn.Module")
+
+
+def _load_factory(ref: str, request: ConvertRequest):
+    torch = require("torch", "torch")
+    mod_name, _, attr = ref.rpartition(":")
+    try:
+        if mod_name.endswith(".py"):
+            p = Path(mod_name)
+            if not p.exists():
+                raise UsageError(f"{ref}: file {p} not found")
+            spec = importlib.util.spec_from_file_location(p.stem, p)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            if "" not in sys.path and str(Path.cwd()) not in sys.path:
+                sys.path.insert(0, str(Path.cwd()))  # like `python -m`: the current folder's packages
+            module = importlib.import_module(mod_name)
+    except UsageError:
+        raise
+    except ImportError as exc:
+        raise UsageError(f"{ref}: cannot import {mod_name} ({exc}); check the name and the current folder") from None
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise UsageError(f"{ref}: {mod_name} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    model = obj() if callable(obj) and not isinstance(obj, torch.nn.Module) else obj
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"{ref}: returned {type(model).__name__}, not a torch nn.Module")
+    if request.weights:
+        try:
+            state = torch.load(str(request.weights), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ConversionError(f"{request.weights}: cannot load as a state_dict with weights_only=True "
+                                  f"({type(exc).__name__}); the file may be corrupt or hold pickled code") from None
+        if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
+            state = state["state_dict"]
+        try:
+            model.load_state_dict(state)
+        except Exception as exc:
+            raise ConversionError(f"{request.weights}: does not fit {ref}: {str(exc).splitlines()[0][:300]}") from None
+    return model
+
+
+class TorchSource(SourceModel):
+    framework = "torch"
+
+    def __init__(self, module, request: ConvertRequest, kind: str, files):
+        import torch
+
+        self.torch = torch
+        self.kind = kind
+        self.request = request
+        self.source_files = tuple(Path(f) for f in files if f)
+        self.versions = {"torch": torch.__version__, "onnx": version_of("onnx") or "",
+                         "onnxscript": version_of("onnxscript") or ""}
+        self.exported = None
+        if kind == "exported_program":
+            self.exported = module
+            self.module = module.module()
+        else:
+            self.module = module
+            if hasattr(module, "eval"):
+                module.eval()
+        self.input_specs = self._resolve_specs()
+        self._output_names: list[str] | None = None
+
+    # -- input signature -------------------------------------------------
+    def _declared_specs(self) -> tuple[TensorSpec, ...]:
+        """What the model itself says: ExportedProgram placeholders, or a ``retool_inputs`` attribute."""
+        if self.exported is not None:
+            specs = []
+            sig = self.exported.graph_signature
+            user_inputs = [s.arg.name for s in sig.input_specs if s.kind.name == "USER_INPUT"]
+            nodes = {n.name: n for n in self.exported.graph.nodes if n.op == "placeholder"}
+            for name in user_inputs:
+                val = nodes[name].meta.get("val")
+                if val is None:
+                    continue
+                dims = []
+                for i, d in enumerate(val.shape):
+                    try:
+                        dims.append(int(d))
+                    except Exception:  # SymInt: a dynamic axis
+                        dims.append("batch" if i == 0 else str(d))
+                specs.append(TensorSpec(name, str(val.dtype).replace("torch.", ""), tuple(dims)))
+            return tuple(specs)
+        declared = getattr(self.module, "retool_inputs", None)
+        if declared:
+            return tuple(TensorSpec.parse(s) if isinstance(s, str) else s for s in declared)
+        return ()
+
+    def _resolve_specs(self) -> tuple[TensorSpec, ...]:
+        req = self.request
+        if req.example_inputs:
+            from retool.inputs import specs_from_arrays
+
+            given = specs_from_arrays(req.example_inputs)
+            user = {s.name: s for s in req.inputs}
+            given = tuple(user.get(s.name, s) for s in given)
+        else:
+            given = req.inputs
+        specs = merge_specs(self._declared_specs(), given)
+        if not specs:
+            raise UsageError(
+                f"{req.source_label}: the model does not declare its inputs; give them with "
+                f"--input NAME:DTYPE:SHAPE (e.g. --input x:float32:batch,3,224,224) or --example-inputs FILE.npz")
+        for s in specs:
+            if not s.shape:
+                continue
+        return specs
+
+    # -- running -----------------------------------------------------------
+    def _tensors(self, feeds: Mapping[str, np.ndarray]):
+        torch = self.torch
+        missing = [s.name for s in self.input_specs if s.name not in feeds]
+        if missing:
+            raise UsageError(f"inputs missing from the feeds: {missing}")
+        return tuple(torch.from_numpy(np.ascontiguousarray(feeds[s.name])) for s in self.input_specs)
+
+    def _call(self, args):
+        out = self.module(*args)
+        return _flatten_outputs(self.torch, out)
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        with self.torch.no_grad():
+            outs = self._call(self._tensors(feeds))
+        return [o.detach().cpu().numpy() for o in outs]
+
+    # -- export --------------------------------------------------------------
+    def _example_args(self):
+        from retool.inputs import random_feeds, resize_batch
+
+        if self.request.example_inputs:
+            # batch 2 for tracing: batch 1 invites specialisation of the batch axis
+            feeds = resize_batch(self.request.example_inputs, 2) if all(
+                s.has_dynamic_batch for s in self.input_specs) else self.request.example_inputs
+        else:
+            feeds = random_feeds(self.input_specs, batch=2, seed=self.request.seed)
+        return self._tensors(feeds)
+
+    def _param_bytes(self) -> int:
+        try:
+            return sum(p.numel() * p.element_size() for p in self.module.parameters()) + sum(
+                b.numel() * b.element_size() for b in self.module.buffers())
+        except Exception:
+            return 0
+
+    def _output_names_for(self, args) -> list[str]:
+        with self.torch.no_grad():
+            outs = self._call(args)
+        if len(outs) == 1:
+            return ["output"]
+        return [f"output_{i}" for i in range(len(outs))]
+
+    def export(self, path: Path, opset: int | None) -> ExportResult:
+        torch = self.torch
+        args = self._example_args()
+        input_names = [s.name for s in self.input_specs]
+        output_names = self._output_names_for(args)
+        large = self._param_bytes() > EXTERNAL_DATA_BYTES
+        dyn_axes = {}
+        for s in self.input_specs:
+            axes = {i: (d if isinstance(d, str) else f"{s.name}_dim{i}") for i, d in enumerate(s.shape)
+                    if not isinstance(d, int)}
+            if axes:
+                dyn_axes[s.name] = axes
+        errors = []
+        warn_list: list[str] = []
+        target = self.exported if self.exported is not None else self.module
+        for exporter in ("dynamo", "torchscript"):
+            if exporter == "torchscript" and self.kind == "exported_program":
+                break
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    if exporter == "dynamo":
+                        self._export_dynamo(target, args, path, opset, input_names, output_names, dyn_axes, large)
+                    else:
+                        self._export_torchscript(args, path, opset, input_names, output_names, dyn_axes, large)
+                warn_list += [str(w.message).splitlines()[0][:200] for w in caught
+                              if issubclass(w.category, UserWarning)][:5]
+                if exporter != "dynamo":
+                    warn_list.insert(0, "dynamo exporter failed; used the TorchScript exporter: " + errors[0])
+                return ExportResult(f"torch.onnx.export({exporter})",
+                                    {"exporter": exporter, "external_data": large,
+                                     "dynamic_axes": {k: {str(i): n for i, n in v.items()} for k, v in dyn_axes.items()}},
+                                    tuple(warn_list))
+            except Exception as exc:
+                errors.append(f"{type(exc).__name__}: {_short(exc)}")
+                for f in path.parent.glob(path.name + "*"):
+                    f.unlink()
+        raise ConversionError(f"{self.request.source_label}: torch.onnx could not export the model: "
+                              + " | ".join(f"{n}: {e}" for n, e in zip(("dynamo", "torchscript"), errors)))
+
+    def _export_dynamo(self, target, args, path, opset, input_names, output_names, dyn_axes, large):
+        import logging
+
+        torch = self.torch
+        for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        dynamic_shapes = None
+        if dyn_axes and self.exported is None:
+            Dim = torch.export.Dim
+            dims: dict[str, Any] = {}
+            shapes = []
+            for s in self.input_specs:
+                axes = dyn_axes.get(s.name, {})
+                shapes.append({i: dims.setdefault(n, Dim(_ident(n), min=1)) if i == 0 else
+                               dims.setdefault(n, Dim.DYNAMIC) for i, n in axes.items()} or None)
+            dynamic_shapes = tuple(shapes)
+        kwargs = dict(f=str(path), input_names=input_names, output_names=output_names, dynamo=True,
+                      external_data=large, optimize=True, verbose=False)
+        if opset:
+            kwargs["opset_version"] = opset
+        if dynamic_shapes is not None:
+            kwargs["dynamic_shapes"] = dynamic_shapes
+        if self.exported is not None:
+            torch.onnx.export(target, (), **kwargs)
+        else:
+            torch.onnx.export(target, args, **kwargs)
+
+    def _export_torchscript(self, args, path, opset, input_names, output_names, dyn_axes, large):
+        torch = self.torch
+        torch.onnx.export(self.module, args, str(path), input_names=input_names, output_names=output_names,
+                          dynamic_axes=dyn_axes or None, opset_version=opset or 17, dynamo=False,
+                          do_constant_folding=True)
+        if large:
+            import onnx
+
+            m = onnx.load(str(path))
+            onnx.save_model(m, str(path), save_as_external_data=True, location=path.name + ".data")
+
+
+def _ident(name: str) -> str:
+    import re
+
+    out = re.sub(r"\W", "_", name)
+    return out if out and not out[0].isdigit() else f"d_{out}"
+
+
+def _flatten_outputs(torch, out) -> list:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        return [t for v in out.values() for t in _flatten_outputs(torch, v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in _flatten_outputs(torch, v)]
+    if hasattr(out, "to_tuple"):
+        return _flatten_outputs(torch, out.to_tuple())
+    raise ConversionError(f"model returned {type(out).__name__}; expected tensors")
+
+
+def _short(exc: BaseException) -> str:
+    lines = [l.strip() for l in str(exc).splitlines() if l.strip()]
+    # torch.onnx buries the useful line; prefer one that names an operator
+    for l in lines:
+        if "operator" in l.lower() or "unsupported" in l.lower() or "not supported" in l.lower():
+            return l[:400]
+    return (lines[0] if lines else type(exc).__name__)[:400]

@@ -1,0 +1,31 @@
+"""retool: convert, optimise, prove and publish models for production serving.
+
+The stage functions are imported lazily so ``import retool`` stays cheap.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "convert": "retool.converter.core:convert",
+    "optimize": "retool.optimizers.core:optimize",
+    "validate": "retool.validators.core:validate",
+    "publish": "retool.publish:publish",
+    "run": "retool.pipeline:run",
+    "TensorSpec": "retool.types:TensorSpec",
+    "ModelArtifact": "retool.types:ModelArtifact",
+    "ProvenanceStep": "retool.types:ProvenanceStep",
+    "CheckResult": "retool.types:CheckResult",
+    "Report": "retool.types:Report",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module, _, attr = _LAZY[name].partition(":")
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'retool' has no attribute {name!r}")

@@ -1,0 +1,95 @@
+"""The ``retool`` command. Subcommands are imported only when invoked, so --help stays fast."""
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from retool import __version__
+from retool.errors import RetoolError
+
+#: name -> "module:attr". Adding a command is one module plus one line here.
+COMMANDS = {
+    "convert": "retool.commands.convert:convert_cmd",
+    "optimize": "retool.commands.optimize:optimize_cmd",
+    "targets": "retool.commands.optimize:targets_cmd",
+    "validate": "retool.commands.validate:validate_cmd",
+    "publish": "retool.commands.publish:publish_cmd",
+    "repo": "retool.commands.publish:repo_group",
+    "run": "retool.commands.run:run_cmd",
+}
+
+_HELP = {
+    "convert": "Convert a PyTorch, TensorFlow/Keras or Caffe model to ONNX, verified.",
+    "optimize": "Optimise an ONNX model for a target (graph, int8, fp16).",
+    "targets": "List the optimisation targets.",
+    "validate": "Parity, latency and gates: is this model ready for production?",
+    "publish": "Publish an artifact to a Triton model repository.",
+    "repo": "List, show, verify, diff, promote and roll back a model repository.",
+    "run": "Run a retool.yaml pipeline: convert, optimise, validate, publish.",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        module, _, attr = COMMANDS[name].partition(":")
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name == module:  # command not built yet
+                return None
+            raise
+        return getattr(mod, attr)
+
+    def format_commands(self, ctx, formatter):
+        # Short help from the table above: listing commands must not import them.
+        rows = [(n, _HELP.get(n, "")) for n in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+EPILOG = ("Exit codes: 0 ok, 1 bug, 2 usage, 3 missing optional dependency, 4 conversion failed, "
+          "5 optimisation failed, 6 validation gate failed, 7 publish failed.")
+
+
+@click.group(cls=LazyGroup, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="retool")
+@click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
+def cli(quiet: bool) -> None:
+    """retool: retool trained models for production serving."""
+    from retool import console
+
+    console.set_quiet(quiet)
+
+
+def main(argv=None) -> int:
+    """Entry point: known errors become one line on stderr and their exit code."""
+    try:
+        cli.main(args=argv, prog_name="retool", standalone_mode=False)
+    except RetoolError as exc:
+        click.echo(f"retool: error: {exc}", err=True)
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("retool: aborted", err=True)
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return 2
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("retool: interrupted", err=True)
+        return 130
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""One exception hierarchy; each class carries the process exit code.
+
+The CLI prints ``str(error)`` as one line on stderr and exits with
+``error.exit_code``. Anything that is not a RetoolError is a bug and keeps
+its traceback (exit code 1).
+"""
+from __future__ import annotations
+
+
+class RetoolError(Exception):
+    """Base of every error retool expects and explains."""
+
+    exit_code = 1
+    #: Short label used in reports and JSON output.
+    kind = "error"
+
+    def __init__(self, message: str, *, report=None):
+        super().__init__(message)
+        self.message = message
+        #: Optional Report describing what failed (parity table, gate table ...).
+        self.report = report
+
+    def __str__(self) -> str:  # one line, always
+        return " ".join(self.message.split("\n")) if "\n" in self.message else self.message
+
+
+class UsageError(RetoolError):
+    """Bad flags, missing or unreadable files, bad paths: the user can fix the call."""
+
+    exit_code = 2
+    kind = "usage"
+
+
+class TrustRequired(UsageError):
+    """Loading this file would execute code; needs --trust-remote-code."""
+
+    kind = "trust"
+
+
+class MissingDependency(RetoolError):
+    """An optional framework is not installed; the message names the extra."""
+
+    exit_code = 3
+    kind = "missing-dependency"
+
+    def __init__(self, package: str, extra: str, purpose: str = ""):
+        what = f" to {purpose}" if purpose else ""
+        super().__init__(
+            f"{package} is needed{what} but is not installed; "
+            f"run: pip install 'retool[{extra}]'"
+        )
+        self.package = package
+        self.extra = extra
+
+
+class ConversionError(RetoolError):
+    exit_code = 4
+    kind = "conversion"
+
+
+class OptimizationError(RetoolError):
+    exit_code = 5
+    kind = "optimization"
+
+
+class ValidationFailed(RetoolError):
+    """A validation gate failed (parity, latency, size ...)."""
+
+    exit_code = 6
+    kind = "validation"
+
+
+class PublishError(RetoolError):
+    exit_code = 7
+    kind = "publish"
+
+
+EXIT_CODES = {
+    0: "ok",
+    1: "unexpected error (a bug: please report it with the traceback)",
+    UsageError.exit_code: "usage error",
+    MissingDependency.exit_code: "missing optional dependency",
+    ConversionError.exit_code: "conversion failed",
+    OptimizationError.exit_code: "optimisation failed",
+    ValidationFailed.exit_code: "a validation gate failed",
+    PublishError.exit_code: "publish failed",
+}

@@ -1,0 +1,114 @@
+"""File helpers: hashing and atomic writes (write to a temp name, then rename)."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from retool.errors import UsageError
+
+_CHUNK = 1 << 20
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    p = Path(path)
+    if p.is_dir():
+        for f in sorted(x for x in p.rglob("*") if x.is_file()):
+            h.update(str(f.relative_to(p)).encode())
+            h.update(bytes.fromhex(sha256_file(f)))
+        return h.hexdigest()
+    with open(p, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def check_output_path(path) -> Path:
+    """Fail early, before expensive work, if ``path`` cannot be written."""
+    p = Path(path).expanduser()
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise UsageError(f"{p}: output path is a directory; give a file name such as {p / 'model.onnx'}")
+    if not parent.exists():
+        raise UsageError(f"{p}: output folder {parent} does not exist; create it or choose another -o")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{p}: output folder {parent} is not writable; choose another -o")
+    if p.exists() and not os.access(p, os.W_OK):
+        raise UsageError(f"{p}: output file exists and is not writable; choose another -o")
+    return p
+
+
+@contextlib.contextmanager
+def staging_dir(near) -> Iterator[Path]:
+    """A temporary folder beside ``near`` (same file system, so rename is atomic)."""
+    parent = Path(near).expanduser().resolve().parent
+    d = Path(tempfile.mkdtemp(prefix=".retool-tmp-", dir=parent))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def atomic_write_text(path, text: str) -> None:
+    p = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, p)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def move_onnx(src: Path, dst: Path) -> tuple[str, ...]:
+    """Move an ONNX file and its external data files into place, data first.
+
+    The model file is renamed last so that a visible ``dst`` is always complete.
+    Returns the external data file names (relative to dst's folder).
+    """
+    src, dst = Path(src), Path(dst)
+    extra = external_data_files(src)
+    for name in extra:
+        os.replace(src.parent / name, dst.parent / name)
+    os.replace(src, dst)
+    return extra
+
+
+def external_data_files(model_path) -> tuple[str, ...]:
+    """Names of external-data files an ONNX model refers to (without loading weights)."""
+    import onnx
+
+    m = onnx.load(str(model_path), load_external_data=False)
+    names: set[str] = set()
+    for t in _all_initializers(m.graph):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            for kv in t.external_data:
+                if kv.key == "location":
+                    names.add(kv.value)
+    return tuple(sorted(names))
+
+
+def _all_initializers(graph):
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.g is not None and attr.g.ByteSize():
+                yield from _all_initializers(attr.g)
+            for g in attr.graphs:
+                yield from _all_initializers(g)
+
+
+def file_size(path, extra: tuple[str, ...] = ()) -> int:
+    p = Path(path)
+    return p.stat().st_size + sum((p.parent / e).stat().st_size for e in extra if (p.parent / e).exists())

@@ -1,0 +1,1 @@
+"""Checks that prove a retooled model: structure, numerical parity, latency, gates."""
