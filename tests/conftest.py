@@ -1,0 +1,68 @@
+"""Shared test fixtures: models are built at test time from fixtures/, with seeds."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # so `fixtures.*` imports like it does for a user in the repo root
+    sys.path.insert(0, str(ROOT))
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run the retool CLI in-process: cli("convert", ...) -> CliResult(code, out, err)."""
+    from retool.cli import main
+
+    def run(*args) -> CliResult:
+        capsys.readouterr()
+        code = main([str(a) for a in args])
+        cap = capsys.readouterr()
+        return CliResult(code, cap.out, cap.err)
+
+    return run
+
+
+def run_retool_subprocess(*args, cwd=ROOT, env=None, timeout=600) -> subprocess.CompletedProcess:
+    """Run ``retool`` as a user would, in a fresh interpreter."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "retool", *map(str, args)], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def onnx_models(tmp_path_factory):
+    """fp32 ONNX exports of the torch fixture CNN and transformer encoder (built once per session)."""
+    pytest.importorskip("torch")
+    from fixtures import torch_models
+    from retool.converter.core import convert
+
+    d = tmp_path_factory.mktemp("onnx_models")
+    out = {}
+    for name, factory in (("cnn", torch_models.cnn), ("transformer", torch_models.transformer)):
+        art, _ = convert(factory(), d / f"{name}.onnx", inputs=factory().retool_inputs)
+        out[name] = art.path
+    return out
+
+
+@pytest.fixture(scope="session")
+def cnn_onnx(onnx_models) -> Path:
+    return onnx_models["cnn"]
+
+
+@pytest.fixture(scope="session")
+def transformer_onnx(onnx_models) -> Path:
+    return onnx_models["transformer"]
