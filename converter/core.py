@@ -41,6 +41,15 @@ def detect_framework(source: Any, framework: str = "auto") -> str:
     raise UsageError(f"{label}: ambiguous source ({considered}); pass --framework")
 
 
+def _other_framework_hint(source: Any, chosen: str) -> str | None:
+    for name in CONVERTERS:
+        if name != chosen:
+            reason = CONVERTERS.get(name).sniff(source)
+            if reason:
+                return f"it looks like a {name} model ({reason}): use --framework {name} or auto"
+    return None
+
+
 def convert(source: Any, output, *, framework: str = "auto", weights=None,
             inputs: Sequence[TensorSpec | str] = (), example_inputs: Mapping | str | Path | None = None,
             opset: int | None = None, trust_remote_code: bool = False, verify: bool = True,
@@ -69,7 +78,13 @@ def convert(source: Any, output, *, framework: str = "auto", weights=None,
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     with console.step(f"loading {fw} model {request.source_label}"):
-        model = converter.load(request)
+        try:
+            model = converter.load(request)
+        except ConversionError as exc:
+            hint = _other_framework_hint(source, fw) if framework != "auto" else None
+            if hint:
+                raise ConversionError(f"{exc}; {hint}") from None
+            raise
     timings["load_s"] = time.perf_counter() - t0
     try:
         return _convert_loaded(model, request, out, verify,

@@ -6,8 +6,11 @@ nn.Module (only with --trust-remote-code), or an in-memory nn.Module.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
+import io
+import os
 import sys
 import warnings
 import zipfile
@@ -121,7 +124,13 @@ def _load_pickle(torch, path: Path, request: ConvertRequest):
                 f"{path}: is a pickled Python object (a whole nn.Module); unpickling it runs arbitrary code. "
                 f"Re-run with --trust-remote-code if you trust its origin, or export a state_dict and pass "
                 f"module:factory with --weights") from None
-        obj = torch.load(str(path), map_location="cpu", weights_only=False)
+        if str(Path.cwd()) not in sys.path:
+            sys.path.insert(0, str(Path.cwd()))  # the pickle names its classes' modules, like `python -m`
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=False)
+        except ModuleNotFoundError as exc:
+            raise UsageError(f"{path}: the pickled model needs module {exc.name!r}, which is not importable; "
+                             f"run from the folder that holds it or install it") from None
     if isinstance(obj, torch.nn.Module):
         return obj
     if isinstance(obj, Mapping):
@@ -209,10 +218,10 @@ class TorchSource(SourceModel):
                     continue
                 dims = []
                 for i, d in enumerate(val.shape):
-                    try:
-                        dims.append(int(d))
-                    except Exception:  # SymInt: a dynamic axis
+                    if isinstance(d, self.torch.SymInt):  # a dynamic axis
                         dims.append("batch" if i == 0 else str(d))
+                    else:
+                        dims.append(int(d))
                 specs.append(TensorSpec(name, str(val.dtype).replace("torch.", ""), tuple(dims)))
             return tuple(specs)
         declared = getattr(self.module, "retool_inputs", None)
@@ -302,7 +311,8 @@ class TorchSource(SourceModel):
             if exporter == "torchscript" and self.kind == "exported_program":
                 break
             try:
-                with warnings.catch_warnings(record=True) as caught:
+                # exporters print graphs and progress on stdout, which belongs to our report
+                with warnings.catch_warnings(record=True) as caught, _quiet_stdout():
                     warnings.simplefilter("always")
                     if exporter == "dynamo":
                         self._export_dynamo(target, args, path, opset, input_names, output_names, dyn_axes, large)
@@ -317,7 +327,7 @@ class TorchSource(SourceModel):
                                      "dynamic_axes": {k: {str(i): n for i, n in v.items()} for k, v in dyn_axes.items()}},
                                     tuple(warn_list))
             except Exception as exc:
-                errors.append(f"{type(exc).__name__}: {_short(exc)}")
+                errors.append(_short(exc))
                 for f in path.parent.glob(path.name + "*"):
                     f.unlink()
         raise ConversionError(f"{self.request.source_label}: torch.onnx could not export the model: "
@@ -362,6 +372,26 @@ class TorchSource(SourceModel):
             onnx.save_model(m, str(path), save_as_external_data=True, location=path.name + ".data")
 
 
+@contextlib.contextmanager
+def _quiet_stdout():
+    """Send Python- and C++-level stdout to stderr: stdout carries our table or JSON."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no real fd 1 (embedded interpreters)
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+        return
+    try:
+        os.dup2(2, 1)
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def _ident(name: str) -> str:
     import re
 
@@ -382,9 +412,20 @@ def _flatten_outputs(torch, out) -> list:
 
 
 def _short(exc: BaseException) -> str:
-    lines = [l.strip() for l in str(exc).splitlines() if l.strip()]
-    # torch.onnx buries the useful line; prefer one that names an operator
-    for l in lines:
-        if "operator" in l.lower() or "unsupported" in l.lower() or "not supported" in l.lower():
-            return l[:400]
-    return (lines[0] if lines else type(exc).__name__)[:400]
+    """The line that says what went wrong, from the deepest cause (torch.onnx nests them)."""
+    import re
+
+    chain = []
+    while exc is not None and len(chain) < 10:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    for e in reversed(chain):
+        text = str(e)
+        m = re.search(r"No ONNX function found for <OpOverload\(op='([\w.]+)'", text)
+        if m:
+            return f"unsupported operator {m.group(1)} (no ONNX translation)"
+        m = re.search(r"Exporting the operator '([\w:.]+)' to ONNX opset version (\d+) is not supported", text)
+        if m:
+            return f"unsupported operator {m.group(1)} at opset {m.group(2)}"
+    lines = [l.strip() for l in str(chain[-1]).splitlines() if l.strip()]
+    return f"{type(chain[-1]).__name__}: {(lines[0] if lines else '')[:400]}"

@@ -36,11 +36,16 @@ def cli(capsys):
     return run
 
 
-def run_retool_subprocess(*args, cwd=ROOT, env=None, timeout=600) -> subprocess.CompletedProcess:
-    """Run ``retool`` as a user would, in a fresh interpreter."""
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "retool", *map(str, args)], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+@pytest.fixture
+def run_retool_subprocess():
+    """``run_retool_subprocess(*args)`` runs ``retool`` in a fresh interpreter, as a user would.
+
+    Test modules can also ``from fixtures.proc import run_retool`` (conftest is not importable
+    under --import-mode=importlib).
+    """
+    from fixtures.proc import run_retool
+
+    return run_retool
 
 
 @pytest.fixture(scope="session")
