@@ -52,4 +52,5 @@ class Registry(Generic[T]):
 CONVERTERS: Registry = Registry("framework", {
     "torch": "retool.converter.torch_converter:TorchConverter",
     "onnx": "retool.converter.onnx_passthrough:OnnxConverter",
+    "tensorflow": "retool.converter.tf_converter:TensorFlowConverter",
 })

@@ -1,0 +1,213 @@
+"""tf2onnx, made strict and quiet: lazy TF import, captured "unsupported op" errors, tidy I/O names.
+
+tf2onnx always converts with continue_on_error=True: an op it cannot map is
+only logged and stays in the graph as a raw TF op. Here such a log record (or
+any node that is not a standard ONNX op) becomes a ConversionError naming the
+op and the node (whose name carries the Keras layer path).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Callable, Sequence
+
+from retool.errors import ConversionError, UsageError
+from retool.types import TensorSpec
+
+OPSET_RANGE = (13, 18)
+DEFAULT_OPSET = 15
+_UNSUPPORTED = re.compile(r"Tensorflow op \[(?P<node>[^:\]]+): (?P<op>[^\]]+)\] is not supported")
+_FAILED = re.compile(r"Failed to convert node '?(?P<node>[^'\s]+)'?")
+_NOISY_LOGGERS = ("tensorflow", "tf2onnx", "absl", "keras", "tf_keras", "h5py")
+
+
+def check_opset(opset: int | None) -> int:
+    if opset is None:
+        return DEFAULT_OPSET
+    lo, hi = OPSET_RANGE
+    if not lo <= int(opset) <= hi:
+        raise UsageError(f"--opset {opset}: tf2onnx converts TensorFlow/Keras models to opsets {lo}-{hi} "
+                         f"(default {DEFAULT_OPSET}); choose one of those")
+    return int(opset)
+
+
+@contextlib.contextmanager
+def _stderr_to_file():
+    """TF's C++ start-up lines ignore TF_CPP_MIN_LOG_LEVEL; hide fd 2 while importing, replay on failure."""
+    try:
+        fd = os.dup(2)
+    except OSError:  # no real stderr (embedded): nothing to hide
+        yield
+        return
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            os.dup2(fd, 2)
+            os.close(fd)
+            if not ok:
+                tmp.seek(0)
+                os.write(2, tmp.read()[-4000:])
+
+
+def quiet_logs() -> None:
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import absl.logging
+
+        absl.logging.set_verbosity(absl.logging.ERROR)
+    except ImportError:
+        pass
+
+
+def import_tf():
+    """tensorflow (keras 3 on its TF backend), quietly; MissingDependency if absent."""
+    import sys
+
+    from retool.deps import require
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
+    with _stderr_to_file():
+        tf = require("tensorflow", "tensorflow", "convert TensorFlow/Keras models")
+    quiet_logs()
+    tf.get_logger().setLevel(logging.ERROR)
+    tf.autograph.set_verbosity(0)
+    return tf
+
+
+def import_tf2onnx():
+    from retool.deps import require
+
+    import_tf()
+    tf2onnx = require("tf2onnx", "tensorflow", "convert TensorFlow/Keras models")
+    from retool.converter import tf_erfc
+
+    tf_erfc.register()
+    quiet_logs()
+    return tf2onnx
+
+
+class _Collector(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.records: list[str] = []
+
+    def emit(self, record):
+        try:
+            self.records.append(record.getMessage())
+        except Exception:  # a bad format string must not hide the conversion
+            self.records.append(str(record.msg))
+
+
+def run_tf2onnx(convert: Callable[[], object], label: str, opset: int):
+    """Call a tf2onnx ``from_*`` function; raise ConversionError for anything it could not map."""
+    import onnx
+
+    logger = logging.getLogger("tf2onnx")
+    collector = _Collector()
+    old_propagate, old_level = logger.propagate, logger.level
+    logger.addHandler(collector)
+    logger.propagate = False  # its errors become our one-line error, not log spam
+    logger.setLevel(logging.ERROR)
+    try:
+        proto, _ = convert()
+    except (ConversionError, UsageError):
+        raise
+    except Exception as exc:
+        bad = _unsupported(collector.records)
+        if bad:
+            raise ConversionError(_unsupported_message(label, bad, opset)) from None
+        raise ConversionError(f"{label}: tf2onnx failed: {type(exc).__name__}: {_first_line(exc)}") from exc
+    finally:
+        logger.removeHandler(collector)
+        logger.propagate, logger.level = old_propagate, old_level
+    bad = _unsupported(collector.records)
+    for node in proto.graph.node:  # backstop: anything that is not a real ONNX op
+        if node.domain in ("", "ai.onnx") and not onnx.defs.has(node.op_type):
+            bad.setdefault(node.op_type, node.name)
+    if bad:
+        raise ConversionError(_unsupported_message(label, bad, opset))
+    failed = [m for m in collector.records if m.startswith("Failed to convert node")]
+    if failed:
+        m = _FAILED.match(failed[0])
+        raise ConversionError(f"{label}: tf2onnx failed to convert node {m.group('node') if m else '?'} "
+                              f"at opset {opset}; try another --opset ({OPSET_RANGE[0]}-{OPSET_RANGE[1]})")
+    return proto
+
+
+def _unsupported(records: Sequence[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for msg in records:
+        m = _UNSUPPORTED.search(msg)
+        if m:
+            out.setdefault(m.group("op"), m.group("node"))
+    return out
+
+
+def _unsupported_message(label: str, bad: dict[str, str], opset: int) -> str:
+    ops = "; ".join(f"op {op} in layer/node {node}" for op, node in bad.items())
+    return (f"{label}: tf2onnx cannot convert TensorFlow {ops} (no ONNX mapping at opset {opset}); "
+            f"replace that op in the model (or try another --opset); no ONNX file was written")
+
+
+def _first_line(exc: BaseException) -> str:
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()[:400]
+    return type(exc).__name__
+
+
+def finalize(proto, specs: Sequence[TensorSpec], output_order: Sequence[str], path: Path,
+             batch_outputs: bool = False) -> None:
+    """Order outputs as the model declares them, name dynamic input axes after ``specs``, save.
+
+    ``batch_outputs``: axis 0 of every output is the batch (Keras guarantees it), so name it so.
+    """
+    import onnx
+
+    outs = {o.name: o for o in proto.graph.output}
+    missing = [n for n in output_order if n not in outs]
+    if missing:
+        raise ConversionError(f"tf2onnx lost outputs {missing} (has {sorted(outs)})")
+    ordered = [outs[n] for n in output_order] + [o for n, o in outs.items() if n not in output_order]
+    copies = [onnx.ValueInfoProto() for _ in ordered]
+    for c, o in zip(copies, ordered):
+        c.CopyFrom(o)
+    del proto.graph.output[:]
+    proto.graph.output.extend(copies)
+
+    by_name = {s.name: s for s in specs}
+    renames: dict[str, str] = {}
+    for vi in proto.graph.input:
+        spec = by_name.get(vi.name)
+        dims = vi.type.tensor_type.shape.dim
+        if spec is None or len(spec.shape) != len(dims):
+            continue
+        for i, (d, want) in enumerate(zip(dims, spec.shape)):
+            if d.HasField("dim_value"):
+                continue
+            new = "batch" if i == 0 else (want if isinstance(want, str) else f"{spec.name}_dim{i}")
+            if d.dim_param:
+                renames[d.dim_param] = new
+            d.dim_param = new
+    for vi in list(proto.graph.output) + list(proto.graph.value_info):
+        for d in vi.type.tensor_type.shape.dim:
+            if d.dim_param in renames:
+                d.dim_param = renames[d.dim_param]
+    if batch_outputs and any(s.has_dynamic_batch for s in specs):
+        for vi in proto.graph.output:
+            dims = vi.type.tensor_type.shape.dim
+            if dims and not dims[0].HasField("dim_value"):
+                dims[0].dim_param = "batch"
+    onnx.save_model(proto, str(path))
