@@ -1,0 +1,81 @@
+"""retool validate."""
+from __future__ import annotations
+
+import click
+
+from retool.commands.common import emit_report, parse_csv_ints
+
+
+@click.command("validate")
+@click.argument("candidate", type=click.Path(dir_okay=False))
+@click.option("--reference", "reference", metavar="REF",
+              help="Another ONNX file, or the source model in any form 'retool convert' accepts.")
+@click.option("--latency", is_flag=True, help="Measure latency (also on when a latency or speedup gate is set).")
+@click.option("--batch-sizes", default="1", show_default=True, metavar="1,8,32",
+              help="Batch sizes for parity and latency (parity also runs at 4 when only 1 is given and the batch is dynamic).")
+@click.option("--threads", type=int, help="Intra-op threads for every variant (default: the CPUs this process may use).")
+@click.option("--runs", type=int, help="Timed runs per batch size (default: until --time-budget).")
+@click.option("--time-budget", "time_budget_s", type=float,
+              help="Seconds of timing per batch size, all variants together (default 2).")
+@click.option("--gates", "gates_file", type=click.Path(dir_okay=False), help="YAML file of budgets (see docs/validate.md).")
+@click.option("--max-p99-ms", type=float, help="Gate: p99 latency budget in ms at every measured batch size.")
+@click.option("--min-speedup", type=float, help="Gate: minimum reference p50 / candidate p50.")
+@click.option("--max-size-mb", type=float, help="Gate: maximum model size in MB (10^6 bytes, with external data).")
+@click.option("--atol", type=float, help="Parity: absolute tolerance for every output.")
+@click.option("--rtol", type=float, help="Parity: relative tolerance for every output.")
+@click.option("--min-cosine", type=float, help="Parity: minimum cosine similarity for every output.")
+@click.option("--report-dir", type=click.Path(file_okay=False), help="Write report.json, report.md and report.html here.")
+@click.option("--framework", default="auto", show_default=True, help="Framework of a source-model reference.")
+@click.option("--weights", type=click.Path(), help="Reference weights: state_dict for a torch factory, .caffemodel for Caffe.")
+@click.option("--input", "inputs", multiple=True, metavar="NAME:DTYPE:SHAPE",
+              help="Override an input's shape, e.g. tokens:int64:batch,16 (a named dim is dynamic). Repeatable.")
+@click.option("--example-inputs", type=click.Path(), help=".npz with one array per input, instead of random data.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow loading a reference that executes code (pickles, Keras Lambda).")
+@click.option("--signature", help="TF SavedModel signature of the reference.")
+@click.option("--inputs-as-nchw", is_flag=True, help="The candidate is NCHW, the TF/Keras reference NHWC.")
+@click.option("--provider", "providers", multiple=True, metavar="NAME",
+              help="onnxruntime execution provider for the candidate, in order (default CPUExecutionProvider). Repeatable.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of the table.")
+def validate_cmd(candidate, reference, latency, batch_sizes, threads, runs, time_budget_s, gates_file, max_p99_ms,
+                 min_speedup, max_size_mb, atol, rtol, min_cosine, report_dir, framework, weights, inputs,
+                 example_inputs, trust_remote_code, signature, inputs_as_nchw, providers, seed, as_json):
+    """Is CANDIDATE (an ONNX model) ready for production?
+
+    Checks parity against --reference at every batch size (and that rows of a
+    batch do not affect each other), measures latency interleaved with the
+    reference, reports node placement, and applies the gates. Prints one table;
+    exits 6 when a gate fails.
+    """
+    from retool import console
+    from retool.errors import ValidationFailed
+    from retool.validators.core import GATE_HEADERS, gate_rows, summary_text, validate
+    from retool.validators.gates import load_gates
+
+    sizes = parse_csv_ints(batch_sizes, "--batch-sizes") or [1]
+    gates = load_gates(gates_file)
+    tol_flags = {k: v for k, v in {"atol": atol, "rtol": rtol, "min_cosine": min_cosine}.items() if v is not None}
+    parity = dict(gates.parity)
+    if tol_flags:
+        parity["*"] = {**parity.get("*", {}), **tol_flags}
+    gates = gates.merged(max_p99_ms=max_p99_ms, min_speedup=min_speedup, max_size_mb=max_size_mb, parity=parity)
+    options = {k: v for k, v in {"signature": signature, "inputs_as_nchw": inputs_as_nchw or None}.items()
+               if v is not None}
+    report = validate(candidate, reference, batch_sizes=sizes, latency=latency, threads=threads, gates=gates,
+                      report_dir=report_dir, framework=framework, inputs=inputs, example_inputs=example_inputs,
+                      trust_remote_code=trust_remote_code, seed=seed, runs=runs, time_budget_s=time_budget_s,
+                      weights=weights, options=options, providers=list(providers) or None)
+    human = summary_text(report)
+    if report_dir:
+        human += f"\nreports: {report_dir}/report.json, report.md, report.html"
+    for w in report.warnings:
+        console.warn(w)
+    if not report.passed:
+        failed = report.failed_checks
+        human += "\n\ngates:\n" + console.table(GATE_HEADERS, gate_rows(report))
+        emit_report(report, as_json, human)
+        more = f" and {len(failed) - 3} more" if len(failed) > 3 else ""
+        where = f"; report: {report_dir}/report.json" if report_dir else ""
+        raise ValidationFailed(f"{candidate}: {len(failed)} gate(s) failed: "
+                               f"{', '.join(c.name for c in failed[:3])}{more}{where}", report=report)
+    emit_report(report, as_json, human)

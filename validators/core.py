@@ -1,0 +1,418 @@
+"""``validate``: is this ONNX model ready for production? Parity, latency, placement, gates.
+
+Returns a Report whose ``data`` layout is documented in docs/report-schema.md
+and checked by retool/schemas/report.schema.json. A failed gate is a
+``report.passed == False``; only bad input raises (UsageError ...).
+"""
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from retool import console
+from retool.errors import RetoolError, UsageError
+from retool.types import CheckResult, ProvenanceStep, Report, TensorSpec, now_iso
+from retool.validators.gates import Gates, gate_checks, load_gates
+
+#: When the batch axis is dynamic and only batch 1 is asked for, parity also runs here:
+#: a model right at batch 1 and wrong above must not reach Triton dynamic batching.
+EXTRA_PARITY_BATCH = 4
+#: Rows of a batch re-run alone to check that rows do not leak into each other.
+CONSISTENCY_ROWS = (0, -1)
+
+
+def validate(candidate, reference=None, *, batch_sizes: Sequence[int] = (1,), latency: bool = False,
+             threads: int | None = None, gates: "Gates | Mapping | str | Path | None" = None,
+             report_dir=None, framework: str = "auto", inputs: Sequence[TensorSpec | str] = (),
+             example_inputs: "Mapping[str, np.ndarray] | str | Path | None" = None,
+             trust_remote_code: bool = False, seed: int = 0, runs: int | None = None,
+             time_budget_s: float | None = None, weights=None, options: Mapping[str, Any] | None = None,
+             providers: Sequence[str] | None = None) -> Report:
+    """Validate the ONNX model ``candidate`` (against ``reference`` when given).
+
+    ``reference`` is another ONNX file or a source model in any form ``convert``
+    accepts (``framework``/``inputs``/``weights``/``options``/``trust_remote_code``
+    are used to load it). Latency is measured when ``latency`` is true or a gate
+    needs it. Writes report.json/.md/.html into ``report_dir`` when given.
+    """
+    from retool.inputs import load_npz, parse_specs
+    from retool.onnx_info import artifact_from_onnx
+    from retool.validators import latency as lat
+    from retool.validators.parity import tolerance_for
+
+    t_start = time.perf_counter()
+    started = now_iso()
+    cand_path = Path(candidate)
+    if not cand_path.is_file():
+        raise UsageError(f"{cand_path}: candidate model not found; give the ONNX file to validate")
+    art = artifact_from_onnx(cand_path)
+    gates = load_gates(gates)
+    batch_sizes = _check_batch_sizes(batch_sizes, art.inputs, cand_path)
+    threads = int(threads) if threads else lat.default_threads()
+    if threads < 1:
+        raise UsageError(f"--threads {threads}: must be at least 1")
+    plan = lat.Plan.make(runs, time_budget_s)
+    measure = bool(latency or gates.needs_latency)
+    if gates.min_speedup is not None and reference is None:
+        raise UsageError(f"{cand_path}: a minimum speedup needs a reference to compare with; give --reference")
+    if report_dir is not None:
+        _check_report_dir(report_dir)
+
+    given = tuple(s if isinstance(s, TensorSpec) else parse_specs([s])[0] for s in inputs)
+    specs = _merge_specs(art.inputs, given)
+    examples = load_npz(example_inputs) if isinstance(example_inputs, (str, Path)) else example_inputs
+    if examples is not None:
+        missing = [s.name for s in specs if s.name not in examples]
+        if missing:
+            raise UsageError(f"{example_inputs if isinstance(example_inputs, (str, Path)) else 'example_inputs'}: "
+                             f"no array for input(s) {missing}; the candidate's inputs are {[s.name for s in specs]}")
+    dynamic = bool(specs) and all(s.has_dynamic_batch for s in specs if s.shape)
+    parity_batches = list(batch_sizes)
+    if dynamic and max(parity_batches) == 1:
+        parity_batches.append(EXTRA_PARITY_BATCH)
+    out_names = [o.name for o in art.outputs]
+    warnings: list[str] = []
+    checks: list[CheckResult] = []
+    data: dict[str, Any] = {
+        "candidate": {"path": str(cand_path), "sha256": art.sha256, "precision": art.precision, "opset": art.opset,
+                      "inputs": [s.to_dict() for s in specs], "outputs": [o.to_dict() for o in art.outputs]},
+        "reference": None, "size_mb": None, "size_bytes": None, "threads": threads,
+        "batch_sizes": list(batch_sizes), "parity_batch_sizes": parity_batches, "seed": seed,
+        "parity": {}, "batch_consistency": {}, "tolerances": {},
+        "latency": {"measured": measure, "plan": plan.to_dict() if measure else None,
+                    "candidate": {}, "reference": {}, "speedup": {}},
+        "providers": None, "gates": [], "gate_config": gates.to_dict(), "environment": _environment(),
+    }
+    from retool.fsutil import file_size
+
+    size_bytes = file_size(cand_path, art.extra_files)
+    data["size_bytes"] = size_bytes
+    data["size_mb"] = round(size_bytes / 1e6, 6)
+
+    from retool.runtime import make_session
+
+    try:
+        sess = make_session(cand_path, threads=threads, providers=providers)
+    except Exception as exc:
+        checks.append(CheckResult("onnxruntime.load", False, message=_first_line(exc)))
+        return _finish(art, checks, data, warnings, gates, report_dir, started, t_start, size_bytes)
+    checks.append(CheckResult("onnxruntime.load", True, severity="info"))
+
+    ref = None
+    if reference is not None:
+        from retool.validators.reference import open_reference
+
+        with console.step(f"loading reference {reference}"):
+            ref = open_reference(reference, candidate_inputs=specs, candidate_outputs=out_names, threads=threads,
+                                 framework=framework, inputs=given, example_inputs=examples,
+                                 trust_remote_code=trust_remote_code, weights=weights, options=options,
+                                 seed=seed, providers=providers)
+        data["reference"] = ref.describe()
+        warnings += [n for n in ref.notes if "could not" in n or "not pinned" in n]
+    else:
+        checks.append(CheckResult("parity", True, message="no reference given: parity not checked", severity="info"))
+    try:
+        base_tol = tolerance_for(art.precision)
+        tols = {n: gates.tolerance(n, base_tol) for n in out_names}
+        data["tolerances"] = {n: t.to_dict() for n, t in tols.items()}
+        feeds_by_batch: dict[int, dict] = {}
+        with console.step(f"checking parity at batch sizes {','.join(map(str, parity_batches))}"):
+            for b in parity_batches:
+                feeds = _feeds(specs, examples, b, seed, dynamic)
+                ok = _parity_at(b, feeds, sess, ref, out_names, tols, checks, data, dynamic)
+                if ok:
+                    feeds_by_batch[b] = feeds
+        if measure:
+            for b in batch_sizes:
+                if b not in feeds_by_batch:
+                    continue
+                with console.step(f"timing batch {b} ({threads} threads)"):
+                    _latency_at(b, feeds_by_batch[b], sess, ref, plan, data)
+        placement_feeds = next(iter(feeds_by_batch.values()), None)
+        if placement_feeds is not None:
+            try:
+                from retool.validators.providers import node_placement
+
+                data["providers"] = node_placement(cand_path, placement_feeds, threads, providers)
+            except Exception as exc:  # profiling is a report detail; never fail validation on it
+                warnings.append(f"node placement unavailable: {_first_line(exc)}")
+        if ref is not None and ref.size_bytes:
+            data["reference"]["size_mb"] = round(ref.size_bytes / 1e6, 6)
+    finally:
+        if ref is not None:
+            ref.close()
+        del sess
+    checks += gate_checks(gates, size_mb=data["size_mb"], latency=data["latency"])
+    return _finish(art, checks, data, warnings, gates, report_dir, started, t_start, size_bytes)
+
+
+def _finish(art, checks, data, warnings, gates, report_dir, started, t_start, size_bytes) -> Report:
+    data["gates"] = [{"name": c.name, "value": c.value, "threshold": c.threshold, "passed": bool(c.passed),
+                      "message": c.message} for c in checks if c.severity == "gate"]
+    seconds = round(time.perf_counter() - t_start, 3)
+    data["timings"] = {"total_s": seconds}
+    step = ProvenanceStep("validate", "retool.validate", _versions(),
+                          {"reference": (data.get("reference") or {}).get("label"), "threads": data["threads"],
+                           "batch_sizes": data["batch_sizes"], "gates": gates.to_dict()},
+                          art.sha256, art.sha256, started, seconds)
+    report = Report("validate", art.derive(art.path, step), tuple(checks), data, tuple(warnings))
+    if report_dir is not None:
+        write_reports(report, report_dir)
+    return report
+
+
+def _parity_at(b, feeds, sess, ref, out_names, tols, checks, data, dynamic) -> bool:
+    """Parity (vs the reference) and row consistency at batch ``b``; False if the candidate failed to run."""
+    from retool.validators.parity import compare_output, output_stats
+
+    try:
+        cand = sess.run(None, feeds)
+    except Exception as exc:
+        checks.append(CheckResult(f"run@batch{b}", False, None, None,
+                                  f"onnxruntime failed at batch {b}: {_first_line(exc)}"))
+        return False
+    if ref is not None:
+        try:
+            expected = ref.run(feeds)
+        except RetoolError:
+            raise
+        except Exception as exc:
+            raise UsageError(f"{ref.label}: the reference failed at batch {b} ({_first_line(exc)}); "
+                             f"choose --batch-sizes the reference supports") from None
+        if len(expected) != len(cand):
+            checks.append(CheckResult(f"parity:outputs@batch{b}", False, len(cand), len(expected),
+                                      f"candidate has {len(cand)} outputs, reference has {len(expected)}"))
+        else:
+            for name, r, c in zip(out_names, expected, cand):
+                chk = compare_output(name, r, c, tols[name], f"batch{b}")
+                checks.append(chk)
+                entry = dict(chk.details)
+                if np.shape(r) == np.shape(c) and "cosine" not in entry:
+                    entry.update(output_stats(r, c))  # integer outputs: full stats for the report too
+                entry.update({"passed": bool(chk.passed), "batch": b, "output": name, "message": chk.message})
+                data["parity"][f"{name}@batch{b}"] = entry
+    if dynamic and b > 1:
+        _consistency_at(b, feeds, cand, sess, out_names, tols, checks, data)
+    return True
+
+
+def _consistency_at(b, feeds, cand, sess, out_names, tols, checks, data) -> None:
+    """A row run alone must give what it gave inside the batch (Triton concatenates requests)."""
+    from retool.validators.parity import compare_output
+
+    rows = sorted({r % b for r in CONSISTENCY_ROWS})
+    alone = [sess.run(None, {k: v[r:r + 1] for k, v in feeds.items()}) for r in rows]
+    for i, name in enumerate(out_names):
+        if np.ndim(cand[i]) == 0 or np.shape(cand[i])[0] != b:
+            continue  # not batched along axis 0
+        ref = np.concatenate([a[i] for a in alone], axis=0)
+        got = np.concatenate([cand[i][r:r + 1] for r in rows], axis=0)
+        chk = compare_output(name, ref, got, tols[name], f"batch{b}")
+        chk = CheckResult(f"batch-consistency:{name}@batch{b}", chk.passed, chk.value, chk.threshold,
+                          (f"rows {rows} differ when run alone vs inside batch {b}: " + chk.message) if not chk.passed else "",
+                          chk.details)
+        checks.append(chk)
+        data["batch_consistency"][f"{name}@batch{b}"] = {
+            "passed": bool(chk.passed), "rows": rows, "max_abs": chk.details.get("max_abs"),
+            "cosine": chk.details.get("cosine"), "message": chk.message}
+
+
+def _latency_at(b, feeds, sess, ref, plan, data) -> None:
+    from retool.validators import latency as lat
+
+    variants = {"candidate": (lambda s=sess, f=feeds: s.run(None, f))}
+    if ref is not None:
+        variants["reference"] = ref.runner(feeds)
+    samples = lat.measure_interleaved(variants, plan)
+    for name, s in samples.items():
+        data["latency"][name][str(b)] = lat.summarize(s, b)
+    if ref is not None:
+        data["latency"]["speedup"][str(b)] = round(
+            lat.speedup(data["latency"]["reference"][str(b)], data["latency"]["candidate"][str(b)]), 4)
+
+
+def _feeds(specs, examples, b, seed, dynamic) -> dict[str, np.ndarray]:
+    from retool.inputs import random_feeds, resize_batch
+
+    if examples is not None:
+        return {k: np.asarray(v) for k, v in (resize_batch(examples, b) if dynamic else examples).items()}
+    return random_feeds(specs, batch=b, seed=seed)
+
+
+def _merge_specs(declared, given) -> tuple[TensorSpec, ...]:
+    if not given:
+        return tuple(declared)
+    by_name = {s.name: s for s in given}
+    unknown = sorted(set(by_name) - {s.name for s in declared})
+    if unknown:
+        raise UsageError(f"--input {unknown}: the candidate has no such input; its inputs are "
+                         f"{[str(s) for s in declared]}")
+    return tuple(by_name.get(s.name, s) for s in declared)
+
+
+def _check_batch_sizes(batch_sizes, specs, path) -> list[int]:
+    try:
+        sizes = sorted({int(b) for b in batch_sizes})
+    except (TypeError, ValueError):
+        raise UsageError(f"--batch-sizes {batch_sizes!r}: expected positive integers such as 1,8,32") from None
+    if not sizes or sizes[0] < 1:
+        raise UsageError(f"--batch-sizes {batch_sizes!r}: expected positive integers such as 1,8,32")
+    static = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int)}
+    if static:
+        fixed = next(iter(static))
+        if sizes != [fixed]:
+            raise UsageError(f"{path}: the model's batch axis is fixed at {fixed}, so --batch-sizes "
+                             f"{','.join(map(str, sizes))} cannot run; use --batch-sizes {fixed} or export "
+                             f"with a dynamic batch axis")
+    return sizes
+
+
+def _check_report_dir(d) -> None:
+    p = Path(d)
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"{p}: --report-dir is a file; give a folder")
+    parent = p if p.exists() else p.parent
+    while not parent.exists():
+        parent = parent.parent
+    import os
+
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"{p}: --report-dir is not writable; choose another folder")
+
+
+def write_reports(report: Report, directory) -> dict[str, Path]:
+    """Write report.json, report.md and report.html into ``directory``; returns {"json"|"md"|"html": path}."""
+    from retool.fsutil import atomic_write_text
+    from retool.validators.report_html import render_html
+    from retool.validators.report_md import render_markdown
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    paths = {"json": d / "report.json", "md": d / "report.md", "html": d / "report.html"}
+    atomic_write_text(paths["json"], report.to_json() + "\n")
+    atomic_write_text(paths["md"], render_markdown(report))
+    atomic_write_text(paths["html"], render_html(report))
+    return paths
+
+
+def summary_rows(report: Report) -> list[list[str]]:
+    """The one table: parity, latency, throughput, speedup and size, with gate thresholds and results.
+
+    Columns: check, batch, candidate, reference, threshold, result.
+    """
+    d = report.data
+    gates = {c.name: c for c in report.checks if c.severity == "gate"}
+    rows: list[list[str]] = []
+    for c in report.checks:
+        if c.severity != "gate" or c.name.startswith(("latency:", "speedup@", "size")):
+            continue
+        name, _, batch = c.name.partition("@batch")
+        det = c.details or {}
+        if "max_abs" in det:
+            value = f"max_abs {_g(det.get('max_abs'))}, cos {_cos(det.get('cosine'))}"
+            if "top1" in det:
+                value += f", top1 {det['top1']:.3f}"
+        elif "mismatches" in det:
+            value = f"{det['mismatches']} mismatches"
+        else:
+            value = c.message
+        rows.append([name.replace("parity:", "parity ").replace("batch-consistency:", "batch rows "), batch,
+                     value, "", _tol_text(c.threshold), _result(c)])
+    lat = d.get("latency") or {}
+    for key in sorted(lat.get("candidate", {}), key=int):
+        cs, rs = lat["candidate"][key], lat.get("reference", {}).get(key)
+        g = gates.get(f"latency:p99@batch{key}")
+        rows.append(["latency p50 / p99 ms", key, f"{_g(cs['p50_ms'])} / {_g(cs['p99_ms'])}",
+                     f"{_g(rs['p50_ms'])} / {_g(rs['p99_ms'])}" if rs else "",
+                     f"p99 <= {g.threshold:g}" if g else "", _result(g)])
+        rows.append(["throughput /s", key, f"{cs['throughput_per_s']:.0f}",
+                     f"{rs['throughput_per_s']:.0f}" if rs else "", "", ""])
+        sp = lat.get("speedup", {}).get(key)
+        g = gates.get(f"speedup@batch{key}")
+        if sp is not None or g is not None:
+            rows.append(["speedup (ref p50 / cand p50)", key, f"{sp:.2f}x" if sp is not None else "n/a", "",
+                         f">= {g.threshold:g}x" if g else "", _result(g)])
+    for name, g in gates.items():  # speedup gates at unmeasured batch sizes
+        if (name.startswith("speedup@") or name.startswith("latency:")) and g.value is None:
+            rows.append([name, name.partition("@batch")[2], "not measured", "", _g(g.threshold), _result(g)])
+    g = gates.get("size")
+    ref_mb = (d.get("reference") or {}).get("size_mb")
+    rows.append(["size MB", "", _g(d.get("size_mb") or 0.0), _g(ref_mb) if ref_mb else "",
+                 f"<= {g.threshold:g}" if g else "", _result(g)])
+    return rows
+
+
+SUMMARY_HEADERS = ["check", "batch", "candidate", "reference", "threshold", "result"]
+
+
+def gate_rows(report: Report) -> list[list[str]]:
+    return [[c.name, _g(c.value) if not isinstance(c.value, str) else c.value, _tol_text(c.threshold),
+             _result(c), c.message] for c in report.checks if c.severity == "gate"]
+
+
+GATE_HEADERS = ["gate", "value", "threshold", "result", "note"]
+
+
+def summary_text(report: Report) -> str:
+    d = report.data
+    lines = [console.table(SUMMARY_HEADERS, summary_rows(report))]
+    ref = d.get("reference") or {}
+    meta = (f"\n{'PASS' if report.passed else 'FAIL'}: {d['candidate']['path']} "
+            f"({d['candidate']['precision']}) vs {ref.get('label') or 'no reference'}; "
+            f"{d['threads']} intra-op threads")
+    lines.append(meta)
+    return "\n".join(lines)
+
+
+def _result(c: CheckResult | None) -> str:
+    if c is None:
+        return "-"
+    return "PASS" if c.passed else "FAIL"
+
+
+def _g(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, (int, float)):
+        return f"{v:.3g}"
+    return str(v)
+
+
+def _cos(v) -> str:
+    return f"{v:.6f}" if isinstance(v, (int, float)) else str(v)
+
+
+def _tol_text(t) -> str:
+    if isinstance(t, Mapping):
+        parts = []
+        for key, label in (("atol", "atol"), ("rtol", "rtol"), ("min_cosine", "cos>="), ("min_top1", "top1>=")):
+            if t.get(key) is not None:
+                parts.append(f"{label} {t[key]:g}" if key in ("atol", "rtol") else f"{label}{t[key]:g}")
+        return " ".join(parts)
+    return _g(t)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    return (lines[0] if lines else text)[:300]
+
+
+def _versions() -> dict[str, str]:
+    from retool.deps import version_of
+
+    return {k: version_of(k) or "" for k in ("onnxruntime", "onnx", "numpy")}
+
+
+def _environment() -> dict:
+    import os
+
+    from retool.validators.latency import default_threads
+
+    return {"python": sys.version.split()[0], "platform": platform.platform(), "machine": platform.machine(),
+            "cpu_count": os.cpu_count(), "cpus_usable": default_threads(), "versions": _versions()}

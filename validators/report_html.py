@@ -1,0 +1,269 @@
+"""report.html: one self-contained page (inline CSS and SVG, no scripts, no network)."""
+from __future__ import annotations
+
+import html
+import math
+from typing import Mapping, Sequence
+
+from retool.types import Report
+
+COLORS = {"candidate": "#2563eb", "reference": "#f97316"}
+SERIES = ["#2563eb", "#f97316", "#16a34a", "#9333ea", "#dc2626", "#0891b2", "#ca8a04", "#db2777"]
+
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f8fafc;color:#0f172a}
+main{max-width:1100px;margin:0 auto;padding:24px}
+h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #e2e8f0;padding-bottom:4px}
+h3{font-size:14px;margin:14px 0 4px;color:#334155}
+.verdict{display:inline-block;padding:2px 10px;border-radius:12px;color:#fff;font-weight:600;margin-left:8px}
+.pass{background:#16a34a}.fail{background:#dc2626}
+.cards{display:flex;flex-wrap:wrap;gap:10px;margin:14px 0}
+.card{background:#fff;border:1px solid #e2e8f0;border-radius:8px;padding:8px 14px;min-width:120px}
+.card b{display:block;font-size:18px}.card span{color:#64748b;font-size:12px}
+table{border-collapse:collapse;background:#fff;width:100%;margin:6px 0;font-size:13px}
+th,td{border:1px solid #e2e8f0;padding:4px 8px;text-align:left;vertical-align:top}
+th{background:#f1f5f9} td.PASS{color:#15803d;font-weight:600} td.FAIL{color:#b91c1c;font-weight:700}
+.plots{display:flex;flex-wrap:wrap;gap:14px;align-items:flex-start}
+figure{background:#fff;border:1px solid #e2e8f0;border-radius:8px;margin:0;padding:8px}
+figcaption{font-size:12px;color:#475569;margin-bottom:4px}
+svg text{font:11px system-ui,sans-serif;fill:#334155}
+.muted{color:#64748b}.small{font-size:12px}
+code{background:#f1f5f9;padding:0 3px;border-radius:3px}
+"""
+
+
+def _e(x) -> str:
+    return html.escape("" if x is None else str(x))
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence], result_col: int | None = None) -> str:
+    out = ["<table><thead><tr>", *(f"<th>{_e(h)}</th>" for h in headers), "</tr></thead><tbody>"]
+    for r in rows:
+        out.append("<tr>")
+        for i, c in enumerate(r):
+            cls = f' class="{_e(c)}"' if i == result_col and c in ("PASS", "FAIL") else ""
+            out.append(f"<td{cls}>{_e(c)}</td>")
+        out.append("</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def _nice_max(v: float) -> float:
+    if v <= 0 or not math.isfinite(v):
+        return 1.0
+    exp = 10 ** math.floor(math.log10(v))
+    for m in (1, 2, 2.5, 5, 10):
+        if m * exp >= v:
+            return m * exp
+    return 10 * exp
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.3g}"
+
+
+def latency_svg(batch: str, stats: Mapping[str, Mapping]) -> str:
+    """One row per variant: every sample as a dot (jittered), the p25-p75 box, the median and p99 marks."""
+    w, row_h, left, right, top = 520, 46, 86, 16, 14
+    names = [n for n in ("candidate", "reference") if n in stats]
+    h = top + row_h * len(names) + 34
+    hi = max(max(s.get("samples_ms") or [s["max_ms"]]) for s in stats.values())
+    hi = _nice_max(max(hi, max(s["p99_ms"] for s in stats.values())) * 1.05)
+
+    def x(v):
+        return left + (w - left - right) * (v / hi)
+
+    parts = [f'<svg class="plot latency" xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
+             f'viewBox="0 0 {w} {h}" role="img" aria-label="latency distribution at batch {_e(batch)}">']
+    for i in range(6):  # grid + axis labels
+        v = hi * i / 5
+        parts.append(f'<line x1="{x(v):.1f}" y1="{top - 4}" x2="{x(v):.1f}" y2="{h - 28}" stroke="#e2e8f0"/>'
+                     f'<text x="{x(v):.1f}" y="{h - 14}" text-anchor="middle">{_fmt(v)}</text>')
+    parts.append(f'<text x="{(left + w - right) / 2:.0f}" y="{h - 2}" text-anchor="middle">ms per batch</text>')
+    for r, name in enumerate(names):
+        s = stats[name]
+        cy = top + row_h * r + row_h / 2
+        col = COLORS.get(name, "#475569")
+        parts.append(f'<text x="{left - 8}" y="{cy + 4:.1f}" text-anchor="end">{_e(name)}</text>')
+        samples = s.get("samples_ms") or []
+        for j, v in enumerate(samples):
+            jitter = ((j * 7919) % 23 - 11) * 0.9
+            parts.append(f'<circle cx="{x(v):.1f}" cy="{cy + jitter:.1f}" r="1.8" fill="{col}" fill-opacity="0.35"/>')
+        if samples:
+            import numpy as np
+
+            q1, q3 = (float(np.percentile(samples, q)) for q in (25, 75))
+            parts.append(f'<rect x="{x(q1):.1f}" y="{cy - 13:.1f}" width="{max(1.5, x(q3) - x(q1)):.1f}" height="26" '
+                         f'fill="none" stroke="{col}" stroke-width="1.5"/>')
+        parts.append(f'<line x1="{x(s["p50_ms"]):.1f}" y1="{cy - 16:.1f}" x2="{x(s["p50_ms"]):.1f}" y2="{cy + 16:.1f}" '
+                     f'stroke="{col}" stroke-width="3"><title>p50 {s["p50_ms"]:.3f} ms</title></line>')
+        parts.append(f'<line x1="{x(s["p99_ms"]):.1f}" y1="{cy - 10:.1f}" x2="{x(s["p99_ms"]):.1f}" y2="{cy + 10:.1f}" '
+                     f'stroke="{col}" stroke-width="1.5" stroke-dasharray="3 2"><title>p99 {s["p99_ms"]:.3f} ms</title></line>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def throughput_svg(latency: Mapping) -> str:
+    """Items per second against batch size (log2 x axis when sizes spread), one line per variant."""
+    w, h, left, right, top, bottom = 520, 260, 64, 110, 14, 40
+    series = {n: {int(b): s["throughput_per_s"] for b, s in latency.get(n, {}).items()}
+              for n in ("candidate", "reference") if latency.get(n)}
+    batches = sorted({b for s in series.values() for b in s})
+    ymax = _nice_max(max(v for s in series.values() for v in s.values()) * 1.05)
+    lo, hi = math.log2(batches[0]), math.log2(batches[-1])
+
+    def x(b):
+        if hi == lo:
+            return left + (w - left - right) / 2
+        return left + (w - left - right) * (math.log2(b) - lo) / (hi - lo)
+
+    def y(v):
+        return top + (h - top - bottom) * (1 - v / ymax)
+
+    parts = [f'<svg class="plot throughput" xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
+             f'viewBox="0 0 {w} {h}" role="img" aria-label="throughput against batch size">']
+    for i in range(6):
+        v = ymax * i / 5
+        parts.append(f'<line x1="{left}" y1="{y(v):.1f}" x2="{w - right}" y2="{y(v):.1f}" stroke="#e2e8f0"/>'
+                     f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{_fmt(v)}</text>')
+    for b in batches:
+        parts.append(f'<text x="{x(b):.1f}" y="{h - bottom + 16}" text-anchor="middle">{b}</text>')
+    parts.append(f'<text x="{(left + w - right) / 2:.0f}" y="{h - 6}" text-anchor="middle">batch size</text>'
+                 f'<text x="14" y="{(top + h - bottom) / 2:.0f}" text-anchor="middle" '
+                 f'transform="rotate(-90 14 {(top + h - bottom) / 2:.0f})">items / s</text>')
+    for k, (name, pts) in enumerate(series.items()):
+        col = COLORS.get(name, SERIES[k % len(SERIES)])
+        coords = " ".join(f"{x(b):.1f},{y(v):.1f}" for b, v in sorted(pts.items()))
+        parts.append(f'<polyline points="{coords}" fill="none" stroke="{col}" stroke-width="2"/>')
+        for b, v in sorted(pts.items()):
+            parts.append(f'<circle cx="{x(b):.1f}" cy="{y(v):.1f}" r="3.5" fill="{col}">'
+                         f'<title>{_e(name)} batch {b}: {v:.1f}/s</title></circle>')
+        ly = top + 10 + 18 * k
+        parts.append(f'<rect x="{w - right + 12}" y="{ly - 8}" width="12" height="4" fill="{col}"/>'
+                     f'<text x="{w - right + 30}" y="{ly - 2}">{_e(name)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def error_hist_svg(output: str, entries: Mapping[int, Mapping]) -> str:
+    """Counts of |candidate - reference| per log10 bin, one bar series per batch size."""
+    w, h, left, right, top, bottom = 520, 240, 56, 90, 12, 40
+    first = next(iter(entries.values()))["histogram"]
+    edges = first["log10_abs_error_edges"]
+    nb = len(edges) - 1
+    batches = sorted(entries)
+    # Fractions, not counts, so batch sizes with more values compare on one axis.
+    fracs = {b: [c / max(1, sum(e["histogram"]["counts"])) for c in e["histogram"]["counts"]] for b, e in entries.items()}
+    ymax = min(1.0, _nice_max(max(max(f) for f in fracs.values()) * 1.05))
+    bw = (w - left - right) / nb
+    sub = bw * 0.85 / max(1, len(batches))
+
+    def y(v):
+        return top + (h - top - bottom) * (1 - v / ymax)
+
+    parts = [f'<svg class="plot errhist" xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
+             f'viewBox="0 0 {w} {h}" role="img" aria-label="error histogram of {_e(output)}">']
+    for i in range(5):
+        v = ymax * i / 4
+        parts.append(f'<line x1="{left}" y1="{y(v):.1f}" x2="{w - right}" y2="{y(v):.1f}" stroke="#e2e8f0"/>'
+                     f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{v:.0%}</text>')
+    span = edges[-1] - edges[0]
+    for dec in range(math.ceil(edges[0]), math.floor(edges[-1]) + 1, 2):  # ticks at whole decades
+        tx = left + (w - left - right) * (dec - edges[0]) / span
+        parts.append(f'<line x1="{tx:.1f}" y1="{h - bottom}" x2="{tx:.1f}" y2="{h - bottom + 4}" stroke="#94a3b8"/>'
+                     f'<text x="{tx:.1f}" y="{h - bottom + 15}" text-anchor="middle">1e{dec}</text>')
+    parts.append(f'<text x="{(left + w - right) / 2:.0f}" y="{h - 6}" text-anchor="middle">'
+                 f'absolute error |candidate − reference| (log scale)</text>')
+    for k, b in enumerate(batches):
+        col = SERIES[k % len(SERIES)]
+        counts = entries[b]["histogram"]["counts"]
+        for i, c in enumerate(fracs[b]):
+            if c <= 0:
+                continue
+            x0 = left + i * bw + bw * 0.075 + k * sub
+            parts.append(f'<rect x="{x0:.1f}" y="{y(c):.1f}" width="{max(sub - 0.5, 0.8):.1f}" '
+                         f'height="{(h - bottom) - y(c):.1f}" fill="{col}"><title>batch {b}: {counts[i]} values in '
+                         f'[1e{edges[i]:.1f}, 1e{edges[i + 1]:.1f})</title></rect>')
+        ly = top + 10 + 18 * k
+        parts.append(f'<rect x="{w - right + 12}" y="{ly - 8}" width="10" height="10" fill="{col}"/>'
+                     f'<text x="{w - right + 28}" y="{ly + 1}">batch {b}</text>')
+    parts.append(f'<line x1="{left}" y1="{h - bottom}" x2="{w - right}" y2="{h - bottom}" stroke="#94a3b8"/></svg>')
+    return "".join(parts)
+
+
+def render_html(report: Report) -> str:
+    from retool.validators.core import GATE_HEADERS, SUMMARY_HEADERS, gate_rows, summary_rows
+
+    d = report.data
+    cand = d.get("candidate") or {}
+    ref = d.get("reference") or {}
+    lat = d.get("latency") or {}
+    verdict = ("pass", "PASS") if report.passed else ("fail", "FAIL")
+    body = [f'<h1>retool validate<span class="verdict {verdict[0]}">{verdict[1]}</span></h1>',
+            f'<div class="muted">{_e(cand.get("path"))} against {_e(ref.get("label") or "no reference")}'
+            f' · {_e(report.created)}</div>']
+    cards = [("size", f"{d.get('size_mb', 0):.3f} MB"), ("precision", cand.get("precision")),
+             ("threads", d.get("threads")), ("batch sizes", ", ".join(map(str, d.get("batch_sizes", []))))]
+    sp = lat.get("speedup") or {}
+    if sp:
+        cards.append(("speedup (p50)", ", ".join(f"{v:.2f}x@{b}" for b, v in sorted(sp.items(), key=lambda t: int(t[0])))))
+    failed = report.failed_checks
+    cards.append(("gates failed", f"{len(failed)} / {sum(1 for c in report.checks if c.severity == 'gate')}"))
+    body.append('<div class="cards">' + "".join(f"<div class=\"card\"><b>{_e(v)}</b><span>{_e(k)}</span></div>"
+                                                for k, v in cards) + "</div>")
+    body.append("<h2>Summary</h2>" + _table(SUMMARY_HEADERS, summary_rows(report), result_col=5))
+    if lat.get("candidate"):
+        body.append('<h2>Latency</h2><div class="small muted">Each dot is one run; box p25–p75, thick mark p50, '
+                    f'dashed mark p99. {d.get("threads")} intra-op threads; variants interleaved.</div>'
+                    '<div class="plots">')
+        for b in sorted(lat["candidate"], key=int):
+            stats = {n: lat[n][b] for n in ("candidate", "reference") if b in (lat.get(n) or {})}
+            body.append(f"<figure><figcaption>latency distribution, batch {_e(b)}</figcaption>"
+                        f"{latency_svg(b, stats)}</figure>")
+        body.append(f"<figure><figcaption>throughput against batch size</figcaption>{throughput_svg(lat)}</figure>")
+        body.append("</div>")
+        rows = []
+        for n in ("candidate", "reference"):
+            for b, s in sorted((lat.get(n) or {}).items(), key=lambda t: int(t[0])):
+                rows.append([n, b, f"{s['p50_ms']:.3f}", f"{s['p90_ms']:.3f}", f"{s['p99_ms']:.3f}",
+                             f"{s['mean_ms']:.3f}", f"{s['std_ms']:.3f}", f"{s['throughput_per_s']:.1f}", s["runs"]])
+        body.append(_table(["variant", "batch", "p50 ms", "p90 ms", "p99 ms", "mean ms", "std ms", "items/s", "runs"], rows))
+    parity = d.get("parity") or {}
+    if parity:
+        body.append('<h2>Parity</h2><div class="plots">')
+        by_out: dict[str, dict[int, Mapping]] = {}
+        for e in parity.values():
+            if e.get("histogram"):
+                by_out.setdefault(e["output"], {})[int(e["batch"])] = e
+        for out, entries in by_out.items():
+            body.append(f"<figure><figcaption>error histogram, output <code>{_e(out)}</code></figcaption>"
+                        f"{error_hist_svg(out, entries)}</figure>")
+        body.append("</div>")
+        rows = [[e.get("output"), e.get("batch"), _num(e.get("max_abs")), _num(e.get("mean_abs")),
+                 _num(e.get("p99_abs")), _num(e.get("max_rel")), _num(e.get("cosine"), 6),
+                 "PASS" if e.get("passed") else "FAIL"] for e in parity.values()]
+        body.append(_table(["output", "batch", "max abs", "mean abs", "p99 abs", "max rel", "cosine", "result"],
+                           rows, result_col=7))
+    body.append("<h2>Gates</h2>" + _table(GATE_HEADERS, gate_rows(report), result_col=3))
+    prov = d.get("providers") or {}
+    if prov.get("ops_per_provider"):
+        rows = [[p, op, n] for p, ops in prov["ops_per_provider"].items() for op, n in ops.items()]
+        body.append(f"<h2>Execution providers</h2><div class=\"small muted\">{_e(prov.get('method'))}; session "
+                    f"providers: {_e(', '.join(prov.get('session', [])))}</div>"
+                    + _table(["provider", "operator", "nodes"], rows))
+    if report.warnings:
+        body.append("<h2>Warnings</h2><ul>" + "".join(f"<li>{_e(w)}</li>" for w in report.warnings) + "</ul>")
+    env = d.get("environment") or {}
+    body.append(f'<p class="small muted">report schema {_e(report.schema_version)} · python {_e(env.get("python"))} · '
+                f'{_e(", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items()))} · '
+                f'{_e(env.get("platform"))} · {_e(env.get("cpus_usable"))} usable CPUs</p>')
+    title = f"retool validate: {verdict[1]} {cand.get('path', '')}"
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{_e(title)}</title>"
+            f"<style>{CSS}</style></head><body><main>{''.join(body)}</main></body></html>\n")
+
+
+def _num(v, digits: int = 3) -> str:
+    if isinstance(v, (int, float)):
+        return f"{v:.{digits}g}" if digits == 3 else f"{v:.{digits}f}"
+    return "" if v is None else str(v)
