@@ -1,0 +1,200 @@
+"""retool publish, and retool repo list | show | verify | diff | promote | rollback."""
+from __future__ import annotations
+
+import json
+
+import click
+
+_REPO_HELP = "Repository: a folder, or an fsspec URL such as s3://bucket/models (endpoint: AWS_ENDPOINT_URL)."
+
+
+def _echo_json(obj) -> None:
+    from retool.types import jsonable
+
+    click.echo(json.dumps(jsonable(obj), indent=2))
+
+
+@click.command("publish")
+@click.argument("artifact", type=click.Path(dir_okay=False))
+@click.option("--repo", "repo_url", required=True, help=_REPO_HELP)
+@click.option("--name", required=True, help="Model name in the repository (Triton's model name).")
+@click.option("--version", default="auto", show_default=True, help="Version number, or auto (latest + 1).")
+@click.option("--report", type=click.Path(dir_okay=False),
+              help="report.json from retool validate (default: the artifact's sidecar report if it matches).")
+@click.option("--force", is_flag=True, help="Publish even if the report failed or the regression gate refuses; recorded.")
+@click.option("--max-regression", metavar="SPEC",
+              help="Regression limits against the latest/production version, e.g. latency=20%,size=10%,cosine=0.01 "
+                   "(the default), or off.")
+@click.option("--alias", help="Also point this alias (e.g. staging) at the new version.")
+@click.option("--max-batch-size", type=int, help="Triton max_batch_size (default: the largest batch the report checked, else 8).")
+@click.option("--instances", type=int, default=1, show_default=True, help="Triton instance_group count.")
+@click.option("--json", "as_json", is_flag=True, help="Print the publish report as JSON.")
+def publish_cmd(artifact, repo_url, name, version, report, force, max_regression, alias, max_batch_size, instances,
+                as_json):
+    """Publish ARTIFACT (.onnx) as a new, immutable version of NAME in a Triton model repository.
+
+    Writes <repo>/NAME/<version>/model.onnx (+ external data) and manifest.json atomically, and
+    (re)generates NAME/config.pbtxt. Refuses (exit 7) a failing report or a regression unless --force.
+    """
+    from retool import console
+    from retool.commands.common import emit_report
+    from retool.publish import publish
+
+    res = publish(artifact, repo_url, name, version=version, report=report, force=force,
+                  max_regression=max_regression, alias=alias, max_batch_size=max_batch_size, instance_count=instances)
+    rows = [[c.name, c.passed if c.severity == "gate" else "info", c.message] for c in res.regression]
+    human = (console.table(["check", "result", "note"], rows) + "\n\n" if rows else "")
+    human += f"published {res.name} version {res.version} at {res.url}" + (" (FORCED: recorded)" if res.forced else "")
+    emit_report(res.to_report(), as_json, human)
+
+
+@click.group("repo")
+def repo_group():
+    """Inspect and operate a model repository: list, show, verify, diff, promote, rollback."""
+
+
+@repo_group.command("list")
+@click.argument("url")
+@click.option("--json", "as_json", is_flag=True)
+def repo_list(url, as_json):
+    """Models, their versions and aliases."""
+    from retool import console
+    from retool.publish import open_repo
+
+    repo = open_repo(url)
+    rows, out = [], []
+    for name in repo.models():
+        versions = repo.versions(name)
+        als = repo.aliases(name)
+        latest = repo.manifest(name, versions[-1]) if versions else {}
+        pub = latest.get("published") or {}
+        out.append({"name": name, "versions": versions,
+                    "aliases": {a: e.get("version") for a, e in als.items()},
+                    "latest": versions[-1] if versions else None,
+                    "target": (latest.get("artifact") or {}).get("target"), "published": pub})
+        rows.append([name, ",".join(map(str, versions)), " ".join(f"{a}={e.get('version')}" for a, e in sorted(als.items())),
+                     out[-1]["target"], pub.get("at"), pub.get("user")])
+    if as_json:
+        _echo_json({"repository": repo.url, "models": out})
+    else:
+        click.echo(console.table(["model", "versions", "aliases", "target", "latest published", "by"], rows)
+                   if rows else f"{repo.url}: no models")
+
+
+@repo_group.command("show")
+@click.argument("url")
+@click.argument("name")
+@click.argument("version", required=False)
+@click.option("--json", "as_json", is_flag=True)
+def repo_show(url, name, version, as_json):
+    """A model (versions, aliases, config.pbtxt) or one version's manifest."""
+    from retool import console
+    from retool.publish import open_repo
+    from retool.publish.names import check_version
+
+    repo = open_repo(url)
+    name = repo._require_model(name)
+    if version is None:
+        data = {"name": name, "versions": repo.versions(name), "aliases": repo.aliases(name),
+                "config": repo.config_text(name)}
+        if as_json:
+            return _echo_json(data)
+        click.echo(f"{name}: versions {', '.join(map(str, data['versions'])) or 'none'}")
+        for a, e in sorted(data["aliases"].items()):
+            click.echo(f"  alias {a} -> {e.get('version')} (history {e.get('history')}, by {e.get('by')} at {e.get('updated')})")
+        click.echo(f"\n{repo.storage.location(name + '/config.pbtxt')}:\n{data['config'] or '(missing)'}")
+        return
+    m = repo.manifest(name, check_version(version))
+    if as_json:
+        return _echo_json(m)
+    prov, pub, ready = m.get("provenance") or {}, m.get("published") or {}, m.get("readiness") or {}
+    art = m.get("artifact") or {}
+    click.echo(f"{name} version {m.get('version')}: {art.get('precision')} target {art.get('target') or 'none'}, "
+               f"opset {art.get('opset')}")
+    click.echo(f"published by {pub.get('user')}@{pub.get('host')} at {pub.get('at')} with retool {m.get('retool_version')}"
+               + ("  FORCED: " + "; ".join(m.get("forced_reasons", ())) if m.get("forced") else ""))
+    click.echo(f"source sha256 {prov.get('source_sha256')}  ({prov.get('framework') or 'onnx'} {prov.get('source') or ''})")
+    click.echo("chain: " + " > ".join(f"{p.get('stage')}({p.get('tool')})" for p in prov.get("chain", ())))
+    if prov.get("versions"):
+        click.echo("versions: " + ", ".join(f"{k} {v}" for k, v in sorted(prov["versions"].items())))
+    if prov.get("calibration"):
+        click.echo(f"calibration: {json.dumps(prov['calibration'])}")
+    click.echo(f"readiness: {'none' if ready.get('passed') is None else ('PASS' if ready['passed'] else 'FAIL')}"
+               f" ({ready.get('source') or 'no report'})")
+    click.echo(console.table(["file", "size", "sha256"],
+                             [[k, v.get("size"), v.get("sha256")] for k, v in (m.get("files") or {}).items()]))
+
+
+@repo_group.command("verify")
+@click.argument("url")
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True)
+def repo_verify(url, name, as_json):
+    """Recompute every hash; any changed, added or missing file exits 7."""
+    from retool import console
+    from retool.errors import PublishError
+    from retool.publish import open_repo
+
+    repo = open_repo(url)
+    findings, checked = repo.verify(name)
+    if as_json:
+        _echo_json({"repository": repo.url, "files_checked": checked, "ok": not findings,
+                    "findings": [f.to_dict() for f in findings]})
+    elif findings:
+        click.echo(console.table(["model", "version", "problem", "path", "detail"],
+                                 [[f.model, f.version, f.problem, f.path, f.detail] for f in findings]))
+    else:
+        click.echo(f"{repo.url}: OK ({checked} files checked)")
+    if findings:
+        f = findings[0]
+        more = f" and {len(findings) - 1} more" if len(findings) > 1 else ""
+        raise PublishError(f"{f.path}: {f.problem}{more}; the repository does not match its manifests")
+
+
+@repo_group.command("diff")
+@click.argument("url")
+@click.argument("name")
+@click.argument("v1")
+@click.argument("v2")
+@click.option("--json", "as_json", is_flag=True)
+def repo_diff(url, name, v1, v2, as_json):
+    """What differs between two versions: files, target, provenance, metrics, publisher."""
+    from retool import console
+    from retool.publish import open_repo
+
+    rows = open_repo(url).diff(name, v1, v2)
+    if as_json:
+        return _echo_json({"name": name, "v1": v1, "v2": v2, "differences": [
+            {"field": k, "v1": a, "v2": b} for k, a, b in rows]})
+    click.echo(console.table(["field", f"v{v1}", f"v{v2}"], rows) if rows else f"{name}: v{v1} and v{v2} are identical")
+
+
+@repo_group.command("promote")
+@click.argument("url")
+@click.argument("name")
+@click.argument("version")
+@click.option("--alias", default="production", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def repo_promote(url, name, version, alias, as_json):
+    """Point ALIAS at VERSION (after verifying it) and make Triton serve it (version_policy)."""
+    from retool.publish import open_repo
+
+    out = open_repo(url).promote(name, version, alias)
+    if as_json:
+        return _echo_json(out)
+    click.echo(f"{name}: {alias} -> {out['version']} (was {out['previous'] if out['previous'] is not None else 'unset'})")
+
+
+@repo_group.command("rollback")
+@click.argument("url")
+@click.argument("name")
+@click.option("--alias", default="production", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def repo_rollback(url, name, alias, as_json):
+    """Move ALIAS back to the version it pointed at before."""
+    from retool.publish import open_repo
+
+    out = open_repo(url).rollback(name, alias)
+    if as_json:
+        return _echo_json(out)
+    click.echo(f"{name}: {alias} -> {out['version']} (rolled back from {out['previous']})")

@@ -1,0 +1,465 @@
+"""A Triton model repository: publish versions, list, show, verify, diff, promote and roll back.
+
+Layout (what Triton reads, plus retool's hidden bookkeeping)::
+
+    <repo>/<name>/config.pbtxt          generated; version_policy follows the aliases
+    <repo>/<name>/<N>/model.onnx        (+ its external data files)
+    <repo>/<name>/<N>/manifest.json     hashes, provenance, readiness report, publisher
+    <repo>/<name>/aliases.json          production / staging ... -> version, with history
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from retool.errors import PublishError, RetoolError, UsageError
+from retool.publish import regression
+from retool.publish.config import DEFAULT_MAX_BATCH, batchable, build_config, parse_with_triton_schema
+from retool.publish.manifest import build_manifest, publisher
+from retool.publish.names import check_alias, check_model_name, check_version
+from retool.publish.storage import MANIFEST, MODEL_FILE, Storage, open_storage
+from retool.types import CheckResult, ModelArtifact, Report, now_iso
+
+CONFIG = "config.pbtxt"
+ALIASES = "aliases.json"
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    name: str
+    version: int
+    url: str
+    manifest: Mapping[str, Any]
+    forced: bool
+    regression: tuple[CheckResult, ...] = ()
+
+    @property
+    def path(self) -> str:
+        return self.url
+
+    def to_report(self) -> Report:
+        art = ModelArtifact.from_dict({**self.manifest["artifact"], "path": f"{self.url}/{MODEL_FILE}"})
+        return Report("publish", art, self.regression,
+                      {"name": self.name, "version": self.version, "url": self.url, "forced": self.forced,
+                       "forced_reasons": list(self.manifest.get("forced_reasons", ())),
+                       "files": self.manifest.get("files"), "published": self.manifest.get("published")})
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One thing wrong in a repository, found by verify."""
+
+    model: str
+    version: int | None
+    path: str
+    problem: str  # changed | added | missing | incomplete | bad-manifest | bad-config | bad-alias
+    detail: str = ""
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "version": self.version, "path": self.path, "problem": self.problem,
+                "detail": self.detail}
+
+
+def open_repo(url, storage_options: Mapping | None = None) -> "Repository":
+    return Repository(open_storage(str(url), storage_options))
+
+
+class Repository:
+    def __init__(self, storage: Storage):
+        self.storage = storage
+        self.url = storage.url
+
+    # ---- reading -----------------------------------------------------------------------------
+    def _require_root(self) -> None:
+        if not self.storage.root_exists():
+            raise UsageError(f"{self.url}: no model repository here; check the URL or publish to it first")
+
+    def models(self) -> list[str]:
+        self._require_root()
+        out = []
+        for entry in self.storage.listdir(""):
+            if entry.startswith("."):
+                continue
+            kids = self.storage.listdir(entry)
+            if CONFIG in kids or any(k.isdigit() for k in kids):
+                out.append(entry)
+        return out
+
+    def _require_model(self, name: str) -> str:
+        name = check_model_name(name)
+        self._require_root()
+        if not self.storage.listdir(name):
+            known = ", ".join(self.models()) or "none"
+            raise UsageError(f"{self.url}: no model named {name!r} (models: {known})")
+        return name
+
+    def versions(self, name: str) -> list[int]:
+        """Committed versions (their manifest exists), ascending."""
+        kids = self.storage.listdir(name)
+        return sorted(int(k) for k in kids if k.isdigit() and int(k) > 0
+                      and self.storage.exists(f"{name}/{k}/{MANIFEST}"))
+
+    def manifest(self, name: str, version: int) -> dict:
+        try:
+            return self.storage.read_json(f"{name}/{version}/{MANIFEST}")
+        except FileNotFoundError:
+            have = ", ".join(map(str, self.versions(name))) or "none"
+            raise UsageError(f"{self.storage.location(name)}: no version {version} (versions: {have})") from None
+        except ValueError as exc:
+            raise PublishError(f"{self.storage.location(f'{name}/{version}/{MANIFEST}')}: damaged manifest "
+                               f"({exc}); run retool repo verify") from None
+
+    def aliases(self, name: str) -> dict:
+        try:
+            data = self.storage.read_json(f"{name}/{ALIASES}")
+        except FileNotFoundError:
+            return {}
+        except ValueError as exc:
+            raise PublishError(f"{self.storage.location(f'{name}/{ALIASES}')}: damaged ({exc}); "
+                               f"fix or delete it, then promote again") from None
+        return dict(data.get("aliases", {}))
+
+    def config_text(self, name: str) -> str | None:
+        try:
+            return self.storage.read_bytes(f"{name}/{CONFIG}").decode()
+        except FileNotFoundError:
+            return None
+
+    # ---- publishing ------------------------------------------------------------------------------
+    def publish(self, artifact, name: str, *, version="auto", report=None, force: bool = False,
+                max_regression=None, alias: str | None = None, max_batch_size: int | None = None,
+                instance_count: int = 1) -> PublishResult:
+        from retool import console
+
+        name = check_model_name(name)
+        alias = check_alias(alias) if alias else None
+        requested = None if str(version).strip().lower() == "auto" else check_version(version)
+        limits = regression.parse_spec(max_regression)
+        art = _load_artifact(artifact)
+        rep, rep_source = _load_report(report, art)
+        base_reasons: list[str] = []
+        if rep is not None and not rep.passed:
+            failed = ", ".join(c.name for c in rep.failed_checks)
+            if not force:
+                raise PublishError(f"{rep_source}: the readiness report failed ({failed}); fix the model, or pass "
+                                   f"--force to publish anyway (recorded in the manifest)", report=rep)
+            base_reasons.append(f"readiness report failed: {failed}")
+            console.warn(f"publishing {name} although its report failed ({failed}); recorded as forced")
+        matches = None
+        if rep is not None and rep.artifact is not None and rep.artifact.sha256:
+            matches = rep.artifact.sha256 == art.sha256
+            if not matches:
+                console.warn(f"{rep_source}: the report is about another file (sha256 differs); recorded")
+        files = _artifact_files(art)
+        info = {rel: {"sha256": _sha(p), "size": p.stat().st_size} for rel, p in files.items()}
+        if info[MODEL_FILE]["sha256"] != art.sha256:
+            raise PublishError(f"{art.path}: the file changed since its artifact was read (sha256 differs); publish again")
+        new_size = sum(f["size"] for f in info.values())
+        rep_dict = rep.to_dict() if rep is not None else None
+        triton = {"max_batch_size": _max_batch(art, rep, max_batch_size), "instance_count": int(instance_count)}
+        who = {**publisher(), "at": now_iso()}
+
+        store = self.storage
+        with console.step(f"staging {art.path.name} for {name}"):
+            staged = store.stage(name, files)
+        try:
+            with store.lock(name):
+                store.clean_stale(name)
+                for _ in range(10000):
+                    committed = self.versions(name)
+                    baselines = {}
+                    if committed:
+                        baselines["latest"] = committed[-1]
+                        prod = self.aliases(name).get("production", {}).get("version")
+                        if prod in committed and prod != committed[-1]:
+                            baselines["production"] = prod
+                    checks: list[CheckResult] = []
+                    for v in dict.fromkeys(baselines.values()):
+                        checks += regression.compare(rep_dict, new_size, self.manifest(name, v), limits)
+                    bad = [c for c in checks if c.severity == "gate" and not c.passed]
+                    reasons = list(base_reasons)
+                    if bad:
+                        what = "; ".join(f"{c.name}: {c.message}" for c in bad)
+                        if not force:
+                            raise PublishError(f"{name}: regression against the published version ({what}); "
+                                               f"loosen --max-regression or pass --force (recorded)",
+                                               report=Report("publish", art, tuple(checks)))
+                        reasons.append(f"regression: {what}")
+                    taken = store.taken_versions(name)
+                    v = requested if requested is not None else max(taken | {0}) + 1
+                    if requested is not None and v in taken:
+                        raise PublishError(f"{store.location(f'{name}/{v}')}: version {v} exists and published "
+                                           f"versions are never overwritten; use --version auto")
+                    manifest = build_manifest(
+                        name=name, version=v, art=art, files=info, report=rep, report_source=rep_source,
+                        report_matches=matches, forced=bool(reasons), forced_reasons=reasons, regression=checks,
+                        limits=limits.to_dict(), baselines=baselines, triton=triton, published=who)
+                    if store.commit(staged, v, (json.dumps(manifest, indent=2) + "\n").encode()):
+                        break
+                    if requested is not None:
+                        raise PublishError(f"{store.location(f'{name}/{v}')}: version {v} was just taken by "
+                                           f"another publisher; use --version auto")
+                else:  # pragma: no cover - would need 10000 concurrent winners
+                    raise PublishError(f"{store.location(name)}: could not claim a version; retry")
+                if alias:
+                    self._move_alias(name, alias, v)
+                self.write_config(name)
+        finally:
+            store.discard(staged)
+        return PublishResult(name, v, store.location(f"{name}/{v}"), manifest, bool(reasons), tuple(checks))
+
+    def write_config(self, name: str) -> str | None:
+        """(Re)write config.pbtxt: the served versions are the aliased ones, or the latest when none."""
+        committed = self.versions(name)
+        if not committed:
+            return None
+        served = sorted({int(a["version"]) for a in self.aliases(name).values() if int(a["version"]) in committed})
+        m = self.manifest(name, max(served) if served else committed[-1])
+        t = m.get("triton") or {}
+        text = build_config(name, m["artifact"], served_versions=served or None,
+                            max_batch_size=t.get("max_batch_size"), instance_count=t.get("instance_count", 1))
+        self.storage.write_bytes(f"{name}/{CONFIG}", text.encode())
+        return text
+
+    # ---- aliases ------------------------------------------------------------------------------------
+    def _move_alias(self, name: str, alias: str, version: int, *, rollback: bool = False) -> dict:
+        als = self.aliases(name)
+        entry = dict(als.get(alias) or {"history": []})
+        prev = entry.get("version")
+        history = list(entry.get("history", []))
+        if rollback:
+            history = history[:-1]
+        elif prev is not None and prev != version:
+            history.append(prev)
+        who = publisher()
+        als[alias] = {"version": version, "history": history, "updated": now_iso(), "by": who["user"],
+                      "host": who["host"]}
+        self.storage.write_json(f"{name}/{ALIASES}", {"aliases": als})
+        return {"model": name, "alias": alias, "version": version, "previous": prev}
+
+    def promote(self, name: str, version, alias: str) -> dict:
+        name = self._require_model(name)
+        alias = check_alias(alias)
+        v = check_version(version)
+        if v not in self.versions(name):
+            have = ", ".join(map(str, self.versions(name))) or "none"
+            raise UsageError(f"{self.storage.location(name)}: no version {v} to promote (versions: {have})")
+        bad = self.verify_version(name, v)
+        if bad:
+            raise PublishError(f"{self.storage.location(f'{name}/{v}')}: refusing to promote a damaged version "
+                               f"({bad[0].path}: {bad[0].problem}); run retool repo verify")
+        with self.storage.lock(name):
+            out = self._move_alias(name, alias, v)
+            self.write_config(name)
+        return out
+
+    def rollback(self, name: str, alias: str) -> dict:
+        name = self._require_model(name)
+        alias = check_alias(alias)
+        with self.storage.lock(name):
+            entry = self.aliases(name).get(alias)
+            if not entry:
+                raise UsageError(f"{self.storage.location(name)}: no alias {alias!r} to roll back; promote first")
+            if not entry.get("history"):
+                raise PublishError(f"{self.storage.location(name)}: alias {alias!r} has no earlier version "
+                                   f"(it has only pointed at {entry['version']}); promote a version instead")
+            target = int(entry["history"][-1])
+            if target not in self.versions(name) or self.verify_version(name, target):
+                raise PublishError(f"{self.storage.location(f'{name}/{target}')}: the previous version of "
+                                   f"{alias!r} is missing or damaged; promote a version explicitly")
+            out = self._move_alias(name, alias, target, rollback=True)
+            out["previous"] = entry["version"]
+            self.write_config(name)
+        return out
+
+    # ---- checking ----------------------------------------------------------------------------------------
+    def verify_version(self, name: str, version: int) -> list[Finding]:
+        base = f"{name}/{version}"
+        loc = self.storage.location
+        try:
+            m = self.storage.read_json(f"{base}/{MANIFEST}")
+            listed = dict(m["files"])
+        except FileNotFoundError:
+            return [Finding(name, version, loc(base), "incomplete",
+                            "no manifest.json: left by an interrupted publish, or not published by retool")]
+        except (ValueError, KeyError, TypeError) as exc:
+            return [Finding(name, version, loc(f"{base}/{MANIFEST}"), "bad-manifest", str(exc))]
+        out = []
+        present = set(self.storage.files(base)) - {MANIFEST}
+        for rel, meta in sorted(listed.items()):
+            if rel not in present:
+                out.append(Finding(name, version, loc(f"{base}/{rel}"), "missing"))
+                continue
+            digest = self.storage.sha256(f"{base}/{rel}")
+            if digest != meta.get("sha256"):
+                out.append(Finding(name, version, loc(f"{base}/{rel}"), "changed",
+                                   f"sha256 {digest[:12]}… but the manifest says {str(meta.get('sha256'))[:12]}…"))
+        for rel in sorted(present - set(listed)):
+            out.append(Finding(name, version, loc(f"{base}/{rel}"), "added", "not in the manifest"))
+        return out
+
+    def verify(self, name: str | None = None) -> tuple[list[Finding], int]:
+        """Recompute every hash. Returns (findings, number of files checked)."""
+        names = [self._require_model(name)] if name else self.models()
+        findings: list[Finding] = []
+        checked = 0
+        for n in names:
+            kids = self.storage.listdir(n)
+            versions = sorted(int(k) for k in kids if k.isdigit() and int(k) > 0)
+            for v in versions:
+                findings += self.verify_version(n, v)
+                checked += len(self.storage.files(f"{n}/{v}"))
+            committed = self.versions(n)
+            text = self.config_text(n)
+            if text is None and committed:
+                findings.append(Finding(n, None, self.storage.location(f"{n}/{CONFIG}"), "missing",
+                                        "no config.pbtxt; promote or publish again to regenerate it"))
+            elif text is not None:
+                try:
+                    cfg = parse_with_triton_schema(text)
+                except Exception as exc:  # protobuf's ParseError, with the line and column
+                    findings.append(Finding(n, None, self.storage.location(f"{n}/{CONFIG}"), "bad-config",
+                                            f"does not parse with Triton's schema: {exc}"))
+                else:
+                    if cfg is not None and cfg.name != n:
+                        findings.append(Finding(n, None, self.storage.location(f"{n}/{CONFIG}"), "bad-config",
+                                                f"name {cfg.name!r} differs from the folder name"))
+            try:
+                als = self.aliases(n)
+            except PublishError as exc:
+                findings.append(Finding(n, None, self.storage.location(f"{n}/{ALIASES}"), "bad-alias", str(exc)))
+                als = {}
+            for a, entry in sorted(als.items()):
+                if int(entry.get("version", -1)) not in committed:
+                    findings.append(Finding(n, None, self.storage.location(f"{n}/{ALIASES}"), "bad-alias",
+                                            f"{a} points at version {entry.get('version')}, which does not exist"))
+        return findings, checked
+
+    def diff(self, name: str, v1, v2) -> list[tuple[str, Any, Any]]:
+        """Fields that differ between two versions: (field, value in v1, value in v2)."""
+        name = self._require_model(name)
+        a, b = self.manifest(name, check_version(v1)), self.manifest(name, check_version(v2))
+        fa, fb = _facts(a), _facts(b)
+        return [(k, fa.get(k), fb.get(k)) for k in dict.fromkeys([*fa, *fb]) if fa.get(k) != fb.get(k)]
+
+
+def _facts(m: Mapping) -> dict[str, Any]:
+    """The comparable facts of one manifest, flattened."""
+    art = m.get("artifact") or {}
+    prov = m.get("provenance") or {}
+    rep = m.get("report")
+    out: dict[str, Any] = {}
+    for rel, f in sorted((m.get("files") or {}).items()):
+        out[f"file {rel} sha256"] = f.get("sha256")
+        out[f"file {rel} size"] = f.get("size")
+    out["size total"] = sum(int(f.get("size", 0)) for f in (m.get("files") or {}).values())
+    for k in ("format", "opset", "precision", "target"):
+        out[k] = art.get(k)
+    out["inputs"] = ", ".join(f"{t['name']}:{t.get('dtype')}:{t.get('shape')}" for t in art.get("inputs", ()))
+    out["outputs"] = ", ".join(f"{t['name']}:{t.get('dtype')}:{t.get('shape')}" for t in art.get("outputs", ()))
+    out["source sha256"] = prov.get("source_sha256")
+    out["provenance"] = " > ".join(f"{p.get('stage')}({p.get('tool')})" for p in prov.get("chain", ()))
+    for lib, ver in sorted((prov.get("versions") or {}).items()):
+        out[f"version {lib}"] = ver
+    out["calibration"] = json.dumps(prov.get("calibration"), sort_keys=True) if prov.get("calibration") else None
+    for k, val in regression.latency_metrics(rep).items():
+        out[f"latency {k}"] = val
+    out["parity min cosine"] = regression.min_cosine(rep)
+    out["readiness passed"] = (m.get("readiness") or {}).get("passed")
+    out["forced"] = m.get("forced")
+    pub = m.get("published") or {}
+    out["published by"] = f"{pub.get('user')}@{pub.get('host')}"
+    out["published at"] = pub.get("at")
+    out["retool version"] = m.get("retool_version")
+    return out
+
+
+def _sha(p: Path) -> str:
+    from retool.fsutil import sha256_file
+
+    return sha256_file(p)
+
+
+def _load_artifact(artifact) -> ModelArtifact:
+    from retool.onnx_info import artifact_from_onnx
+
+    if isinstance(artifact, ModelArtifact):
+        if artifact.format != "onnx":
+            raise UsageError(f"{artifact.path}: publish takes an ONNX artifact, not {artifact.format}; "
+                             f"run retool convert first")
+        if not artifact.path.is_file():
+            raise UsageError(f"{artifact.path}: model file not found")
+        if not artifact.sha256:
+            return artifact_from_onnx(artifact.path)
+        return artifact
+    p = Path(artifact).expanduser()
+    if not p.is_file():
+        raise UsageError(f"{p}: model file not found" + ("; give the .onnx file, not a folder" if p.is_dir() else ""))
+    return artifact_from_onnx(p)
+
+
+def _artifact_files(art: ModelArtifact) -> dict[str, Path]:
+    """Repository name -> local file; external data first, the model last (commit order)."""
+    from retool.fsutil import external_data_files
+
+    out: dict[str, Path] = {}
+    for rel in external_data_files(art.path):
+        parts = Path(rel).parts
+        if Path(rel).is_absolute() or ".." in parts or rel in (MODEL_FILE, MANIFEST):
+            raise PublishError(f"{art.path}: external data location {rel!r} cannot be published (absolute, '..', "
+                               f"or a reserved name); re-save the model with data beside it")
+        src = art.path.parent / rel
+        if not src.is_file():
+            raise UsageError(f"{art.path}: its external data file {src} is missing; keep it beside the model")
+        out[Path(rel).as_posix()] = src
+    out[MODEL_FILE] = art.path
+    return out
+
+
+def _load_report(report, art: ModelArtifact) -> tuple[Report | None, str | None]:
+    from retool.onnx_info import sidecar_report_path
+
+    if isinstance(report, Report):
+        return report, "report argument"
+    if report is None:
+        side = sidecar_report_path(art.path)
+        if not side.is_file():
+            return None, None
+        try:
+            rep = Report.load(side)
+        except (ValueError, KeyError, TypeError):
+            return None, None  # a damaged sidecar is not evidence either way
+        if rep.artifact is None or rep.artifact.sha256 != art.sha256:
+            return None, None
+        return rep, str(side)
+    p = Path(report).expanduser()
+    if not p.is_file():
+        raise UsageError(f"{p}: report file not found; pass the report.json written by retool validate")
+    try:
+        return Report.load(p), str(p)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"{p}: not a retool report.json ({type(exc).__name__}: {exc})") from None
+
+
+def _max_batch(art: ModelArtifact, rep: Report | None, explicit: int | None) -> int:
+    ins = [t.to_dict() for t in art.inputs]
+    outs = [t.to_dict() for t in art.outputs]
+    if not batchable(ins, outs):
+        return 0
+    if explicit is not None:
+        if int(explicit) < 0:
+            raise UsageError(f"--max-batch-size {explicit}: must be 0 (no batching) or more")
+        return int(explicit)
+    # serve no larger batches than the report proved correct
+    sizes: list[int] = []
+    if rep is not None:
+        data = rep.data or {}
+        for key in ("batch_sizes",):
+            if isinstance(data.get(key), list):
+                sizes += [int(x) for x in data[key] if str(x).isdigit()]
+        cand = (data.get("latency") or {}).get("candidate") if isinstance(data.get("latency"), Mapping) else None
+        if isinstance(cand, Mapping):
+            sizes += [int(k) for k in cand if str(k).isdigit()]
+    return max(sizes) if sizes and max(sizes) > 1 else DEFAULT_MAX_BATCH
