@@ -300,6 +300,14 @@ def write_reports(report: Report, directory) -> dict[str, Path]:
     return paths
 
 
+def report_schema() -> dict:
+    """The JSON schema of report.json (retool/schemas/report.schema.json)."""
+    import json
+    from importlib.resources import files
+
+    return json.loads(files("retool").joinpath("schemas/report.schema.json").read_text())
+
+
 def summary_rows(report: Report) -> list[list[str]]:
     """The one table: parity, latency, throughput, speedup and size, with gate thresholds and results.
 

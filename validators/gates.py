@@ -151,7 +151,7 @@ def gate_checks(gates: Gates, *, size_mb: float, latency: Mapping[str, Any] | No
     checks = []
     if gates.max_size_mb is not None:
         ok = size_mb <= gates.max_size_mb
-        checks.append(CheckResult("size", ok, round(size_mb, 4), gates.max_size_mb,
+        checks.append(CheckResult("size", ok, size_mb, gates.max_size_mb,
                                   "" if ok else f"{size_mb:.2f} MB > {gates.max_size_mb:g} MB",
                                   {"unit": "MB", "op": "<="}))
     cand = (latency or {}).get("candidate", {})
@@ -160,7 +160,7 @@ def gate_checks(gates: Gates, *, size_mb: float, latency: Mapping[str, Any] | No
         limit = _for_batch(gates.max_p99_ms, batch)
         if limit is not None:
             v = stats["p99_ms"]
-            checks.append(CheckResult(f"latency:p99@batch{batch}", v <= limit, round(v, 4), limit,
+            checks.append(CheckResult(f"latency:p99@batch{batch}", v <= limit, v, limit,
                                       "" if v <= limit else f"p99 {v:.3f} ms > {limit:g} ms",
                                       {"unit": "ms", "op": "<="}))
     if isinstance(gates.max_p99_ms, Mapping):
@@ -182,6 +182,6 @@ def gate_checks(gates: Gates, *, size_mb: float, latency: Mapping[str, Any] | No
                                           "no reference latency at this batch size; give --reference and --batch-sizes",
                                           {"unit": "x", "op": ">="}))
                 continue
-            checks.append(CheckResult(f"speedup@batch{batch}", v >= limit, round(v, 4), limit,
+            checks.append(CheckResult(f"speedup@batch{batch}", v >= limit, v, limit,
                                       "" if v >= limit else f"{v:.2f}x < {limit:g}x", {"unit": "x", "op": ">="}))
     return checks
