@@ -52,5 +52,6 @@ class Registry(Generic[T]):
 CONVERTERS: Registry = Registry("framework", {
     "torch": "retool.converter.torch_converter:TorchConverter",
     "onnx": "retool.converter.onnx_passthrough:OnnxConverter",
+    "caffe": "retool.converter.caffe.converter:CaffeConverter",
     "tensorflow": "retool.converter.tf_converter:TensorFlowConverter",
 })
