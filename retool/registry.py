@@ -55,3 +55,15 @@ CONVERTERS: Registry = Registry("framework", {
     "caffe": "retool.converter.caffe.converter:CaffeConverter",
     "tensorflow": "retool.converter.tf_converter:TensorFlowConverter",
 })
+
+#: Optimisation targets (frozen TargetProfile instances in retool.optimizers.targets).
+TARGETS: Registry = Registry("target", {
+    "cpu": "retool.optimizers.targets:CPU",
+    "cpu-int8": "retool.optimizers.targets:CPU_INT8",
+    "cpu-int8-dynamic": "retool.optimizers.targets:CPU_INT8_DYNAMIC",
+    "arm64-int8": "retool.optimizers.targets:ARM64_INT8",
+    "gpu-fp16": "retool.optimizers.targets:GPU_FP16",
+    "tensorrt-int8": "retool.optimizers.targets:TENSORRT_INT8",
+    "npu-uint8": "retool.optimizers.targets:NPU_UINT8",
+    "cpu-auto": "retool.optimizers.targets:CPU_AUTO",
+})

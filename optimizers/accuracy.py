@@ -1,0 +1,178 @@
+"""Accuracy-aware fallback: find the nodes that cost the most accuracy, keep them in float, retry.
+
+The float model and the candidate are both run with every intermediate tensor
+exposed. A node's cost is how much the relative error of its output exceeds
+the worst error of its inputs: the error that node itself introduced (its
+quantized inputs, weights and arithmetic), not the error it inherited.
+"""
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from retool import console
+
+#: Retries after the first attempt; each keeps twice as many more nodes in float.
+DEFAULT_BUDGET = 4
+
+
+@dataclass
+class SearchResult:
+    path: Path
+    passed: bool
+    checks: list
+    excluded: list[str] = field(default_factory=list)
+    attempts: list[dict] = field(default_factory=list)
+
+
+def search(build: Callable[[Sequence[str], int], Path], evaluate: Callable[[Path], tuple[bool, list]],
+           rank: Callable[[Path, Sequence[str]], list[tuple[str, float]]], budget: int = DEFAULT_BUDGET,
+           label: str = "") -> SearchResult:
+    """Build, evaluate; while it fails and the budget lasts, exclude the costliest nodes and rebuild."""
+    excluded: list[str] = []
+    path = build(excluded, 0)
+    passed, checks = evaluate(path)
+    attempts = [_attempt(0, excluded, [], passed, checks)]
+    step = 1
+    for attempt in range(1, budget + 1):
+        if passed:
+            break
+        ranked = [(n, s) for n, s in rank(path, excluded) if n not in excluded]
+        if not ranked:
+            break
+        new = ranked[:step]
+        excluded = excluded + [n for n, _ in new]
+        step *= 2
+        console.info(f"  {label}tolerance not met; keeping {len(excluded)} node(s) in float: "
+                     f"{', '.join(n for n, _ in new)}")
+        path = build(excluded, attempt)
+        passed, checks = evaluate(path)
+        attempts.append(_attempt(attempt, excluded, new, passed, checks))
+    return SearchResult(path, passed, checks, excluded, attempts)
+
+
+def _attempt(i, excluded, new, passed, checks) -> dict:
+    worst = {}
+    for c in checks:
+        d = c.details or {}
+        for k in ("cosine", "top1", "max_abs"):
+            if k in d and isinstance(d[k], (int, float)):
+                worst[k] = min(worst.get(k, d[k]), d[k]) if k != "max_abs" else max(worst.get(k, d[k]), d[k])
+    return {"attempt": i, "excluded": list(excluded), "added": [{"node": n, "cost": round(float(s), 6)} for n, s in new],
+            "passed": bool(passed), **worst}
+
+
+def rank_nodes(reference, candidate, feeds_list: Sequence[Mapping[str, np.ndarray]],
+               candidates: Sequence[str], workdir) -> list[tuple[str, float]]:
+    """``candidates`` (node names of ``reference``) ordered by the error each introduces, costliest first."""
+    import onnx
+
+    from retool.runtime import make_session, run_session
+
+    ref = onnx.load(str(reference), load_external_data=False)
+    cand = onnx.load(str(candidate), load_external_data=False)
+    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
+    vi = {v.name: v.type.tensor_type.elem_type for v in list(ref.graph.value_info) + list(ref.graph.output)}
+    cand_produced = {o for n in cand.graph.node for o in n.output}
+    tracked = [t for n in ref.graph.node for t in n.output
+               if t and vi.get(t) in float_types and t in cand_produced]
+    if not tracked:
+        return []
+    ref_vals = _run_with_outputs(ref, reference, tracked, feeds_list, workdir, "ref")
+    cand_vals = _run_with_outputs(cand, candidate, tracked, feeds_list, workdir, "cand")
+    err = {t: _rel_err(ref_vals[t], cand_vals[t]) for t in tracked if t in ref_vals and t in cand_vals}
+
+    producer = {o: n for n in ref.graph.node for o in n.output}
+    memo: dict[str, float] = {}
+
+    def inherited(t: str, depth: int = 0) -> float:
+        """The error a tensor carries: measured, or the worst of its producer's inputs."""
+        if t in err:
+            return err[t]
+        if t in memo:
+            return memo[t]
+        n = producer.get(t)
+        memo[t] = 0.0 if n is None or depth > 50 else max([inherited(i, depth + 1) for i in n.input if i] or [0.0])
+        return memo[t]
+
+    by_name = {n.name: n for n in ref.graph.node}
+    scores = []
+    for name in candidates:
+        n = by_name.get(name)
+        if n is None or not n.output or n.output[0] not in err:
+            continue
+        before = max([inherited(i) for i in n.input if i] or [0.0])
+        scores.append((name, err[n.output[0]] - before))
+    scores.sort(key=lambda x: -x[1])
+    return scores
+
+
+def _run_with_outputs(model, path, tensors, feeds_list, workdir, tag) -> dict[str, np.ndarray]:
+    import onnx
+
+    from retool.runtime import make_session, run_session
+
+    g = model.graph
+    have = {o.name for o in g.output}
+    elem = onnx.TensorProto.FLOAT
+    vi = {v.name: v for v in g.value_info}
+    for t in tensors:
+        if t not in have:
+            g.output.append(onnx.helper.make_tensor_value_info(
+                t, vi[t].type.tensor_type.elem_type if t in vi else elem, None))
+    # Saved beside the model so that relative external-data paths still resolve.
+    aug = Path(path).with_name(f".{Path(path).stem}.{tag}-probe.onnx")
+    onnx.save(model, str(aug))
+    try:
+        sess = make_session(aug, threads=None, level="basic")
+        names = [o.name for o in sess.get_outputs()]
+        acc: dict[str, list] = {}
+        for feeds in feeds_list:
+            for name, val in zip(names, run_session(sess, feeds)):
+                if name in tensors:
+                    acc.setdefault(name, []).append(np.asarray(val, dtype=np.float32).ravel())
+        del sess
+    finally:
+        aug.unlink(missing_ok=True)
+    return {k: np.concatenate(v) for k, v in acc.items()}
+
+
+def _rel_err(r: np.ndarray, c: np.ndarray) -> float:
+    if r.shape != c.shape:
+        return 0.0
+    d = np.linalg.norm(r.astype(np.float64) - c.astype(np.float64))
+    n = np.linalg.norm(r.astype(np.float64))
+    if not np.isfinite(d):
+        return 1e6
+    return float(d / n) if n > 0 else float(d)
+
+
+def source_layers(model_path, nodes: Sequence[str]) -> dict[str, str]:
+    """Best guess at the source-framework layer of each node, from exporter metadata or the node name."""
+    import onnx
+
+    m = onnx.load(str(model_path), load_external_data=False)
+    by_name = {n.name: n for n in m.graph.node}
+    out = {}
+    for name in nodes:
+        n = by_name.get(name)
+        layer = None
+        if n is not None:
+            meta = {p.key: p.value for p in n.metadata_props}
+            scopes = meta.get("pkg.torch.onnx.name_scopes")
+            if scopes:  # torch dynamo: ['', 'features', 'features.1', 'conv2d'] -> features.1
+                try:
+                    parts = [s for s in ast.literal_eval(scopes) if s]
+                    layer = parts[-2] if len(parts) >= 2 else (parts[0] if parts else None)
+                except (ValueError, SyntaxError):
+                    layer = None
+            if layer is None and "namespace" in meta:
+                layer = meta["namespace"].split(":")[-1].strip() or None
+        if layer is None and "/" in name:  # tf2onnx / torchscript: scope/scope/op
+            layer = name.rsplit("/", 1)[0].lstrip("/")
+        out[name] = layer or name
+    return out

@@ -1,0 +1,195 @@
+"""int8 / uint8 quantization with onnxruntime: pre-process, calibrate once, quantize.
+
+Calibration runs once and its ranges are cached (``calibration_cache_path``),
+so the accuracy-aware retries only re-run the cheap quantization pass.
+Samples are fed in chunks and each chunk's raw activations are reduced before
+the next one is read: memory stays bounded for MinMax, Entropy and Percentile.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from retool import console
+from retool.errors import OptimizationError
+
+#: Samples per calibrator pass: raw activations of this many samples are held at once.
+CHUNK = 8
+METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+
+
+def _qtype(name: str):
+    from onnxruntime.quantization import QuantType
+
+    return {"int8": QuantType.QInt8, "uint8": QuantType.QUInt8}[name]
+
+
+def _quiet_ort_logs() -> None:
+    # The quantizer logs a warning per tensor on some graphs; our report says what matters.
+    logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
+
+
+def preprocess(src, dst, external: bool = False) -> list[str]:
+    """Symbolic shape inference + ORT basic optimisation before quantization.
+
+    Symbolic shape inference fails on some BERT-like graphs; retry without it,
+    then fall back to the model as it is (with a warning).
+    """
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    warnings = []
+    kw = dict(save_as_external_data=external, all_tensors_to_one_file=True,
+              external_data_location=Path(dst).name + ".data" if external else None)
+    for skip_symbolic in (False, True):
+        try:
+            quant_pre_process(str(src), str(dst), skip_symbolic_shape=skip_symbolic, **kw)
+            if skip_symbolic:
+                warnings.append("symbolic shape inference failed on this graph; pre-processed without it")
+            return warnings
+        except Exception as exc:  # the pre-process raises anything; it is an optimisation, not a must
+            last = exc
+    warnings.append(f"quantization pre-process failed ({str(last).splitlines()[0][:160] if str(last) else type(last).__name__}); "
+                    f"quantizing the model as it is")
+    _copy_onnx(src, dst)
+    return warnings
+
+
+def _copy_onnx(src, dst) -> None:
+    import onnx
+
+    from retool.fsutil import external_data_files
+
+    if external_data_files(src):
+        m = onnx.load(str(src))
+        onnx.save(m, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=Path(dst).name + ".data")
+    else:
+        shutil.copyfile(src, dst)
+
+
+def calibrate(model_path, samples: Iterator[dict[str, np.ndarray]], profile, method: str, cache_path,
+              workdir, external: bool = False, chunk: int = CHUNK) -> int:
+    """Collect activation ranges over ``samples`` and save them to ``cache_path``. Returns the sample count."""
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+    from retool.optimizers.calibration import StreamingReader
+
+    _quiet_ort_logs()
+    calib_method = getattr(CalibrationMethod, METHODS[method])
+    options = {"symmetric": bool(profile.symmetric_activations)}
+    if method == "percentile":
+        options["symmetric"] = True if profile.symmetric_activations else False
+    try:
+        calibrator = create_calibrator(Path(model_path), list(profile.op_types) or None,
+                                       augmented_model_path=str(Path(workdir) / "augmented.onnx"),
+                                       calibrate_method=calib_method, use_external_data_format=external,
+                                       extra_options=options)
+    except Exception as exc:
+        raise OptimizationError(f"{model_path}: cannot prepare calibration ({_first_line(exc)})") from exc
+    total = 0
+    shown = [0]
+
+    def progress(n):
+        if total + n - shown[0] >= 16:
+            shown[0] = total + n
+            console.info(f"  calibrated {shown[0]} samples")
+
+    while True:
+        reader = StreamingReader(samples, limit=chunk, on_sample=progress)
+        try:
+            calibrator.collect_data(reader)
+        except ValueError as exc:
+            if reader.count == 0:  # "No data is collected": the iterator ran dry on a chunk boundary
+                break
+            raise OptimizationError(f"{model_path}: calibration failed ({_first_line(exc)})") from exc
+        except Exception as exc:
+            from retool.errors import RetoolError
+
+            if isinstance(exc, RetoolError):
+                raise
+            raise OptimizationError(f"{model_path}: calibration failed ({_first_line(exc)})") from exc
+        total += reader.count
+        if reader.exhausted or reader.count < chunk:
+            break
+    if total == 0:
+        raise OptimizationError(f"{model_path}: no calibration samples were read")
+    save_tensors_data(calibrator.compute_data(), cache_path)
+    del calibrator
+    return total
+
+
+def quantize_static(model_path, out, profile, cache_path, method: str, exclude: Sequence[str] = (),
+                    external: bool = False) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static as ort_quantize_static
+
+    _quiet_ort_logs()
+    extra = {"ActivationSymmetric": bool(profile.symmetric_activations),
+             "WeightSymmetric": bool(profile.symmetric_weights), **dict(profile.extra_options)}
+    try:
+        ort_quantize_static(
+            str(model_path), str(out), calibration_data_reader=None,
+            quant_format=getattr(QuantFormat, profile.quant_format),
+            op_types_to_quantize=list(profile.op_types) or None, per_channel=profile.per_channel,
+            reduce_range=profile.reduce_range, activation_type=_qtype(profile.activation_type),
+            weight_type=_qtype(profile.weight_type), nodes_to_exclude=list(exclude),
+            use_external_data_format=external,
+            calibrate_method=getattr(CalibrationMethod, METHODS[method]), extra_options=extra,
+            calibration_cache_path=str(cache_path),
+        )
+    except Exception as exc:
+        raise OptimizationError(f"{model_path}: static quantization for {profile.name} failed "
+                                f"({_first_line(exc)})") from exc
+
+
+def quantize_dynamic(model_path, out, profile, exclude: Sequence[str] = (), external: bool = False) -> None:
+    from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
+
+    _quiet_ort_logs()
+    try:
+        ort_quantize_dynamic(
+            str(model_path), str(out), op_types_to_quantize=list(profile.op_types) or None,
+            per_channel=profile.per_channel, reduce_range=profile.reduce_range,
+            weight_type=_qtype(profile.weight_type), nodes_to_exclude=list(exclude),
+            use_external_data_format=external,
+            extra_options={"WeightSymmetric": bool(profile.symmetric_weights), **dict(profile.extra_options)},
+        )
+    except Exception as exc:
+        raise OptimizationError(f"{model_path}: dynamic quantization for {profile.name} failed "
+                                f"({_first_line(exc)})") from exc
+
+
+def quantizable_nodes(model_path, profile) -> list[str]:
+    """Names of the nodes the quantizer for ``profile`` would touch (the fallback's candidates)."""
+    import onnx
+    from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry, QLinearOpsRegistry
+
+    if profile.method == "dynamic":
+        ops = set(IntegerOpsRegistry)
+    elif profile.quant_format == "QDQ":
+        ops = set(QDQRegistry) | set(QLinearOpsRegistry)
+    else:
+        ops = set(QLinearOpsRegistry)
+    if profile.op_types:
+        ops &= set(profile.op_types)
+    m = onnx.load(str(model_path), load_external_data=False)
+    return [n.name for n in m.graph.node if n.op_type in ops and n.name]
+
+
+def versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+
+    return {"onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:200]
+
+
+BuildFn = Callable[[Sequence[str], Path], None]

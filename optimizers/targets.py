@@ -1,0 +1,148 @@
+"""Target profiles: one frozen dataclass per place a model will run.
+
+Adding a target is one definition here, one line in ``retool.registry.TARGETS``
+and its test. Nothing heavy is imported: ``retool targets`` lists these fast.
+
+Data-type choices follow the guidance in onnxruntime's ``quantize_static``
+docstring (ORT 1.32): x86 without VNNI -> U8S8 with ``reduce_range``; ARM ->
+S8S8; TensorRT -> symmetric int8 activations and weights, per-channel weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from retool.validators.parity import DEFAULT_TOLERANCES, Tolerance
+
+#: How a profile changes the model.
+METHODS = ("graph", "static", "dynamic", "fp16", "auto")
+
+
+@dataclass(frozen=True)
+class TargetProfile:
+    name: str
+    summary: str
+    method: str = "graph"  # graph | static | dynamic | fp16 | auto
+    precision: str = "fp32"  # precision of the result: fp32 | int8 | uint8 | fp16 | auto
+    provider: str = "CPUExecutionProvider"
+    quant_format: str | None = None  # QDQ | QOperator (quantized targets)
+    per_channel: bool = False
+    activation_type: str | None = None  # int8 | uint8
+    weight_type: str | None = None  # int8 | uint8
+    symmetric_activations: bool = False
+    symmetric_weights: bool = True
+    reduce_range: bool = False
+    #: Op types to quantize; empty = everything the quantizer supports.
+    op_types: tuple[str, ...] = ()
+    #: ORT offline graph level saved in the file: disable | basic | extended (never "all":
+    #: its NCHWc layouts are specific to the CPU that wrote them).
+    graph_level: str = "extended"
+    #: Run onnxsim / onnxoptimizer first (skipped for models with external data).
+    simplify: bool = True
+    tolerance: Tolerance = field(default_factory=Tolerance)
+    #: cpu-auto: the targets it builds, measures and chooses from.
+    candidates: tuple[str, ...] = ()
+    #: Extra onnxruntime quantizer options (extra_options of quantize_static).
+    extra_options: Mapping[str, object] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"target {self.name}: method {self.method!r} not in {METHODS}")
+        if self.method == "static" and self.quant_format not in ("QDQ", "QOperator"):
+            raise ValueError(f"target {self.name}: static quantization needs quant_format QDQ or QOperator")
+
+    @property
+    def quantized(self) -> bool:
+        return self.method in ("static", "dynamic")
+
+    def describe(self) -> str:
+        """One line saying what the profile does, for ``retool targets``."""
+        if self.method == "graph":
+            how = f"fp32, ORT graph level {self.graph_level} saved offline"
+        elif self.method == "fp16":
+            how = "fp16 weights and compute, fp32 IO kept"
+        elif self.method == "auto":
+            how = f"builds {', '.join(self.candidates)}; keeps the fastest that passes"
+        else:
+            acts = f"{'sym' if self.symmetric_activations else 'asym'} {self.activation_type} activations"
+            wts = (f"{'sym' if self.symmetric_weights else 'asym'} {self.weight_type} weights "
+                   f"{'per-channel' if self.per_channel else 'per-tensor'}")
+            ops = ", ".join(self.op_types) if self.op_types else "all supported ops"
+            rr = ", reduce_range" if self.reduce_range else ""
+            kind = "dynamic" if self.method == "dynamic" else f"static {self.quant_format}"
+            how = (f"{kind}: {acts}, {wts}{rr}; ops: {ops}" if self.method == "static"
+                   else f"{kind}: {wts}{rr}; ops: {ops}")
+        return how
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["tolerance"] = self.tolerance.to_dict()
+        d["extra_options"] = dict(self.extra_options)
+        return d
+
+
+_INT8_TOL = DEFAULT_TOLERANCES["int8"]
+
+CPU = TargetProfile(
+    "cpu", "fp32, graph-optimised offline; runs on any CPU", method="graph", precision="fp32",
+    graph_level="extended", tolerance=DEFAULT_TOLERANCES["fp32"],
+)
+
+CPU_INT8 = TargetProfile(
+    "cpu-int8", "static int8 QDQ for x86 (AVX2 / AVX-512 / VNNI), per-channel weights", method="static",
+    precision="int8", quant_format="QDQ", per_channel=True, activation_type="uint8", weight_type="int8",
+    symmetric_activations=False, symmetric_weights=True, reduce_range=True, graph_level="basic",
+    tolerance=_INT8_TOL,
+)
+
+CPU_INT8_DYNAMIC = TargetProfile(
+    "cpu-int8-dynamic", "dynamic int8 of MatMul / Gemm / attention / LSTM weights, for transformers and RNNs",
+    method="dynamic", precision="int8", quant_format="QOperator", per_channel=False, activation_type="uint8",
+    weight_type="int8", symmetric_weights=True, op_types=("MatMul", "Gemm", "Attention", "LSTM", "GRU"),
+    graph_level="basic", tolerance=_INT8_TOL,
+)
+
+ARM64_INT8 = TargetProfile(
+    "arm64-int8", "static int8 QDQ (S8S8) for ARM64 NEON / dot-product kernels, per-channel weights",
+    method="static", precision="int8", quant_format="QDQ", per_channel=True, activation_type="int8",
+    weight_type="int8", symmetric_activations=False, symmetric_weights=True, reduce_range=False,
+    graph_level="basic", tolerance=_INT8_TOL,
+)
+
+GPU_FP16 = TargetProfile(
+    "gpu-fp16", "fp16 for CUDA / TensorRT GPUs, fp32 inputs and outputs kept", method="fp16", precision="fp16",
+    provider="CUDAExecutionProvider", graph_level="basic", tolerance=DEFAULT_TOLERANCES["fp16"],
+)
+
+TENSORRT_INT8 = TargetProfile(
+    "tensorrt-int8", "symmetric int8 QDQ with per-channel weights, as TensorRT explicit quantization expects",
+    method="static", precision="int8", provider="TensorrtExecutionProvider", quant_format="QDQ", per_channel=True,
+    activation_type="int8", weight_type="int8", symmetric_activations=True, symmetric_weights=True,
+    reduce_range=False, graph_level="basic", tolerance=_INT8_TOL,
+)
+
+NPU_UINT8 = TargetProfile(
+    "npu-uint8", "per-tensor asymmetric uint8 QDQ, for edge NPUs / DSPs that need it", method="static",
+    precision="uint8", quant_format="QDQ", per_channel=False, activation_type="uint8", weight_type="uint8",
+    symmetric_activations=False, symmetric_weights=False, reduce_range=False, graph_level="basic",
+    tolerance=DEFAULT_TOLERANCES["uint8"],
+)
+
+CPU_AUTO = TargetProfile(
+    "cpu-auto", "measure cpu, cpu-int8 and cpu-int8-dynamic here; keep the fastest that passes", method="auto",
+    precision="auto", candidates=("cpu-int8", "cpu-int8-dynamic", "cpu"), tolerance=_INT8_TOL,
+)
+
+
+def get_target(name: str) -> TargetProfile:
+    """The profile registered under ``name`` (UsageError listing the known ones otherwise)."""
+    from retool.registry import TARGETS
+
+    return TARGETS.get(name)
+
+
+def all_targets() -> list[TargetProfile]:
+    from retool.registry import TARGETS
+
+    return [TARGETS.get(n) for n in TARGETS.names()]
