@@ -1,0 +1,126 @@
+"""The three reports: report.json against its schema, report.md, report.html rendered in headless Chromium."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fixtures import onnx_models
+from retool.types import Report
+from retool.validators.core import report_schema, validate, write_reports
+
+CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"), "/usr/bin/chromium")
+                 if p and Path(p).exists()), None)
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None, reason="headless Chromium not installed (apt-get install chromium; .ci/run does this)")
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    """A failing report with every section filled: latency for two variants, three batch sizes, a failed gate."""
+    d = tmp_path_factory.mktemp("validate_reports")
+    ref = onnx_models.linear(d / "ref.onnx")
+    leak = onnx_models.linear(d / "leak.onnx", batch_leak=True)
+    report = validate(leak, ref, batch_sizes=(1, 4, 16), latency=True, runs=15, threads=1,
+                      gates={"max_size_mb": 10, "min_speedup": 1e-6}, report_dir=d / "out")
+    return report, d / "out"
+
+
+def _validator():
+    import jsonschema
+
+    schema = report_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+def test_report_json_is_valid_against_its_schema(reports):
+    report, out = reports
+    data = json.loads((out / "report.json").read_text())
+    errors = sorted(_validator().iter_errors(data), key=str)
+    assert not errors, [e.message for e in errors[:5]]
+    assert data["stage"] == "validate" and data["schema_version"] == report.schema_version
+    assert Report.load(out / "report.json").to_dict()["data"]["gates"] == data["data"]["gates"]
+
+
+def test_schema_rejects_a_report_missing_required_validate_keys(reports):
+    _, out = reports
+    data = json.loads((out / "report.json").read_text())
+    v = _validator()
+    for key in ("latency", "gates", "parity", "size_mb"):
+        broken = json.loads(json.dumps(data))
+        del broken["data"][key]
+        assert any(key in e.message for e in v.iter_errors(broken)), key
+    broken = json.loads(json.dumps(data))
+    broken["data"]["latency"]["candidate"]["1"].pop("p99_ms")
+    assert list(v.iter_errors(broken))
+
+
+def test_report_of_another_stage_only_needs_the_envelope():
+    r = Report("convert", data={"anything": 1})
+    assert not list(_validator().iter_errors(json.loads(r.to_json())))
+
+
+def test_report_md_fits_a_job_summary(reports):
+    report, out = reports
+    md = (out / "report.md").read_text()
+    assert md.startswith("## retool validate: ❌ FAIL")
+    assert "| check | batch | candidate | reference | threshold | result |" in md
+    assert "`parity:y@batch4`" in md  # failed gates named up front
+    assert len(md.encode()) < 64_000  # GitHub caps a step summary at 1 MiB; keep it short
+
+
+def test_report_html_is_self_contained(reports):
+    _, out = reports
+    html = (out / "report.html").read_text()
+    assert "<script" not in html.lower()
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html), "no network references"
+    assert html.count('class="plot latency"') == 3  # one distribution per batch size
+    assert html.count('class="plot throughput"') == 1
+    assert html.count('class="plot errhist"') == 1  # one histogram per output
+
+
+def test_write_reports_returns_the_three_paths(reports, tmp_path):
+    report, _ = reports
+    paths = write_reports(report, tmp_path / "again")
+    assert sorted(paths) == ["html", "json", "md"]
+    assert all(p.is_file() and p.parent == tmp_path / "again" for p in paths.values())
+
+
+def _chromium(*args, tmp_path: Path, timeout=90) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'chromium-profile'}", *args],
+        capture_output=True, text=True, timeout=timeout)
+
+
+@needs_chromium
+def test_report_html_renders_in_headless_chromium(reports, tmp_path):
+    _, out = reports
+    url = (out / "report.html").resolve().as_uri()
+    dom = _chromium("--dump-dom", url, tmp_path=tmp_path)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    # the parsed DOM (not just our text) holds the plots, with their marks
+    assert dom.stdout.count("<svg") >= 5
+    assert len(re.findall(r"<circle", dom.stdout)) > 15 * 2  # every latency sample is a dot
+    assert "<rect" in dom.stdout and "FAIL" in dom.stdout
+
+    png = tmp_path / "report.png"
+    shot = _chromium(f"--screenshot={png}", "--window-size=1100,1600", url, tmp_path=tmp_path)
+    assert shot.returncode == 0 and png.is_file(), shot.stderr[-2000:]
+    import cv2
+    import numpy as np
+
+    img = cv2.imread(str(png))
+    assert img is not None and img.shape[0] >= 1000 and img.shape[1] >= 1000
+    # not blank: plenty of non-background pixels, including the plots' blue and orange
+    non_bg = np.any(np.abs(img.astype(int) - img[5, 5].astype(int)) > 30, axis=2).mean()
+    assert non_bg > 0.02
+    b, g, r = img[..., 0].astype(int), img[..., 1].astype(int), img[..., 2].astype(int)
+    assert ((b > 180) & (r < 100)).sum() > 50, "candidate series (blue) drawn"
+    assert ((r > 200) & (b < 80) & (g > 80)).sum() > 50, "reference series (orange) drawn"
