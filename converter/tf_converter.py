@@ -20,7 +20,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from retool.converter.base import Converter, ConvertRequest, ExportResult, SourceModel, merge_specs
-from retool.converter.tf_export import check_opset, finalize, import_tf, import_tf2onnx, run_tf2onnx
+from retool.converter.tf_export import (check_opset, finalize, from_function, import_tf, import_tf2onnx,
+                                        run_tf2onnx)
 from retool.deps import version_of
 from retool.errors import ConversionError, TrustRequired, UsageError
 from retool.types import TensorSpec
@@ -82,7 +83,7 @@ class TensorFlowConverter(Converter):
         return None
 
     def load(self, request: ConvertRequest) -> SourceModel:
-        check_opset(request.opset)
+        check_opset(request.opset, request.source_label)
         opts = request.options or {}
         if opts.get("custom_objects") and not request.trust_remote_code:
             raise TrustRequired(f"{request.source_label}: --custom-objects imports Python code; "
@@ -209,13 +210,12 @@ class TFSource(SourceModel):
         return self._fn
 
     def export(self, path: Path, opset: int | None) -> ExportResult:
-        tf2onnx = import_tf2onnx()
+        import_tf2onnx()
         opset = check_opset(opset)
         fn, sig = self.function(), self._signature()
         nchw = [f"{n}:0" for n in sorted(self.nchw)] or None
         label = self.request.source_label
-        proto = run_tf2onnx(lambda: tf2onnx.convert.from_function(fn, input_signature=sig, opset=opset,
-                                                                 inputs_as_nchw=nchw), label, opset)
+        proto = run_tf2onnx(lambda: from_function(fn, sig, opset, nchw), label, opset)
         finalize(proto, self.input_specs, self.output_names, path, self.batch_outputs)
         return ExportResult("tf2onnx.convert.from_function", {"source_kind": self.kind, "opset": opset,
                                                              "inputs_as_nchw": sorted(self.nchw)})
@@ -489,7 +489,8 @@ def _signature_source(obj, request: ConvertRequest, files, label: str) -> TFSour
     declared = tuple(_spec_from_shape(k, v.dtype, v.shape) for k, v in kwargs.items())
     specs = _resolve_specs(declared, request)
     outs = fn.structured_outputs
-    out_names = list(outs) if isinstance(outs, Mapping) else ["output"]
+    # a signature's outputs are a map: sorted is the order TF itself flattens them in
+    out_names = sorted(outs) if isinstance(outs, Mapping) else ["output"]
 
     def call(*tensors):
         out = fn(**dict(zip(in_names, tensors)))

@@ -25,12 +25,12 @@ _FAILED = re.compile(r"Failed to convert node '?(?P<node>[^'\s]+)'?")
 _NOISY_LOGGERS = ("tensorflow", "tf2onnx", "absl", "keras", "tf_keras", "h5py")
 
 
-def check_opset(opset: int | None) -> int:
+def check_opset(opset: int | None, label: str = "") -> int:
     if opset is None:
         return DEFAULT_OPSET
     lo, hi = OPSET_RANGE
     if not lo <= int(opset) <= hi:
-        raise UsageError(f"--opset {opset}: tf2onnx converts TensorFlow/Keras models to opsets {lo}-{hi} "
+        raise UsageError(f"{label + ': ' if label else ''}--opset {opset}: tf2onnx converts TensorFlow/Keras models to opsets {lo}-{hi} "
                          f"(default {DEFAULT_OPSET}); choose one of those")
     return int(opset)
 
@@ -146,12 +146,34 @@ def run_tf2onnx(convert: Callable[[], object], label: str, opset: int):
     return proto
 
 
+def from_function(fn, input_signature, opset: int, inputs_as_nchw=None):
+    """tf2onnx.convert.from_function, minus one bug: tensors the function captures from eager
+    code (a ``tf.constant`` defined outside it) are frozen as constants, not made graph inputs."""
+    import tensorflow as tf
+    from tf2onnx import tf_loader
+    from tf2onnx.convert import _convert_common, tensor_names_from_structed
+
+    concrete = fn.get_concrete_function(*input_signature)
+    # concrete.inputs lists the user's inputs first, then the captures
+    n_user = len(tf.nest.flatten(concrete.structured_input_signature))
+    input_names = [t.name for t in concrete.inputs[:n_user]]
+    output_names = [t.name for t in concrete.outputs if t.dtype != tf.dtypes.resource]
+    rename = tensor_names_from_structed(concrete, input_names, output_names)
+    with tf.device("/cpu:0"):
+        frozen = tf_loader.from_function(concrete, input_names, output_names)
+        return _convert_common(frozen, name=concrete.name, continue_on_error=True, opset=opset,
+                               input_names=input_names, output_names=output_names, inputs_as_nchw=inputs_as_nchw,
+                               tensors_to_rename=rename)
+
+
 def _unsupported(records: Sequence[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for msg in records:
         m = _UNSUPPORTED.search(msg)
         if m:
-            out.setdefault(m.group("op"), m.group("node"))
+            # the layer path reads better without the SavedModel call wrappers
+            node = re.sub(r"^((Stateful)?PartitionedCall(_\d+)?/)+", "", m.group("node"))
+            out.setdefault(m.group("op"), node)
     return out
 
 
