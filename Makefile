@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: install
-	$(PY) -m retool.demo --repo ./model-repo --out ./demo-out
+	$(PY) examples/demo.py
 
 test: install
 	$(PY) -m pytest -q -m "not slow or slow" --durations=15

@@ -1,0 +1,269 @@
+"""The pipeline file: load YAML with line numbers, validate against a small schema.
+
+Errors name the file, the line and the field, and suggest the nearest valid key.
+Unknown keys are errors, never silently ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from retool.errors import UsageError
+
+PUBLISH_WHEN = ("gates-pass", "always", "never")
+REFERENCES = ("fp32", "source")
+
+
+# --- schema ---------------------------------------------------------------------------------
+# A schema is a dict key -> (type, required); nested dicts/lists via Obj/ListOf.
+@dataclass(frozen=True)
+class Obj:
+    fields: Mapping[str, tuple[Any, bool]]
+    #: a bare string is accepted in place of the object and stored under this key
+    shorthand: str | None = None
+
+
+@dataclass(frozen=True)
+class ListOf:
+    item: Any
+
+
+@dataclass(frozen=True)
+class OneOf:
+    values: tuple
+
+
+@dataclass(frozen=True)
+class MapOf:
+    value: Any
+
+
+NUM = (int, float)
+TOLERANCE = Obj({"atol": (NUM, False), "rtol": (NUM, False), "min_cosine": (NUM, False),
+                 "min_top1": (NUM, False)})
+GATES = Obj({"max_p99_ms": (NUM, False), "min_speedup": (NUM, False), "max_size_mb": (NUM, False),
+             "parity": (MapOf(TOLERANCE), False)})
+CALIBRATION = Obj({"data": (str, False), "method": (OneOf(("minmax", "entropy", "percentile")), False),
+                   "samples": (int, False)}, shorthand="data")
+PUBLISH = Obj({"when": (OneOf(PUBLISH_WHEN), False), "alias": (str, False), "repository": (str, False),
+               "name": (str, False), "force": (bool, False)})
+TARGET = Obj({"name": (str, True), "tolerance": (TOLERANCE, False), "gates": (GATES, False),
+              "calibration": (CALIBRATION, False), "publish": (PUBLISH, False)}, shorthand="name")
+VALIDATION = Obj({"batch_sizes": (ListOf(int), False), "threads": (int, False), "latency": (bool, False),
+                  "reference": (OneOf(REFERENCES), False), "runs": (int, False)})
+MODEL = Obj({
+    "name": (str, True), "source": (str, True), "framework": (str, False), "weights": (str, False),
+    "inputs": (ListOf(str), False), "example_inputs": (str, False), "opset": (int, False),
+    "options": (MapOf(object), False), "trust_remote_code": (bool, False),
+    "targets": (ListOf(TARGET), False), "calibration": (CALIBRATION, False), "gates": (GATES, False),
+    "validation": (VALIDATION, False), "publish": (PUBLISH, False), "repository": (str, False),
+})
+DEFAULTS = Obj({"targets": (ListOf(TARGET), False), "calibration": (CALIBRATION, False),
+                "gates": (GATES, False), "validation": (VALIDATION, False), "publish": (PUBLISH, False)})
+PIPELINE = Obj({"version": (int, False), "repository": (str, False), "defaults": (DEFAULTS, False),
+                "models": (ListOf(MODEL), True)})
+
+
+# --- typed config ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TargetConfig:
+    name: str
+    tolerance: Mapping[str, float] = field(default_factory=dict)
+    gates: Mapping[str, Any] = field(default_factory=dict)
+    calibration: Mapping[str, Any] = field(default_factory=dict)
+    publish: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    source: str
+    framework: str = "auto"
+    weights: str | None = None
+    inputs: tuple[str, ...] = ()
+    example_inputs: str | None = None
+    opset: int | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    trust_remote_code: bool = False
+    targets: tuple[TargetConfig, ...] = ()
+    validation: Mapping[str, Any] = field(default_factory=dict)
+    repository: str | None = None
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    models: tuple[ModelConfig, ...]
+    path: Path | None = None
+    base_dir: Path = Path(".")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --- loading ----------------------------------------------------------------------------------
+class _Located:
+    """Line numbers of every node, keyed by the path of keys/indices leading to it."""
+
+    def __init__(self):
+        self.lines: dict[tuple, int] = {}
+
+
+def _construct(node, path: tuple, loc: _Located):
+    import yaml
+
+    loc.lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        out = {}
+        for k, v in node.value:
+            key = k.value
+            out[key] = _construct(v, path + (key,), loc)
+            loc.lines[path + (key,)] = k.start_mark.line + 1  # the key's line, not its value's
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_construct(v, path + (i,), loc) for i, v in enumerate(node.value)]
+    return _scalar(node)
+
+
+def _scalar(node):
+    import yaml
+
+    loader = yaml.SafeLoader("")
+    try:
+        return loader.construct_object(node, deep=True)
+    finally:
+        loader.dispose()
+
+
+def load_yaml(path: Path) -> tuple[Any, _Located]:
+    import yaml
+
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UsageError(f"{path}: pipeline file not found") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read pipeline file ({exc.strerror})") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise UsageError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    loc = _Located()
+    if node is None:
+        raise UsageError(f"{path}: the pipeline file is empty; it needs at least 'models:'")
+    return _construct(node, (), loc), loc
+
+
+def _fmt_path(path: tuple) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "(top level)"
+
+
+def _check(value, schema, path: tuple, loc: _Located, src: str):
+    def fail(msg, at=path):
+        line = None
+        probe = at
+        while probe and line is None:
+            line = loc.lines.get(probe)
+            probe = probe[:-1]
+        line = line or loc.lines.get((), 1)
+        raise UsageError(f"{src}:{line}: {_fmt_path(at)}: {msg}")
+
+    if isinstance(schema, Obj):
+        if isinstance(value, str) and schema.shorthand:
+            return {schema.shorthand: value}
+        if not isinstance(value, dict):
+            fail(f"expected a mapping, got {type(value).__name__}")
+        out = {}
+        for k, v in value.items():
+            if k not in schema.fields:
+                hint = difflib.get_close_matches(str(k), list(schema.fields), n=1, cutoff=0.5)
+                tip = f"; did you mean '{hint[0]}'?" if hint else f"; valid keys: {', '.join(schema.fields)}"
+                fail(f"unknown key '{k}'{tip}", path + (k,))
+            out[k] = _check(v, schema.fields[k][0], path + (k,), loc, src)
+        for k, (_, required) in schema.fields.items():
+            if required and k not in value:
+                fail(f"missing required key '{k}'")
+        return out
+    if isinstance(schema, ListOf):
+        if not isinstance(value, list):
+            fail(f"expected a list, got {type(value).__name__}")
+        return [_check(v, schema.item, path + (i,), loc, src) for i, v in enumerate(value)]
+    if isinstance(schema, MapOf):
+        if not isinstance(value, dict):
+            fail(f"expected a mapping, got {type(value).__name__}")
+        return {k: _check(v, schema.value, path + (k,), loc, src) for k, v in value.items()}
+    if isinstance(schema, OneOf):
+        if value not in schema.values:
+            hint = difflib.get_close_matches(str(value), [str(v) for v in schema.values], n=1)
+            tip = f"; did you mean '{hint[0]}'?" if hint else ""
+            fail(f"'{value}' is not one of {', '.join(map(str, schema.values))}{tip}")
+        return value
+    if schema is object:
+        return value
+    types = schema if isinstance(schema, tuple) else (schema,)
+    if isinstance(value, bool) and bool not in types:
+        fail(f"expected {'/'.join(t.__name__ for t in types)}, got a boolean")
+    if not isinstance(value, types):
+        fail(f"expected {'/'.join(t.__name__ for t in types)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _merge(*dicts) -> dict:
+    out: dict = {}
+    for d in dicts:
+        for k, v in (d or {}).items():
+            out[k] = _merge(out.get(k), v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_config(data: Any, src: str = "<config>", loc: _Located | None = None,
+                 base_dir: Path = Path(".")) -> PipelineConfig:
+    """Validate ``data`` (parsed YAML or a dict from the Python API) into a PipelineConfig."""
+    loc = loc or _Located()
+    doc = _check(data, PIPELINE, (), loc, src)
+    if doc.get("version", 1) != 1:
+        raise UsageError(f"{src}: version {doc['version']} is not supported; this retool reads version 1")
+    defaults = doc.get("defaults", {})
+    repo_default = doc.get("repository")
+    models, names = [], set()
+    for i, m in enumerate(doc["models"]):
+        if m["name"] in names:
+            raise UsageError(f"{src}:{loc.lines.get(('models', i, 'name'), '?')}: models[{i}].name: "
+                             f"'{m['name']}' is used twice; model names must be unique")
+        names.add(m["name"])
+        tlist = m.get("targets", defaults.get("targets")) or [{"name": "cpu"}]
+        targets = []
+        for t in tlist:
+            targets.append(TargetConfig(
+                t["name"],
+                dict(t.get("tolerance", {})),
+                _merge(defaults.get("gates"), m.get("gates"), t.get("gates")),
+                _merge(defaults.get("calibration"), m.get("calibration"), t.get("calibration")),
+                _merge({"when": "gates-pass"}, defaults.get("publish"), m.get("publish"), t.get("publish")),
+            ))
+        tnames = [t.name for t in targets]
+        if len(set(tnames)) != len(tnames):
+            raise UsageError(f"{src}:{loc.lines.get(('models', i, 'targets'), '?')}: models[{i}].targets: "
+                             f"a target is listed twice: {tnames}")
+        models.append(ModelConfig(
+            m["name"], m["source"], m.get("framework", "auto"), m.get("weights"), tuple(m.get("inputs", ())),
+            m.get("example_inputs"), m.get("opset"), dict(m.get("options", {})),
+            bool(m.get("trust_remote_code", False)), tuple(targets),
+            _merge(defaults.get("validation"), m.get("validation")),
+            m.get("repository") or (targets[0].publish.get("repository") if targets else None) or repo_default,
+        ))
+    return PipelineConfig(tuple(models), None, base_dir)
+
+
+def load_config(path) -> PipelineConfig:
+    p = Path(path)
+    data, loc = load_yaml(p)
+    cfg = parse_config(data, str(p), loc, p.resolve().parent)
+    return dataclasses.replace(cfg, path=p)

@@ -1,0 +1,129 @@
+"""The units of work a pipeline runs: convert one model; optimise+validate one target.
+
+They run in worker processes (or Ray tasks), take and return plain data, and never
+raise for a known error: the outcome carries the exit code and the one-line message.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Mapping
+
+from retool.errors import RetoolError
+from retool.pipeline.config import ModelConfig, TargetConfig
+
+
+def _resolve(path: str | None, base: Path) -> str | None:
+    if path is None:
+        return None
+    p = Path(path)
+    return str(p if p.is_absolute() or not (base / p).exists() else base / p)
+
+
+def _outcome(stage: str, started: float, **kw) -> dict:
+    return {"stage": stage, "status": "ok", "code": 0, "message": "", "seconds": round(time.perf_counter() - started, 3), **kw}
+
+
+def _failure(stage: str, started: float, exc: BaseException) -> dict:
+    if isinstance(exc, RetoolError):
+        return _outcome(stage, started, status="failed", code=exc.exit_code, message=str(exc))
+    return _outcome(stage, started, status="failed", code=1,
+                    message=f"unexpected {type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+
+
+def _maybe_fault(model: str, stage: str) -> None:
+    # Fault injection for the worker-retry test: RETOOL_FAULT_INJECT=model:stage:markerfile kills
+    # the worker once (the marker file records that it happened).
+    spec = os.environ.get("RETOOL_FAULT_INJECT")
+    if not spec:
+        return
+    m, s, marker = spec.split(":", 2)
+    if m == model and s == stage and not Path(marker).exists():
+        Path(marker).write_text("died once")
+        os._exit(17)
+
+
+def convert_job(model: ModelConfig, base_dir: str, out_dir: str, seed: int = 0) -> dict:
+    from retool.converter.core import convert
+
+    t0 = time.perf_counter()
+    base = Path(base_dir)
+    for p in (str(base), os.getcwd()):
+        if p not in sys.path:
+            sys.path.insert(0, p)  # `package.module:factory` sources resolve like `python -m`
+    out = Path(out_dir) / model.name / "fp32.onnx"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _maybe_fault(model.name, "convert")
+        art, rep = convert(_resolve(model.source, base) or model.source, out, framework=model.framework,
+                           weights=_resolve(model.weights, base), inputs=model.inputs,
+                           example_inputs=_resolve(model.example_inputs, base), opset=model.opset,
+                           trust_remote_code=model.trust_remote_code, options=model.options, seed=seed)
+    except BaseException as exc:  # noqa: BLE001 - reported, not raised: one model must not sink the others
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        return _failure("convert", t0, exc)
+    return _outcome("convert", t0, path=str(out), sha256=art.sha256, report=str(out.with_name("fp32.report.json")),
+                    exporter=rep.data.get("exporter"))
+
+
+def target_job(model: ModelConfig, target: TargetConfig, fp32_path: str, base_dir: str, out_dir: str,
+               seed: int = 0) -> dict:
+    """Optimise for one target, then validate it against the fp32 model (or the source)."""
+    from retool.optimizers.core import optimize
+    from retool.validators.core import validate, write_reports
+
+    t0 = time.perf_counter()
+    base = Path(base_dir)
+    tdir = Path(out_dir) / model.name / target.name
+    tdir.mkdir(parents=True, exist_ok=True)
+    out = tdir / "model.onnx"
+    result: dict[str, Any] = {"target": target.name}
+    try:
+        _maybe_fault(model.name, target.name)
+        cal = dict(target.calibration)
+        art, orep = optimize(fp32_path, out, target=target.name, calibration=_resolve(cal.get("data"), base),
+                             calibration_method=cal.get("method", "minmax"),
+                             tolerance=dict(target.tolerance) or None, seed=seed)
+        result["optimize"] = _outcome("optimize", t0, path=str(out), sha256=art.sha256,
+                                      report=str(tdir / "model.report.json"))
+    except BaseException as exc:  # noqa: BLE001
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        result["optimize"] = _failure("optimize", t0, exc)
+        return result
+    t1 = time.perf_counter()
+    try:
+        v = dict(model.validation)
+        reference = fp32_path if v.get("reference", "fp32") == "fp32" else _resolve(model.source, base)
+        vrep = validate(out, reference, batch_sizes=tuple(v.get("batch_sizes", (1,))),
+                        latency=v.get("latency", True), threads=v.get("threads"), gates=dict(target.gates) or None,
+                        framework="onnx" if reference == fp32_path else model.framework,
+                        inputs=model.inputs, trust_remote_code=model.trust_remote_code, seed=seed,
+                        runs=v.get("runs"))
+        paths = write_reports(vrep, tdir / "report")
+        result["validate"] = _outcome("validate", t1, report=str(paths["json"]),
+                                      passed=vrep.passed, reports=[str(p) for p in paths.values()],
+                                      summary=_summary_numbers(vrep))
+        if not vrep.passed:
+            failed = ", ".join(c.name for c in vrep.failed_checks)
+            result["validate"].update(status="failed", code=6, message=f"gate failed: {failed}")
+    except BaseException as exc:  # noqa: BLE001
+        if isinstance(exc, KeyboardInterrupt):
+            raise
+        result["validate"] = _failure("validate", t1, exc)
+    return result
+
+
+def _summary_numbers(report) -> dict:
+    data = report.data or {}
+    lat = (data.get("latency") or {})
+    cand = (lat.get("candidate") or {})
+    first = cand.get(next(iter(cand), ""), {}) if cand else {}
+    speed = lat.get("speedup") or {}
+    return {"p50_ms": first.get("p50_ms"), "p99_ms": first.get("p99_ms"),
+            "speedup": speed.get(next(iter(speed), ""), None) if speed else None,
+            "size_mb": data.get("size_mb")}

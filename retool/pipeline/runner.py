@@ -1,0 +1,309 @@
+"""Run a pipeline: convert each model once, then optimise, validate and publish per target."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from retool import console
+from retool.errors import UsageError
+from retool.fsutil import atomic_write_text, sha256_file
+from retool.pipeline.cache import StepCache, digest_of_path, digest_of_source, step_key
+from retool.pipeline.config import ModelConfig, PipelineConfig, TargetConfig, load_config, parse_config
+from retool.types import jsonable, now_iso
+
+
+@dataclass(frozen=True)
+class TargetOutcome:
+    model: str
+    target: str
+    status: str  # ok | cached | failed | skipped
+    code: int = 0
+    message: str = ""
+    stages: Mapping[str, Any] = field(default_factory=dict)
+    published: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class RunResult:
+    outcomes: tuple[TargetOutcome, ...]
+    converts: Mapping[str, Mapping[str, Any]]
+    exit_code: int
+    out_dir: Path
+    summary_md: Path
+    summary_json: Path
+
+    @property
+    def passed(self) -> bool:
+        return self.exit_code == 0
+
+
+def worst_code(codes) -> int:
+    """A bug (1) outranks everything; otherwise the highest code wins."""
+    codes = [c for c in codes if c]
+    if not codes:
+        return 0
+    return 1 if 1 in codes else max(codes)
+
+
+def run(config, *, out: str | Path = "retool-out", only: str | None = None, engine: str = "local",
+        workers: int = 1, ray_address: str | None = None, fail_fast: bool = False, use_cache: bool = True,
+        seed: int = 0) -> RunResult:
+    """Run a pipeline file (path) or config (dict / PipelineConfig). Returns a RunResult; the
+    exit code reflects the worst outcome. Never raises for a failing model: see the outcomes."""
+    if isinstance(config, PipelineConfig):
+        cfg = config
+    elif isinstance(config, Mapping):
+        cfg = parse_config(dict(config), "<config>", base_dir=Path.cwd())
+    else:
+        cfg = load_config(config)
+    models = list(cfg.models)
+    if only:
+        wanted = {t.strip() for t in only.split(",")}
+        known = {t.name for m in models for t in m.targets}
+        unknown = wanted - known
+        if unknown:
+            raise UsageError(f"--only {only}: no model has target(s) {sorted(unknown)}; known: {sorted(known)}")
+        models = [dataclasses.replace(m, targets=tuple(t for t in m.targets if t.name in wanted)) for m in models]
+    import sys
+
+    for p in (str(cfg.base_dir), str(Path.cwd())):  # `module:factory` sources resolve like `python -m`
+        if p not in sys.path:
+            sys.path.insert(0, p)
+    out_dir = Path(out).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cache = StepCache(out_dir / ".cache", enabled=use_cache)
+    return _Scheduler(cfg, models, out_dir, cache, engine, workers, ray_address, fail_fast, seed).run()
+
+
+def _latest_version(repo, name: str) -> tuple[int, str] | None:
+    """(version, model sha256) of the newest published version, if any."""
+    from retool.errors import UsageError as _Missing
+
+    try:
+        if name not in repo.models():
+            return None
+    except _Missing:  # the repository does not exist yet
+        return None
+    versions = repo.versions(name)
+    if not versions:
+        return None
+    man = repo.manifest(name, versions[-1])
+    return versions[-1], (man.get("artifact") or {}).get("sha256")
+
+
+class _Scheduler:
+    def __init__(self, cfg, models, out_dir, cache, engine, workers, ray_address, fail_fast, seed):
+        self.cfg, self.models, self.out_dir, self.cache = cfg, models, out_dir, cache
+        self.engine_name, self.workers, self.ray_address = engine, workers, ray_address
+        self.fail_fast, self.seed = fail_fast, seed
+        self.base = str(cfg.base_dir)
+        self.converts: dict[str, dict] = {}
+        self.outcomes: dict[tuple[str, str], TargetOutcome] = {}
+        self.keys: dict[tuple[str, str], str] = {}
+
+    def _engine(self):
+        from retool.pipeline.engines import LocalEngine, RayEngine
+
+        if self.engine_name == "local":
+            return LocalEngine(self.workers)
+        if self.engine_name == "ray":
+            return RayEngine(self.ray_address, str(self.out_dir), self.workers)
+        raise UsageError(f"--engine {self.engine_name}: choose local or ray")
+
+    # -- cache keys ----------------------------------------------------------------------------
+    def _convert_key(self, m: ModelConfig) -> str:
+        base = Path(self.base)
+        return step_key("convert", {
+            "source": digest_of_source(m.source, base), "weights": digest_of_path(m.weights, base),
+            "examples": digest_of_path(m.example_inputs, base), "framework": m.framework,
+            "inputs": list(m.inputs), "opset": m.opset, "options": dict(m.options), "seed": self.seed})
+
+    def _target_key(self, m: ModelConfig, t: TargetConfig, fp32_sha: str) -> str:
+        cal = dict(t.calibration)
+        return step_key("target", {
+            "fp32": fp32_sha, "target": t.name, "tolerance": dict(t.tolerance), "gates": dict(t.gates),
+            "calibration": {**cal, "data": digest_of_path(cal.get("data"), Path(self.base))},
+            "validation": dict(m.validation), "seed": self.seed})
+
+    # -- scheduling ----------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        from retool.pipeline.engines import WorkerDied
+        from retool.pipeline.jobs import convert_job, target_job
+
+        engine = None
+        pending: dict[Any, tuple] = {}
+        t_start = time.perf_counter()
+
+        def submit(kind, m, ti, attempt=0):
+            nonlocal engine
+            if kind == "convert":
+                key = self._convert_key(m)
+                hit = self.cache.get(key)
+                if hit:
+                    console.info(f"• {m.name}: convert cached")
+                    self.converts[m.name] = {**hit["result"], "status": "cached"}
+                    return after_convert(m)
+                engine = engine or self._engine()
+                args = (convert_job, m, self.base, str(self.out_dir), self.seed)
+            else:
+                t = m.targets[ti]
+                fp32 = self.converts[m.name]
+                key = self._target_key(m, t, fp32["sha256"])
+                self.keys[(m.name, t.name)] = key
+                hit = self.cache.get(key)
+                if hit:
+                    console.info(f"• {m.name}/{t.name}: cached")
+                    return finish_target(m, ti, {**hit["result"], "_cached": True})
+                engine = engine or self._engine()
+                args = (target_job, m, t, fp32["path"], self.base, str(self.out_dir), self.seed)
+            console.info(f"• {m.name}{'' if kind == 'convert' else '/' + m.targets[ti].name}: {kind} started")
+            extra = {}
+            if self.engine_name == "ray" and kind == "target":
+                extra["files_in"] = self._files_for(m)
+            fut = engine.submit(*args, **extra)
+            pending[fut] = (kind, m, ti, attempt)
+
+        def after_convert(m):
+            res = self.converts[m.name]
+            if res.get("status") in ("ok", "cached") and m.targets:
+                submit("target", m, 0)
+            elif res.get("status") == "failed":
+                for t in m.targets:
+                    self.outcomes[(m.name, t.name)] = TargetOutcome(m.name, t.name, "skipped", 0,
+                                                                    "conversion failed")
+                if self.fail_fast:
+                    stop_all()
+
+        def finish_target(m, ti, res):
+            t = m.targets[ti]
+            cached = res.pop("_cached", False)
+            stages = {k: v for k, v in res.items() if isinstance(v, dict)}
+            failed = [s for s in stages.values() if s.get("status") == "failed"]
+            published = None
+            if not failed:
+                published = self._publish(m, t, stages)
+                if published and published.get("status") == "failed":
+                    failed = [published]
+            status = "failed" if failed else ("cached" if cached else "ok")
+            code = failed[0]["code"] if failed else 0
+            msg = failed[0]["message"] if failed else ""
+            self.outcomes[(m.name, t.name)] = TargetOutcome(m.name, t.name, status, code, msg, stages, published)
+            if not failed and not cached:
+                outs = [v[k] for v in stages.values() for k in ("path", "report") if v.get(k)]
+                outs += [p for v in stages.values() for p in v.get("reports", [])]
+                self.cache.put(self.keys[(m.name, t.name)], res, outs)
+            console.info(f"• {m.name}/{t.name}: {status}{': ' + msg if msg else ''}")
+            if failed:
+                for rest in m.targets[ti + 1:]:  # a model stops at its first failed gate
+                    self.outcomes[(m.name, rest.name)] = TargetOutcome(
+                        m.name, rest.name, "skipped", 0, f"stopped after {t.name} failed")
+                if self.fail_fast:
+                    stop_all()
+            elif ti + 1 < len(m.targets):
+                submit("target", m, ti + 1)
+
+        def stop_all():
+            for fut, (kind, m, ti, _) in list(pending.items()):
+                engine.cancel(fut)
+                pending.pop(fut)
+                names = [t.name for t in m.targets] if kind == "convert" else [t.name for t in m.targets[ti:]]
+                for n in names:
+                    self.outcomes.setdefault((m.name, n), TargetOutcome(m.name, n, "skipped", 0, "--fail-fast"))
+            for m in self.models:
+                for t in m.targets:
+                    self.outcomes.setdefault((m.name, t.name), TargetOutcome(m.name, t.name, "skipped", 0,
+                                                                             "--fail-fast"))
+            stopping[0] = True
+
+        stopping = [False]
+        try:
+            for m in self.models:
+                if stopping[0]:
+                    break
+                submit("convert", m, None)
+            while pending:
+                for fut in engine.wait_any(pending):
+                    if fut not in pending:
+                        continue
+                    kind, m, ti, attempt = pending.pop(fut)
+                    try:
+                        res = engine.result(fut)
+                    except WorkerDied as exc:
+                        if attempt < 1 and self.engine_name == "local":
+                            console.warn(f"{m.name}: worker died ({exc}); retrying once")
+                            submit(kind, m, ti, attempt + 1)
+                            continue
+                        res = {"stage": kind, "status": "failed", "code": 1,
+                               "message": f"worker died twice: {exc}"}
+                        if kind == "target":
+                            res = {"worker": res}
+                    if kind == "convert":
+                        self.converts[m.name] = res
+                        if res.get("status") == "ok":
+                            self.cache.put(self._convert_key(m), res, [res["path"], res["report"]])
+                        console.info(f"• {m.name}: convert {res.get('status')}"
+                                     f"{': ' + res.get('message') if res.get('message') else ''}")
+                        after_convert(m)
+                    else:
+                        finish_target(m, ti, res)
+        finally:
+            if engine is not None:
+                engine.close()
+        return self._finish(time.perf_counter() - t_start)
+
+    def _files_for(self, m: ModelConfig) -> dict:
+        d = self.out_dir / m.name
+        return {str(p.relative_to(self.out_dir)): p.read_bytes()
+                for p in (d / "fp32.onnx", d / "fp32.report.json") if p.exists()}
+
+    def _publish(self, m: ModelConfig, t: TargetConfig, stages: Mapping) -> dict | None:
+        rules = dict(t.publish)
+        when = rules.get("when", "gates-pass")
+        repo = rules.get("repository") or m.repository
+        if when == "never" or not repo:
+            return None
+        val = stages.get("validate", {})
+        if when == "gates-pass" and not val.get("passed"):
+            return {"status": "skipped", "message": "gates did not pass"}
+        from retool.errors import RetoolError
+        from retool.publish import open_repo, publish
+
+        name = rules.get("name") or f"{m.name}-{t.name}"  # one repository model per target
+        repo_url = repo if "://" in repo else str((Path(self.base) / repo).resolve())
+        opt = stages["optimize"]
+        try:
+            latest = _latest_version(open_repo(repo_url), name)
+            if latest and latest[1] == opt["sha256"]:  # a re-run publishes nothing new
+                return {"status": "ok", "repository": repo_url, "name": name, "version": latest[0],
+                        "alias": rules.get("alias"), "note": "already published"}
+            res = publish(opt["path"], repo_url, name, report=val.get("report"),
+                          force=bool(rules.get("force", False)), alias=rules.get("alias"))
+        except RetoolError as exc:
+            return {"status": "failed", "code": exc.exit_code, "message": str(exc)}
+        return {"status": "ok", "repository": repo_url, "name": name, "version": res.version,
+                "alias": rules.get("alias")}
+
+    # -- reporting -----------------------------------------------------------------------------
+    def _finish(self, seconds: float) -> RunResult:
+        from retool.pipeline.summary import render_summary
+
+        outcomes = []
+        for m in self.models:
+            conv = self.converts.get(m.name, {})
+            for t in m.targets:
+                outcomes.append(self.outcomes.get((m.name, t.name),
+                                                  TargetOutcome(m.name, t.name, "skipped", 0, "not run")))
+        codes = [o.code for o in outcomes] + [c.get("code", 0) for c in self.converts.values()]
+        code = worst_code(codes)
+        summary = {"created": now_iso(), "seconds": round(seconds, 2), "exit_code": code,
+                   "engine": self.engine_name, "converts": self.converts,
+                   "targets": [dataclasses.asdict(o) for o in outcomes]}
+        sj = self.out_dir / "summary.json"
+        sm = self.out_dir / "summary.md"
+        atomic_write_text(sj, json.dumps(jsonable(summary), indent=2))
+        atomic_write_text(sm, render_summary(self.models, self.converts, outcomes, code, seconds))
+        return RunResult(tuple(outcomes), self.converts, code, self.out_dir, sm, sj)
