@@ -152,10 +152,10 @@ class Repository:
             matches = rep.artifact.sha256 == art.sha256
             if not matches:
                 console.warn(f"{rep_source}: the report is about another file (sha256 differs); recorded")
+        if _sha(art.path) != art.sha256:
+            raise PublishError(f"{art.path}: the file changed since its artifact was read (sha256 differs); publish again")
         files = _artifact_files(art)
         info = {rel: {"sha256": _sha(p), "size": p.stat().st_size} for rel, p in files.items()}
-        if info[MODEL_FILE]["sha256"] != art.sha256:
-            raise PublishError(f"{art.path}: the file changed since its artifact was read (sha256 differs); publish again")
         new_size = sum(f["size"] for f in info.values())
         rep_dict = rep.to_dict() if rep is not None else None
         triton = {"max_batch_size": _max_batch(art, rep, max_batch_size), "instance_count": int(instance_count)}
@@ -405,7 +405,12 @@ def _artifact_files(art: ModelArtifact) -> dict[str, Path]:
     from retool.fsutil import external_data_files
 
     out: dict[str, Path] = {}
-    for rel in external_data_files(art.path):
+    try:
+        extra = external_data_files(art.path)
+    except Exception as exc:  # protobuf DecodeError and friends
+        raise UsageError(f"{art.path}: not a readable ONNX model ({type(exc).__name__}); "
+                         f"convert it first with 'retool convert'") from None
+    for rel in extra:
         parts = Path(rel).parts
         if Path(rel).is_absolute() or ".." in parts or rel in (MODEL_FILE, MANIFEST):
             raise PublishError(f"{art.path}: external data location {rel!r} cannot be published (absolute, '..', "
