@@ -71,8 +71,8 @@ def test_publish_list_show_verify_diff_promote_rollback_on_s3(s3_endpoint, bucke
     assert cli("publish", other, "--repo", url, "--name", "m", "--alias", "staging").code == 0
     keys = _keys(s3_endpoint, bucket, "triton/m/")
     for v, data in ((1, "m.onnx.data"), (2, "o.onnx.data")):
-        assert [k for k in keys if k.startswith(f"triton/m/{v}/")] == [
-            f"triton/m/{v}/manifest.json", f"triton/m/{v}/model.onnx", f"triton/m/{v}/{data}"]
+        assert [k for k in keys if k.startswith(f"triton/m/{v}/")] == sorted([
+            f"triton/m/{v}/manifest.json", f"triton/m/{v}/model.onnx", f"triton/m/{v}/{data}"])
     assert not [k for k in keys if "/.staging/" in k]  # staging is cleaned after commit
     cfg_text = _client(s3_endpoint).get_object(Bucket=bucket, Key="triton/m/config.pbtxt")["Body"].read().decode()
     cfg = text_format.Parse(cfg_text, model_config_pb2.ModelConfig())
