@@ -71,7 +71,9 @@ def cli(quiet: bool) -> None:
 def main(argv=None) -> int:
     """Entry point: known errors become one line on stderr and their exit code."""
     try:
-        cli.main(args=argv, prog_name="retool", standalone_mode=False)
+        rv = cli.main(args=argv, prog_name="retool", standalone_mode=False)
+        if isinstance(rv, int):  # ctx.exit(code) returns here when standalone_mode is off
+            return rv
     except RetoolError as exc:
         click.echo(f"retool: error: {exc}", err=True)
         return exc.exit_code

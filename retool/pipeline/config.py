@@ -248,6 +248,15 @@ def parse_config(data: Any, src: str = "<config>", loc: _Located | None = None,
                 _merge(defaults.get("calibration"), m.get("calibration"), t.get("calibration")),
                 _merge({"when": "gates-pass"}, defaults.get("publish"), m.get("publish"), t.get("publish")),
             ))
+        from retool.registry import TARGETS
+
+        for j, t in enumerate(targets):
+            if t.name not in TARGETS:  # fail before any work, with the line of the bad name
+                hint = difflib.get_close_matches(t.name, TARGETS.names(), n=1)
+                tip = f"; did you mean '{hint[0]}'?" if hint else ""
+                line = loc.lines.get(("models", i, "targets", j)) or loc.lines.get(("defaults", "targets", j), "?")
+                raise UsageError(f"{src}:{line}: models[{i}].targets[{j}]: unknown target '{t.name}'{tip} "
+                                 f"(known: {', '.join(TARGETS.names())})")
         tnames = [t.name for t in targets]
         if len(set(tnames)) != len(tnames):
             raise UsageError(f"{src}:{loc.lines.get(('models', i, 'targets'), '?')}: models[{i}].targets: "
