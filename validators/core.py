@@ -139,6 +139,11 @@ def validate(candidate, reference=None, *, batch_sizes: Sequence[int] = (1,), la
                 from retool.validators.providers import node_placement
 
                 data["providers"] = node_placement(cand_path, placement_feeds, threads, providers)
+                missing = [p for p in (providers or ()) if p not in data["providers"]["session"]]
+                if missing:
+                    warnings.append(f"execution provider(s) {missing} not available in this onnxruntime "
+                                    f"(available: {data['providers']['available']}); ran on "
+                                    f"{data['providers']['session']}")
             except Exception as exc:  # profiling is a report detail; never fail validation on it
                 warnings.append(f"node placement unavailable: {_first_line(exc)}")
         if ref is not None and ref.size_bytes:

@@ -34,7 +34,8 @@ from retool.commands.common import emit_report, parse_csv_ints
 @click.option("--signature", help="TF SavedModel signature of the reference.")
 @click.option("--inputs-as-nchw", is_flag=True, help="The candidate is NCHW, the TF/Keras reference NHWC.")
 @click.option("--provider", "providers", multiple=True, metavar="NAME",
-              help="onnxruntime execution provider for the candidate, in order (default CPUExecutionProvider). Repeatable.")
+              help="onnxruntime execution provider for the candidate and an ONNX reference, in order "
+                   "(default CPUExecutionProvider). Repeatable.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of the table.")
 def validate_cmd(candidate, reference, latency, batch_sizes, threads, runs, time_budget_s, gates_file, max_p99_ms,
