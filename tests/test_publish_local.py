@@ -25,6 +25,8 @@ def make_report(art_path=None, *, passed=True, p99=None, cosine=0.9999, stage="v
 
     checks = [CheckResult("parity[y]", passed, details={"cosine": cosine})]
     data = {}
+    if batch_sizes:
+        data["parity_batch_sizes"] = list(batch_sizes)
     if p99 is not None:
         data["latency"] = {"candidate": {str(b): {"p99_ms": p99 * b, "p50_ms": p99 * b / 2}
                                          for b in (batch_sizes or [1])}}
@@ -301,6 +303,10 @@ def test_static_batch_and_report_batch_sizes(tmp_path):
     tiny = linear(tmp_path / "t.onnx")
     publish(tiny, tmp_path / "repo", "m", report=make_report(tiny, p99=1.0, batch_sizes=[1, 8, 32]))
     assert triton_config(tmp_path / "repo" / "m" / "config.pbtxt").max_batch_size == 32
+    # proven at batch 1 only: Triton may not batch it (max_batch_size 1, no dynamic batcher)
+    publish(tiny, tmp_path / "repo", "one", report=make_report(tiny, batch_sizes=[1]))
+    cfg = triton_config(tmp_path / "repo" / "one" / "config.pbtxt")
+    assert cfg.max_batch_size == 1 and not cfg.HasField("dynamic_batching") and list(cfg.input[0].dims) == [4]
 
 
 def test_bad_inputs_one_line_no_traceback(tmp_path, tiny, cli):
@@ -332,3 +338,20 @@ def test_provenance_of_a_converted_model(tmp_path, cnn_onnx):
     assert res.manifest["readiness"]["source"].endswith(".report.json")
     cfg = triton_config(tmp_path / "repo" / "cnn" / "config.pbtxt")
     assert list(cfg.input[0].dims) == [3, 32, 32]
+
+
+def test_regression_spec_parsing_and_timer_noise():
+    from retool.publish import regression as rg
+
+    assert rg.parse_spec(None) == rg.DEFAULT and rg.parse_spec("off") == rg.OFF
+    t = rg.parse_spec("latency=5%, cosine=off")
+    assert (t.latency_pct, t.size_pct, t.cosine_drop) == (5.0, 10.0, None)
+    with pytest.raises(UsageError):
+        rg.parse_spec("latency=fast")
+    old = {"version": 1, "files": {"model.onnx": {"size": 100}},
+           "report": {"data": {"latency": {"candidate_p50_ms": 0.02}}, "checks": []}}
+    new = {"data": {"latency": {"candidate_p50_ms": 0.04}}, "checks": []}  # +100 % but only 0.02 ms: noise
+    lat = rg.compare(new, 100, old, rg.DEFAULT)[0]
+    assert lat.passed and lat.value == pytest.approx(100.0) and lat.details["metric"] == "p50_ms"
+    new = {"data": {"latency": {"candidate_p50_ms": 0.2}}, "checks": []}
+    assert not rg.compare(new, 100, old, rg.DEFAULT)[0].passed

@@ -108,7 +108,7 @@ def build_config(name: str, artifact: Mapping, *, served_versions: Sequence[int]
         "input [\n" + ",\n".join(_tensor(t, batch) for t in inputs) + "\n]",
         "output [\n" + ",\n".join(_tensor(t, batch) for t in outputs) + "\n]",
     ]
-    if batch:
+    if batch and mbs > 1:
         out.append("dynamic_batching { max_queue_delay_microseconds: 100 }")
     out.append(f"instance_group [ {{ count: {int(instance_count)} kind: {prof.kind} }} ]")
     if prof.gpu_accelerator:

@@ -458,13 +458,10 @@ def _max_batch(art: ModelArtifact, rep: Report | None, explicit: int | None) -> 
             raise UsageError(f"--max-batch-size {explicit}: must be 0 (no batching) or more")
         return int(explicit)
     # serve no larger batches than the report proved correct
-    sizes: list[int] = []
-    if rep is not None:
-        data = rep.data or {}
-        for key in ("batch_sizes",):
-            if isinstance(data.get(key), list):
-                sizes += [int(x) for x in data[key] if str(x).isdigit()]
-        cand = (data.get("latency") or {}).get("candidate") if isinstance(data.get("latency"), Mapping) else None
-        if isinstance(cand, Mapping):
-            sizes += [int(k) for k in cand if str(k).isdigit()]
-    return max(sizes) if sizes and max(sizes) > 1 else DEFAULT_MAX_BATCH
+    data = (rep.data or {}) if rep is not None else {}
+    for key in ("parity_batch_sizes", "batch_sizes"):  # validate's: the batch sizes parity was proven at
+        sizes = [int(x) for x in data.get(key) or () if str(x).isdigit() and int(x) > 0] \
+            if isinstance(data.get(key), list) else []
+        if sizes:
+            return max(sizes)
+    return DEFAULT_MAX_BATCH
