@@ -100,6 +100,10 @@ class CaffeSource(SourceModel):
         self.opset = opset
         self.model = self._build(opset)
         self._reference = None
+        from retool.converter.caffe.reference import opencv_divergences
+
+        self.divergences = opencv_divergences(self.net.layers) + [
+            f"layer {n!r}: OpenCV cannot read blobs stored as double_data" for n in self.net.double_data_layers[:3]]
 
     # -- inputs ---------------------------------------------------------------------------
     def _resolve_specs(self) -> tuple[TensorSpec, ...]:
@@ -203,6 +207,9 @@ class CaffeSource(SourceModel):
                             tuple(warnings))
 
     def _reference_problem(self) -> str | None:
+        if self.divergences:
+            return ("OpenCV is not a faithful Caffe reference for this net (" + "; ".join(self.divergences)
+                    + "); the ONNX follows Caffe's semantics")
         try:
             self._ref()
         except Exception as exc:  # reported as a warning here; run() raises it for parity
@@ -217,6 +224,10 @@ class CaffeSource(SourceModel):
         return self._reference
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        if self.divergences:
+            raise ConversionError(f"{self.prototxt}: cannot check parity: OpenCV is not a faithful Caffe reference "
+                                  f"for this net ({'; '.join(self.divergences)}); the ONNX follows Caffe's "
+                                  f"semantics; re-run with --no-verify to convert without the check")
         return self._ref().run(feeds)
 
 

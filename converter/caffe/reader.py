@@ -7,6 +7,7 @@ legacy V1 ``layers`` field with enum types, legacy 4-D blob dims and
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,16 +51,8 @@ class Net:
     inputs: list  # [(name, shape tuple)]
     layers: list
     outputs: list
-
-
-def _line_of(exc) -> str:
-    for attr in ("GetLine",):
-        if hasattr(exc, attr):
-            try:
-                return f"line {exc.GetLine()}"
-            except Exception:
-                pass
-    return ""
+    #: layers whose weights came as double_data (OpenCV cannot read those)
+    double_data_layers: tuple = ()
 
 
 def read_prototxt(path: Path):
@@ -77,8 +70,9 @@ def read_prototxt(path: Path):
         text_format.Parse(text, net, allow_unknown_field=True)
     except text_format.ParseError as exc:
         msg = " ".join(str(exc).split())
-        where = _line_of(exc)
-        raise ConversionError(f"{path}: prototxt syntax error at {where or msg.split(' ')[0]}: {msg}; "
+        m = re.match(r"(\d+):(\d+) : (.*)", msg)
+        where = f"line {m.group(1)}, column {m.group(2)}" if m else "an unknown line"
+        raise ConversionError(f"{path}: prototxt syntax error at {where}: {m.group(3) if m else msg}; "
                               f"fix the deploy file") from None
     if not net.layer and not net.layers:
         raise ConversionError(f"{path}: no layers found; is this a Caffe deploy .prototxt?")
@@ -180,6 +174,7 @@ def build_net(proto, model=None, *, path: Path | None = None) -> Net:
     weights = _weights_by_name(model) if model is not None else {}
     layers: list[Layer] = []
     consumed: set[str] = set()
+    doubles: list[str] = []
     for l in raw:
         ltype = _layer_type(l)
         bottoms = []
@@ -204,7 +199,10 @@ def build_net(proto, model=None, *, path: Path | None = None) -> Net:
                                       f"{len(shapes)} shapes")
             inputs += list(zip(tops, shapes))
             continue
-        blobs = [blob_array(b) for b in weights.get(l.name, ())] or [blob_array(b) for b in l.blobs]
+        src_blobs = weights.get(l.name) or l.blobs
+        blobs = [blob_array(b) for b in src_blobs]
+        if any(len(b.double_data) for b in src_blobs):
+            doubles.append(l.name)
         layers.append(Layer(l.name, ltype, tuple(bottoms), tuple(tops), l, blobs, tuple(l.top)))
 
     input_names = {n for n, _ in inputs}
@@ -215,4 +213,4 @@ def build_net(proto, model=None, *, path: Path | None = None) -> Net:
                 outputs.append(NetOutput(t, layer.name, i))
     if not inputs:
         raise ConversionError(f"{path}: declares no input (input:/input_shape, input_dim or an Input layer)")
-    return Net(proto.name, inputs, layers, outputs)
+    return Net(proto.name, inputs, layers, outputs, tuple(doubles))

@@ -50,3 +50,27 @@ def _cv_msg(exc) -> str:
         if "error:" in l:
             return l.split("error:", 1)[1].strip()[:300]
     return (lines[-1] if lines else type(exc).__name__)[:300]
+
+
+def opencv_divergences(layers) -> list[str]:
+    """Layers where OpenCV's dnn (4.x) does not follow Caffe, so it cannot serve as the reference.
+
+    Measured against Caffe's definitions: OpenCV ignores these parameters or lacks these layers.
+    """
+    out = []
+    for L in layers:
+        p = L.param
+        if L.type in ("Threshold", "Bias"):
+            out.append(f"layer {L.name!r}: OpenCV has no {L.type} layer")
+        elif L.type == "InnerProduct" and p.inner_product_param.transpose:
+            out.append(f"layer {L.name!r}: OpenCV ignores InnerProduct transpose: true")
+        elif L.type == "LRN" and p.lrn_param.norm_region == 0 and p.lrn_param.k != 1.0:
+            out.append(f"layer {L.name!r}: OpenCV ignores LRN k != 1")
+        elif L.type == "Pooling" and p.pooling_param.round_mode == 1:
+            out.append(f"layer {L.name!r}: OpenCV ignores Pooling round_mode: FLOOR")
+        elif L.type == "Log" and (p.log_param.base != -1 or p.log_param.scale != 1 or p.log_param.shift != 0):
+            out.append(f"layer {L.name!r}: OpenCV ignores Log base/scale/shift")
+        elif L.type == "PriorBox" and not p.prior_box_param.HasField("clip"):
+            out.append(f"layer {L.name!r}: OpenCV's PriorBox clip defaults to true, Caffe SSD's to false "
+                       f"(set clip explicitly)")
+    return out
