@@ -384,8 +384,15 @@ def _load_failure(path: Path, exc: Exception, what: str, request: ConvertRequest
         return TrustRequired(f"{path}: Keras safe mode refuses to load it ({text[:200]}); re-run with "
                              f"--trust-remote-code if you trust its origin")
     if "unknown layer" in low or "could not locate" in low or "unknown object" in low or "custom_objects" in low:
-        return UsageError(f"{path}: uses a custom Keras object that is not available ({text[:200]}); pass "
-                          f"--custom-objects MODULE:ATTR --trust-remote-code")
+        import re
+
+        name = re.search(r"(?:Could not locate (?:class|function)|Unknown \w+:?) '?([\w.>]+)'?", text)
+        module = next((m for m in re.findall(r"'module': '([\w.]+)'", text)
+                       if not m.startswith(("keras", "tf_keras"))), None)
+        cls = name.group(1).split(">")[-1] if name else "NAME"
+        hint = f"{module or 'MODULE'}:{cls}"
+        return UsageError(f"{path}: uses custom Keras object {cls if name else '(unknown)'}, which is not "
+                          f"importable here; pass --custom-objects {hint} --trust-remote-code")
     return ConversionError(f"{path}: cannot load as {what} ({type(exc).__name__}: {text[:300]}); "
                            f"the file may be truncated or corrupt")
 
@@ -503,7 +510,7 @@ def _signature_source(obj, request: ConvertRequest, files, label: str) -> TFSour
 def _load_object(obj, request: ConvertRequest) -> TFSource:
     tf = import_tf()
     mods = _module_names(obj)
-    if any(m.startswith(("keras", "tf_keras")) for m in mods) and hasattr(obj, "inputs"):
+    if any(m.startswith(("keras", "tf_keras")) for m in mods):
         return _keras_source(obj, request)
     if isinstance(obj, tf.types.experimental.ConcreteFunction) or hasattr(obj, "get_concrete_function"):
         return _function_source(obj, request)
@@ -594,6 +601,12 @@ class GraphDefSource(SourceModel):
                              f"{', '.join(n.name for n in placeholders) or 'none'}")
         if given_names:
             by = {s.name: s for s in declared}
+            for g in request.inputs:
+                d = by.get(g.name)
+                if d is not None and d.shape and (len(d.shape) != len(g.shape) or any(
+                        isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(d.shape, g.shape))):
+                    raise UsageError(f"{path}: --input {g} does not fit placeholder {g.name}, "
+                                     f"which the graph declares as {d}")
             declared = [by.get(n, TensorSpec(n)) for n in given_names]
         self.input_specs_src = _resolve_specs(tuple(declared), request)
         if not self.input_specs_src:
@@ -626,7 +639,7 @@ class GraphDefSource(SourceModel):
         ins = [_tensor(s.name) for s in self.input_specs_src]
         rename = {**{_tensor(s.name): s.name for s in self.input_specs_src},
                   **dict(zip(self.output_tensors, self.output_names))}
-        shapes = {_tensor(s.name): [d if isinstance(d, int) else -1 for d in s.shape]
+        shapes = {_tensor(s.name): [d if isinstance(d, int) else None for d in s.shape]
                   for s in self.input_specs_src} if self.request.inputs else None
         nchw = [_tensor(n) for n in sorted(self.nchw)] or None
         proto = run_tf2onnx(lambda: tf2onnx.convert.from_graph_def(

@@ -77,9 +77,10 @@ def import_tf():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     if "tensorflow" in sys.modules:
-        return sys.modules["tensorflow"]
-    with _stderr_to_file():
-        tf = require("tensorflow", "tensorflow", "convert TensorFlow/Keras models")
+        tf = sys.modules["tensorflow"]
+    else:
+        with _stderr_to_file():
+            tf = require("tensorflow", "tensorflow", "convert TensorFlow/Keras models")
     quiet_logs()
     tf.get_logger().setLevel(logging.ERROR)
     tf.autograph.set_verbosity(0)

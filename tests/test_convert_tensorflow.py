@@ -176,6 +176,24 @@ def test_loaded_saved_model_object(files, tmp_path):
     assert rep.passed and [s.name for s in art.outputs] == ["embedding"]
 
 
+def test_parity_mismatch_fails_with_6_and_writes_nothing(tmp_path):
+    """A model that samples noise cannot match its ONNX twin: exit 6, no ONNX file, a report saying why."""
+    import tensorflow as tf
+
+    from retool.converter.core import convert
+    from retool.errors import ValidationFailed
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32, name="x")])
+    def noisy(x):
+        return x + tf.random.uniform(tf.shape(x))
+
+    out = tmp_path / "noisy.onnx"
+    with pytest.raises(ValidationFailed) as info:
+        convert(noisy, out)
+    assert info.value.exit_code == 6 and not out.exists()
+    assert not _report(out)["passed"]
+
+
 # -- Keras safe mode --------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["lambda.keras", "lambda.h5"])
@@ -238,6 +256,9 @@ def test_cli_subprocess_quiet_and_clean(files, tmp_path, run_retool_subprocess):
     p = run_retool_subprocess("convert", files["unsupported_export"], "-o", tmp_path / "u.onnx")
     assert p.returncode == 4 and "Traceback" not in p.stderr and "Lgamma" in p.stderr
     assert not (tmp_path / "u.onnx").exists()
+    # a fresh interpreter has not imported the custom layer: the error says which --custom-objects to pass
+    p = run_retool_subprocess("convert", files["custom.keras"], "-o", tmp_path / "c.onnx", "--trust-remote-code")
+    assert p.returncode == 2 and "--custom-objects fixtures.tf_models:Scale" in p.stderr, p.stderr
 
 
 def test_help_and_sniff_do_not_import_tensorflow(files):
