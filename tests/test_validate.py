@@ -273,3 +273,16 @@ def test_cli_tolerance_flags_apply_to_every_output(cli, models):
     r = cli("validate", models["two_off"], "--reference", models["two_ref"], "--batch-sizes", "2",
             "--atol", "0.05", "--min-cosine", "0.99")
     assert r.code == 0, r.out
+
+
+def test_fp16_io_candidate_against_fp32_reference(models, tmp_path):
+    import onnx
+    from onnxconverter_common import float16
+
+    m = float16.convert_float_to_float16(onnx.load(str(models["ref"])), keep_io_types=False)
+    onnx.save(m, str(tmp_path / "fp16.onnx"))
+    r = validate(tmp_path / "fp16.onnx", models["ref"], batch_sizes=(1, 8))
+    assert r.data["candidate"]["precision"] == "fp16"
+    assert r.data["tolerances"]["y"]["atol"] == 1e-2  # fp16 defaults
+    assert r.passed, [c.to_dict() for c in r.failed_checks]
+    assert 0 < r.data["parity"]["y@batch8"]["max_abs"] < 1e-2  # really ran in half precision

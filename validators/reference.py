@@ -61,6 +61,7 @@ class OnnxReference(Reference):
             raise UsageError(f"{path}: the reference ONNX model does not load in onnxruntime "
                              f"({_first_line(exc)}); give a reference that runs") from None
         self.input_names = [i.name for i in self.sess.get_inputs()]
+        self.input_dtypes = {i.name: _ORT_FLOATS.get(i.type) for i in self.sess.get_inputs()}
         names = [o.name for o in outs]
         # Match outputs by name when both models name them alike, else by position.
         self.order = [names.index(n) for n in candidate_outputs] if set(candidate_outputs) <= set(names) else None
@@ -71,7 +72,7 @@ class OnnxReference(Reference):
         if missing:
             raise UsageError(f"{self.path}: the reference needs inputs {missing} that the candidate does not "
                              f"have (candidate inputs: {sorted(feeds)}); give a reference with the same inputs")
-        return {n: feeds[n] for n in self.input_names}
+        return {n: _as_float(feeds[n], self.input_dtypes.get(n)) for n in self.input_names}
 
     def run(self, feeds):
         outs = self.sess.run(None, self._feeds(feeds))
@@ -95,11 +96,15 @@ class SourceReference(Reference):
         self._restore = restore
         self.notes = tuple(notes)
 
+    def _feeds(self, feeds):
+        dtypes = {s.name: s.dtype for s in getattr(self.model, "input_specs", ())}
+        return self.model.reference_feeds({k: _as_float(v, dtypes.get(k)) for k, v in feeds.items()})
+
     def run(self, feeds):
-        return self.model.run(self.model.reference_feeds(feeds))
+        return self.model.run(self._feeds(feeds))
 
     def runner(self, feeds):
-        prepared, model = self.model.reference_feeds(feeds), self.model
+        prepared, model = self._feeds(feeds), self.model
         return lambda: model.run(prepared)
 
     def close(self):
@@ -177,6 +182,16 @@ def _pin_threads(framework: str, threads: int) -> tuple[Callable[[], None], list
             return (lambda: cv2.setNumThreads(before)), notes
     notes.append(f"threads of the {framework} reference are not pinned")
     return (lambda: None), notes
+
+
+_ORT_FLOATS = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64"}
+
+
+def _as_float(a: np.ndarray, dtype: str | None) -> np.ndarray:
+    """An fp16-I/O candidate's inputs, cast for an fp32 reference (and back); other dtypes untouched."""
+    if dtype in ("float32", "float16", "float64") and a.dtype.kind == "f" and a.dtype != np.dtype(dtype):
+        return a.astype(dtype)
+    return a
 
 
 def _path_size(p: Path) -> int:
