@@ -286,3 +286,10 @@ def test_fp16_io_candidate_against_fp32_reference(models, tmp_path):
     assert r.data["tolerances"]["y"]["atol"] == 1e-2  # fp16 defaults
     assert r.passed, [c.to_dict() for c in r.failed_checks]
     assert 0 < r.data["parity"]["y@batch8"]["max_abs"] < 1e-2  # really ran in half precision
+
+
+def test_static_batch_model_is_validated_at_its_own_batch(tmp_path):
+    ref = onnx_models.linear(tmp_path / "static2.onnx", static_batch=2)
+    r = validate(ref, ref)  # default batch 1 cannot run: use the fixed batch, and say so
+    assert r.passed and r.data["batch_sizes"] == [2] and r.data["parity_batch_sizes"] == [2]
+    assert any("fixed at 2" in w for w in r.warnings)

@@ -52,7 +52,7 @@ def validate(candidate, reference=None, *, batch_sizes: Sequence[int] = (1,), la
         raise UsageError(f"{cand_path}: candidate model not found; give the ONNX file to validate")
     art = artifact_from_onnx(cand_path)
     gates = load_gates(gates)
-    batch_sizes = _check_batch_sizes(batch_sizes, art.inputs, cand_path)
+    batch_sizes, note = _check_batch_sizes(batch_sizes, art.inputs, cand_path)
     threads = int(threads) if threads else lat.default_threads()
     if threads < 1:
         raise UsageError(f"--threads {threads}: must be at least 1")
@@ -76,7 +76,7 @@ def validate(candidate, reference=None, *, batch_sizes: Sequence[int] = (1,), la
     if dynamic and max(parity_batches) == 1:
         parity_batches.append(EXTRA_PARITY_BATCH)
     out_names = [o.name for o in art.outputs]
-    warnings: list[str] = []
+    warnings: list[str] = [note] if note else []
     checks: list[CheckResult] = []
     data: dict[str, Any] = {
         "candidate": {"path": str(cand_path), "sha256": art.sha256, "precision": art.precision, "opset": art.opset,
@@ -260,7 +260,7 @@ def _merge_specs(declared, given) -> tuple[TensorSpec, ...]:
     return tuple(by_name.get(s.name, s) for s in declared)
 
 
-def _check_batch_sizes(batch_sizes, specs, path) -> list[int]:
+def _check_batch_sizes(batch_sizes, specs, path) -> tuple[list[int], str]:
     try:
         sizes = sorted({int(b) for b in batch_sizes})
     except (TypeError, ValueError):
@@ -270,11 +270,13 @@ def _check_batch_sizes(batch_sizes, specs, path) -> list[int]:
     static = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int)}
     if static:
         fixed = next(iter(static))
+        if sizes == [1] and fixed != 1:  # the default: use the only batch size the model accepts
+            return [fixed], f"the model's batch axis is fixed at {fixed}; validated at batch {fixed}"
         if sizes != [fixed]:
             raise UsageError(f"{path}: the model's batch axis is fixed at {fixed}, so --batch-sizes "
                              f"{','.join(map(str, sizes))} cannot run; use --batch-sizes {fixed} or export "
                              f"with a dynamic batch axis")
-    return sizes
+    return sizes, ""
 
 
 def _check_report_dir(d) -> None:

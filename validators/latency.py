@@ -7,6 +7,7 @@ runs on a cache warmed, or a core heated, by the other.
 """
 from __future__ import annotations
 
+import gc
 import math
 import os
 import time
@@ -70,6 +71,17 @@ def measure_interleaved(variants: Mapping[str, Callable[[], object]], plan: Plan
     samples: dict[str, list[float]] = {n: [] for n in names}
     clock = time.perf_counter_ns
     start = time.perf_counter()
+    gc_was_on = gc.isenabled()
+    gc.disable()  # like timeit: a collection in one variant's run would be charged to it
+    try:
+        _rounds(variants, names, plan, samples, clock, start)
+    finally:
+        if gc_was_on:
+            gc.enable()
+    return samples
+
+
+def _rounds(variants, names, plan, samples, clock, start) -> None:
     rounds = 0
     while True:
         if plan.runs is not None:
@@ -84,7 +96,6 @@ def measure_interleaved(variants: Mapping[str, Callable[[], object]], plan: Plan
             fn()
             samples[n].append((clock() - t0) / 1e6)
         rounds += 1
-    return samples
 
 
 def summarize(samples_ms, batch: int, keep: int = MAX_SAMPLES_KEPT) -> dict:
