@@ -139,3 +139,11 @@ def test_claimed_but_uncommitted_version_is_invisible_and_skipped(s3_endpoint, b
     assert repo.versions("m") == [2]
     findings, _ = repo.verify()
     assert [(f.version, f.problem) for f in findings] == [(3, "incomplete")]
+
+
+def test_missing_bucket_is_one_line_not_a_traceback(s3_endpoint, tmp_path, cli):
+    model = linear(tmp_path / "m.onnx")
+    r = cli("publish", model, "--repo", "s3://no-such-bucket-retool/x", "--name", "m")
+    assert r.code == 7 and "create the bucket" in r.err and "Traceback" not in r.err
+    r = cli("repo", "list", "s3://no-such-bucket-retool/x")
+    assert r.code == 2 and "no model repository" in r.err

@@ -14,6 +14,7 @@ False) when N is taken. How that is made safe differs:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
-from retool.errors import MissingDependency, PublishError, UsageError
+from retool.errors import MissingDependency, PublishError, RetoolError, UsageError
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
@@ -233,6 +234,38 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _is_remote_error(exc: BaseException) -> bool:
+    mod = type(exc).__module__ or ""
+    return isinstance(exc, (OSError, TimeoutError)) or mod.startswith(("botocore", "aiobotocore", "aiohttp", "s3fs"))
+
+
+def _remote(keep_missing: bool = True):
+    """Network, permission and bucket errors become one PublishError line; missing keys stay FileNotFoundError."""
+    def deco(fn):
+        @functools.wraps(fn)
+        def inner(self, *args, **kwargs):
+            try:
+                return fn(self, *args, **kwargs)
+            except RetoolError:
+                raise
+            except FileNotFoundError as exc:
+                if keep_missing:
+                    raise
+                raise PublishError(f"{self.url}: not found ({_first_line(exc)}); create the bucket or check the URL") from None
+            except Exception as exc:
+                if not _is_remote_error(exc):
+                    raise
+                raise PublishError(f"{self.url}: {fn.__name__.strip('_')} failed ({type(exc).__name__}: {_first_line(exc)}); "
+                                   f"check the URL, credentials and AWS_ENDPOINT_URL") from None
+        return inner
+    return deco
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class FsspecStorage(Storage):
     def __init__(self, url: str, storage_options: Mapping | None = None):
         try:
@@ -273,17 +306,21 @@ class FsspecStorage(Storage):
             raise PublishError(f"{self.url}: cannot reach the repository ({type(exc).__name__}: {exc}); "
                                f"check the URL, credentials and AWS_ENDPOINT_URL") from None
 
+    @_remote()
     def exists(self, key):
         self._fresh()
         return self.fs.exists(self._p(key))
 
+    @_remote()
     def read_bytes(self, key):
         return self.fs.cat_file(self._p(key))
 
+    @_remote()
     def write_bytes(self, key, data):
         self.fs.pipe_file(self._p(key), data)  # one PUT: readers see old or new, never half
         self._fresh()
 
+    @_remote()
     def listdir(self, key):
         self._fresh()
         try:
@@ -292,6 +329,7 @@ class FsspecStorage(Storage):
             return []
         return sorted({e.rstrip("/").rsplit("/", 1)[-1] for e in entries} - {""})
 
+    @_remote()
     def files(self, key):
         self._fresh()
         base = self._p(key).rstrip("/") + "/"
@@ -301,6 +339,7 @@ class FsspecStorage(Storage):
             return []
         return sorted(f[len(base):] for f in found if f.startswith(base))
 
+    @_remote()
     def sha256(self, key):
         import hashlib
 
@@ -310,6 +349,7 @@ class FsspecStorage(Storage):
                 h.update(chunk)
         return h.hexdigest()
 
+    @_remote()
     def size(self, key):
         return int(self.fs.size(self._p(key)))
 
@@ -317,6 +357,7 @@ class FsspecStorage(Storage):
     def lock(self, name):
         yield  # no locks on object stores: version claims are conditional creates instead
 
+    @_remote(keep_missing=False)
     def create_exclusive(self, key: str, data: bytes) -> bool:
         path = self._p(key)
         try:
@@ -334,6 +375,7 @@ class FsspecStorage(Storage):
             self._fresh()
         return True
 
+    @_remote(keep_missing=False)
     def stage(self, name, files):
         key = f"{name}/.staging/{publisher_id()}"
         order = []
@@ -347,6 +389,7 @@ class FsspecStorage(Storage):
             raise
         return Staged(name, key, tuple(order))
 
+    @_remote(keep_missing=False)
     def commit(self, staged, version, manifest):
         if self.exists(f"{staged.name}/{version}"):
             return False
@@ -364,6 +407,7 @@ class FsspecStorage(Storage):
             self.fs.rm(self._p(staged.key), recursive=True)
         self._fresh()
 
+    @_remote()
     def taken_versions(self, name):
         claims = {n.split(".", 1)[0] for n in self.listdir(f"{name}/.versions")}
         return _numeric(self.listdir(name)) | _numeric(claims)
