@@ -29,10 +29,19 @@ class SearchResult:
     attempts: list[dict] = field(default_factory=list)
 
 
-def search(build: Callable[[Sequence[str], int], Path], evaluate: Callable[[Path], tuple[bool, list]],
+#: Nodes from the local ranking whose real effect on the outputs is probed per retry.
+SHORTLIST = 6
+
+
+def search(build: Callable[[Sequence[str], object], Path], evaluate: Callable[[Path], tuple[bool, list]],
            rank: Callable[[Path, Sequence[str]], list[tuple[str, float]]], budget: int = DEFAULT_BUDGET,
-           label: str = "") -> SearchResult:
-    """Build, evaluate; while it fails and the budget lasts, exclude the costliest nodes and rebuild."""
+           label: str = "", impact: Callable[[Path], float] | None = None) -> SearchResult:
+    """Build, evaluate; while it fails and the budget lasts, exclude the costliest nodes and rebuild.
+
+    The local ranking is cheap but blind to what happens downstream (a pooling layer
+    averages noise away), so the top of it is probed: each shortlisted node is kept
+    in float on its own and the error left at the outputs (``impact``) decides.
+    """
     excluded: list[str] = []
     path = build(excluded, 0)
     passed, checks = evaluate(path)
@@ -44,6 +53,15 @@ def search(build: Callable[[Sequence[str], int], Path], evaluate: Callable[[Path
         ranked = [(n, s) for n, s in rank(path, excluded) if n not in excluded]
         if not ranked:
             break
+        if impact is not None and len(ranked) > 1:
+            short = ranked[:max(step, SHORTLIST)]
+            probed = []
+            for j, (n, _) in enumerate(short):
+                p = build(excluded + [n], f"{attempt}-probe{j}")
+                probed.append((n, impact(p)))
+                _remove_onnx(p)
+            probed.sort(key=lambda x: x[1])
+            ranked = probed + ranked[len(short):]
         new = ranked[:step]
         excluded = excluded + [n for n, _ in new]
         step *= 2
@@ -55,6 +73,25 @@ def search(build: Callable[[Sequence[str], int], Path], evaluate: Callable[[Path
     return SearchResult(path, passed, checks, excluded, attempts)
 
 
+def _remove_onnx(path: Path) -> None:
+    from retool.fsutil import external_data_files
+
+    for name in external_data_files(path):
+        (path.parent / name).unlink(missing_ok=True)
+    path.unlink(missing_ok=True)
+
+
+def output_error(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> float:
+    """Relative L2 error over all float outputs together."""
+    num = den = 0.0
+    for r, c in zip(reference, outputs):
+        if r.dtype.kind != "f" or r.shape != c.shape:
+            continue
+        num += float(np.sum((r.astype(np.float64) - c.astype(np.float64)) ** 2))
+        den += float(np.sum(r.astype(np.float64) ** 2))
+    return float(np.sqrt(num / den)) if den > 0 else float(np.sqrt(num))
+
+
 def _attempt(i, excluded, new, passed, checks) -> dict:
     worst = {}
     for c in checks:
@@ -62,12 +99,12 @@ def _attempt(i, excluded, new, passed, checks) -> dict:
         for k in ("cosine", "top1", "max_abs"):
             if k in d and isinstance(d[k], (int, float)):
                 worst[k] = min(worst.get(k, d[k]), d[k]) if k != "max_abs" else max(worst.get(k, d[k]), d[k])
-    return {"attempt": i, "excluded": list(excluded), "added": [{"node": n, "cost": round(float(s), 6)} for n, s in new],
+    return {"attempt": i, "excluded": list(excluded), "added": [{"node": n, "score": round(float(s), 6)} for n, s in new],
             "passed": bool(passed), **worst}
 
 
 def rank_nodes(reference, candidate, feeds_list: Sequence[Mapping[str, np.ndarray]],
-               candidates: Sequence[str], workdir) -> list[tuple[str, float]]:
+               candidates: Sequence[str], workdir, touched_only: bool = True) -> list[tuple[str, float]]:
     """``candidates`` (node names of ``reference``) ordered by the error each introduces, costliest first."""
     import onnx
 
@@ -77,14 +114,24 @@ def rank_nodes(reference, candidate, feeds_list: Sequence[Mapping[str, np.ndarra
     cand = onnx.load(str(candidate), load_external_data=False)
     float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
     vi = {v.name: v.type.tensor_type.elem_type for v in list(ref.graph.value_info) + list(ref.graph.output)}
-    cand_produced = {o for n in cand.graph.node for o in n.output}
-    tracked = [t for n in ref.graph.node for t in n.output
-               if t and vi.get(t) in float_types and t in cand_produced]
-    if not tracked:
+    # Compare each float tensor with what the candidate's consumers see: its dequantized
+    # value when the quantizer put a Q/DQ pair after it (that is also where a dropped
+    # Relu's clipping happens), else the tensor itself when the same kind of op makes it.
+    cand_op = {o: n.op_type for n in cand.graph.node for o in n.output}
+    pairs = {}
+    for n in ref.graph.node:
+        for t in n.output:
+            if not t or vi.get(t) not in float_types:
+                continue
+            if cand_op.get(t + "_DequantizeLinear_Output") == "DequantizeLinear":
+                pairs[t] = t + "_DequantizeLinear_Output"
+            elif t in cand_op and (cand_op[t] == n.op_type or n.op_type not in _ACTIVATIONS):
+                pairs[t] = t
+    if not pairs:
         return []
-    ref_vals = _run_with_outputs(ref, reference, tracked, feeds_list, workdir, "ref")
-    cand_vals = _run_with_outputs(cand, candidate, tracked, feeds_list, workdir, "cand")
-    err = {t: _rel_err(ref_vals[t], cand_vals[t]) for t in tracked if t in ref_vals and t in cand_vals}
+    ref_vals = _run_with_outputs(ref, reference, list(pairs), feeds_list, workdir, "ref")
+    cand_vals = _run_with_outputs(cand, candidate, list(pairs.values()), feeds_list, workdir, "cand")
+    err = {t: _rel_err(ref_vals[t], cand_vals[c]) for t, c in pairs.items() if t in ref_vals and c in cand_vals}
 
     producer = {o: n for n in ref.graph.node for o in n.output}
     memo: dict[str, float] = {}
@@ -99,16 +146,50 @@ def rank_nodes(reference, candidate, feeds_list: Sequence[Mapping[str, np.ndarra
         memo[t] = 0.0 if n is None or depth > 50 else max([inherited(i, depth + 1) for i in n.input if i] or [0.0])
         return memo[t]
 
+    if touched_only:
+        candidates = touched_nodes(ref, cand, candidates)
     by_name = {n.name: n for n in ref.graph.node}
+    consumers: dict[str, list] = {}
+    for n in ref.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def effective_output(n) -> str | None:
+        """Where n's own error shows: its output, or that of the activation fused after it."""
+        t = n.output[0] if n.output else None
+        if t in err:
+            return t
+        nxt = consumers.get(t, [])
+        if len(nxt) == 1 and nxt[0].op_type in _ACTIVATIONS and nxt[0].output and nxt[0].output[0] in err:
+            return nxt[0].output[0]
+        return None
+
     scores = []
     for name in candidates:
         n = by_name.get(name)
-        if n is None or not n.output or n.output[0] not in err:
+        out = effective_output(n) if n is not None else None
+        if out is None:
             continue
         before = max([inherited(i) for i in n.input if i] or [0.0])
-        scores.append((name, err[n.output[0]] - before))
-    scores.sort(key=lambda x: -x[1])
-    return scores
+        scores.append((name, err[out] - before, n.op_type in _WEIGHTED))
+    # Ties (a Conv and the Relu fused into it) go to the op that carries weights.
+    scores.sort(key=lambda x: (-round(x[1], 9), not x[2]))
+    return [(name, cost) for name, cost, _ in scores]
+
+
+_ACTIVATIONS = {"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Gelu"}
+_WEIGHTED = {"Conv", "ConvTranspose", "MatMul", "Gemm", "Attention", "LSTM", "GRU", "Gather", "EmbedLayerNormalization"}
+def touched_nodes(ref, cand, candidates: Sequence[str]) -> list[str]:
+    """Candidates the quantizer really changed: replaced (QOperator) or fed by a DequantizeLinear (QDQ)."""
+    ref_ops = {n.name: n.op_type for n in ref.graph.node}
+    cand_nodes = {n.name: n for n in cand.graph.node}
+    dq_out = {o for n in cand.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    out = []
+    for name in candidates:
+        n = cand_nodes.get(name)
+        if n is None or n.op_type != ref_ops.get(name) or any(i in dq_out for i in n.input):
+            out.append(name)
+    return out
 
 
 def _run_with_outputs(model, path, tensors, feeds_list, workdir, tag) -> dict[str, np.ndarray]:
@@ -116,14 +197,16 @@ def _run_with_outputs(model, path, tensors, feeds_list, workdir, tag) -> dict[st
 
     from retool.runtime import make_session, run_session
 
+    try:  # declared types for the probes: a wrong one (fp32 for an fp16 tensor) crashes ORT
+        model = onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        pass
     g = model.graph
     have = {o.name for o in g.output}
-    elem = onnx.TensorProto.FLOAT
-    vi = {v.name: v for v in g.value_info}
+    vi = {v.name: v.type.tensor_type.elem_type for v in g.value_info}
     for t in tensors:
-        if t not in have:
-            g.output.append(onnx.helper.make_tensor_value_info(
-                t, vi[t].type.tensor_type.elem_type if t in vi else elem, None))
+        if t not in have and vi.get(t):
+            g.output.append(onnx.helper.make_tensor_value_info(t, vi[t], None))
     # Saved beside the model so that relative external-data paths still resolve.
     aug = Path(path).with_name(f".{Path(path).stem}.{tag}-probe.onnx")
     onnx.save(model, str(aug))

@@ -61,11 +61,18 @@ class Context:
             self.heldout = [random_feeds(art.inputs, batch=_batch(art.inputs), seed=seed + 5000 + i)
                             for i in range(RANDOM_HELDOUT_SAMPLES)]
         with console.step(f"running the fp32 model on {len(self.heldout)} held-out samples"):
-            self.reference = _run_all(self.src, self.heldout, threads)
+            try:
+                self.reference = _run_all(self.src, self.heldout, threads)
+            except RetoolError:
+                raise
+            except Exception as exc:
+                raise UsageError(f"{self.src}: the input model does not run in onnxruntime ({_first_line(exc)}); "
+                                 f"fix or re-export it first") from None
         self._pre: Path | None = None
         self._pre_warnings: list[str] = []
         self._caches: dict[tuple, tuple[Path, int]] = {}
         self._rank_feeds: list | None = None
+        self._rank_ref: list | None = None
 
     def preprocessed(self) -> Path:
         if self._pre is None:
@@ -101,23 +108,28 @@ class Context:
             self._rank_feeds = feeds or self.heldout[:RANK_SAMPLES]
         return self._rank_feeds
 
-    def evaluate(self, path: Path, tol) -> tuple[bool, list[CheckResult]]:
+    def rank_reference(self) -> list[np.ndarray]:
+        if self._rank_ref is None:
+            self._rank_ref = _run_all(self.src, self.rank_feeds(), self.threads)
+        return self._rank_ref
+
+    def evaluate(self, path: Path, tol, level: str = "all") -> tuple[bool, list[CheckResult]]:
         """Parity of ``path`` against the fp32 reference on the held-out samples."""
         from retool.validators.parity import compare_outputs
 
         try:
-            cand = _run_all(path, self.heldout, self.threads)
+            cand = _run_all(path, self.heldout, self.threads, level)
         except Exception as exc:
             return False, [CheckResult("onnxruntime.run", False, message=_first_line(exc))]
         checks = compare_outputs(self.output_names, self.reference, cand, tol, label="held-out")
         return all(c.passed for c in checks), checks
 
 
-def _run_all(path, samples, threads) -> list[np.ndarray]:
+def _run_all(path, samples, threads, level: str = "all") -> list[np.ndarray]:
     """Outputs over all samples, concatenated along the batch axis."""
     from retool.runtime import make_session, run_session
 
-    sess = make_session(path, threads=threads)
+    sess = make_session(path, threads=threads, level=level)
     outs: list[list[np.ndarray]] = []
     for feeds in samples:
         for i, o in enumerate(run_session(sess, feeds)):
@@ -156,7 +168,7 @@ def build_candidate(profile, ctx: Context, tol) -> Candidate:
 
         def build(exclude, i):
             out = wd / f"{name}.{i}.onnx"
-            with console.step(f"{name}: converting to fp16" + (f" ({len(exclude)} node(s) kept fp32)" if exclude else "")):
+            with _step(i, f"{name}: converting to fp16" + (f" ({len(exclude)} node(s) kept fp32)" if exclude else "")):
                 warnings.extend(w for w in fp16.convert_fp16(base, out, exclude, external=ctx.external)
                                 if w not in warnings)
             return out
@@ -173,7 +185,7 @@ def build_candidate(profile, ctx: Context, tol) -> Candidate:
 
             def build(exclude, i):
                 out = wd / f"{name}.{i}.onnx"
-                with console.step(f"{name}: quantizing" + (f" ({len(exclude)} node(s) kept float)" if exclude else "")):
+                with _step(i, f"{name}: quantizing" + (f" ({len(exclude)} node(s) kept float)" if exclude else "")):
                     quantize.quantize_static(base, out, profile, cache, ctx.method, exclude, external=ctx.external)
                 return out
         else:
@@ -181,17 +193,55 @@ def build_candidate(profile, ctx: Context, tol) -> Candidate:
 
             def build(exclude, i):
                 out = wd / f"{name}.{i}.onnx"
-                with console.step(f"{name}: dynamic quantization" + (f" ({len(exclude)} node(s) kept float)" if exclude else "")):
+                with _step(i, f"{name}: dynamic quantization" + (f" ({len(exclude)} node(s) kept float)" if exclude else "")):
                     quantize.quantize_dynamic(base, out, profile, exclude, external=ctx.external)
                 return out
         candidates = quantize.quantizable_nodes(base, profile)
 
     def rank(path, excluded):
-        return accuracy.rank_nodes(base, path, ctx.rank_feeds(), [c for c in candidates if c not in excluded], wd)
+        return accuracy.rank_nodes(base, path, ctx.rank_feeds(), [c for c in candidates if c not in excluded], wd,
+                                   touched_only=profile.method != "fp16")
 
-    res = accuracy.search(build, lambda p: ctx.evaluate(p, tol), rank, budget=ctx.budget, label=f"{name}: ")
+    # ORT 1.32's CPU level-ALL transforms crash (SIGSEGV) on some partly-fp16 graphs; fp16 is
+    # for GPUs, so CPU checks of fp16 models stop at EXTENDED and a subprocess tries ALL.
+    level = "extended" if profile.method == "fp16" else "all"
+
+    def impact(path):
+        return accuracy.output_error(ctx.rank_reference(), _run_all(path, ctx.rank_feeds(), ctx.threads, level))
+
+    res = accuracy.search(build, lambda p: ctx.evaluate(p, tol, level), rank, budget=ctx.budget,
+                          label=f"{name}: ", impact=impact)
+    if profile.method == "fp16":
+        ok, msg = load_in_subprocess(res.path, "all")
+        if not ok:
+            warnings.append(f"onnxruntime CPU cannot load this fp16 model at graph level ALL ({msg}); "
+                            f"on CPU use level EXTENDED (GPU providers are unaffected)")
     return Candidate(name, res.path, profile.precision, res.passed, res.checks, tools, versions, warnings,
                      res.excluded, res.attempts, calibrated, n_calib)
+
+
+def load_in_subprocess(path, level: str = "all", timeout: float = 300) -> tuple[bool, str]:
+    """Create an ORT CPU session in a child process, so a crash in ORT cannot take us down."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from retool.runtime import make_session; make_session(sys.argv[1], level=sys.argv[2])")
+    try:
+        r = subprocess.run([sys.executable, "-c", code, str(path), level], capture_output=True, text=True,
+                           timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return False, "timed out"
+    if r.returncode == 0:
+        return True, ""
+    tail = (r.stderr.strip().splitlines() or [f"exit code {r.returncode}"])[-1]
+    return False, tail[:200] if r.returncode > 0 else f"crashed with signal {-r.returncode}"
+
+
+def _step(tag, msg):
+    """Progress for real builds; the accuracy search's probe builds stay quiet."""
+    import contextlib
+
+    return contextlib.nullcontext() if isinstance(tag, str) else console.step(msg)
 
 
 def _float_nodes(path) -> list[str]:
@@ -318,7 +368,7 @@ def _check_loads(cand: Candidate) -> None:
     from retool.runtime import make_session
 
     try:
-        make_session(cand.path)
+        make_session(cand.path, level="extended" if cand.precision == "fp16" else "all")
     except Exception as exc:
         raise OptimizationError(f"{cand.path.name}: the {cand.target} model does not load in onnxruntime "
                                 f"({_first_line(exc)})") from exc
