@@ -124,3 +124,24 @@ def test_report_html_renders_in_headless_chromium(reports, tmp_path):
     b, g, r = img[..., 0].astype(int), img[..., 1].astype(int), img[..., 2].astype(int)
     assert ((b > 180) & (r < 100)).sum() > 50, "candidate series (blue) drawn"
     assert ((r > 200) & (b < 80) & (g > 80)).sum() > 50, "reference series (orange) drawn"
+
+
+def test_sparse_reports_are_valid_and_render(tmp_path):
+    """No reference, no latency, or a candidate that does not even load: still valid, still a page."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph([helper.make_node("NoSuchOp", ["x"], ["y"], domain="retool.test")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("retool.test", 1)]),
+              str(tmp_path / "broken.onnx"))
+    good = onnx_models.linear(tmp_path / "good.onnx")
+    v = _validator()
+    for i, (cand, passed) in enumerate(((tmp_path / "broken.onnx", False), (good, True))):
+        r = validate(cand, report_dir=tmp_path / f"r{i}")
+        assert r.passed is passed
+        data = json.loads((tmp_path / f"r{i}" / "report.json").read_text())
+        assert not list(v.iter_errors(data))
+        html = (tmp_path / f"r{i}" / "report.html").read_text()
+        assert ("FAIL" if not passed else "PASS") in html and "</html>" in html
