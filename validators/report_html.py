@@ -59,6 +59,10 @@ def _nice_max(v: float) -> float:
 
 
 def _fmt(v: float) -> str:
+    if abs(v) >= 1e6:
+        return f"{v / 1e6:.3g}M"
+    if abs(v) >= 1e3:
+        return f"{v / 1e3:.3g}k"
     return f"{v:.3g}"
 
 
@@ -108,7 +112,7 @@ def latency_svg(batch: str, stats: Mapping[str, Mapping]) -> str:
 
 def throughput_svg(latency: Mapping) -> str:
     """Items per second against batch size (log2 x axis when sizes spread), one line per variant."""
-    w, h, left, right, top, bottom = 520, 260, 64, 110, 14, 40
+    w, h, left, right, top, bottom = 520, 260, 72, 110, 14, 40
     series = {n: {int(b): s["throughput_per_s"] for b, s in latency.get(n, {}).items()}
               for n in ("candidate", "reference") if latency.get(n)}
     batches = sorted({b for s in series.values() for b in s})
