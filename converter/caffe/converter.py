@@ -100,6 +100,7 @@ class CaffeSource(SourceModel):
         self.opset = opset
         self.model = self._build(opset)
         self._reference = None
+        self._reference_note: str | None = None
         from retool.converter.caffe.reference import opencv_divergences
 
         self.divergences = opencv_divergences(self.net.layers) + [
@@ -179,6 +180,7 @@ class CaffeSource(SourceModel):
         if not graph_outputs:
             raise ConversionError(f"{self.prototxt}: the net has no outputs")
         self.output_pins = [(o.layer, o.index) for o in self.net.outputs if o.tensor in b.shapes]
+        self.output_tensors = [o.tensor for o in self.net.outputs if o.tensor in b.shapes]
         graph = helper.make_graph(b.nodes, self.net.name or self.prototxt.stem, graph_inputs, graph_outputs,
                                   b.initializers)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
@@ -203,20 +205,27 @@ class CaffeSource(SourceModel):
         dyn = any(s.has_dynamic_batch for s in self.input_specs)
         return ExportResult("retool.caffe", {"opset": self.opset, "layers": len(self.net.layers),
                                              "dynamic_batch": dyn, "fold_batchnorm": self.folded,
-                                             "external_data": large, "reference": "opencv.dnn"},
+                                             "external_data": large,
+                                             "reference": "numpy" if ref_err else "opencv.dnn"},
                             tuple(warnings))
 
     def _reference_problem(self) -> str | None:
-        if self.divergences:
-            return ("OpenCV is not a faithful Caffe reference for this net (" + "; ".join(self.divergences)
-                    + "); the ONNX follows Caffe's semantics")
-        try:
-            self._ref()
-        except Exception as exc:  # reported as a warning here; run() raises it for parity
-            return f"OpenCV cannot run this net, so parity has no independent reference: {exc}"
-        return None
+        """Why OpenCV is not the reference for this net (then the NumPy reference is), or None."""
+        if self._reference_note is None:
+            self._reference_note = ""
+            if self.divergences:
+                self._reference_note = ("OpenCV is not a faithful Caffe reference for this net ("
+                                        + "; ".join(self.divergences) + ")")
+            else:
+                try:
+                    self._ref_opencv()
+                except Exception as exc:  # not installed, or cannot load the net
+                    self._reference_note = f"OpenCV cannot run this net ({exc})"
+            if self._reference_note:
+                self._reference_note += "; parity is checked against retool's NumPy Caffe reference instead"
+        return self._reference_note or None
 
-    def _ref(self):
+    def _ref_opencv(self):
         if self._reference is None:
             from retool.converter.caffe.reference import OpenCVReference
 
@@ -224,11 +233,11 @@ class CaffeSource(SourceModel):
         return self._reference
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        if self.divergences:
-            raise ConversionError(f"{self.prototxt}: cannot check parity: OpenCV is not a faithful Caffe reference "
-                                  f"for this net ({'; '.join(self.divergences)}); the ONNX follows Caffe's "
-                                  f"semantics; re-run with --no-verify to convert without the check")
-        return self._ref().run(feeds)
+        if self._reference_problem():
+            from retool.converter.caffe.reference_numpy import NumpyReference
+
+            return NumpyReference(self.net, self.output_tensors).run(feeds)
+        return self._ref_opencv().run(feeds)
 
 
 def _small_enough(model) -> bool:

@@ -1,6 +1,8 @@
 """--fold-batchnorm: fold BatchNorm (+ Scale) into the convolution that feeds them."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from retool.converter.caffe.layers import Builder, batchnorm_stats
@@ -27,7 +29,8 @@ def fold_batchnorm(layers: list[Layer], protected: set[str], weights_label: str)
     checker = Builder(13, weights_label)
     dropped: set[int] = set()
     folded = 0
-    for i, conv in enumerate(layers):
+    layers = list(layers)
+    for i, conv in enumerate(list(layers)):
         if conv.type != "Convolution" or len(conv.tops) != 1:
             continue
         bn_i = sole_reader(conv.tops[0], ("BatchNorm",))
@@ -56,10 +59,11 @@ def fold_batchnorm(layers: list[Layer], protected: set[str], weights_label: str)
         mult = a * gamma
         new_w = (w.reshape(out_c, -1) * mult[:, None]).reshape(w.shape).astype(np.float32)
         new_b = ((bias - mean) * mult + beta).astype(np.float32)
-        cp.bias_term = True
-        conv.blobs = [new_w, new_b]
-        conv.tops = layers[last].tops
-        conv.blob_tops = layers[last].blob_tops
+        param = type(conv.param)()
+        param.CopyFrom(conv.param)  # the unfolded net stays intact for the reference
+        param.convolution_param.bias_term = True
+        layers[i] = dataclasses.replace(conv, param=param, blobs=[new_w, new_b], tops=layers[last].tops,
+                                        blob_tops=layers[last].blob_tops)
         dropped.update({bn_i, last})
         folded += 1
     return [L for i, L in enumerate(layers) if i not in dropped], folded
