@@ -14,6 +14,7 @@ False) when N is taken. How that is made safe differs:
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import os
@@ -187,8 +188,11 @@ class LocalStorage(Storage):
             os.fsync(fh.fileno())
         try:
             os.rename(tmp, final)  # atomic; fails if a non-empty folder appeared meanwhile
-        except OSError:
-            return False
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                return False
+            raise PublishError(f"{final}: cannot move the staged version into place ({exc.strerror}); "
+                               f"check the repository's permissions") from None
         with contextlib.suppress(OSError):  # make the rename itself durable
             fd = os.open(final.parent, os.O_RDONLY)
             try:
