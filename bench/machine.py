@@ -1,0 +1,96 @@
+"""What the figures were measured on: recorded in every result file."""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+
+#: CPU flags that decide which int8 / fp16 kernels ONNX Runtime can use.
+FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_tile",
+         "f16c", "avx512_fp16", "asimd", "asimddp", "i8mm")
+PACKAGES = ("retool", "onnxruntime", "onnx", "torch", "tensorflow", "keras", "tf2onnx", "opencv-python-headless",
+            "numpy", "onnxsim")
+
+
+def _cpuinfo() -> tuple[str, set[str]]:
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, val = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "Model", "Hardware") and model in ("", platform.machine(), platform.processor()):
+                    model = val.strip()
+                elif key in ("flags", "Features") and not flags:
+                    flags = set(val.split())
+    except OSError:
+        pass
+    return model, flags
+
+
+def _mem_total() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _git_commit(root) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict[str, str | None]:
+    out = {}
+    for p in PACKAGES:
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            out[p] = None
+    return out
+
+
+def machine_info(root=None) -> dict:
+    model, flags = _cpuinfo()
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    return {
+        "cpu_model": model,
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": usable,
+        "cpu_flags": {f: f in flags for f in FLAGS if flags},
+        "mem_total_bytes": _mem_total(),
+        "loadavg_at_start": [round(x, 2) for x in load] if load else None,
+        "os": platform.platform(),
+        "python": sys.version.split()[0],
+        "versions": versions(),
+        "git_commit": _git_commit(root) if root else None,
+    }
+
+
+def short_description(m: dict) -> str:
+    flags = [f for f, on in (m.get("cpu_flags") or {}).items() if on and f in ("avx2", "avx512f", "avx512_vnni",
+                                                                               "avx_vnni", "amx_int8")]
+    mem = m.get("mem_total_bytes")
+    v = m.get("versions") or {}
+    return (f"{m.get('cpu_model')}, {m.get('cpus_usable')} cores, "
+            f"{mem / 2**30:.0f} GiB RAM" if mem else f"{m.get('cpu_model')}, {m.get('cpus_usable')} cores") + (
+        f", {'/'.join(flags)}" if flags else "") + f"; onnxruntime {v.get('onnxruntime')}, torch {v.get('torch')}"

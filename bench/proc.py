@@ -1,0 +1,99 @@
+"""Child processes with their own wall time and peak RSS.
+
+``os.wait4`` returns the rusage of that one child (and the descendants it
+waited for), so each measurement gets its own peak RSS; the process-wide
+``RUSAGE_CHILDREN`` would only ever report the largest child so far.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CHILD = ROOT / "bench" / "child.py"
+
+
+@dataclass(frozen=True)
+class ChildResult:
+    rc: int
+    wall_s: float
+    maxrss_bytes: int
+    stdout: str
+    stderr: str
+    timed_out: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.rc == 0 and not self.timed_out
+
+    def tail(self, n: int = 600) -> str:
+        text = (self.stderr or self.stdout).strip()
+        return text[-n:]
+
+    def last_json(self):
+        """The last stdout line that parses as JSON (child tasks print their result there)."""
+        for line in reversed(self.stdout.strip().splitlines()):
+            line = line.strip()
+            if line.startswith("{"):
+                try:
+                    return json.loads(line)
+                except ValueError:
+                    continue
+        return None
+
+
+def child_env(extra: dict | None = None) -> dict:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "KERAS_BACKEND": "tensorflow", "PYTHONUNBUFFERED": "1",
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env.update(extra or {})
+    return env
+
+
+def run_child(cmd: list[str], timeout: float = 900, env: dict | None = None, cwd=ROOT) -> ChildResult:
+    """Run ``cmd``; wall time from spawn to exit, peak RSS from wait4 (Linux reports KiB)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        p = subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=err, cwd=cwd, env=child_env(env),
+                             start_new_session=True)
+        fired = threading.Event()
+
+        def kill():
+            fired.set()
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+        timer = threading.Timer(timeout, kill)
+        timer.start()
+        try:
+            _, status, ru = os.wait4(p.pid, 0)  # blocking: exact exit time
+        except BaseException:  # Ctrl-C: don't leave the child's process group running
+            kill()
+            os.wait4(p.pid, 0)
+            raise
+        finally:
+            timer.cancel()
+        timed_out = fired.is_set()
+        wall = time.perf_counter() - t0
+        p.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        scale = 1 if sys.platform == "darwin" else 1024
+        return ChildResult(p.returncode, wall, int(ru.ru_maxrss) * scale, out.read().decode("utf-8", "replace"),
+                           err.read().decode("utf-8", "replace"), timed_out)
+
+
+def run_task(task: str, args: dict, timeout: float = 900, env: dict | None = None) -> tuple[ChildResult, dict | None]:
+    """Run one ``bench/child.py`` task in a fresh interpreter; returns (process result, its JSON result)."""
+    r = run_child([sys.executable, str(CHILD), task, json.dumps(args)], timeout=timeout, env=env)
+    return r, r.last_json()

@@ -1,0 +1,106 @@
+"""Plain-text tables of a result file's sections (also used by ``bench/compare.py --show``)."""
+from __future__ import annotations
+
+MIB = 2**20
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)] if rows else [len(h) for h in headers]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _m(d, fmt="{:.3f}", scale=1.0, spread=True) -> str:
+    """``median [p25-p75]`` of a metric dict, or its value; '-' when absent."""
+    if not isinstance(d, dict):
+        return "-"
+    if "median" in d:
+        s = fmt.format(d["median"] * scale)
+        return f"{s} [{fmt.format(d['p25'] * scale)}-{fmt.format(d['p75'] * scale)}]" if spread and d.get("n", 0) > 1 else s
+    if "value" in d:
+        return fmt.format(d["value"] * scale)
+    return "-"
+
+
+def _status(d) -> str | None:
+    if not isinstance(d, dict):
+        return "missing"
+    if d.get("status", "ok") != "ok":
+        return f"{d['status'].upper()}: {d.get('reason', '')}"[:160]
+    return None
+
+
+def cold_start(d: dict) -> str:
+    rows = [[k, _m(v["wall"]), _m(v["wall"].get("min") and {"value": v["wall"]["min"]}), _m(v["peak_rss_mib"], "{:.0f}", spread=False)]
+            for k, v in d.get("commands", {}).items()]
+    return _table(["command", "wall s median [IQR]", "min s", "peak RSS MiB"], rows)
+
+
+def models(d: dict) -> str:
+    conv, tgt = [], []
+    for name, m in d.get("models", {}).items():
+        st = _status(m)
+        if st:
+            conv.append([name, st])
+            continue
+        c = m.get("convert", {})
+        vs = m.get("vs_source", {})
+        vb = vs.get("batches", {}) if isinstance(vs, dict) else {}
+        ratios = [_m(vb.get(b, {}).get("ort_over_source")) for b in ("1", "8")] if not _status(vs) else [_status(vs)[:60], ""]
+        conv.append([name, m.get("framework", ""), _m(c.get("wall"), "{:.1f}"), _m(c.get("peak_rss_mib"), "{:.0f}"),
+                     f"{c.get('size_bytes', 0) / 1e6:.2f}", *ratios])
+        t = m.get("targets")
+        if t is None:
+            continue
+        st = _status(t)
+        if st:
+            tgt.append([name, "*", st])
+            continue
+        for tn, td in t.get("targets", {}).items():
+            st = _status(td)
+            if st and "latency_vs_fp32" not in td:
+                tgt.append([name, tn, st[:120]])
+                continue
+            lv = td.get("latency_vs_fp32", {})
+            p = td.get("parity", {})
+            tgt.append([name, tn + (f" ({td['chosen']})" if td.get("chosen") else ""), td.get("precision") or "",
+                        f"{td.get('size_bytes', 0) / 1e6:.2f}", _m(td.get("size_vs_fp32"), "{:.2f}"),
+                        _m(lv.get("1")), _m(lv.get("8")), _m(p.get("cosine_min"), "{:.5f}"),
+                        _m(p.get("top1_agreement"), "{:.3f}"), f"{td.get('optimize_s', 0):.1f}"])
+    out = [f"threads={d.get('threads')}; ratios are latency / baseline latency (< 1 = faster), median [IQR of per-round ratios]",
+           _table(["model", "framework", "convert s", "convert peak RSS MiB", "fp32 MB", "ORT/source b1", "ORT/source b8"], conv)]
+    if tgt:
+        out.append(_table(["model", "target", "precision", "MB", "size/fp32", "lat/fp32 b1", "lat/fp32 b8",
+                           "cosine", "top1", "optimize s"], tgt))
+    return "\n\n".join(out)
+
+
+def large_model(d: dict) -> str:
+    head = f"{d.get('model', '')}: {d.get('model_size_bytes', 0) / 1e9:.2f} GB; goal peak RSS <= {d.get('goal_rss_over_size')} x size"
+    if d.get("import_floor_rss_bytes"):
+        head += f"; import floor {d['import_floor_rss_bytes'] / MIB:.0f} MiB"
+    rows = []
+    for name, s in (d.get("stages") or {}).items():
+        st = _status(s)
+        if st:
+            rows.append([name, st])
+            continue
+        rows.append([name, _m(s["wall_s"], "{:.1f}"), f"{s['peak_rss_bytes'] / 2**30:.2f}",
+                     _m(s["rss_over_model_size"], "{:.2f}"), "yes" if s.get("meets_goal") else "NO",
+                     "-" if s.get("above_floor_over_model_size") is None else f"{s['above_floor_over_model_size']:.2f}"])
+    return head + "\n" + _table(["stage", "wall s", "peak RSS GiB", "RSS/size", "meets goal",
+                                  "(RSS-floor)/size"], rows)
+
+
+def pipeline(d: dict) -> str:
+    rows = [[k, _m(v, "{:.2f}")] for k, v in d.items() if isinstance(v, dict) and ("median" in v or "value" in v)]
+    return (f"{d.get('model', '')} -> {d.get('target', '')}; goal ratio ~{d.get('goal_ratio', '')}\n"
+            + _table(["figure", "median [IQR]"], rows))
+
+
+def render(name: str, d: dict) -> str:
+    st = _status(d)
+    if st:
+        return st
+    fn = globals().get(name)
+    return fn(d) if fn else ""
