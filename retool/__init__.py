@@ -10,7 +10,9 @@ _LAZY = {
     "convert": "retool.converter.core:convert",
     "optimize": "retool.optimizers.core:optimize",
     "validate": "retool.validators.core:validate",
-    "publish": "retool.publish:publish",
+    # a subpackage: importing it makes ``retool.publish`` the module, so expose the module itself
+    # (``retool.publish.publish(...)``) rather than a function it would shadow.
+    "publish": "retool.publish",
     "run": "retool.pipeline:run",
     "TensorSpec": "retool.types:TensorSpec",
     "ModelArtifact": "retool.types:ModelArtifact",
@@ -27,5 +29,6 @@ def __getattr__(name: str):
         import importlib
 
         module, _, attr = _LAZY[name].partition(":")
-        return getattr(importlib.import_module(module), attr)
+        mod = importlib.import_module(module)
+        return getattr(mod, attr) if attr else mod
     raise AttributeError(f"module 'retool' has no attribute {name!r}")
