@@ -13,7 +13,7 @@ def default_threads() -> int:
 
 
 def measure(models: Mapping[str, object], feeds: Mapping[str, np.ndarray], threads: int | None = None,
-            warmup: int = 3, min_rounds: int = 10, max_rounds: int = 200, budget_s: float = 4.0) -> dict:
+            warmup: int = 5, min_rounds: int = 10, max_rounds: int = 5000, budget_s: float = 2.0) -> dict:
     """Median latency (ms) of each model on ``feeds``; one run of each per round so drift hits all alike."""
     from retool.runtime import make_session, run_session
 

@@ -1,0 +1,111 @@
+"""retool optimize / retool targets."""
+from __future__ import annotations
+
+import click
+
+from retool.commands.common import emit_report
+
+
+@click.command("optimize")
+@click.argument("model", type=click.Path(dir_okay=True))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the optimised ONNX.")
+@click.option("--target", required=True, help="Target profile (see 'retool targets'), e.g. cpu-int8.")
+@click.option("--calibration", type=click.Path(), help="Calibration data: an .npz (array per input), a folder "
+              "of .npy/.npz, or a folder of images. Without it, seeded random data (with a warning).")
+@click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
+              show_default=True, help="How activation ranges are chosen.")
+@click.option("--preprocess", metavar="SPEC", help="For image folders: 'resize=H,W;mean=..;std=..;layout=nchw;"
+              "scale=1/255;color=rgb' (default: the model's size, /255, RGB).")
+@click.option("--tolerance", metavar="KEY=VAL,...", help="Override the target's parity tolerance, e.g. "
+              "'min_cosine=0.995,min_top1=0.98' (keys: atol, rtol, min_cosine, min_top1; 'none' disables one).")
+@click.option("--accuracy-budget", type=click.IntRange(0, 20), default=None,
+              help="Retries of the accuracy-aware fallback (default 4; 0 = no fallback).")
+@click.option("--threads", type=click.IntRange(1, 256), help="Threads for the latency measurement (default min(4, cores)).")
+@click.option("--no-measure", is_flag=True, help="Skip the latency measurement.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of random calibration/held-out data.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a summary.")
+def optimize_cmd(model, output, target, calibration, calibration_method, preprocess, tolerance, accuracy_budget,
+                 threads, no_measure, seed, as_json):
+    """Optimise the ONNX MODEL for --target and write it to -o.
+
+    Checks parity against MODEL on held-out samples and measures latency at
+    batch 1. When the target's tolerance is missed, the nodes that cost the most
+    accuracy are kept in float and it retries; if it still misses, nothing is
+    written at -o and the sidecar report says why (exit 6).
+    """
+    from retool import console
+    from retool.errors import ValidationFailed
+    from retool.optimizers.core import optimize
+
+    tol = parse_tolerance(tolerance)
+    try:
+        art, report = optimize(model, output, target=target, calibration=calibration,
+                               calibration_method=calibration_method, tolerance=tol, seed=seed, threads=threads,
+                               measure=not no_measure, accuracy_budget=accuracy_budget, preprocess=preprocess)
+    except ValidationFailed as exc:
+        if exc.report is not None:
+            emit_report(exc.report, as_json, console.checks_table(exc.report.checks))
+        raise
+    emit_report(report, as_json, summary(report))
+
+
+def summary(report) -> str:
+    from retool import console
+
+    d = report.data
+    lines = [console.checks_table([c for c in report.checks if c.name.startswith("parity")]), ""]
+    lat = d.get("latency") or {}
+    rows = [["target", d.get("chosen_target") if d.get("chosen_target") != d.get("target")
+             else d.get("target")], ["size", f"{d['size_mb_input']:.3f} MB -> {d['size_mb']:.3f} MB"]]
+    if d.get("chosen_target") != d.get("target"):
+        rows[0][1] = f"{d['target']} -> {d['chosen_target']} ({d['auto']['why']})"
+    if lat:
+        rows.append(["latency", f"{lat['fp32_p50_ms']:.3f} ms -> {lat['candidate_p50_ms']:.3f} ms "
+                                f"(x{lat['ratio']:.2f}, batch 1, {lat['threads']} threads)"])
+    cal = d.get("calibration") or {}
+    if cal.get("used"):
+        rows.append(["calibration", f"{cal['source']} ({cal['samples']} samples, {cal['method']})"
+                                    + (" RANDOM" if cal.get("random") else "")])
+    if d.get("excluded_nodes"):
+        rows.append(["kept in float", ", ".join(f"{x['node']} ({x['source_layer']})" for x in d["excluded_layers"])])
+    lines.append(console.table(["result", ""], rows))
+    lines.append(f"\nwrote {report.artifact.path}")
+    for w in report.warnings:
+        lines.append(f"warning: {w}")
+    return "\n".join(lines)
+
+
+def parse_tolerance(text: str | None) -> dict | None:
+    from retool.errors import UsageError
+
+    if not text:
+        return None
+    out = {}
+    for part in text.split(","):
+        key, sep, val = part.strip().partition("=")
+        key = key.strip().replace("-", "_")
+        if key not in ("atol", "rtol", "min_cosine", "min_top1") or not sep:
+            raise UsageError(f"--tolerance {text!r}: expected KEY=VALUE pairs with keys atol, rtol, min_cosine, "
+                             f"min_top1, e.g. 'min_cosine=0.995,min_top1=0.98'")
+        try:
+            out[key] = None if val.strip().lower() in ("none", "off") else float(val)
+        except ValueError:
+            raise UsageError(f"--tolerance {text!r}: {val!r} is not a number") from None
+    return out
+
+
+@click.command("targets")
+@click.option("--json", "as_json", is_flag=True, help="Print the profiles as JSON.")
+def targets_cmd(as_json):
+    """List the optimisation targets and what each does."""
+    import json
+
+    from retool import console
+    from retool.optimizers.targets import all_targets
+
+    profiles = all_targets()
+    if as_json:
+        click.echo(json.dumps([{**p.to_dict(), "does": p.describe()} for p in profiles], indent=2))
+        return
+    rows = [[p.name, p.precision, p.provider.replace("ExecutionProvider", ""), p.describe()] for p in profiles]
+    click.echo(console.table(["target", "precision", "provider", "what it does"], rows))
