@@ -1,0 +1,155 @@
+"""Compare two ``make bench`` result files; flag every figure that got worse by more than 10 %.
+
+    .venv/bin/python bench/compare.py OLD.json NEW.json [--threshold 0.10]
+
+Every metric (a dict with ``median`` or ``value`` and ``better``) found at the same
+path in both files is compared on its central value. Exit status: 0 when nothing
+regressed, 1 when at least one figure did, 2 when a file cannot be read.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.stats import central, is_metric  # noqa: E402
+
+DEFAULT_THRESHOLD = 0.10
+
+
+@dataclass(frozen=True)
+class Change:
+    path: str
+    old: float
+    new: float
+    better: str
+    unit: str
+    #: Relative change in the bad direction: +0.25 = 25 % worse, -0.1 = 10 % better.
+    worse_by: float
+    #: The old and new spreads (p25-p75) overlap: the change may be noise.
+    overlap: bool | None
+
+    @property
+    def label(self) -> str:
+        return f"{self.worse_by * 100:+.1f} %"
+
+
+def metrics(tree, prefix: str = "") -> dict[str, dict]:
+    """Every metric dict in a result tree, by dotted path. Skipped/errored parts have none."""
+    out = {}
+    if is_metric(tree):
+        out[prefix] = tree
+    elif isinstance(tree, dict):
+        for k, v in tree.items():
+            if k in ("machine", "settings"):
+                continue
+            out.update(metrics(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def _overlap(a: dict, b: dict) -> bool | None:
+    if "p25" not in a or "p25" not in b:
+        return None
+    return a["p25"] <= b["p75"] and b["p25"] <= a["p75"]
+
+
+def compare(old: dict, new: dict) -> tuple[list[Change], list[str], list[str]]:
+    """(changes for paths in both, paths only in old, paths only in new)."""
+    mo, mn = metrics(old.get("sections", old)), metrics(new.get("sections", new))
+    changes = []
+    for path in sorted(mo.keys() & mn.keys()):
+        a, b = mo[path], mn[path]
+        va, vb = central(a), central(b)
+        better = b.get("better", a.get("better"))
+        if va == 0:
+            worse = 0.0 if vb == va else (float("inf") if (vb > va) == (better == "lower") else float("-inf"))
+        else:
+            worse = (vb - va) / abs(va) if better == "lower" else (va - vb) / abs(va)
+        changes.append(Change(path, va, vb, better, b.get("unit", ""), worse, _overlap(a, b)))
+    return changes, sorted(mo.keys() - mn.keys()), sorted(mn.keys() - mo.keys())
+
+
+def regressions(changes: list[Change], threshold: float = DEFAULT_THRESHOLD) -> list[Change]:
+    return [c for c in changes if c.worse_by > threshold]
+
+
+def _context_warnings(old: dict, new: dict) -> list[str]:
+    warns = []
+    mo, mn = old.get("machine") or {}, new.get("machine") or {}
+    for k in ("cpu_model", "cpus_usable", "mem_total_bytes"):
+        if mo.get(k) != mn.get(k):
+            warns.append(f"different machines: {k} {mo.get(k)!r} -> {mn.get(k)!r}")
+    for k in ("onnxruntime", "torch", "tensorflow"):
+        a, b = (mo.get("versions") or {}).get(k), (mn.get("versions") or {}).get(k)
+        if a != b:
+            warns.append(f"{k} {a} -> {b}")
+    so, sn = old.get("settings") or {}, new.get("settings") or {}
+    if so.get("quick") != sn.get("quick"):
+        warns.append(f"one run is --quick (old quick={so.get('quick')}, new quick={sn.get('quick')}): figures differ in kind")
+    if so.get("threads") != sn.get("threads"):
+        warns.append(f"threads {so.get('threads')} -> {sn.get('threads')}")
+    for name, sec in (new.get("sections") or {}).items():
+        if isinstance(sec, dict) and sec.get("status", "ok") != "ok":
+            warns.append(f"new run: section {name} {sec.get('status')}: {sec.get('reason', '')[:120]}")
+    return warns
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.4g}"
+
+
+def load(path: str) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"compare: error: {path}: cannot read a result file ({exc}); "
+                         f"pass two bench/results/*.json files written by bench/run.py")
+    if not isinstance(data, dict) or "sections" not in data:
+        raise SystemExit(f"compare: error: {path}: not a bench result (no 'sections'); "
+                         f"pass files written by bench/run.py")
+    return data
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("old")
+    ap.add_argument("new")
+    ap.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                    help="flag figures worse by more than this fraction (default 0.10)")
+    ap.add_argument("--all", action="store_true", help="list every compared figure, not only the flagged ones")
+    args = ap.parse_args(argv)
+    try:
+        old, new = load(args.old), load(args.new)
+    except SystemExit as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    changes, only_old, only_new = compare(old, new)
+    bad = regressions(changes, args.threshold)
+    better = [c for c in changes if c.worse_by < -args.threshold]
+    for w in _context_warnings(old, new):
+        print(f"note: {w}")
+    shown = changes if args.all else bad
+    if shown:
+        from bench.report import _table
+
+        rows = [[c.path, _fmt(c.old), _fmt(c.new), c.unit, c.better, c.label,
+                 "REGRESSION" if c in bad else ("better" if c in better else ""),
+                 "" if c.overlap is None else ("yes" if c.overlap else "no")] for c in shown]
+        print(_table(["figure", "old", "new", "unit", "better", "worse by", "", "IQRs overlap"], rows))
+    if only_old:
+        print(f"{len(only_old)} figure(s) only in {args.old} (skipped or failed in the new run), e.g. {only_old[0]}")
+    if only_new:
+        print(f"{len(only_new)} figure(s) only in {args.new}, e.g. {only_new[0]}")
+    print(f"{len(changes)} figures compared: {len(bad)} worse by more than {args.threshold:.0%}, "
+          f"{len(better)} better by more than {args.threshold:.0%}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""bench/compare.py flags >10 % regressions; the harness's statistics and per-child RSS are right.
+
+No timing assertions: latency loops run on a fake clock.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from bench import compare as cmp
+from bench.proc import run_child
+from bench.stats import interleaved, quantile, ratio_summary, summarize
+
+
+def test_summarize_median_and_spread():
+    m = summarize([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (m["median"], m["p25"], m["p75"], m["iqr"], m["min"], m["max"], m["n"]) == (3.0, 2.0, 4.0, 2.0, 1.0, 5.0, 5)
+    assert m["better"] == "lower" and m["unit"] == "s"
+    assert summarize([2.0, 1.0])["median"] == 1.5
+    with pytest.raises(ValueError):
+        summarize([])
+    with pytest.raises(ValueError):
+        summarize([1.0], better="faster")
+
+
+def test_quantile_matches_numpy():
+    xs = list(np.random.default_rng(3).standard_normal(37))
+    for q in (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0):
+        assert quantile(xs, q) == pytest.approx(float(np.quantile(xs, q)))
+
+
+def test_ratio_summary_uses_medians_and_paired_spread():
+    num, den = [2.0, 4.0, 6.0], [1.0, 1.0, 4.0]
+    r = ratio_summary(num, den)
+    assert r["median"] == pytest.approx(4.0 / 1.0)  # median(num) / median(den)
+    assert r["median_of_ratios"] == pytest.approx(2.0)  # per-round: 2, 4, 1.5
+    assert (r["min"], r["max"]) == (1.5, 4.0)
+    assert r["unit"] == "x"
+    with pytest.raises(ValueError):
+        ratio_summary([1.0], [1.0, 2.0])
+
+
+def test_interleaved_rotates_and_respects_rounds():
+    calls, now = [], [0.0]
+
+    def clock():
+        now[0] += 1.0
+        return now[0]
+
+    fns = {k: (lambda k=k: calls.append(k)) for k in "abc"}
+    s = interleaved(fns, warmup=1, min_rounds=4, max_rounds=50, budget_s=0.0, clock=clock)
+    assert {k: len(v) for k, v in s.items()} == {"a": 4, "b": 4, "c": 4}
+    timed = calls[3:]  # after one warm-up round
+    assert timed[:3] == ["a", "b", "c"] and timed[3:6] == ["b", "c", "a"] and timed[6:9] == ["c", "a", "b"]
+    assert all(x == 1.0 for v in s.values() for x in v)  # one fake tick per timed call
+    # a budget keeps it going past min_rounds, max_rounds stops it
+    s = interleaved({"x": lambda: None}, warmup=0, min_rounds=1, max_rounds=7, budget_s=1e9, clock=clock)
+    assert len(s["x"]) == 7
+
+
+def _metric(median, better="lower", unit="s", spread=0.01):
+    return {"median": median, "p25": median - spread, "p75": median + spread, "n": 5, "unit": unit, "better": better}
+
+
+@pytest.fixture
+def results(tmp_path):
+    old = {"machine": {"cpu_model": "X", "cpus_usable": 2}, "settings": {"quick": False, "threads": 2},
+           "sections": {
+               "cold_start": {"status": "ok", "commands": {"retool --help": {"wall": _metric(0.100)}}},
+               "models": {"status": "ok", "models": {"cnn": {
+                   "convert": {"wall": _metric(10.0), "peak_rss_mib": _metric(500.0, unit="MiB")},
+                   "targets": {"targets": {"cpu-int8": {
+                       "latency_vs_fp32": {"1": _metric(0.50, unit="x")},
+                       "parity": {"top1_agreement": {"value": 1.0, "unit": "", "better": "higher"},
+                                  "cosine_min": {"value": 0.999, "unit": "", "better": "higher"}}}}}}}},
+               "large_model": {"status": "ok", "stages": {"convert_onnx": {
+                   "rss_over_model_size": {"value": 1.4, "unit": "x", "better": "lower"}}}},
+           }}
+    new = copy.deepcopy(old)
+    s = new["sections"]
+    s["cold_start"]["commands"]["retool --help"]["wall"] = _metric(0.112)  # 12 % slower: flagged
+    s["models"]["models"]["cnn"]["convert"]["wall"] = _metric(10.8)  # 8 % slower: within threshold
+    s["models"]["models"]["cnn"]["convert"]["peak_rss_mib"] = _metric(300.0, unit="MiB")  # better
+    t = s["models"]["models"]["cnn"]["targets"]["targets"]["cpu-int8"]
+    t["parity"]["top1_agreement"]["value"] = 0.85  # higher is better: 15 % worse, flagged
+    s["large_model"] = {"status": "skipped", "reason": "not enough memory"}
+    po, pn = tmp_path / "old.json", tmp_path / "new.json"
+    po.write_text(json.dumps(old))
+    pn.write_text(json.dumps(new))
+    return old, new, po, pn
+
+
+def test_compare_flags_each_regression_over_threshold(results):
+    old, new, _, _ = results
+    changes, only_old, only_new = cmp.compare(old, new)
+    flagged = {c.path for c in cmp.regressions(changes)}
+    assert flagged == {"cold_start.commands.retool --help.wall",
+                       "models.models.cnn.targets.targets.cpu-int8.parity.top1_agreement"}
+    by = {c.path: c for c in changes}
+    assert by["models.models.cnn.convert.wall"].worse_by == pytest.approx(0.08)
+    assert by["models.models.cnn.convert.peak_rss_mib"].worse_by == pytest.approx(-0.4)
+    assert by["models.models.cnn.targets.targets.cpu-int8.parity.top1_agreement"].worse_by == pytest.approx(0.15)
+    assert only_old == ["large_model.stages.convert_onnx.rss_over_model_size"] and only_new == []
+    # a stricter threshold catches the 8 % one too
+    assert "models.models.cnn.convert.wall" in {c.path for c in cmp.regressions(changes, 0.05)}
+
+
+def test_compare_cli_exit_codes(results, tmp_path, capsys):
+    _, _, po, pn = results
+    assert cmp.main([str(po), str(pn)]) == 1
+    out = capsys.readouterr().out
+    assert out.count("REGRESSION") == 2 and "section large_model skipped" in out
+    assert cmp.main([str(po), str(po)]) == 0  # identical runs: nothing flagged
+    assert cmp.main([str(pn), str(po)]) == 1  # the reverse direction: help got faster, rss got worse (+67 %)
+    bad = tmp_path / "bad.json"
+    bad.write_text("{\"not\": \"a result\"}")
+    assert cmp.main([str(po), str(bad)]) == 2
+    assert "not a bench result" in capsys.readouterr().err
+
+
+def test_child_peak_rss_is_per_child():
+    """wait4 gives each child its own peak; RUSAGE_CHILDREN would keep reporting the largest so far."""
+    big = run_child([sys.executable, "-c", "b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096])"], timeout=60)
+    small = run_child([sys.executable, "-c", "pass"], timeout=60)
+    assert big.ok and small.ok
+    assert big.maxrss_bytes > 300 * 2**20
+    assert small.maxrss_bytes < 100 * 2**20
+    failing = run_child([sys.executable, "-c", "import sys; print('out'); sys.exit(3)"], timeout=60)
+    assert failing.rc == 3 and not failing.ok and failing.stdout.strip() == "out"
