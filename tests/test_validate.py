@@ -265,6 +265,8 @@ def test_cli_json_and_usage_exit_codes(cli, models, tmp_path):
     assert r.code == 2 and "g.yaml" in r.err and "Traceback" not in r.err
     r = cli("validate", models["ref"], "--report-dir", models["ref"])
     assert r.code == 2 and "is a file" in r.err
+    r = cli("validate", models["ref"], "--reference", tmp_path / "missing.pt")
+    assert r.code == 2 and "missing.pt" in r.err and "not found" in r.err
 
 
 def test_cli_tolerance_flags_apply_to_every_output(cli, models):
