@@ -78,5 +78,5 @@ def validate_cmd(candidate, reference, latency, batch_sizes, threads, runs, time
         more = f" and {len(failed) - 3} more" if len(failed) > 3 else ""
         where = f"; report: {report_dir}/report.json" if report_dir else ""
         raise ValidationFailed(f"{candidate}: {len(failed)} gate(s) failed: "
-                               f"{', '.join(c.name for c in failed[:3])}{more}{where}", report=report)
+                               f"{', '.join(c.name for c in failed[:3])}{more} (gate table above){where}", report=report)
     emit_report(report, as_json, human)
