@@ -218,8 +218,9 @@ class CaffeSource(SourceModel):
                                         + "; ".join(self.divergences) + ")")
             else:
                 try:
-                    self._ref_opencv()
-                except Exception as exc:  # not installed, or cannot load the net
+                    ref = self._ref_opencv()
+                    ref.run({n: np.zeros(shape, np.float32) for n, shape in self._concrete_inputs()})
+                except Exception as exc:  # not installed, cannot load the net, or cannot run it
                     self._reference_note = f"OpenCV cannot run this net ({exc})"
             if self._reference_note:
                 self._reference_note += "; parity is checked against retool's NumPy Caffe reference instead"
