@@ -147,3 +147,25 @@ def test_missing_bucket_is_one_line_not_a_traceback(s3_endpoint, tmp_path, cli):
     assert r.code == 7 and "create the bucket" in r.err and "Traceback" not in r.err
     r = cli("repo", "list", "s3://no-such-bucket-retool/x")
     assert r.code == 2 and "no model repository" in r.err
+
+
+def test_publisher_killed_mid_upload_leaves_nothing_visible_on_s3(s3_endpoint, bucket, tmp_path):
+    import signal
+    import time
+
+    url = f"s3://{bucket}/k"
+    model = linear(tmp_path / "m.onnx", external_data_mb=0.5)
+    p = subprocess.Popen([sys.executable, "-m", "retool", "-q", "publish", str(model), "--repo", url, "--name", "m"],
+                         cwd=ROOT, env={**os.environ, "RETOOL_TEST_STAGE_DELAY_S": "60"},
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not _keys(s3_endpoint, bucket, "k/m/.staging/") and p.poll() is None:
+        time.sleep(0.05)
+    staged = _keys(s3_endpoint, bucket, "k/m/.staging/")
+    assert staged and staged[0].endswith("/m.onnx.data"), p.stderr.read() if p.poll() is not None else staged
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=30)
+    repo = open_repo(url)
+    assert repo.models() == [] and repo.verify() == ([], 0)
+    assert [k for k in _keys(s3_endpoint, bucket, "k/") if not k.startswith("k/m/.staging/")] == []
+    assert publish(model, url, "m").version == 1 and repo.verify() == ([], 3)
