@@ -183,3 +183,17 @@ def test_numpy_reference_agrees_with_opencv(tmp_path, name):
     cv = src.run(x)
     for a, b, t in zip(ours, cv, src.output_tensors):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4, err_msg=t)
+
+
+@pytest.mark.parametrize("size,k,s,p,ceil,expected", [
+    (5, 2, 2, 1, True, 3),    # ceil gives 4, but the 4th window would start in the padding
+    (6, 2, 2, 1, True, 4),
+    (6, 3, 2, 1, True, 4),    # floor would give 3
+    (6, 3, 2, 1, False, 3),
+    (55, 3, 2, 0, True, 27),  # AlexNet pool1
+    (13, 3, 2, 0, True, 6),
+])
+def test_caffe_pooling_output_size(size, k, s, p, ceil, expected):
+    from retool.converter.caffe.shapes import pool_out
+
+    assert pool_out(size, k, s, p, ceil) == expected

@@ -72,3 +72,15 @@ def test_caffemodel_as_source_and_missing_weights(cli, tmp_path):
     assert "--weights" in line
     line = _clean_failure(cli("convert", proto, "-o", out), out, code=2)
     assert "--weights" in line and "'conv1'" in line
+
+
+def test_truncated_caffemodel_in_a_real_process(tmp_path, run_retool_subprocess):
+    proto, model = caffe_nets.write_net("reshape", tmp_path)
+    model.write_bytes(model.read_bytes()[:-7])
+    out = tmp_path / "o.onnx"
+    r = run_retool_subprocess("convert", proto, "--weights", model, "-o", out)
+    assert r.returncode == 4, r.stderr
+    assert "Traceback" not in r.stderr
+    assert [l for l in r.stderr.splitlines() if l.startswith("retool: error:")] == [
+        l for l in r.stderr.splitlines() if "reshape.caffemodel" in l]
+    assert not out.exists()
