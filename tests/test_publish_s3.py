@@ -169,3 +169,4 @@ def test_publisher_killed_mid_upload_leaves_nothing_visible_on_s3(s3_endpoint, b
     assert repo.models() == [] and repo.verify() == ([], 0)
     assert [k for k in _keys(s3_endpoint, bucket, "k/") if not k.startswith("k/m/.staging/")] == []
     assert publish(model, url, "m").version == 1 and repo.verify() == ([], 3)
+    assert _keys(s3_endpoint, bucket, "k/m/.staging/") == []  # the dead publisher's upload was swept

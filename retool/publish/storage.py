@@ -412,6 +412,24 @@ class FsspecStorage(Storage):
         self._fresh()
 
     @_remote()
+    def clean_stale(self, name):
+        """Remove staged uploads of publishers that died (same host, dead pid) or are over a day old."""
+        removed = []
+        host = socket.gethostname()
+        for entry in self.listdir(f"{name}/.staging"):
+            parts = entry.rsplit("-", 2)  # host-pid-random
+            stale = len(parts) == 3 and parts[0] == host and parts[1].isdigit() and not _pid_alive(int(parts[1]))
+            if not stale:
+                with contextlib.suppress(Exception):
+                    infos = self.fs.find(self._p(f"{name}/.staging/{entry}"), detail=True).values()
+                    newest = max(i["LastModified"].timestamp() for i in infos)
+                    stale = time.time() - newest > 86400
+            if stale:
+                self.discard(Staged(name, f"{name}/.staging/{entry}", ()))
+                removed.append(entry)
+        return removed
+
+    @_remote()
     def taken_versions(self, name):
         claims = {n.split(".", 1)[0] for n in self.listdir(f"{name}/.versions")}
         return _numeric(self.listdir(name)) | _numeric(claims)
