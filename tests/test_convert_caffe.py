@@ -10,7 +10,6 @@ import pytest
 pytest.importorskip("cv2")
 from fixtures import caffe_nets  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "caffe"
 pytestmark = pytest.mark.caffe
 
 

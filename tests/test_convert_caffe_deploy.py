@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("cv2")
 from fixtures import caffe_nets  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "caffe"
+SHARED = caffe_nets.SHARED
 pytestmark = pytest.mark.caffe
 
 

@@ -20,7 +20,6 @@ LEARNABLE = {"Convolution", "Deconvolution", "InnerProduct", "BatchNorm", "PReLU
 TRAINING_TYPES = {"Data", "ImageData", "MemoryData", "DummyData", "HDF5Data", "WindowData", "Accuracy",
                   "SoftmaxWithLoss", "EuclideanLoss", "SigmoidCrossEntropyLoss", "HingeLoss", "InfogainLoss",
                   "MultinomialLogisticLoss", "ContrastiveLoss"}
-_TEXT_HINT = re.compile(rb"^\s*(layers?\s*\{|input\s*:|name\s*:\s*\")", re.M)
 
 
 class CaffeConverter(Converter):
