@@ -323,8 +323,9 @@ def test_bad_inputs_one_line_no_traceback(tmp_path, tiny, cli):
     assert r.code == 2 and "not a retool report" in r.err
     r = cli("publish", tiny, "--repo", repo, "--name", "m", "--max-regression", "speed=3")
     assert r.code == 2 and "--max-regression" in r.err
-    for res in (r,):
-        assert "Traceback" not in res.err and len(res.err.strip().splitlines()) == 1
+    assert "Traceback" not in r.err and len(r.err.strip().splitlines()) == 1
+    r = cli("publish", tiny, "--repo", repo, "--name", "m", "--instances", "0")
+    assert r.code == 2 and "--instances" in r.err
     assert not (repo / "m" / "1").exists()
 
 

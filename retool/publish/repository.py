@@ -137,6 +137,8 @@ class Repository:
         alias = check_alias(alias) if alias else None
         requested = None if str(version).strip().lower() == "auto" else check_version(version)
         limits = regression.parse_spec(max_regression)
+        if int(instance_count) < 1:
+            raise UsageError(f"--instances {instance_count}: Triton needs at least one model instance")
         art = _load_artifact(artifact)
         rep, rep_source = _load_report(report, art)
         base_reasons: list[str] = []
