@@ -350,7 +350,8 @@ def optimize(model, output, *, target: str, calibration=None, calibration_method
             raise ValidationFailed(
                 f"{art.path}: {profile.name} result misses its tolerance ({_why(failed)}) after keeping "
                 f"{len(cand.excluded)} node(s) in float; {out} was not written (report: {side}); "
-                f"relax --tolerance, give real --calibration data or choose another --target", report=report)
+                f"relax --tolerance{', give representative --calibration data' if cand.calibrated else ''} "
+                f"or choose another --target", report=report)
         from retool.fsutil import move_onnx
 
         move_onnx(staged, out)

@@ -95,9 +95,9 @@ def calibrate(model_path, samples: Iterator[dict[str, np.ndarray]], profile, met
     shown = [0]
 
     def progress(n):
-        if total + n - shown[0] >= 16:
+        if total + n - shown[0] >= 64:  # large sets only; a few samples finish in a blink
             shown[0] = total + n
-            console.info(f"  calibrated {shown[0]} samples")
+            console.info(f"\n  … {shown[0]} samples calibrated")
 
     while True:
         reader = StreamingReader(samples, limit=chunk, on_sample=progress)
