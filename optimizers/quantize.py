@@ -7,7 +7,9 @@ the next one is read: memory stays bounded for MinMax, Entropy and Percentile.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -42,11 +44,14 @@ def preprocess(src, dst, external: bool = False) -> list[str]:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     warnings = []
+    src, dst = Path(src).resolve(), Path(dst).resolve()
     kw = dict(save_as_external_data=external, all_tensors_to_one_file=True,
-              external_data_location=Path(dst).name + ".data" if external else None)
+              external_data_location=dst.name + ".data" if external else None)
     for skip_symbolic in (False, True):
         try:
-            quant_pre_process(str(src), str(dst), skip_symbolic_shape=skip_symbolic, **kw)
+            # symbolic shape inference leaves temp files in the working directory when it fails
+            with _cwd(dst.parent):
+                quant_pre_process(str(src), str(dst), skip_symbolic_shape=skip_symbolic, **kw)
             if skip_symbolic:
                 warnings.append("symbolic shape inference failed on this graph; pre-processed without it")
             return warnings
@@ -56,6 +61,16 @@ def preprocess(src, dst, external: bool = False) -> list[str]:
                     f"quantizing the model as it is")
     _copy_onnx(src, dst)
     return warnings
+
+
+@contextlib.contextmanager
+def _cwd(path):
+    old = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
 
 
 def _copy_onnx(src, dst) -> None:

@@ -69,7 +69,6 @@ def _check_node_types(target, model):
         assert all(v.type.tensor_type.elem_type in (1, 7) for v in list(model.graph.input) + list(model.graph.output))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("which", ["cnn", "transformer"])
 def test_every_target_on_fixture_models(which, cnn_onnx, transformer_onnx, tmp_path):
     from retool.optimizers.core import optimize
