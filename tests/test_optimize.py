@@ -142,6 +142,18 @@ def test_calibration_npz_folder_and_methods(cnn_onnx, tmp_path):
     assert cal["kind"] == "folder" and cal["samples"] == 4 and cal["method"] == "percentile"
 
 
+def test_transformer_calibration_npz(transformer_onnx, tmp_path):
+    from retool.optimizers.core import optimize
+
+    tokens = np.random.default_rng(3).integers(0, 64, size=(6, 9)).astype(np.int64)
+    np.savez(tmp_path / "tok.npz", tokens=tokens)
+    _, report = optimize(transformer_onnx, tmp_path / "t.onnx", target="arm64-int8", calibration=tmp_path / "tok.npz",
+                         measure=False, tolerance={"min_top1": None})
+    cal = report.data["calibration"]
+    assert cal["samples"] == 5 and cal["random"] is False and report.passed
+    assert report.data["parity"]["heldout_source"] == str(tmp_path / "tok.npz")
+
+
 def test_calibration_image_folder(cnn_onnx, tmp_path):
     cv2 = pytest.importorskip("cv2")
     from retool.optimizers.core import optimize
@@ -226,3 +238,16 @@ def test_targets_are_declarative_profiles():
             assert p.graph_level != "all"
     with pytest.raises(Exception):
         profiles[0].per_channel = True  # frozen
+
+
+def test_artifact_input_keeps_provenance_chain(cnn_onnx, tmp_path):
+    from retool.onnx_info import artifact_from_onnx
+    from retool.optimizers.core import optimize
+
+    src = artifact_from_onnx(cnn_onnx)
+    art, report = optimize(src, tmp_path / "c.onnx", target="cpu", measure=False)
+    assert [p.stage for p in art.provenance] == [p.stage for p in src.provenance] + ["optimize"]
+    assert art.precision == "fp32" and art.target == "cpu"
+    # the sidecar lets the next stage pick the chain up again from the file alone
+    again = artifact_from_onnx(art.path)
+    assert again.provenance == art.provenance and again.target == "cpu"

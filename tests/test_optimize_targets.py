@@ -46,6 +46,8 @@ def _check_node_types(target, model):
     if prof.method == "graph":
         assert not ops & {"QuantizeLinear", "DequantizeLinear", "MatMulInteger", "DynamicQuantizeLinear"}
         assert not any(i.data_type == 10 for i in model.graph.initializer)
+        # saved at EXTENDED: no CPU-specific NCHWc layout ops from level ALL
+        assert not any(n.domain == "com.microsoft.nchwc" for n in model.graph.node)
     elif prof.method == "static":
         assert {"QuantizeLinear", "DequantizeLinear"} <= ops
         zps = _activation_zero_points(model)
