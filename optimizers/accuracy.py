@@ -108,8 +108,6 @@ def rank_nodes(reference, candidate, feeds_list: Sequence[Mapping[str, np.ndarra
     """``candidates`` (node names of ``reference``) ordered by the error each introduces, costliest first."""
     import onnx
 
-    from retool.runtime import make_session, run_session
-
     ref = onnx.load(str(reference), load_external_data=False)
     cand = onnx.load(str(candidate), load_external_data=False)
     float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}

@@ -295,7 +295,7 @@ def optimize(model, output, *, target: str, calibration=None, calibration_method
     ValidationFailed (6) when the tolerance is still not met after the accuracy
     budget; then nothing is written at ``output`` (only the sidecar report).
     """
-    from retool.fsutil import atomic_write_text, check_output_path, file_size, sha256_file
+    from retool.fsutil import atomic_write_text, check_output_path, sha256_file
     from retool.onnx_info import sidecar_report_path
     from retool.optimizers import accuracy, latency
     from retool.optimizers.calibration import open_calibration

@@ -12,10 +12,8 @@ from typing import Mapping
 
 import numpy as np
 
-from retool import console
 
-#: Models whose weights live in external files skip the in-memory simplifiers
-#: (protobuf's 2 GB limit; and they would hold another full copy in memory).
+#: Used only when onnxsim is missing or fails (onnxsim runs onnxoptimizer itself).
 _ONNXOPTIMIZER_PASSES = ("eliminate_deadend", "eliminate_identity", "eliminate_nop_dropout",
                          "eliminate_nop_transpose", "eliminate_unused_initializer", "fuse_consecutive_transposes",
                          "fuse_transpose_into_gemm", "fuse_bn_into_conv")
@@ -42,6 +40,8 @@ def optimize_graph(src, dst, level: str = "extended", simplify: bool = True,
     res = GraphResult(dst)
     external = has_external_data(src)
     current = src
+    # Models with external data skip the in-memory simplifiers: protobuf's 2 GB
+    # limit, and they would hold another full copy of the weights.
     if simplify and not external:
         simplified = dst.with_name(dst.stem + ".simplified.onnx")
         tool = _simplify(src, simplified, res)
@@ -139,6 +139,3 @@ def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:200]
 
-
-def log(msg: str) -> None:
-    console.info(msg)
