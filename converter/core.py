@@ -61,7 +61,7 @@ def convert(source: Any, output, *, framework: str = "auto", weights=None,
     the ONNX file is then not written to ``output``; only the sidecar report is.
     """
     from retool.inputs import load_npz, parse_specs
-    from retool.validators.parity import Tolerance, tolerance_for
+    from retool.validators.parity import Tolerance
 
     out = check_output_path(output)
     if weights is not None and not Path(weights).exists():
@@ -119,7 +119,7 @@ def _convert_loaded(model: SourceModel, request: ConvertRequest, out: Path, veri
     with staging_dir(out) as tmp:
         staged = tmp / out.name
         t0 = time.perf_counter()
-        with console.step(f"exporting to ONNX"):
+        with console.step("exporting to ONNX"):
             try:
                 result = model.export(staged, request.opset)
             except RetoolError:

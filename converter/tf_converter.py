@@ -9,10 +9,7 @@ never meets a Sequential model, whose Keras 3 tracing breaks tf2onnx.from_keras)
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
-import sys
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -24,6 +21,7 @@ from retool.converter.tf_export import (check_opset, finalize, from_function, im
                                         run_tf2onnx)
 from retool.deps import version_of
 from retool.errors import ConversionError, TrustRequired, UsageError
+from retool.refs import import_ref
 from retool.types import TensorSpec
 
 HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
@@ -302,36 +300,10 @@ def _keras_source(model, request: ConvertRequest, files=()) -> TFSource:
                     owner=model, batch_outputs=True)
 
 
-def _import_ref(ref: str):
-    mod_name, _, attr = ref.rpartition(":")
-    if not mod_name or not attr:
-        raise UsageError(f"--custom-objects {ref}: expected MODULE:ATTR, e.g. mypkg.layers:MyLayer")
-    try:
-        if mod_name.endswith(".py"):
-            p = Path(mod_name)
-            if not p.exists():
-                raise UsageError(f"--custom-objects {ref}: file {p} not found")
-            spec = importlib.util.spec_from_file_location(p.stem, p)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-        else:
-            if str(Path.cwd()) not in sys.path and "" not in sys.path:
-                sys.path.insert(0, str(Path.cwd()))
-            module = importlib.import_module(mod_name)
-    except ImportError as exc:
-        raise UsageError(f"--custom-objects {ref}: cannot import {mod_name} ({exc})") from None
-    obj = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise UsageError(f"--custom-objects {ref}: {mod_name} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    return obj
-
-
 def _custom_objects(request: ConvertRequest, flavor: str) -> dict:
     out: dict = {}
     for ref in (request.options or {}).get("custom_objects") or ():
-        obj = _import_ref(ref)
+        obj = import_ref(ref, "--custom-objects")
         if isinstance(obj, Mapping):
             out.update(obj)
             continue

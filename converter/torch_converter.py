@@ -7,8 +7,6 @@ nn.Module (only with --trust-remote-code), or an in-memory nn.Module.
 from __future__ import annotations
 
 import contextlib
-import importlib
-import importlib.util
 import io
 import os
 import sys
@@ -141,28 +139,9 @@ def _load_pickle(torch, path: Path, request: ConvertRequest):
 
 def _load_factory(ref: str, request: ConvertRequest):
     torch = require("torch", "torch")
-    mod_name, _, attr = ref.rpartition(":")
-    try:
-        if mod_name.endswith(".py"):
-            p = Path(mod_name)
-            if not p.exists():
-                raise UsageError(f"{ref}: file {p} not found")
-            spec = importlib.util.spec_from_file_location(p.stem, p)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-        else:
-            if "" not in sys.path and str(Path.cwd()) not in sys.path:
-                sys.path.insert(0, str(Path.cwd()))  # like `python -m`: the current folder's packages
-            module = importlib.import_module(mod_name)
-    except UsageError:
-        raise
-    except ImportError as exc:
-        raise UsageError(f"{ref}: cannot import {mod_name} ({exc}); check the name and the current folder") from None
-    obj = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise UsageError(f"{ref}: {mod_name} has no attribute {attr!r}")
-        obj = getattr(obj, part)
+    from retool.refs import import_ref
+
+    obj = import_ref(ref)
     model = obj() if callable(obj) and not isinstance(obj, torch.nn.Module) else obj
     if not isinstance(model, torch.nn.Module):
         raise UsageError(f"{ref}: returned {type(model).__name__}, not a torch nn.Module")
@@ -293,7 +272,6 @@ class TorchSource(SourceModel):
         return [f"output_{i}" for i in range(len(outs))]
 
     def export(self, path: Path, opset: int | None) -> ExportResult:
-        torch = self.torch
         args = self._example_args()
         input_names = [s.name for s in self.input_specs]
         output_names = self._output_names_for(args)

@@ -1,7 +1,6 @@
 """retool convert for PyTorch: every source form, verification, and every bad input."""
 import json
 import os
-import sys
 
 import numpy as np
 import pytest

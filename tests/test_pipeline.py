@@ -1,6 +1,5 @@
 """retool run: a pipeline file end to end, its cache, its errors, and its engines."""
 import json
-import os
 from pathlib import Path
 
 import pytest

@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from fixtures.onnx_tiny import linear
 from retool.publish import open_repo, publish

@@ -287,8 +287,6 @@ def test_config_follows_the_target(tmp_path, tiny, target, kind, precision_mode)
 
 
 def test_static_batch_and_report_batch_sizes(tmp_path):
-    import onnx
-    from onnx import TensorProto, helper
 
     from retool.publish.config import build_config
 

@@ -1,8 +1,6 @@
 """Helpers shared by the subcommands."""
 from __future__ import annotations
 
-import json
-import sys
 
 import click
 

@@ -1,7 +1,6 @@
 """retool run."""
 from __future__ import annotations
 
-import json
 
 import click
 

@@ -10,7 +10,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from retool.errors import RetoolError
 from retool.pipeline.config import ModelConfig, TargetConfig

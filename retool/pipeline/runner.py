@@ -10,7 +10,7 @@ from typing import Any, Mapping
 
 from retool import console
 from retool.errors import UsageError
-from retool.fsutil import atomic_write_text, sha256_file
+from retool.fsutil import atomic_write_text
 from retool.pipeline.cache import StepCache, digest_of_path, digest_of_source, step_key
 from retool.pipeline.config import ModelConfig, PipelineConfig, TargetConfig, load_config, parse_config
 from retool.types import jsonable, now_iso
@@ -293,7 +293,6 @@ class _Scheduler:
 
         outcomes = []
         for m in self.models:
-            conv = self.converts.get(m.name, {})
             for t in m.targets:
                 outcomes.append(self.outcomes.get((m.name, t.name),
                                                   TargetOutcome(m.name, t.name, "skipped", 0, "not run")))

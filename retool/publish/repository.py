@@ -10,11 +10,11 @@ Layout (what Triton reads, plus retool's hidden bookkeeping)::
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
-from retool.errors import PublishError, RetoolError, UsageError
+from retool.errors import PublishError, UsageError
 from retool.publish import regression
 from retool.publish.config import DEFAULT_MAX_BATCH, batchable, build_config, parse_with_triton_schema
 from retool.publish.manifest import build_manifest, publisher
