@@ -141,9 +141,22 @@ def source_latency(args: dict) -> dict:
 
 def _optimize(onnx_path: str, out_path: str, target: str, threads: int | None):
     from retool.optimizers.core import optimize
+    from retool.registry import TARGETS
 
-    kwargs = {"target": target, "threads": threads, "measure": False}
-    return optimize(onnx_path, out_path, **kwargs)
+    # Latency is measured here, interleaved; only cpu-auto needs its own measurement to choose.
+    measure = TARGETS.get(target).method == "auto"
+    return optimize(onnx_path, out_path, target=target, threads=threads, measure=measure)
+
+
+def on_target_hardware(target: str, provider: str) -> bool:
+    """Every variant is timed on this machine's CPU: a GPU, NPU or ARM target's latency here is not its speed there."""
+    import platform
+
+    if provider != "CPUExecutionProvider" or target.startswith("npu"):
+        return False
+    if target.startswith("arm64"):
+        return platform.machine().lower() in ("aarch64", "arm64")
+    return True
 
 
 def _parity(ref_outs: list[list[np.ndarray]], new_outs: list[list[np.ndarray]]) -> dict:
@@ -168,6 +181,7 @@ def targets(args: dict) -> dict:
     except ImportError as exc:
         return skipped(f"retool.optimizers.core not importable yet ({exc})")
     from retool.onnx_info import artifact_from_onnx
+    from retool.registry import TARGETS
     from retool.runtime import make_session, run_session
 
     threads = int(args["threads"])
@@ -188,7 +202,9 @@ def targets(args: dict) -> dict:
                  "precision": getattr(got, "precision", None), "size_bytes": model_size(got.path),
                  "size_vs_fp32": {"value": round(model_size(got.path) / res["fp32_size_bytes"], 4), "unit": "x",
                                   "better": "lower"}}
-        chosen = (getattr(report, "data", None) or {}).get("chosen")
+        entry["provider"] = TARGETS.get(t).provider
+        entry["timed_on_target_hardware"] = on_target_hardware(t, entry["provider"])
+        chosen = ((getattr(report, "data", None) or {}).get("auto") or {}).get("chosen")
         if chosen:
             entry["chosen"] = chosen
         res["targets"][t] = entry

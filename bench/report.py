@@ -63,7 +63,8 @@ def models(d: dict) -> str:
                 continue
             lv = td.get("latency_vs_fp32", {})
             p = td.get("parity", {})
-            tgt.append([name, tn + (f" ({td['chosen']})" if td.get("chosen") else ""), td.get("precision") or "",
+            mark = "" if td.get("timed_on_target_hardware", True) else "*"
+            tgt.append([name, tn + mark + (f" ({td['chosen']})" if td.get("chosen") else ""), td.get("precision") or "",
                         f"{td.get('size_bytes', 0) / 1e6:.2f}", _m(td.get("size_vs_fp32"), "{:.2f}"),
                         _m(lv.get("1")), _m(lv.get("8")), _m(p.get("cosine_min"), "{:.5f}"),
                         _m(p.get("top1_agreement"), "{:.3f}"), f"{td.get('optimize_s', 0):.1f}"])
@@ -72,6 +73,9 @@ def models(d: dict) -> str:
     if tgt:
         out.append(_table(["model", "target", "precision", "MB", "size/fp32", "lat/fp32 b1", "lat/fp32 b8",
                            "cosine", "top1", "optimize s"], tgt))
+        if any("*" in r[1] for r in tgt):
+            out.append("* timed on this machine's CPU, not on the hardware the target is for: "
+                       "that latency says nothing about its speed there")
     return "\n\n".join(out)
 
 
