@@ -108,3 +108,25 @@ def render(name: str, d: dict) -> str:
         return st
     fn = globals().get(name)
     return fn(d) if fn else ""
+
+
+def main(argv=None) -> int:
+    """``python bench/report.py RESULT.json``: print a result file's tables again."""
+    import json
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: bench/report.py RESULT.json", file=sys.stderr)
+        return 2
+    data = json.loads(open(args[0]).read())
+    m = data.get("machine", {})
+    print(f"{data.get('started_at')} {'quick' if (data.get('settings') or {}).get('quick') else 'full'} run, "
+          f"{m.get('cpu_model')}, {m.get('cpus_usable')} cores, commit {m.get('git_commit')}, {data.get('wall_s')} s")
+    for name, sec in (data.get("sections") or {}).items():
+        print(f"\n== {name}\n{render(name, sec)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -131,6 +131,9 @@ def main(argv=None) -> int:
         else:
             shutil.rmtree(work, ignore_errors=True)
     print(f"\nwrote {path} in {result['wall_s']:.0f} s")
+    prev = sorted(p for p in out_dir.glob("bench-*.json") if p != path and p.name.endswith("-quick.json") == args.quick)
+    if prev:
+        print(f"compare with the previous run: {Path(sys.executable).name} bench/compare.py {prev[-1]} {path}")
     return 0
 
 

@@ -131,3 +131,28 @@ def test_child_peak_rss_is_per_child():
     assert small.maxrss_bytes < 100 * 2**20
     failing = run_child([sys.executable, "-c", "import sys; print('out'); sys.exit(3)"], timeout=60)
     assert failing.rc == 3 and not failing.ok and failing.stdout.strip() == "out"
+
+
+def test_run_writes_result_with_machine_and_table(tmp_path):
+    """End to end on the cheapest section: one JSON with the machine, the figures and a printed table."""
+    import subprocess
+
+    from bench.proc import ROOT
+
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--sections", "cold_start",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    files = list(tmp_path.glob("bench-*-quick.json"))
+    assert len(files) == 1
+    data = json.loads(files[0].read_text())
+    assert data["complete"] is True and data["settings"]["quick"] is True
+    assert data["machine"]["cpus_usable"] >= 1 and data["machine"]["versions"]["onnxruntime"]
+    sec = data["sections"]["cold_start"]
+    assert sec["status"] == "ok" and sec["machine"]["cpu_model"] == data["machine"]["cpu_model"]
+    wall = sec["commands"]["retool convert --help"]["wall"]
+    assert wall["n"] == 3 and wall["min"] <= wall["median"] <= wall["max"]
+    assert "retool convert --help" in r.stdout and str(files[0]) in r.stdout
+    assert cmp.main([str(files[0]), str(files[0])]) == 0
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--sections", "nope", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 2 and "unknown section" in r.stderr
