@@ -33,6 +33,10 @@ def skipped(reason: str) -> dict:
 
 
 def failed(exc: BaseException) -> dict:
+    from retool.errors import MissingDependency
+
+    if isinstance(exc, MissingDependency):  # an extra not installed: no figure, not a failure
+        return skipped(str(exc))
     return {"status": "error", "reason": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:400] if str(exc).strip() else ''}",
             "traceback": traceback.format_exc()[-2000:]}
 
