@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     print(f"\nwrote {path} in {result['wall_s']:.0f} s")
     prev = sorted(p for p in out_dir.glob("bench-*.json") if p != path and p.name.endswith("-quick.json") == args.quick)
     if prev:
-        print(f"compare with the previous run: {Path(sys.executable).name} bench/compare.py {prev[-1]} {path}")
+        print(f"compare with the previous run: {os.path.relpath(sys.executable)} bench/compare.py {prev[-1]} {path}")
     return 0
 
 
