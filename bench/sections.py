@@ -6,13 +6,12 @@ latency figures from interleaved loops inside one child (``bench.child``).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
 
 from bench.models import MODELS, BenchModel, LARGE_DEPTH, LARGE_WIDTH, mlp_param_count
-from bench.proc import ROOT, ChildResult, run_child, run_task
+from bench.proc import ChildResult, run_child, run_task
 from bench.stats import ratio_summary, summarize, value
 
 MIB = 2**20
