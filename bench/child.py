@@ -276,7 +276,12 @@ def pipeline_run(args: dict) -> dict:
     if result.exit_code:
         return {"status": "error", "reason": f"retool run exited {result.exit_code}: "
                 f"{[o.message for o in result.outcomes if o.message][:1]}"}
-    return {"status": "ok", "wall_s": wall}
+    # The stage times the jobs measured themselves (inside the worker): the rest is the pipeline's own cost
+    # (worker spawn and imports, cache hashing, scheduling, summary files).
+    steps = {"convert_s": next(iter(result.converts.values()), {}).get("seconds")}
+    for stage, rec in (result.outcomes[0].stages or {}).items():
+        steps[f"{stage}_s"] = rec.get("seconds")
+    return {"status": "ok", "wall_s": wall, "steps": {k: v for k, v in steps.items() if isinstance(v, (int, float))}}
 
 
 def pipeline_bare(args: dict) -> dict:
