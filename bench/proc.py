@@ -3,6 +3,11 @@
 ``os.wait4`` returns the rusage of that one child (and the descendants it
 waited for), so each measurement gets its own peak RSS; the process-wide
 ``RUSAGE_CHILDREN`` would only ever report the largest child so far.
+
+Linux counts the pages a child had between fork and exec in its peak RSS, so a
+child forked from a large process (a test run with torch loaded) would report
+at least that process's size. Each child is therefore started by a small
+launcher interpreter, and the launcher's wait4 measures it.
 """
 from __future__ import annotations
 
@@ -58,12 +63,30 @@ def child_env(extra: dict | None = None) -> dict:
     return env
 
 
+# Runs argv[2:], waits for it and writes its peak RSS (as wait4 reports it) and its wall time
+# to argv[1], so the launcher's own start-up is in neither figure.
+_LAUNCHER = (
+    "import os, sys, time\n"
+    "t0 = time.perf_counter()\n"
+    "pid = os.fork()\n"
+    "if pid == 0:\n"
+    "    try:\n"
+    "        os.execvp(sys.argv[2], sys.argv[2:])\n"
+    "    finally:\n"
+    "        os._exit(127)\n"
+    "_, status, ru = os.wait4(pid, 0)\n"
+    "open(sys.argv[1], 'w').write(f'{ru.ru_maxrss} {time.perf_counter() - t0}')\n"
+    "sys.exit(os.waitstatus_to_exitcode(status) % 256)\n"
+)
+
+
 def run_child(cmd: list[str], timeout: float = 900, env: dict | None = None, cwd=ROOT) -> ChildResult:
     """Run ``cmd``; wall time from spawn to exit, peak RSS from wait4 (Linux reports KiB)."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+            tempfile.NamedTemporaryFile("r", suffix=".rss") as rss:
         t0 = time.perf_counter()
-        p = subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=err, cwd=cwd, env=child_env(env),
-                             start_new_session=True)
+        p = subprocess.Popen([sys.executable, "-S", "-c", _LAUNCHER, rss.name, *[str(c) for c in cmd]],
+                             stdout=out, stderr=err, cwd=cwd, env=child_env(env), start_new_session=True)
         fired = threading.Event()
 
         def kill():
@@ -89,7 +112,10 @@ def run_child(cmd: list[str], timeout: float = 900, env: dict | None = None, cwd
         out.seek(0)
         err.seek(0)
         scale = 1 if sys.platform == "darwin" else 1024
-        return ChildResult(p.returncode, wall, int(ru.ru_maxrss) * scale, out.read().decode("utf-8", "replace"),
+        measured = rss.read().split()  # empty when the launcher was killed (timeout)
+        maxrss = int(measured[0]) if measured else int(ru.ru_maxrss)
+        wall = float(measured[1]) if measured else wall
+        return ChildResult(p.returncode, wall, maxrss * scale, out.read().decode("utf-8", "replace"),
                            err.read().decode("utf-8", "replace"), timed_out)
 
 
