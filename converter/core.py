@@ -130,15 +130,11 @@ def _convert_loaded(model: SourceModel, request: ConvertRequest, out: Path, veri
         if not staged.exists():
             raise ConversionError(f"{request.source_label}: the exporter wrote no ONNX file")
 
-        checks: list[CheckResult] = structural_checks(staged)
-        load_check, sess = ort_load_check(staged)
-        checks.append(load_check)
-        broken = [c for c in checks if not c.passed]
-        if broken:
-            raise ConversionError(f"{request.source_label}: the exported ONNX is invalid "
-                                  f"({broken[0].name}: {broken[0].message})")
-        digest = sha256_file(staged)
-        art = artifact_from_onnx(staged)
+        try:
+            art = artifact_from_onnx(staged)
+        except UsageError as exc:  # our exporter wrote something unreadable: a conversion failure
+            raise ConversionError(f"{request.source_label}: the exporter wrote an unreadable ONNX file ({exc})") from None
+        digest = art.sha256
         src_digest = _source_digest(model, request)
         step = ProvenanceStep(
             "convert", result.tool, dict(model.versions),
@@ -148,13 +144,28 @@ def _convert_loaded(model: SourceModel, request: ConvertRequest, out: Path, veri
         art = ModelArtifact(out, "onnx", art.inputs, art.outputs, art.opset, "fp32", None, digest, (step,),
                             art.extra_files)
 
-        if verify:
+        identical = bool(result.params.get("identical_to_source"))
+        feeds_list, refs = [], []
+        if verify and not identical:
+            t0 = time.perf_counter()
+            with console.step("running the source model"):
+                feeds_list, refs = reference_outputs(model, art, request)
+            timings["reference_s"] = time.perf_counter() - t0
+        # Free the source before anything loads the ONNX copy: never two copies of the weights.
+        model.close()
+        checks: list[CheckResult] = structural_checks(staged)
+        _raise_if_broken(checks, request)
+        load_check, sess = ort_load_check(staged)
+        checks.append(load_check)
+        _raise_if_broken(checks, request)
+        if verify and not identical:
             t0 = time.perf_counter()
             with console.step("verifying parity against the source framework"):
-                checks += verify_parity(model, sess, art, request, tol)
+                checks += compare_with_onnxruntime(sess, feeds_list, refs, art, request, tol)
             timings["verify_s"] = time.perf_counter() - t0
         else:
-            checks.append(CheckResult("parity", True, message="skipped (--no-verify)", severity="info"))
+            why = "skipped (--no-verify)" if not verify else "skipped: the ONNX file is a byte copy of the source"
+            checks.append(CheckResult("parity", True, message=why, severity="info"))
         del sess
         timings["total_s"] = sum(v for k, v in timings.items() if k != "total_s")
         final_step = ProvenanceStep(step.stage, step.tool, step.versions, step.params, step.input_sha256,
@@ -180,30 +191,49 @@ def _convert_loaded(model: SourceModel, request: ConvertRequest, out: Path, veri
     return art, report
 
 
-def verify_parity(model: SourceModel, sess, art: ModelArtifact, request: ConvertRequest, tol) -> list[CheckResult]:
-    """Compare ORT against the source framework, at two batch sizes when the batch is dynamic."""
+def _raise_if_broken(checks: list[CheckResult], request: ConvertRequest) -> None:
+    broken = [c for c in checks if not c.passed]
+    if broken:
+        raise ConversionError(f"{request.source_label}: the exported ONNX is invalid "
+                              f"({broken[0].name}: {broken[0].message})")
+
+
+def _shapes(feeds) -> dict:
+    return {k: list(v.shape) for k, v in feeds.items()}
+
+
+def reference_outputs(model: SourceModel, art: ModelArtifact, request: ConvertRequest):
+    """The verification inputs (two batch sizes when the batch is dynamic) and the source's outputs."""
     from retool.inputs import verification_feeds
-    from retool.runtime import run_session
-    from retool.validators.parity import compare_outputs
 
     feeds_list = verification_feeds(art.inputs, request.example_inputs, seed=request.seed)
-    names = [o.name for o in art.outputs]
-    checks = []
+    refs = []
     for feeds in feeds_list:
-        batch = next(iter(feeds.values())).shape[0] if feeds and next(iter(feeds.values())).ndim else 1
-        label = f"batch{batch}" if len(feeds_list) > 1 else ""
         try:
-            cand = run_session(sess, feeds)
-        except Exception as exc:
-            raise ConversionError(f"{request.source_label}: onnxruntime failed on inputs "
-                                  f"{ {k: list(v.shape) for k, v in feeds.items()} }: {_first_line(exc)}") from exc
-        try:
-            ref = model.run(model.reference_feeds(feeds))
+            refs.append(model.run(model.reference_feeds(feeds)))
         except RetoolError:
             raise
         except Exception as exc:
             raise ConversionError(f"{request.source_label}: the source model failed on inputs "
-                                  f"{ {k: list(v.shape) for k, v in feeds.items()} }: {_first_line(exc)}") from exc
+                                  f"{_shapes(feeds)}: {_first_line(exc)}") from exc
+    return feeds_list, refs
+
+
+def compare_with_onnxruntime(sess, feeds_list, refs, art: ModelArtifact, request: ConvertRequest,
+                             tol) -> list[CheckResult]:
+    from retool.runtime import run_session
+    from retool.validators.parity import compare_outputs
+
+    names = [o.name for o in art.outputs]
+    checks = []
+    for feeds, ref in zip(feeds_list, refs):
+        first = next(iter(feeds.values()), None)
+        label = f"batch{first.shape[0]}" if len(feeds_list) > 1 and first is not None and first.ndim else ""
+        try:
+            cand = run_session(sess, feeds)
+        except Exception as exc:
+            raise ConversionError(f"{request.source_label}: onnxruntime failed on inputs "
+                                  f"{_shapes(feeds)}: {_first_line(exc)}") from exc
         checks += compare_outputs(names, ref, cand, tol, label)
     return checks
 

@@ -54,11 +54,14 @@ class OnnxSource(SourceModel):
             shutil.copyfile(self.path, path)
             for name in external_data_files(self.path):
                 shutil.copyfile(self.path.parent / name, path.parent / name)
-            return ExportResult("copy", {})
+            return ExportResult("copy", {"identical_to_source": True})
         model = onnx.load(str(self.path))
         converted = onnx.version_converter.convert_version(model, int(opset))
         onnx.save_model(converted, str(path))
         return ExportResult("onnx.version_converter", {"opset": opset})
+
+    def close(self) -> None:
+        self._sess = None
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         from retool.runtime import make_session, run_session

@@ -228,6 +228,13 @@ class TorchSource(SourceModel):
                 continue
         return specs
 
+    def close(self) -> None:
+        import gc
+
+        self.module = self.exported = None
+        _release_exporter_state()
+        gc.collect()
+
     # -- running -----------------------------------------------------------
     def _tensors(self, feeds: Mapping[str, np.ndarray]):
         torch = self.torch
@@ -348,6 +355,23 @@ class TorchSource(SourceModel):
 
             m = onnx.load(str(path))
             onnx.save_model(m, str(path), save_as_external_data=True, location=path.name + ".data")
+
+
+def _release_exporter_state() -> None:
+    """onnxscript's module-level rewrite rules keep the last graph they matched, and with it
+    every weight of the exported model (onnxscript 0.7). Drop those references so the source
+    weights are freed before onnxruntime loads the ONNX copy: one copy in memory, not two."""
+    import gc
+
+    try:
+        from onnxscript.rewriter._matcher import SimplePatternMatcher  # private: best effort
+    except ImportError:
+        return
+    for obj in gc.get_objects():
+        if isinstance(obj, SimplePatternMatcher):
+            for attr in ("_graph", "_current_node", "_match", "_tracer"):
+                if hasattr(obj, attr):
+                    setattr(obj, attr, None)
 
 
 @contextlib.contextmanager
