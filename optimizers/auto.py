@@ -9,8 +9,11 @@ from retool import console
 from retool.errors import OptimizationError
 
 
-def choose(profile, ctx, measure: bool = True):
-    """Returns (chosen Candidate, data for the report's ``auto`` section)."""
+def choose(profile, ctx):
+    """Returns (chosen Candidate, data for the report's ``auto`` section).
+
+    Always measures, whatever ``measure`` says for other targets: choosing without
+    measuring is the mistake this target exists to avoid."""
     from retool.optimizers.core import _check_loads, _resolve_tolerance, build_candidate
     from retool.optimizers.targets import get_target
 
@@ -35,7 +38,7 @@ def choose(profile, ctx, measure: bool = True):
     passing = [c for c in built if c.passed]
     by_name = {r["target"]: r for r in rows}
     lat = None
-    if measure and passing:
+    if passing:
         from retool.optimizers import latency
 
         models = {"fp32": ctx.src, **{c.target: c.path for c in passing}}
@@ -49,9 +52,6 @@ def choose(profile, ctx, measure: bool = True):
         why = (f"{chosen.target} is the fastest candidate that meets its tolerance "
                f"({lat['variants'][chosen.target]['p50_ms']:.3f} ms vs fp32 {fp32:.3f} ms at batch 1, "
                f"{lat['threads']} threads)")
-    elif passing:
-        chosen = passing[0]
-        why = f"{chosen.target} is the first candidate that meets its tolerance (latency not measured)"
     else:
         chosen = max(built, key=lambda c: min([(x.details or {}).get("cosine", 0) or 0 for x in c.checks] or [0]))
         why = "no candidate meets its tolerance"

@@ -339,7 +339,7 @@ def optimize(model, output, *, target: str, calibration=None, calibration_method
         if profile.method == "auto":
             from retool.optimizers.auto import choose
 
-            cand, auto_data = choose(profile, ctx, measure=measure)
+            cand, auto_data = choose(profile, ctx)
         else:
             cand, auto_data = build_candidate(profile, ctx, tol), None
             _check_loads(cand)
