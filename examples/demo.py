@@ -20,6 +20,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=str(ROOT / "demo-out"))
+    ap.add_argument("--repo", default=str(ROOT / "model-repo"), help="the model repository to publish into")
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
     t0 = time.perf_counter()
@@ -27,12 +28,17 @@ def main() -> int:
 
     print("• building the example models (seeded) …", flush=True)
     build()
-    from retool.pipeline import run
+    import dataclasses
 
-    result = run(ROOT / "examples" / "pipelines" / "demo.yaml", out=args.out, workers=args.workers)
+    from retool.pipeline import run
+    from retool.pipeline.config import load_config
+
+    cfg = load_config(ROOT / "examples" / "pipelines" / "demo.yaml")
+    repo = Path(args.repo).resolve()
+    cfg = dataclasses.replace(cfg, models=tuple(dataclasses.replace(m, repository=str(repo)) for m in cfg.models))
+    result = run(cfg, out=args.out, workers=args.workers)
     print()
     print(result.summary_md.read_text())
-    repo = ROOT / "model-repo"
     configs = sorted(repo.glob("*/config.pbtxt"))
     try:
         from retool.publish.config import parse_with_triton_schema
