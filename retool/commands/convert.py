@@ -3,32 +3,19 @@ from __future__ import annotations
 
 import click
 
-from retool.commands.common import emit_report
+from retool.commands.common import converter_options, emit_report, source_options
 
 
 @click.command("convert")
 @click.argument("source")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the ONNX model.")
-@click.option("--framework", default="auto", show_default=True, help="auto, torch, tensorflow, caffe or onnx.")
-@click.option("--weights", type=click.Path(), help="state_dict for a torch factory, or the .caffemodel for a Caffe prototxt.")
-@click.option("--input", "inputs", multiple=True, metavar="NAME:DTYPE:SHAPE",
-              help="Input signature, e.g. x:float32:batch,3,224,224 (a named dim is dynamic). Repeatable.")
-@click.option("--example-inputs", type=click.Path(), help=".npz with one array per input, used for export and parity.")
 @click.option("--opset", type=int, help="ONNX opset (tf2onnx: 13-18; torch dynamo exporter: 18+).")
-@click.option("--trust-remote-code", is_flag=True,
-              help="Allow loading files that execute code (pickled modules, Keras Lambda/custom objects).")
 @click.option("--no-verify", is_flag=True, help="Skip the parity check against the source framework.")
 @click.option("--atol", type=float, help="Absolute tolerance for parity (default by precision).")
 @click.option("--rtol", type=float, help="Relative tolerance for parity.")
 @click.option("--min-cosine", type=float, help="Minimum cosine similarity per output.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random verification inputs.")
-@click.option("--signature", help="TF SavedModel signature (default serving_default).")
-@click.option("--output-names", help="Comma-separated output names (frozen GraphDef).")
-@click.option("--inputs-as-nchw", is_flag=True, help="Serve an NHWC TF/Keras vision model as NCHW.")
-@click.option("--custom-objects", multiple=True, metavar="MODULE:ATTR",
-              help="Keras custom objects to load (needs --trust-remote-code). Repeatable.")
-@click.option("--static-batch", is_flag=True, help="Caffe: keep the batch size the deploy file declares.")
-@click.option("--fold-batchnorm", is_flag=True, help="Caffe: fold BatchNorm/Scale into the preceding convolution.")
+@source_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 def convert_cmd(source, output, framework, weights, inputs, example_inputs, opset, trust_remote_code, no_verify,
                 atol, rtol, min_cosine, seed, signature, output_names, inputs_as_nchw, custom_objects,
@@ -46,14 +33,8 @@ def convert_cmd(source, output, framework, weights, inputs, example_inputs, opse
     from retool.validators.parity import tolerance_for
 
     tol = tolerance_for("fp32").merged(atol=atol, rtol=rtol, min_cosine=min_cosine)
-    options = {k: v for k, v in {
-        "signature": signature,
-        "output_names": [s.strip() for s in output_names.split(",")] if output_names else None,
-        "inputs_as_nchw": inputs_as_nchw or None,
-        "custom_objects": list(custom_objects) or None,
-        "static_batch": static_batch or None,
-        "fold_batchnorm": fold_batchnorm or None,
-    }.items() if v is not None}
+    options = converter_options(signature, output_names, inputs_as_nchw, custom_objects, static_batch,
+                                fold_batchnorm)
     try:
         art, report = convert(source, output, framework=framework, weights=weights, inputs=inputs,
                               example_inputs=example_inputs, opset=opset, trust_remote_code=trust_remote_code,

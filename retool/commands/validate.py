@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from retool.commands.common import emit_report, parse_csv_ints
+from retool.commands.common import converter_options, emit_report, parse_csv_ints, source_options
 
 
 @click.command("validate")
@@ -25,14 +25,7 @@ from retool.commands.common import emit_report, parse_csv_ints
 @click.option("--rtol", type=float, help="Parity: relative tolerance for every output.")
 @click.option("--min-cosine", type=float, help="Parity: minimum cosine similarity for every output.")
 @click.option("--report-dir", type=click.Path(file_okay=False), help="Write report.json, report.md and report.html here.")
-@click.option("--framework", default="auto", show_default=True, help="Framework of a source-model reference.")
-@click.option("--weights", type=click.Path(), help="Reference weights: state_dict for a torch factory, .caffemodel for Caffe.")
-@click.option("--input", "inputs", multiple=True, metavar="NAME:DTYPE:SHAPE",
-              help="Override an input's shape, e.g. tokens:int64:batch,16 (a named dim is dynamic). Repeatable.")
-@click.option("--example-inputs", type=click.Path(), help=".npz with one array per input, instead of random data.")
-@click.option("--trust-remote-code", is_flag=True, help="Allow loading a reference that executes code (pickles, Keras Lambda).")
-@click.option("--signature", help="TF SavedModel signature of the reference.")
-@click.option("--inputs-as-nchw", is_flag=True, help="The candidate is NCHW, the TF/Keras reference NHWC.")
+@source_options
 @click.option("--provider", "providers", multiple=True, metavar="NAME",
               help="onnxruntime execution provider for the candidate and an ONNX reference, in order "
                    "(default CPUExecutionProvider). Repeatable.")
@@ -40,7 +33,8 @@ from retool.commands.common import emit_report, parse_csv_ints
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of the table.")
 def validate_cmd(candidate, reference, latency, batch_sizes, threads, runs, time_budget_s, gates_file, max_p99_ms,
                  min_speedup, max_size_mb, atol, rtol, min_cosine, report_dir, framework, weights, inputs,
-                 example_inputs, trust_remote_code, signature, inputs_as_nchw, providers, seed, as_json):
+                 example_inputs, trust_remote_code, signature, output_names, inputs_as_nchw, custom_objects,
+                 static_batch, fold_batchnorm, providers, seed, as_json):
     """Is CANDIDATE (an ONNX model) ready for production?
 
     Checks parity against --reference at every batch size (and that rows of a
@@ -60,8 +54,8 @@ def validate_cmd(candidate, reference, latency, batch_sizes, threads, runs, time
     if tol_flags:
         parity["*"] = {**parity.get("*", {}), **tol_flags}
     gates = gates.merged(max_p99_ms=max_p99_ms, min_speedup=min_speedup, max_size_mb=max_size_mb, parity=parity)
-    options = {k: v for k, v in {"signature": signature, "inputs_as_nchw": inputs_as_nchw or None}.items()
-               if v is not None}
+    options = converter_options(signature, output_names, inputs_as_nchw, custom_objects, static_batch,
+                                fold_batchnorm)
     report = validate(candidate, reference, batch_sizes=sizes, latency=latency, threads=threads, gates=gates,
                       report_dir=report_dir, framework=framework, inputs=inputs, example_inputs=example_inputs,
                       trust_remote_code=trust_remote_code, seed=seed, runs=runs, time_budget_s=time_budget_s,
