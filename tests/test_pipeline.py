@@ -94,6 +94,19 @@ def test_gate_failure_in_one_model_leaves_the_others_published(tmp_path, sources
     assert "❌ failed" in r.out
 
 
+def test_publish_always_records_a_forced_publish(tmp_path, sources):
+    import retool
+
+    repo = tmp_path / "repo"
+    doc = _doc(sources, repo)
+    doc["models"] = [{"name": "lin", "source": str(sources["lin"]), "targets": ["cpu"],
+                      "gates": {"max_p99_ms": 0.000001}, "publish": {"when": "always"}}]
+    res = retool.run(doc, out=tmp_path / "out")
+    assert res.exit_code == 6 and res.outcomes[0].status == "failed"  # the gate still fails the run
+    manifest = json.loads((repo / "lin-cpu" / "1" / "manifest.json").read_text())
+    assert manifest["forced"] is True and manifest["readiness"]["passed"] is False
+
+
 def test_fail_fast_stops_the_other_models(tmp_path, sources, cli):
     doc = _doc(sources, tmp_path / "repo")
     doc["models"] = [
