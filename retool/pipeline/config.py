@@ -47,7 +47,7 @@ TOLERANCE = Obj({"atol": (NUM, False), "rtol": (NUM, False), "min_cosine": (NUM,
 GATES = Obj({"max_p99_ms": (NUM, False), "min_speedup": (NUM, False), "max_size_mb": (NUM, False),
              "parity": (MapOf(TOLERANCE), False)})
 CALIBRATION = Obj({"data": (str, False), "method": (OneOf(("minmax", "entropy", "percentile")), False),
-                   "samples": (int, False)}, shorthand="data")
+                   "preprocess": (str, False)}, shorthand="data")
 PUBLISH = Obj({"when": (OneOf(PUBLISH_WHEN), False), "alias": (str, False), "repository": (str, False),
                "name": (str, False), "force": (bool, False)})
 TARGET = Obj({"name": (str, True), "tolerance": (TOLERANCE, False), "gates": (GATES, False),
