@@ -191,3 +191,12 @@ def test_ray_engine_on_a_local_instance(tmp_path, sources):
         assert (tmp_path / "repo" / "two-cpu" / "1" / "model.onnx").exists()
     finally:
         ray.shutdown()
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "torch.yaml", "keras.yaml", "caffe.yaml"])
+def test_example_pipeline_files_are_valid(name):
+    from retool.pipeline.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "examples" / "pipelines" / name)
+    assert cfg.models and all(m.targets for m in cfg.models)
