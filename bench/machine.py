@@ -30,11 +30,12 @@ def _cpuinfo() -> tuple[str, set[str]]:
     return model, flags
 
 
-def _mem_total() -> int | None:
+def meminfo_bytes(key: str) -> int | None:
+    """A /proc/meminfo figure (MemTotal, MemAvailable ...) in bytes, or None off Linux."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemTotal:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -77,7 +78,7 @@ def machine_info(root=None) -> dict:
         "cpu_count": os.cpu_count(),
         "cpus_usable": usable,
         "cpu_flags": {f: f in flags for f in FLAGS if flags},
-        "mem_total_bytes": _mem_total(),
+        "mem_total_bytes": meminfo_bytes("MemTotal"),
         "loadavg_at_start": [round(x, 2) for x in load] if load else None,
         "os": platform.platform(),
         "python": sys.version.split()[0],

@@ -10,6 +10,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from bench.machine import meminfo_bytes
 from bench.models import MODELS, BenchModel, LARGE_DEPTH, LARGE_WIDTH, mlp_param_count
 from bench.proc import ChildResult, run_child, run_task
 from bench.stats import ratio_summary, summarize, value
@@ -168,17 +169,6 @@ def models(settings: dict, work: Path) -> dict:
 
 # -- large model -----------------------------------------------------------------------------------
 
-def _mem_available() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 LARGE_GOAL = 1.5
 
 
@@ -203,7 +193,7 @@ def large_model(settings: dict, work: Path) -> dict:
     if free < 4 * expect:
         return {**res, "status": "skipped", "reason": f"{work}: {free / 1e9:.1f} GB free, the large model needs "
                 f"{4 * expect / 1e9:.1f} GB (fp32 model, a copy, the cpu variant, staging); use --work-dir"}
-    avail = _mem_available()
+    avail = meminfo_bytes("MemAvailable")
     if avail is not None and avail < 3 * expect:
         return {**res, "status": "skipped", "reason": f"{avail / 2**30:.1f} GiB memory available, the large model "
                 f"needs about {3 * expect / 2**30:.1f} GiB"}
