@@ -21,7 +21,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=str(ROOT / "demo-out"))
     ap.add_argument("--repo", default=str(ROOT / "model-repo"), help="the model repository to publish into")
-    ap.add_argument("--workers", type=int, default=2)
+    # one worker: parallel jobs on a small machine would disturb each other's latency figures
+    ap.add_argument("--workers", type=int, default=1)
     args = ap.parse_args()
     t0 = time.perf_counter()
     from examples.build_models import build

@@ -303,10 +303,11 @@ class _Scheduler:
         codes = [o.code for o in outcomes] + [c.get("code", 0) for c in self.converts.values()]
         code = worst_code(codes)
         summary = {"created": now_iso(), "seconds": round(seconds, 2), "exit_code": code,
-                   "engine": self.engine_name, "converts": self.converts,
+                   "engine": self.engine_name, "workers": self.workers, "converts": self.converts,
                    "targets": [dataclasses.asdict(o) for o in outcomes]}
         sj = self.out_dir / "summary.json"
         sm = self.out_dir / "summary.md"
         atomic_write_text(sj, json.dumps(jsonable(summary), indent=2))
-        atomic_write_text(sm, render_summary(self.models, self.converts, outcomes, code, seconds))
+        atomic_write_text(sm, render_summary(self.models, self.converts, outcomes, code, seconds,
+                                                   self.engine_name, self.workers))
         return RunResult(tuple(outcomes), self.converts, code, self.out_dir, sm, sj)

@@ -10,11 +10,16 @@ def _num(v, fmt="{:.3g}"):
     return "" if v is None else fmt.format(v)
 
 
-def render_summary(models, converts, outcomes, code, seconds) -> str:
+def render_summary(models, converts, outcomes, code, seconds, engine="local", workers=1) -> str:
     lines = [f"# retool run: {'passed' if code == 0 else 'FAILED'} (exit {code}: {EXIT_CODES.get(code, '')})", "",
-             f"{len(models)} model(s), {len(outcomes)} target(s), {seconds:.1f} s.", "",
-             "| model | target | result | p50 ms | p99 ms | speedup vs fp32 | size MB | published | note |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"{len(models)} model(s), {len(outcomes)} target(s), {seconds:.1f} s, engine {engine}"
+             + (f", {workers} worker(s)." if engine == "local" else "."), ""]
+    if workers > 1 or engine != "local":
+        # parallel jobs share the CPUs, so their timings disturb each other
+        lines += ["Latency was measured while jobs ran in parallel: compare ratios, not absolute times, "
+                  "or re-run with `--workers 1`.", ""]
+    lines += ["| model | target | result | p50 ms | p99 ms | speedup vs fp32 | size MB | published | note |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for o in outcomes:
         val = (o.stages or {}).get("validate", {})
         nums = val.get("summary") or {}
