@@ -72,6 +72,17 @@ def test_multi_model_multi_target_then_cache_then_one_target_rerun(tmp_path, sou
     assert r3.exit_code == 0
     assert _statuses(r3) == {("torchcnn", "cpu"): "cached", ("torchcnn", "cpu-int8"): "ok", ("lin", "cpu"): "cached"}
     assert r3.converts["torchcnn"]["status"] == "cached"
+    int8 = {o.target: o for o in r3.outcomes if o.model == "torchcnn"}["cpu-int8"]
+    assert int8.stages["optimize"]["status"] == "ok"  # a new tolerance means a new quantization
+
+    # change only a gate: the quantized model is reused, only validation runs again
+    doc["models"][0]["targets"][1]["gates"] = {"max_size_mb": 100}
+    r4 = retool.run(_write(tmp_path, doc), out=out, workers=2)
+    assert r4.exit_code == 0
+    int8 = {o.target: o for o in r4.outcomes if o.model == "torchcnn"}["cpu-int8"]
+    assert int8.status == "ok" and int8.stages["optimize"]["status"] == "cached"
+    assert int8.stages["validate"]["status"] == "ok" and int8.stages["validate"]["seconds"] > 0
+    assert not (repo / "torchcnn-cpu-int8" / "3").exists()  # same model file: nothing new published
 
 
 def test_gate_failure_in_one_model_leaves_the_others_published(tmp_path, sources, cli):
@@ -189,6 +200,12 @@ def test_ray_engine_on_a_local_instance(tmp_path, sources):
         assert {o.status for o in res.outcomes} == {"ok"}
         assert (tmp_path / "out" / "lin" / "cpu-int8" / "model.onnx").exists()  # shipped back by Ray
         assert (tmp_path / "repo" / "two-cpu" / "1" / "model.onnx").exists()
+        # a changed gate re-validates on Ray with the cached int8 model shipped to the task
+        doc["models"][0]["targets"] = ["cpu", {"name": "cpu-int8", "gates": {"max_size_mb": 50}}]
+        res = retool.run(doc, out=tmp_path / "out", engine="ray")
+        assert res.exit_code == 0, res.summary_md.read_text()
+        int8 = [o for o in res.outcomes if o.target == "cpu-int8"][0]
+        assert int8.stages["optimize"]["status"] == "cached" and int8.stages["validate"]["status"] == "ok"
     finally:
         ray.shutdown()
 

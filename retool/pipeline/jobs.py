@@ -10,7 +10,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from retool.errors import RetoolError
 from retool.pipeline.config import ModelConfig, TargetConfig
@@ -71,10 +71,12 @@ def convert_job(model: ModelConfig, base_dir: str, out_dir: str, seed: int = 0) 
 
 
 def target_job(model: ModelConfig, target: TargetConfig, fp32_path: str, base_dir: str, out_dir: str,
-               seed: int = 0) -> dict:
-    """Optimise for one target, then validate it against the fp32 model (or the source)."""
+               seed: int = 0, reuse_optimize: Mapping[str, Any] | None = None) -> dict:
+    """Optimise for one target, then validate it against the fp32 model (or the source).
+
+    ``reuse_optimize`` is the cached outcome of an identical optimisation: only validation runs.
+    """
     from retool.optimizers.core import optimize
-    from retool.validators.core import validate, write_reports
 
     t0 = time.perf_counter()
     base = Path(base_dir)
@@ -82,6 +84,10 @@ def target_job(model: ModelConfig, target: TargetConfig, fp32_path: str, base_di
     tdir.mkdir(parents=True, exist_ok=True)
     out = tdir / "model.onnx"
     result: dict[str, Any] = {"target": target.name}
+    if reuse_optimize and out.exists():
+        result["optimize"] = {**reuse_optimize, "status": "cached", "seconds": 0.0, "path": str(out),
+                              "report": str(tdir / "model.report.json")}
+        return _validate_into(result, model, target, out, fp32_path, base, tdir, seed)
     try:
         _maybe_fault(model.name, target.name)
         cal = dict(target.calibration)
@@ -95,6 +101,13 @@ def target_job(model: ModelConfig, target: TargetConfig, fp32_path: str, base_di
             raise
         result["optimize"] = _failure("optimize", t0, exc)
         return result
+    return _validate_into(result, model, target, out, fp32_path, base, tdir, seed)
+
+
+def _validate_into(result: dict, model: ModelConfig, target: TargetConfig, out: Path, fp32_path: str,
+                   base: Path, tdir: Path, seed: int) -> dict:
+    from retool.validators.core import validate, write_reports
+
     t1 = time.perf_counter()
     try:
         v = dict(model.validation)

@@ -104,6 +104,7 @@ class _Scheduler:
         self.converts: dict[str, dict] = {}
         self.outcomes: dict[tuple[str, str], TargetOutcome] = {}
         self.keys: dict[tuple[str, str], str] = {}
+        self.opt_keys: dict[tuple[str, str], str] = {}
 
     def _engine(self):
         from retool.pipeline.engines import LocalEngine, RayEngine
@@ -122,12 +123,16 @@ class _Scheduler:
             "examples": digest_of_path(m.example_inputs, base), "framework": m.framework,
             "inputs": list(m.inputs), "opset": m.opset, "options": dict(m.options), "seed": self.seed})
 
-    def _target_key(self, m: ModelConfig, t: TargetConfig, fp32_sha: str) -> str:
+    def _optimize_key(self, m: ModelConfig, t: TargetConfig, fp32_sha: str) -> str:
         cal = dict(t.calibration)
-        return step_key("target", {
-            "fp32": fp32_sha, "target": t.name, "tolerance": dict(t.tolerance), "gates": dict(t.gates),
-            "calibration": {**cal, "data": digest_of_path(cal.get("data"), Path(self.base))},
-            "validation": dict(m.validation), "seed": self.seed})
+        return step_key("optimize", {
+            "fp32": fp32_sha, "target": t.name, "tolerance": dict(t.tolerance),
+            "calibration": {**cal, "data": digest_of_path(cal.get("data"), Path(self.base))}, "seed": self.seed})
+
+    def _target_key(self, m: ModelConfig, t: TargetConfig, fp32_sha: str) -> str:
+        """Optimise + validate: a change of gates or validation settings re-validates only."""
+        return step_key("target", {"optimize": self._optimize_key(m, t, fp32_sha), "gates": dict(t.gates),
+                                   "validation": dict(m.validation), "seed": self.seed})
 
     # -- scheduling ----------------------------------------------------------------------------
     def run(self) -> RunResult:
@@ -158,12 +163,16 @@ class _Scheduler:
                 if hit:
                     console.info(f"• {m.name}/{t.name}: cached")
                     return finish_target(m, ti, {**hit["result"], "_cached": True})
+                opt_key = self._optimize_key(m, t, fp32["sha256"])
+                self.opt_keys[(m.name, t.name)] = opt_key
+                opt_hit = self.cache.get(opt_key)
+                reuse = opt_hit["result"]["optimize"] if opt_hit else None
                 engine = engine or self._engine()
-                args = (target_job, m, t, fp32["path"], self.base, str(self.out_dir), self.seed)
+                args = (target_job, m, t, fp32["path"], self.base, str(self.out_dir), self.seed, reuse)
             console.info(f"• {m.name}{'' if kind == 'convert' else '/' + m.targets[ti].name}: {kind} started")
             extra = {}
             if self.engine_name == "ray" and kind == "target":
-                extra["files_in"] = self._files_for(m)
+                extra["files_in"] = self._files_for(m, m.targets[ti] if args[-1] else None)
             fut = engine.submit(*args, **extra)
             pending[fut] = (kind, m, ti, attempt)
 
@@ -198,6 +207,9 @@ class _Scheduler:
                 outs = [v[k] for v in stages.values() for k in ("path", "report") if v.get(k)]
                 outs += [p for v in stages.values() for p in v.get("reports", [])]
                 self.cache.put(self.keys[(m.name, t.name)], res, outs)
+            opt = stages.get("optimize", {})
+            if not cached and opt.get("status") == "ok":  # even when a gate failed: a later run re-validates only
+                self.cache.put(self.opt_keys[(m.name, t.name)], {"optimize": opt}, [opt["path"], opt["report"]])
             console.info(f"• {m.name}/{t.name}: {status}{': ' + msg if msg else ''}")
             if failed:
                 for rest in m.targets[ti + 1:]:  # a model stops at its first failed gate
@@ -257,10 +269,13 @@ class _Scheduler:
                 engine.close()
         return self._finish(time.perf_counter() - t_start)
 
-    def _files_for(self, m: ModelConfig) -> dict:
+    def _files_for(self, m: ModelConfig, reused: TargetConfig | None = None) -> dict:
+        """The files a Ray task needs: the fp32 model, and a reused optimised model."""
         d = self.out_dir / m.name
-        return {str(p.relative_to(self.out_dir)): p.read_bytes()
-                for p in (d / "fp32.onnx", d / "fp32.report.json") if p.exists()}
+        paths = [d / "fp32.onnx", d / "fp32.report.json"]
+        if reused is not None:
+            paths += [d / reused.name / "model.onnx", d / reused.name / "model.report.json"]
+        return {str(p.relative_to(self.out_dir)): p.read_bytes() for p in paths if p.exists()}
 
     def _publish(self, m: ModelConfig, t: TargetConfig, stages: Mapping) -> dict | None:
         rules = dict(t.publish)
