@@ -76,7 +76,7 @@ def import_tf():
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    if "tensorflow" in sys.modules:
+    if sys.modules.get("tensorflow") is not None:  # already imported: no start-up noise to hide
         tf = sys.modules["tensorflow"]
     else:
         with _stderr_to_file():
