@@ -145,6 +145,7 @@ class _Scheduler:
 
         def submit(kind, m, ti, attempt=0):
             nonlocal engine
+            reuse = None
             if kind == "convert":
                 key = self._convert_key(m)
                 hit = self.cache.get(key)
@@ -172,7 +173,7 @@ class _Scheduler:
             console.info(f"• {m.name}{'' if kind == 'convert' else '/' + m.targets[ti].name}: {kind} started")
             extra = {}
             if self.engine_name == "ray" and kind == "target":
-                extra["files_in"] = self._files_for(m, m.targets[ti] if args[-1] else None)
+                extra["files_in"] = self._files_for(m, m.targets[ti] if reuse else None)
             fut = engine.submit(*args, **extra)
             pending[fut] = (kind, m, ti, attempt)
 
