@@ -3,15 +3,19 @@ from __future__ import annotations
 
 import re
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from retool import console
 from retool.converter.base import ConvertRequest, SourceModel
-from retool.errors import ConversionError, RetoolError, UsageError, ValidationFailed
+from retool.errors import ConversionError, RetoolError, UsageError, ValidationFailed, first_line
 from retool.fsutil import atomic_write_text, check_output_path, move_onnx, sha256_file, staging_dir
 from retool.registry import CONVERTERS
 from retool.types import CheckResult, ModelArtifact, ProvenanceStep, Report, TensorSpec, now_iso
+
+#: one-line error text; this module keeps its own length limit
+_first_line = partial(first_line, limit=500, with_type=True)
 
 
 def is_callable_ref(text: str) -> bool:
@@ -236,11 +240,3 @@ def compare_with_onnxruntime(sess, feeds_list, refs, art: ModelArtifact, request
                                   f"{_shapes(feeds)}: {_first_line(exc)}") from exc
         checks += compare_outputs(names, ref, cand, tol, label)
     return checks
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    for line in text.splitlines():
-        if line.strip():
-            return f"{type(exc).__name__}: {line.strip()[:500]}"
-    return type(exc).__name__

@@ -12,11 +12,15 @@ import logging
 import os
 import re
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
-from retool.errors import ConversionError, UsageError
+from retool.errors import ConversionError, UsageError, first_line
 from retool.types import TensorSpec
+
+#: one-line error text; this module keeps its own length limit
+_first_line = partial(first_line, limit=400)
 
 OPSET_RANGE = (13, 18)
 DEFAULT_OPSET = 15
@@ -183,12 +187,6 @@ def _unsupported_message(label: str, bad: dict[str, str], opset: int) -> str:
     return (f"{label}: tf2onnx cannot convert TensorFlow {ops} (no ONNX mapping at opset {opset}); "
             f"replace that op in the model (or try another --opset); no ONNX file was written")
 
-
-def _first_line(exc: BaseException) -> str:
-    for line in str(exc).splitlines():
-        if line.strip():
-            return line.strip()[:400]
-    return type(exc).__name__
 
 
 def finalize(proto, specs: Sequence[TensorSpec], output_order: Sequence[str], path: Path,

@@ -9,14 +9,18 @@ import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 
 from retool import console
-from retool.errors import OptimizationError, RetoolError, UsageError, ValidationFailed
+from retool.errors import OptimizationError, RetoolError, UsageError, ValidationFailed, first_line
 from retool.types import CheckResult, ModelArtifact, ProvenanceStep, Report, now_iso
+
+#: one-line error text; this module keeps its own length limit
+_first_line = partial(first_line, limit=200)
 
 #: Calibration samples the node ranking runs on (small: it exposes every tensor).
 RANK_SAMPLES = 4
@@ -488,8 +492,3 @@ def _report(art, profile, cand: Candidate, ctx: Context, tol, lat, auto_data, st
     new_art = art.derive(out, step, precision=cand.precision if cand.precision != "auto" else "fp32",
                          target=cand.target, sha256=digest, extra_files=tuple(extra))
     return Report("optimize", new_art, tuple(checks), data, tuple(warnings)), new_art
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:200]

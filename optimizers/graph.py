@@ -7,10 +7,16 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
+
+from retool.errors import first_line
+
+#: one-line error text; this module keeps its own length limit
+_first_line = partial(first_line, limit=200)
 
 
 #: Used only when onnxsim is missing or fails (onnxsim runs onnxoptimizer itself).
@@ -133,9 +139,3 @@ def _same_outputs(a, b, feeds, rtol: float = 1e-3, atol: float = 1e-4) -> bool:
         return False
     return len(ra) == len(rb) and all(x.shape == y.shape and np.allclose(x, y, rtol=rtol, atol=atol)
                                       for x, y in zip(ra, rb))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:200]
-

@@ -11,13 +11,17 @@ import contextlib
 import logging
 import os
 import shutil
+from functools import partial
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
 from retool import console
-from retool.errors import OptimizationError
+from retool.errors import OptimizationError, first_line
+
+#: one-line error text; this module keeps its own length limit
+_first_line = partial(first_line, limit=200)
 
 #: Samples per calibrator pass: raw activations of this many samples are held at once.
 CHUNK = 8
@@ -200,9 +204,3 @@ def versions() -> dict[str, str]:
     import onnxruntime
 
     return {"onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__}
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:200]
-

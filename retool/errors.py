@@ -75,6 +75,16 @@ class PublishError(RetoolError):
     kind = "publish"
 
 
+def first_line(exc: BaseException, limit: int | None = 400, with_type: bool = False) -> str:
+    """The first non-blank line of an exception's message, for one-line errors and reports."""
+    text = str(exc).strip()
+    line = next((l.strip() for l in text.splitlines() if l.strip()), "")
+    if not line:
+        return type(exc).__name__
+    line = line[:limit] if limit else line
+    return f"{type(exc).__name__}: {line}" if with_type else line
+
+
 EXIT_CODES = {
     0: "ok",
     1: "unexpected error (a bug: please report it with the traceback)",

@@ -9,15 +9,19 @@ from __future__ import annotations
 import platform
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from retool import console
-from retool.errors import RetoolError, UsageError
+from retool.errors import RetoolError, UsageError, first_line
 from retool.types import CheckResult, ProvenanceStep, Report, TensorSpec, now_iso
 from retool.validators.gates import Gates, gate_checks, load_gates
+
+#: one-line error text; this module keeps its own length limit
+_first_line = partial(first_line, limit=300)
 
 #: When the batch axis is dynamic and only batch 1 is asked for, parity also runs here:
 #: a model right at batch 1 and wrong above must not reach Triton dynamic batching.
@@ -411,11 +415,6 @@ def _tol_text(t) -> str:
         return " ".join(parts)
     return _g(t)
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    lines = [l.strip() for l in text.splitlines() if l.strip()]
-    return (lines[0] if lines else text)[:300]
 
 
 def _versions() -> dict[str, str]:

@@ -8,13 +8,17 @@ intra-op threads are pinned to the same count as the candidate's.
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from retool.errors import UsageError
+from retool.errors import UsageError, first_line
 from retool.types import TensorSpec
+
+#: one-line error text; this module keeps its own length limit
+_first_line = partial(first_line, limit=300)
 
 
 class Reference:
@@ -198,10 +202,3 @@ def _path_size(p: Path) -> int:
     if p.is_dir():
         return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
     return p.stat().st_size
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    lines = [l.strip() for l in text.splitlines() if l.strip()]
-    return (lines[0] if lines else text)[:300]
-

@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import tempfile
+from functools import partial
 from pathlib import Path
 
+from retool.errors import first_line
 from retool.types import CheckResult
+
+#: one-line error text; this module keeps its own length limit
+_first_line = partial(first_line, limit=400)
 
 
 def structural_checks(path) -> list[CheckResult]:
@@ -36,9 +41,3 @@ def ort_load_check(path) -> tuple[CheckResult, object | None]:
         return CheckResult("onnxruntime.load", True), sess
     except Exception as exc:
         return CheckResult("onnxruntime.load", False, message=_first_line(exc)), None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    lines = [l.strip() for l in text.splitlines() if l.strip()]
-    return (lines[0] if lines else text)[:400]

@@ -26,7 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping
 
-from retool.errors import MissingDependency, PublishError, RetoolError, UsageError
+from retool.errors import MissingDependency, PublishError, RetoolError, UsageError, first_line
+
+#: one-line error text; this module keeps its own length limit
+_first_line = functools.partial(first_line, limit=None)
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
@@ -264,10 +267,6 @@ def _remote(keep_missing: bool = True):
         return inner
     return deco
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class FsspecStorage(Storage):
