@@ -122,8 +122,9 @@ def _load_pickle(torch, path: Path, request: ConvertRequest):
                 f"{path}: is a pickled Python object (a whole nn.Module); unpickling it runs arbitrary code. "
                 f"Re-run with --trust-remote-code if you trust its origin, or export a state_dict and pass "
                 f"module:factory with --weights") from None
-        if str(Path.cwd()) not in sys.path:
-            sys.path.insert(0, str(Path.cwd()))  # the pickle names its classes' modules, like `python -m`
+        from retool.refs import ensure_importable
+
+        ensure_importable()  # the pickle names its classes' modules, like `python -m`
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=False)
         except ModuleNotFoundError as exc:

@@ -9,6 +9,16 @@ from pathlib import Path
 from retool.errors import UsageError
 
 
+def ensure_importable(*folders) -> None:
+    """Put ``folders`` (default: the current folder) on sys.path, as ``python -m`` does for the
+    current folder, so a model's own packages import."""
+    cwd = str(Path.cwd())
+    for f in folders or (cwd,):
+        f = str(f)
+        if f not in sys.path and not (f == cwd and "" in sys.path):
+            sys.path.insert(0, f)
+
+
 def import_ref(ref: str, label: str = "") -> object:
     """The object ``ref`` names. Importing runs the module's code: the user named it explicitly.
 
@@ -28,8 +38,7 @@ def import_ref(ref: str, label: str = "") -> object:
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
         else:
-            if "" not in sys.path and str(Path.cwd()) not in sys.path:
-                sys.path.insert(0, str(Path.cwd()))
+            ensure_importable()
             module = importlib.import_module(mod_name)
     except ImportError as exc:
         raise UsageError(f"{prefix}: cannot import {mod_name} ({exc}); check the name and the current folder") from None

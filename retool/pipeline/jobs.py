@@ -6,7 +6,6 @@ raise for a known error: the outcome carries the exit code and the one-line mess
 from __future__ import annotations
 
 import os
-import sys
 import time
 import traceback
 from pathlib import Path
@@ -48,12 +47,11 @@ def _maybe_fault(model: str, stage: str) -> None:
 
 def convert_job(model: ModelConfig, base_dir: str, out_dir: str, seed: int = 0) -> dict:
     from retool.converter.core import convert
+    from retool.refs import ensure_importable
 
     t0 = time.perf_counter()
     base = Path(base_dir)
-    for p in (str(base), os.getcwd()):
-        if p not in sys.path:
-            sys.path.insert(0, p)  # `package.module:factory` sources resolve like `python -m`
+    ensure_importable(base, os.getcwd())  # `package.module:factory` sources resolve like `python -m`
     out = Path(out_dir) / model.name / "fp32.onnx"
     out.parent.mkdir(parents=True, exist_ok=True)
     try:

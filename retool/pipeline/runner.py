@@ -68,11 +68,9 @@ def run(config, *, out: str | Path = "retool-out", only: str | None = None, engi
         if unknown:
             raise UsageError(f"--only {only}: no model has target(s) {sorted(unknown)}; known: {sorted(known)}")
         models = [dataclasses.replace(m, targets=tuple(t for t in m.targets if t.name in wanted)) for m in models]
-    import sys
+    from retool.refs import ensure_importable
 
-    for p in (str(cfg.base_dir), str(Path.cwd())):  # `module:factory` sources resolve like `python -m`
-        if p not in sys.path:
-            sys.path.insert(0, p)
+    ensure_importable(cfg.base_dir, Path.cwd())  # `module:factory` sources resolve like `python -m`
     out_dir = Path(out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     cache = StepCache(out_dir / ".cache", enabled=use_cache)
