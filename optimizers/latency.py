@@ -1,8 +1,11 @@
-"""Latency of model variants at batch 1: fixed threads, spinning off, warmed up, interleaved, medians."""
+"""Latency of model variants at batch 1: fixed threads, spinning off, warmed up, interleaved, medians.
+
+The timing loop is the validators' (alternating order, GC off); this module only opens the
+ONNX sessions and reduces the samples to the figures an optimisation report carries.
+"""
 from __future__ import annotations
 
 import os
-import time
 from typing import Mapping
 
 import numpy as np
@@ -16,22 +19,14 @@ def measure(models: Mapping[str, object], feeds: Mapping[str, np.ndarray], threa
             warmup: int = 5, min_rounds: int = 10, max_rounds: int = 5000, budget_s: float = 2.0) -> dict:
     """Median latency (ms) of each model on ``feeds``; one run of each per round so drift hits all alike."""
     from retool.runtime import make_session, run_session
+    from retool.validators.latency import Plan, measure_interleaved
 
     threads = threads or default_threads()
     sessions = {k: make_session(p, threads=threads) for k, p in models.items()}
-    for sess in sessions.values():
-        for _ in range(warmup):
-            run_session(sess, feeds)
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    start = time.perf_counter()
-    rounds = 0
-    while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start < budget_s):
-        for k, sess in sessions.items():
-            t0 = time.perf_counter()
-            run_session(sess, feeds)
-            times[k].append((time.perf_counter() - t0) * 1e3)
-        rounds += 1
-    out = {"threads": threads, "batch": 1, "rounds": rounds, "spinning": False, "variants": {}}
+    plan = Plan(runs=None, time_budget_s=budget_s, warmup=warmup, min_runs=min_rounds, max_runs=max_rounds)
+    times = measure_interleaved({k: (lambda s=s: run_session(s, feeds)) for k, s in sessions.items()}, plan)
+    out = {"threads": threads, "batch": 1, "rounds": len(next(iter(times.values()))), "spinning": False,
+           "variants": {}}
     for k, ts in times.items():
         a = np.asarray(ts)
         out["variants"][k] = {"p50_ms": round(float(np.median(a)), 4), "p90_ms": round(float(np.percentile(a, 90)), 4),
