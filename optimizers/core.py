@@ -403,10 +403,14 @@ def _latency(fp32_path, cand_path, feeds, threads) -> dict:
 
 
 def _ratio(m: dict, label: str) -> dict:
+    """The latency section: p50s and the speed-up over fp32 (fp32 p50 / candidate p50, > 1 faster)."""
+    from retool.speed import stats
+
     f, c = m["variants"]["fp32"]["p50_ms"], m["variants"][label]["p50_ms"]
+    sp = (m.get("speedup_vs_fp32") or {}).get(label) or stats(f / c if c else float("inf"), None, m["rounds"])
     return {"threads": m["threads"], "batch": 1, "fp32_p50_ms": f, "candidate_p50_ms": c,
-            "ratio": round(c / f, 4) if f else None, "rounds": m["rounds"], "spinning": False,
-            "variants": m["variants"]}
+            "speedup": sp["speedup"], "speedup_iqr": sp["iqr"], "speedup_verdict": sp["verdict"],
+            "speedup_text": sp["text"], "rounds": m["rounds"], "spinning": False, "variants": m["variants"]}
 
 
 def finalize(src: Path, dst: Path) -> None:
@@ -480,9 +484,10 @@ def _report(art, profile, cand: Candidate, ctx: Context, tol, lat, auto_data, st
                                   + [w for w in ctx.warnings if not ctx.calib.random] + list(cand.warnings)))
     checks = [CheckResult("onnxruntime.load", True)] + list(cand.checks)
     if lat:
-        checks.append(CheckResult("latency.ratio", True, lat["ratio"], None,
-                                  f"candidate p50 {lat['candidate_p50_ms']:.3f} ms vs fp32 {lat['fp32_p50_ms']:.3f} ms "
-                                  f"(batch 1, {lat['threads']} threads)", {}, "info"))
+        checks.append(CheckResult("latency.speedup", True, lat["speedup"], None,
+                                  f"{lat['speedup_text']}: candidate p50 {lat['candidate_p50_ms']:.3f} ms vs fp32 "
+                                  f"{lat['fp32_p50_ms']:.3f} ms (batch 1, {lat['threads']} threads)",
+                                  {"iqr": lat["speedup_iqr"], "verdict": lat["speedup_verdict"]}, "info"))
     step = ProvenanceStep(
         "optimize", f"retool.optimizers:{cand.target}", {**cand.versions},
         {"target": profile.name, "chosen_target": cand.target, "calibration_digest": calib["digest"] if cand.calibrated else None,

@@ -31,4 +31,8 @@ def measure(models: Mapping[str, object], feeds: Mapping[str, np.ndarray], threa
         a = np.asarray(ts)
         out["variants"][k] = {"p50_ms": round(float(np.median(a)), 4), "p90_ms": round(float(np.percentile(a, 90)), 4),
                               "min_ms": round(float(a.min()), 4)}
+    if "fp32" in times:  # each variant's speed-up over fp32, with the spread of the paired rounds
+        from retool.speed import paired
+
+        out["speedup_vs_fp32"] = {k: paired(times["fp32"], ts) for k, ts in times.items() if k != "fp32"}
     return out

@@ -68,9 +68,11 @@ def test_latency_is_measured_against_fp32(cnn_onnx, tmp_path):
     lat = report.data["latency"]
     assert lat["threads"] == 1 and lat["batch"] == 1
     assert lat["fp32_p50_ms"] > 0 and lat["candidate_p50_ms"] > 0
-    assert lat["ratio"] == pytest.approx(lat["candidate_p50_ms"] / lat["fp32_p50_ms"], rel=1e-3)
-    info = [c for c in report.checks if c.name == "latency.ratio"]
-    assert info and info[0].severity == "info"
+    # one quantity everywhere: fp32 p50 / candidate p50 (> 1 faster), with its paired spread
+    assert lat["speedup"] == pytest.approx(lat["fp32_p50_ms"] / lat["candidate_p50_ms"], rel=2e-3)
+    assert "ratio" not in lat and len(lat["speedup_iqr"]) == 2 and lat["speedup_verdict"] in ("faster", "slower", "none")
+    info = [c for c in report.checks if c.name == "latency.speedup"]
+    assert info and info[0].severity == "info" and "×" in info[0].message
 
 
 def test_cpu_auto_measures_candidates_and_says_why(transformer_onnx, tmp_path):
@@ -84,7 +86,7 @@ def test_cpu_auto_measures_candidates_and_says_why(transformer_onnx, tmp_path):
     chosen = next(r for r in auto["candidates"] if r["target"] == auto["chosen"])
     assert chosen["passed"] and chosen["reason"].startswith("chosen")
     assert min(r["p50_ms"] for r in measured if r["passed"]) == chosen["p50_ms"]
-    assert report.data["latency"]["ratio"] > 0
+    assert report.data["latency"]["speedup"] > 0
 
 
 def _save_external(src, dst):

@@ -99,7 +99,8 @@ def test_example_inputs_are_used_and_resized_per_batch(models, tmp_path):
 # -- latency -----------------------------------------------------------------
 
 def test_latency_is_measured_for_both_variants_and_the_ratio_reported(models):
-    r = validate(models["ref"], models["leak"], batch_sizes=(1, 4), latency=True, threads=1, runs=7)
+    r = validate(models["ref"], models["leak"], batch_sizes=(1, 4), latency=True, threads=1, runs=7,
+                 time_budget_s=0)  # 0 s: exactly --runs
     lat = r.data["latency"]
     assert lat["measured"] and r.data["threads"] == 1
     for variant in ("candidate", "reference"):
@@ -107,7 +108,7 @@ def test_latency_is_measured_for_both_variants_and_the_ratio_reported(models):
         for b, s in lat[variant].items():
             assert s["runs"] == 7 and len(s["samples_ms"]) == 7
             assert s["p50_ms"] <= s["p90_ms"] <= s["p99_ms"] <= s["max_ms"]
-            assert s["throughput_per_s"] == pytest.approx(int(b) * 1000 / s["mean_ms"])
+            assert s["throughput_per_s"] == pytest.approx(int(b) * 1000 / s["p50_ms"])  # the median, not the mean
     for b in ("1", "4"):
         ratio = lat["reference"][b]["p50_ms"] / lat["candidate"][b]["p50_ms"]
         assert lat["speedup"][b] == pytest.approx(ratio, rel=1e-3)
@@ -246,7 +247,7 @@ def test_cli_passing_run_prints_one_table_with_parity_latency_speedup_and_size(c
     assert r.code == 0, r.out + r.err
     header = r.out.splitlines()[0].split()
     assert header == ["check", "batch", "candidate", "reference", "threshold", "result"]
-    for word in ("parity y", "latency p50 / p99 ms", "throughput", "speedup", "size MB"):
+    for word in ("parity y", "latency p50 / p99 ms", "throughput", "speed-up", "size MB"):
         assert word in r.out
     assert "PASS" in r.out and "FAIL" not in r.out
 

@@ -41,8 +41,9 @@ def validate(candidate, reference=None, *, batch_sizes: Sequence[int] = (1,), la
 
     ``reference`` is another ONNX file or a source model in any form ``convert``
     accepts (``framework``/``inputs``/``weights``/``options``/``trust_remote_code``
-    are used to load it). Latency is measured when ``latency`` is true or a gate
-    needs it. Writes report.json/.md/.html into ``report_dir`` when given.
+    are used to load it). Latency is measured when ``latency`` is true, a gate
+    needs it, or the candidate is quantized and has a reference (the default
+    not-slower gate, validators/speed_gate.py). Writes report.json/.md/.html into ``report_dir`` when given.
     """
     from retool.inputs import load_npz, parse_specs
     from retool.onnx_info import artifact_from_onnx
@@ -61,11 +62,15 @@ def validate(candidate, reference=None, *, batch_sizes: Sequence[int] = (1,), la
     if threads < 1:
         raise UsageError(f"--threads {threads}: must be at least 1")
     plan = lat.Plan.make(runs, time_budget_s)
-    measure = bool(latency or gates.needs_latency)
+    from retool.validators.speed_gate import applies as speed_gate_applies
+
+    # a quantized candidate with a reference is timed by default: its not-slower gate needs it
+    measure = bool(latency or gates.needs_latency or (reference is not None and speed_gate_applies(gates, art.precision)))
     if gates.min_speedup is not None and reference is None:
         raise UsageError(f"{cand_path}: a minimum speedup needs a reference to compare with; give --reference")
     if report_dir is not None:
         _check_report_dir(report_dir)
+    _check_providers(providers)
 
     given = tuple(s if isinstance(s, TensorSpec) else parse_specs([s])[0] for s in inputs)
     specs = _merge_specs(art.inputs, given)
@@ -89,7 +94,7 @@ def validate(candidate, reference=None, *, batch_sizes: Sequence[int] = (1,), la
         "batch_sizes": list(batch_sizes), "parity_batch_sizes": parity_batches, "seed": seed,
         "parity": {}, "batch_consistency": {}, "tolerances": {},
         "latency": {"measured": measure, "plan": plan.to_dict() if measure else None,
-                    "candidate": {}, "reference": {}, "speedup": {}},
+                    "candidate": {}, "reference": {}, "speedup": {}, "speedup_stats": {}},
         "providers": None, "gates": [], "gate_config": gates.to_dict(), "environment": _environment(),
     }
     from retool.fsutil import file_size
@@ -156,7 +161,15 @@ def validate(candidate, reference=None, *, batch_sizes: Sequence[int] = (1,), la
         if ref is not None:
             ref.close()
         del sess
+    _mark_measured_on(data, art.target)
     checks += gate_checks(gates, size_mb=data["size_mb"], latency=data["latency"])
+    from retool.validators.speed_gate import gate_note, not_slower_checks
+
+    checks += not_slower_checks(gates, art.precision, data["latency"])
+    note = gate_note(gates, art.precision, data["latency"]) if (measure or reference is not None) else None
+    if note:
+        warnings.append(note)
+    data["checked"] = _what_was_checked(reference, measure, data)
     return _finish(art, checks, data, warnings, gates, report_dir, started, t_start, size_bytes)
 
 
@@ -241,8 +254,56 @@ def _latency_at(b, feeds, sess, ref, plan, data) -> None:
     for name, s in samples.items():
         data["latency"][name][str(b)] = lat.summarize(s, b)
     if ref is not None:
-        data["latency"]["speedup"][str(b)] = round(
-            lat.speedup(data["latency"]["reference"][str(b)], data["latency"]["candidate"][str(b)]), 4)
+        entry = lat.paired_speedup(samples["reference"], samples["candidate"])
+        data["latency"]["speedup"][str(b)] = entry["speedup"]
+        data["latency"]["speedup_stats"][str(b)] = entry
+
+
+def _check_providers(providers) -> None:
+    """A provider this onnxruntime lacks is a usage error: a silent CPU fallback would time the wrong thing."""
+    if not providers:
+        return
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    missing = [p for p in providers if p not in available]
+    if missing:
+        raise UsageError(f"--provider {','.join(missing)}: not available in this onnxruntime (available: "
+                         f"{', '.join(available)}); install the onnxruntime build for that hardware, or leave "
+                         f"out --provider to validate on CPU")
+
+
+def _mark_measured_on(data, target) -> None:
+    """Say where latency was measured, and whether that is the target's hardware."""
+    from retool.validators.speed_gate import measured_off_target
+
+    latd = data["latency"]
+    if not latd.get("candidate"):
+        return
+    session = (data.get("providers") or {}).get("session") or ["CPUExecutionProvider"]
+    latd["measured_on"] = session[0]
+    off = measured_off_target(target, session)
+    if off:
+        latd["off_target"] = off
+
+
+def _what_was_checked(reference, measured, data) -> dict:
+    """One honest list of what this validation did and did not check."""
+    did = ["the model loads in onnxruntime", "it runs at batch " + ",".join(map(str, data["parity_batch_sizes"]))]
+    if data["batch_consistency"]:
+        did.append("rows of a batch do not affect each other")
+    not_done = []
+    if reference is None:
+        not_done.append("parity against a reference (give --reference: the fp32 ONNX or the source model)")
+        if measured:
+            not_done.append("speed-up (needs a reference)")
+    else:
+        did.append("parity against the reference")
+    if measured:
+        did.append("latency")
+    else:
+        not_done.append("latency (give --latency)")
+    return {"checked": did, "not_checked": not_done}
 
 
 def _feeds(specs, examples, b, seed, dynamic) -> dict[str, np.ndarray]:
@@ -328,7 +389,7 @@ def summary_rows(report: Report) -> list[list[str]]:
     gates = {c.name: c for c in report.checks if c.severity == "gate"}
     rows: list[list[str]] = []
     for c in report.checks:
-        if c.severity != "gate" or c.name.startswith(("latency:", "speedup@", "size")):
+        if c.severity != "gate" or c.name.startswith(("latency:", "speedup@", "not-slower@", "size")):
             continue
         name, _, batch = c.name.partition("@batch")
         det = c.details or {}
@@ -346,16 +407,22 @@ def summary_rows(report: Report) -> list[list[str]]:
     for key in sorted(lat.get("candidate", {}), key=int):
         cs, rs = lat["candidate"][key], lat.get("reference", {}).get(key)
         g = gates.get(f"latency:p99@batch{key}")
-        rows.append(["latency p50 / p99 ms", key, f"{_g(cs['p50_ms'])} / {_g(cs['p99_ms'])}",
+        where = " (on CPU, not the target's hardware)" if lat.get("off_target") else ""
+        rows.append([f"latency p50 / p99 ms{where}", key, f"{_g(cs['p50_ms'])} / {_g(cs['p99_ms'])}",
                      f"{_g(rs['p50_ms'])} / {_g(rs['p99_ms'])}" if rs else "",
                      f"p99 <= {g.threshold:g}" if g else "", _result(g)])
-        rows.append(["throughput /s", key, f"{cs['throughput_per_s']:.0f}",
+        rows.append(["throughput /s (from p50)", key, f"{cs['throughput_per_s']:.0f}",
                      f"{rs['throughput_per_s']:.0f}" if rs else "", "", ""])
-        sp = lat.get("speedup", {}).get(key)
+        sp = (lat.get("speedup_stats") or {}).get(key, lat.get("speedup", {}).get(key))
         g = gates.get(f"speedup@batch{key}")
+        ns = gates.get(f"not-slower@batch{key}")
         if sp is not None or g is not None:
-            rows.append(["speedup (ref p50 / cand p50)", key, f"{sp:.2f}x" if sp is not None else "n/a", "",
-                         f">= {g.threshold:g}x" if g else "", _result(g)])
+            from retool.speed import format_entry
+
+            thr = " and ".join(t for t in ((f">= {g.threshold:g}×" if g else ""), ("not slower" if ns else "")) if t)
+            res = _result(g) if not ns else ("FAIL" if (not ns.passed or (g and not g.passed)) else "PASS")
+            rows.append(["speed-up (ref p50 / cand p50)", key, format_entry(sp) if sp is not None else "n/a", "",
+                         thr, res])
     for name, g in gates.items():  # speedup gates at unmeasured batch sizes
         if (name.startswith("speedup@") or name.startswith("latency:")) and g.value is None:
             rows.append([name, name.partition("@batch")[2], "not measured", "", _g(g.threshold), _result(g)])
@@ -385,6 +452,13 @@ def summary_text(report: Report) -> str:
             f"({d['candidate']['precision']}) vs {ref.get('label') or 'no reference'}; "
             f"{d['threads']} intra-op threads")
     lines.append(meta)
+    chk = d.get("checked") or {}
+    if chk.get("not_checked"):
+        lines.append("checked: " + "; ".join(chk.get("checked", [])))
+        lines.append("NOT checked: " + "; ".join(chk["not_checked"]))
+    off = (d.get("latency") or {}).get("off_target")
+    if off:
+        lines.append(f"latency: {off}")
     return "\n".join(lines)
 
 

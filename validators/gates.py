@@ -4,6 +4,8 @@
 max_p99_ms: 25            # every measured batch size; or per batch: {1: 5, 8: 25}
 min_speedup: 1.2          # reference p50 / candidate p50; or per batch
 max_size_mb: 100          # file plus external data, MB = 10^6 bytes
+not_slower: true          # quantized candidates: not slower than the reference beyond the noise
+                          # (default on for int8/uint8; false switches it off, and the report says so)
 parity:                   # tolerances per output; "*" applies to every output
   "*":    {atol: 1.0e-4, rtol: 1.0e-3, min_cosine: 0.9999}
   logits: {atol: null, min_cosine: 0.99, min_top1: 0.98}   # null switches a limit off
@@ -22,7 +24,7 @@ from retool.types import CheckResult
 from retool.validators.parity import Tolerance
 
 _TOL_KEYS = {f.name for f in dataclasses.fields(Tolerance)}
-_KEYS = ("max_p99_ms", "min_speedup", "max_size_mb", "parity")
+_KEYS = ("max_p99_ms", "min_speedup", "max_size_mb", "parity", "not_slower")
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,8 @@ class Gates:
     max_size_mb: float | None = None
     #: output name (or "*") -> the tolerance fields to override, e.g. {"atol": 1e-3}
     parity: Mapping[str, Mapping[str, float | None]] = field(default_factory=dict)
+    #: None: on for quantized candidates (validators/speed_gate.py); True/False: on/off for any candidate
+    not_slower: bool | None = None
 
     def __hash__(self):  # holds mappings
         return hash(repr(self.to_dict()))
@@ -59,7 +63,8 @@ class Gates:
             return {int(k): float(x) for k, x in v.items()} if isinstance(v, Mapping) else v
 
         return {"max_p99_ms": plain(self.max_p99_ms), "min_speedup": plain(self.min_speedup),
-                "max_size_mb": self.max_size_mb, "parity": {k: dict(v) for k, v in self.parity.items()}}
+                "max_size_mb": self.max_size_mb, "parity": {k: dict(v) for k, v in self.parity.items()},
+                "not_slower": self.not_slower}
 
 
 def load_gates(source: "str | Path | Mapping | Gates | None") -> Gates:
@@ -94,7 +99,14 @@ def load_gates(source: "str | Path | Mapping | Gates | None") -> Gates:
         min_speedup=_budget(data.get("min_speedup"), "min_speedup", where),
         max_size_mb=_number(data.get("max_size_mb"), "max_size_mb", where),
         parity=_parity(data.get("parity"), where),
+        not_slower=_flag(data.get("not_slower"), "not_slower", where),
     )
+
+
+def _flag(v, key: str, where: str) -> bool | None:
+    if v is None or isinstance(v, bool):
+        return v
+    raise UsageError(f"{where}: {key} must be true or false, got {v!r}")
 
 
 def _number(v, key: str, where: str) -> float | None:

@@ -18,6 +18,9 @@ import numpy as np
 
 #: Without --runs or a time budget, each batch size gets this many seconds (all variants together).
 DEFAULT_TIME_BUDGET_S = 2.0
+#: With --runs and no time budget, rounds continue until at least this many seconds have passed too:
+#: 30 runs of a 0.07 ms model are 2 ms of data, and their p99 is the single slowest run.
+MIN_TIME_S = 1.0
 #: Rounds measured at least / at most when a time budget decides.
 MIN_RUNS = 10
 MAX_RUNS = 10_000
@@ -28,7 +31,10 @@ MAX_SAMPLES_KEPT = 500
 
 @dataclass(frozen=True)
 class Plan:
-    """How long to measure: a fixed count, or rounds until a time budget (with floor and cap)."""
+    """How long to measure: rounds until *both* a count and a duration are reached (with a cap).
+
+    ``runs`` alone is exactly that many rounds (the plan ``make`` builds always has a duration).
+    """
 
     runs: int | None = None
     time_budget_s: float | None = None
@@ -38,15 +44,20 @@ class Plan:
 
     @classmethod
     def make(cls, runs: int | None = None, time_budget_s: float | None = None, warmup: int | None = None) -> "Plan":
+        """``runs``: at least this many rounds; ``time_budget_s``: at least this many seconds (0: count only)."""
         from retool.errors import UsageError
 
         if runs is not None and runs < 1:
             raise UsageError(f"--runs {runs}: must be at least 1")
-        if time_budget_s is not None and time_budget_s <= 0:
-            raise UsageError(f"--time-budget {time_budget_s}: must be more than 0 seconds")
-        if runs is None and time_budget_s is None:
-            time_budget_s = DEFAULT_TIME_BUDGET_S
-        return cls(runs, time_budget_s, WARMUP_RUNS if warmup is None else max(0, int(warmup)))
+        if time_budget_s is not None and time_budget_s < 0:
+            raise UsageError(f"--time-budget {time_budget_s}: must be 0 seconds or more")
+        if time_budget_s is None:
+            time_budget_s = DEFAULT_TIME_BUDGET_S if runs is None else MIN_TIME_S
+        warm = WARMUP_RUNS if warmup is None else max(0, int(warmup))
+        if time_budget_s == 0:
+            return cls(runs or MIN_RUNS, None, warm)
+        floor = MIN_RUNS if runs is None else runs
+        return cls(None, float(time_budget_s), warm, floor, max(MAX_RUNS, floor))
 
     def to_dict(self) -> dict:
         return {"runs": self.runs, "time_budget_s": self.time_budget_s, "warmup": self.warmup,
@@ -99,18 +110,27 @@ def _rounds(variants, names, plan, samples, clock, start) -> None:
 
 
 def summarize(samples_ms, batch: int, keep: int = MAX_SAMPLES_KEPT) -> dict:
-    """p50/p90/p99/mean/std in ms and items per second; ``samples_ms`` evenly thinned to ``keep``."""
+    """p50/p90/p99/mean/std in ms and items per second (from the median, which one slow run
+    cannot move); ``samples_ms`` evenly thinned to ``keep``."""
     a = np.asarray(samples_ms, dtype=np.float64)
     mean = float(a.mean())
+    p50 = float(np.percentile(a, 50))
     kept = a if a.size <= keep else a[np.linspace(0, a.size - 1, keep).round().astype(int)]
     return {
-        "p50_ms": float(np.percentile(a, 50)), "p90_ms": float(np.percentile(a, 90)),
+        "p50_ms": p50, "p90_ms": float(np.percentile(a, 90)),
         "p99_ms": float(np.percentile(a, 99)), "mean_ms": mean, "std_ms": float(a.std(ddof=1)) if a.size > 1 else 0.0,
         "min_ms": float(a.min()), "max_ms": float(a.max()),
-        "throughput_per_s": float(batch * 1000.0 / mean) if mean > 0 else math.inf,
+        "throughput_per_s": float(batch * 1000.0 / p50) if p50 > 0 else math.inf,
         "runs": int(a.size), "batch": int(batch),
         "samples_ms": [round(float(x), 4) for x in kept],
     }
+
+
+def paired_speedup(reference_ms, candidate_ms) -> dict:
+    """The speed-up with its spread (IQR of the per-round ratios) and verdict: see retool.speed."""
+    from retool.speed import paired
+
+    return paired(reference_ms, candidate_ms)
 
 
 def speedup(reference: Mapping, candidate: Mapping) -> float:

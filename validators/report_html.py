@@ -66,13 +66,31 @@ def _fmt(v: float) -> str:
     return f"{v:.3g}"
 
 
+#: The latency axis ends at this percentile of the samples (times 1.25): one 100x outlier must not
+#: squash every other run into the first pixel. Points beyond are drawn as marks on the edge, counted.
+AXIS_PERCENTILE = 95
+
+
+def latency_axis_max(stats: Mapping[str, Mapping]) -> float:
+    import numpy as np
+
+    highs = []
+    for s in stats.values():
+        samples = s.get("samples_ms") or []
+        highs.append(float(np.percentile(samples, AXIS_PERCENTILE)) if len(samples) >= 5 else s["p99_ms"])
+        highs.append(s["p50_ms"] * 1.5)
+    return _nice_max(max(highs) * 1.25)
+
+
 def latency_svg(batch: str, stats: Mapping[str, Mapping]) -> str:
-    """One row per variant: every sample as a dot (jittered), the p25-p75 box, the median and p99 marks."""
+    """One row per variant: every sample as a dot (jittered), the p25-p75 box, the median and p99 marks.
+
+    The axis is clipped at a high percentile; clipped samples (and a clipped p99) are drawn as
+    red marks on the right edge with their count."""
     w, row_h, left, right, top = 520, 46, 86, 16, 14
     names = [n for n in ("candidate", "reference") if n in stats]
     h = top + row_h * len(names) + 34
-    # The axis ends just past the largest p99; rarer outliers sit on the right edge, counted.
-    hi = _nice_max(max(s["p99_ms"] for s in stats.values()) * 1.1)
+    hi = latency_axis_max(stats)
 
     def x(v):
         return left + (w - left - right) * (min(v, hi) / hi)
@@ -92,10 +110,15 @@ def latency_svg(batch: str, stats: Mapping[str, Mapping]) -> str:
         samples = s.get("samples_ms") or []
         for j, v in enumerate(samples):
             jitter = ((j * 7919) % 23 - 11) * 0.9
-            parts.append(f'<circle cx="{x(v):.1f}" cy="{cy + jitter:.1f}" r="1.8" fill="{col}" fill-opacity="0.35"/>')
+            if v > hi:
+                parts.append(f'<path class="clipped" d="M{w - right - 5:.1f},{cy + jitter - 3:.1f} l5,3 l-5,3 z" '
+                             f'fill="#dc2626"><title>{v:.3f} ms (off the axis)</title></path>')
+            else:
+                parts.append(f'<circle cx="{x(v):.1f}" cy="{cy + jitter:.1f}" r="1.8" fill="{col}" fill-opacity="0.35"/>')
         beyond = sum(1 for v in samples if v > hi)
         if beyond:
-            parts.append(f'<text x="{w - right}" y="{cy - 16:.1f}" text-anchor="end">{beyond} beyond →</text>')
+            parts.append(f'<text class="clipped" x="{w - right}" y="{cy - 16:.1f}" text-anchor="end" fill="#dc2626">'
+                         f'{beyond} slower run(s) beyond {_fmt(hi)} ms, max {_fmt(max(samples))} ms →</text>')
         if samples:
             import numpy as np
 
@@ -104,14 +127,18 @@ def latency_svg(batch: str, stats: Mapping[str, Mapping]) -> str:
                          f'fill="none" stroke="{col}" stroke-width="1.5"/>')
         parts.append(f'<line x1="{x(s["p50_ms"]):.1f}" y1="{cy - 16:.1f}" x2="{x(s["p50_ms"]):.1f}" y2="{cy + 16:.1f}" '
                      f'stroke="{col}" stroke-width="3"><title>p50 {s["p50_ms"]:.3f} ms</title></line>')
+        p99_col = "#dc2626" if s["p99_ms"] > hi else col  # a clipped p99 sits on the edge, in red
         parts.append(f'<line x1="{x(s["p99_ms"]):.1f}" y1="{cy - 10:.1f}" x2="{x(s["p99_ms"]):.1f}" y2="{cy + 10:.1f}" '
-                     f'stroke="{col}" stroke-width="1.5" stroke-dasharray="3 2"><title>p99 {s["p99_ms"]:.3f} ms</title></line>')
+                     f'stroke="{p99_col}" stroke-width="1.5" stroke-dasharray="3 2"><title>p99 {s["p99_ms"]:.3f} ms'
+                     f'</title></line>')
     parts.append("</svg>")
     return "".join(parts)
 
 
 def throughput_svg(latency: Mapping) -> str:
-    """Items per second against batch size (log2 x axis when sizes spread), one line per variant."""
+    """Items per second (from the median) against batch size (log2 x axis), one line per variant.
+
+    Only drawn for two or more batch sizes (render_html leaves it out otherwise)."""
     w, h, left, right, top, bottom = 520, 260, 72, 110, 14, 40
     series = {n: {int(b): s["throughput_per_s"] for b, s in latency.get(n, {}).items()}
               for n in ("candidate", "reference") if latency.get(n)}
@@ -140,8 +167,9 @@ def throughput_svg(latency: Mapping) -> str:
                  f'transform="rotate(-90 14 {(top + h - bottom) / 2:.0f})">items / s</text>')
     for k, (name, pts) in enumerate(series.items()):
         col = COLORS.get(name, SERIES[k % len(SERIES)])
-        coords = " ".join(f"{x(b):.1f},{y(v):.1f}" for b, v in sorted(pts.items()))
-        parts.append(f'<polyline points="{coords}" fill="none" stroke="{col}" stroke-width="2"/>')
+        if len(pts) > 1:  # a single point is no curve
+            coords = " ".join(f"{x(b):.1f},{y(v):.1f}" for b, v in sorted(pts.items()))
+            parts.append(f'<polyline points="{coords}" fill="none" stroke="{col}" stroke-width="2"/>')
         for b, v in sorted(pts.items()):
             parts.append(f'<circle cx="{x(b):.1f}" cy="{y(v):.1f}" r="3.5" fill="{col}">'
                          f'<title>{_e(name)} batch {b}: {v:.1f}/s</title></circle>')
@@ -211,30 +239,39 @@ def render_html(report: Report) -> str:
             f' · {_e(report.created)}</div>']
     cards = [("size", f"{d.get('size_mb', 0):.3f} MB"), ("precision", cand.get("precision")),
              ("threads", d.get("threads")), ("batch sizes", ", ".join(map(str, d.get("batch_sizes", []))))]
-    sp = lat.get("speedup") or {}
+    sp = lat.get("speedup_stats") or lat.get("speedup") or {}
     if sp:
-        cards.append(("speedup (p50)", ", ".join(f"{v:.2f}x@{b}" for b, v in sorted(sp.items(), key=lambda t: int(t[0])))))
+        from retool.speed import format_entry
+
+        for b, v in sorted(sp.items(), key=lambda t: int(t[0])):
+            cards.append((f"speed-up at batch {b} (ref p50 / cand p50)", format_entry(v)))
+    if lat.get("off_target"):
+        cards.append(("latency", lat["off_target"]))
     failed = report.failed_checks
     cards.append(("gates failed", f"{len(failed)} / {sum(1 for c in report.checks if c.severity == 'gate')}"))
     body.append('<div class="cards">' + "".join(f"<div class=\"card\"><b>{_e(v)}</b><span>{_e(k)}</span></div>"
                                                 for k, v in cards) + "</div>")
     body.append("<h2>Summary</h2>" + _table(SUMMARY_HEADERS, summary_rows(report), result_col=5))
     if lat.get("candidate"):
+        where = f' {_e(lat["off_target"])}.' if lat.get("off_target") else ""
         body.append('<h2>Latency</h2><div class="small muted">Each dot is one run; box p25–p75, thick mark p50, '
-                    f'dashed mark p99. {d.get("threads")} intra-op threads; variants interleaved.</div>'
+                    f'dashed mark p99; the axis ends at the {AXIS_PERCENTILE}th percentile (x1.25), slower runs '
+                    f'are red marks on the edge. {d.get("threads")} intra-op threads; variants interleaved.{where}</div>'
                     '<div class="plots">')
         for b in sorted(lat["candidate"], key=int):
             stats = {n: lat[n][b] for n in ("candidate", "reference") if b in (lat.get(n) or {})}
             body.append(f"<figure><figcaption>latency distribution, batch {_e(b)}</figcaption>"
                         f"{latency_svg(b, stats)}</figure>")
-        body.append(f"<figure><figcaption>throughput against batch size</figcaption>{throughput_svg(lat)}</figure>")
+        if len(lat["candidate"]) > 1:
+            body.append(f"<figure><figcaption>throughput (from the median) against batch size</figcaption>"
+                        f"{throughput_svg(lat)}</figure>")
         body.append("</div>")
         rows = []
         for n in ("candidate", "reference"):
             for b, s in sorted((lat.get(n) or {}).items(), key=lambda t: int(t[0])):
                 rows.append([n, b, _num(s["p50_ms"]), _num(s["p90_ms"]), _num(s["p99_ms"]), _num(s["mean_ms"]),
                              _num(s["std_ms"]), f"{s['throughput_per_s']:.0f}", s["runs"]])
-        body.append(_table(["variant", "batch", "p50 ms", "p90 ms", "p99 ms", "mean ms", "std ms", "items/s", "runs"], rows))
+        body.append(_table(["variant", "batch", "p50 ms", "p90 ms", "p99 ms", "mean ms", "std ms", "items/s (p50)", "runs"], rows))
     parity = d.get("parity") or {}
     if parity:
         body.append('<h2>Parity</h2><div class="plots">')

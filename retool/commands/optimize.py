@@ -60,8 +60,11 @@ def summary(report) -> str:
     if d.get("chosen_target") != d.get("target"):
         rows[0][1] = f"{d['target']} -> {d['chosen_target']} ({d['auto']['why']})"
     if lat:
-        rows.append(["latency", f"{lat['fp32_p50_ms']:.3f} ms -> {lat['candidate_p50_ms']:.3f} ms "
-                                f"(x{lat['ratio']:.2f}, batch 1, {lat['threads']} threads)"])
+        from retool.speed import format_speedup
+
+        rows.append(["latency", f"{lat['fp32_p50_ms']:.3f} ms -> {lat['candidate_p50_ms']:.3f} ms: "
+                                f"{format_speedup(lat['speedup'], lat.get('speedup_iqr'), lat.get('speedup_verdict'))}"
+                                f" vs fp32 (batch 1, {lat['threads']} threads)"])
     cal = d.get("calibration") or {}
     if cal.get("used"):
         rows.append(["calibration", f"{cal['source']} ({cal['samples']} samples, {cal['method']})"

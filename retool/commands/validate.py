@@ -14,13 +14,16 @@ from retool.commands.common import converter_options, emit_report, parse_csv_int
 @click.option("--batch-sizes", default="1", show_default=True, metavar="1,8,32",
               help="Batch sizes for parity and latency (parity also runs at 4 when only 1 is given and the batch is dynamic).")
 @click.option("--threads", type=int, help="Intra-op threads for every variant (default: the CPUs this process may use).")
-@click.option("--runs", type=int, help="Timed runs per batch size (default: until --time-budget).")
+@click.option("--runs", type=int, help="At least this many timed runs per batch size (with at least 1 s of "
+              "timing too, unless --time-budget says otherwise; --time-budget 0: exactly --runs).")
 @click.option("--time-budget", "time_budget_s", type=float,
-              help="Seconds of timing per batch size, all variants together (default 2).")
+              help="At least this many seconds of timing per batch size, all variants together (default 2).")
 @click.option("--gates", "gates_file", type=click.Path(dir_okay=False), help="YAML file of budgets (see docs/validate.md).")
 @click.option("--max-p99-ms", type=float, help="Gate: p99 latency budget in ms at every measured batch size.")
 @click.option("--min-speedup", type=float, help="Gate: minimum reference p50 / candidate p50.")
 @click.option("--max-size-mb", type=float, help="Gate: maximum model size in MB (10^6 bytes, with external data).")
+@click.option("--allow-slower", is_flag=True, help="Switch off the default gate that fails a quantized candidate "
+              "slower than the reference beyond the noise (the report says it was switched off).")
 @click.option("--atol", type=float, help="Parity: absolute tolerance for every output.")
 @click.option("--rtol", type=float, help="Parity: relative tolerance for every output.")
 @click.option("--min-cosine", type=float, help="Parity: minimum cosine similarity for every output.")
@@ -32,7 +35,7 @@ from retool.commands.common import converter_options, emit_report, parse_csv_int
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of the table.")
 def validate_cmd(candidate, reference, latency, batch_sizes, threads, runs, time_budget_s, gates_file, max_p99_ms,
-                 min_speedup, max_size_mb, atol, rtol, min_cosine, report_dir, framework, weights, inputs,
+                 min_speedup, max_size_mb, allow_slower, atol, rtol, min_cosine, report_dir, framework, weights, inputs,
                  example_inputs, trust_remote_code, signature, output_names, inputs_as_nchw, custom_objects,
                  static_batch, fold_batchnorm, providers, seed, as_json):
     """Is CANDIDATE (an ONNX model) ready for production?
@@ -53,7 +56,8 @@ def validate_cmd(candidate, reference, latency, batch_sizes, threads, runs, time
     parity = dict(gates.parity)
     if tol_flags:
         parity["*"] = {**parity.get("*", {}), **tol_flags}
-    gates = gates.merged(max_p99_ms=max_p99_ms, min_speedup=min_speedup, max_size_mb=max_size_mb, parity=parity)
+    gates = gates.merged(max_p99_ms=max_p99_ms, min_speedup=min_speedup, max_size_mb=max_size_mb, parity=parity,
+                         not_slower=False if allow_slower else None)
     options = converter_options(signature, output_names, inputs_as_nchw, custom_objects, static_batch,
                                 fold_batchnorm)
     report = validate(candidate, reference, batch_sizes=sizes, latency=latency, threads=threads, gates=gates,

@@ -45,7 +45,7 @@ NUM = (int, float)
 TOLERANCE = Obj({"atol": (NUM, False), "rtol": (NUM, False), "min_cosine": (NUM, False),
                  "min_top1": (NUM, False)})
 GATES = Obj({"max_p99_ms": (NUM, False), "min_speedup": (NUM, False), "max_size_mb": (NUM, False),
-             "parity": (MapOf(TOLERANCE), False)})
+             "parity": (MapOf(TOLERANCE), False), "not_slower": (bool, False)})
 CALIBRATION = Obj({"data": (str, False), "method": (OneOf(("minmax", "entropy", "percentile")), False),
                    "preprocess": (str, False)}, shorthand="data")
 PUBLISH = Obj({"when": (OneOf(PUBLISH_WHEN), False), "alias": (str, False), "repository": (str, False),
@@ -53,7 +53,8 @@ PUBLISH = Obj({"when": (OneOf(PUBLISH_WHEN), False), "alias": (str, False), "rep
 TARGET = Obj({"name": (str, True), "tolerance": (TOLERANCE, False), "gates": (GATES, False),
               "calibration": (CALIBRATION, False), "publish": (PUBLISH, False)}, shorthand="name")
 VALIDATION = Obj({"batch_sizes": (ListOf(int), False), "threads": (int, False), "latency": (bool, False),
-                  "reference": (OneOf(REFERENCES), False), "runs": (int, False)})
+                  "reference": (OneOf(REFERENCES), False), "runs": (int, False),
+                  "min_time_s": (NUM, False)})
 MODEL = Obj({
     "name": (str, True), "source": (str, True), "framework": (str, False), "weights": (str, False),
     "inputs": (ListOf(str), False), "example_inputs": (str, False), "opset": (int, False),

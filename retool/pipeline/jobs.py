@@ -114,7 +114,7 @@ def _validate_into(result: dict, model: ModelConfig, target: TargetConfig, out: 
                         latency=v.get("latency", True), threads=v.get("threads"), gates=dict(target.gates) or None,
                         framework="onnx" if reference == fp32_path else model.framework,
                         inputs=model.inputs, trust_remote_code=model.trust_remote_code, seed=seed,
-                        runs=v.get("runs"))
+                        runs=v.get("runs"), time_budget_s=v.get("min_time_s"))
         paths = write_reports(vrep, tdir / "report")
         result["validate"] = _outcome("validate", t1, report=str(paths["json"]),
                                       passed=vrep.passed, reports=[str(p) for p in paths.values()],
@@ -130,11 +130,20 @@ def _validate_into(result: dict, model: ModelConfig, target: TargetConfig, out: 
 
 
 def _summary_numbers(report) -> dict:
+    """The figures of the summary line, at the worst batch size (lowest speed-up), not just the first."""
+    from retool.speed import worst
+
     data = report.data or {}
     lat = (data.get("latency") or {})
     cand = (lat.get("candidate") or {})
-    first = cand.get(next(iter(cand), ""), {}) if cand else {}
-    speed = lat.get("speedup") or {}
-    return {"p50_ms": first.get("p50_ms"), "p99_ms": first.get("p99_ms"),
-            "speedup": speed.get(next(iter(speed), ""), None) if speed else None,
+    stats = lat.get("speedup_stats") or lat.get("speedup") or {}
+    w = worst(stats)
+    batch = w[0] if w else next(iter(sorted(cand, key=int)), None)
+    at = cand.get(batch, {}) if batch is not None else {}
+    entry = w[1] if w else None
+    return {"p50_ms": at.get("p50_ms"), "p99_ms": at.get("p99_ms"), "batch": int(batch) if batch else None,
+            "batches": len(cand),
+            "speedup": entry.get("speedup") if isinstance(entry, dict) else entry,
+            "speedup_stats": entry if isinstance(entry, dict) else None,
+            "off_target": lat.get("off_target"),
             "size_mb": data.get("size_mb")}
