@@ -47,7 +47,8 @@ class MissingDependency(RetoolError):
         what = f" to {purpose}" if purpose else ""
         super().__init__(
             f"{package} is needed{what} but is not installed; "
-            f"run: pip install 'retool[{extra}]'"
+            # not 'pip install retool[...]': that name on PyPI is another project
+            f"run in the retool checkout: pip install -c constraints.txt '.[{extra}]'"
         )
         self.package = package
         self.extra = extra

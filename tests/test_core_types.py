@@ -60,7 +60,7 @@ def test_every_error_carries_a_distinct_exit_code():
     assert codes == {UsageError: 2, MissingDependency: 3, ConversionError: 4, OptimizationError: 5,
                      ValidationFailed: 6, PublishError: 7}
     assert issubclass(TrustRequired, UsageError) and RetoolError("x").exit_code == 1
-    assert "pip install 'retool[torch]'" in str(MissingDependency("torch", "torch"))
+    assert "pip install -c constraints.txt '.[torch]'" in str(MissingDependency("torch", "torch"))
 
 
 def test_registry_is_lazy_and_suggests_names():

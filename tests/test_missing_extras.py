@@ -29,5 +29,5 @@ def test_missing_framework_exits_3_naming_the_extra(tmp_path, hide, argv, extra)
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 3, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert f"pip install 'retool[{extra}]'" in last and "Traceback" not in proc.stderr
+    assert f"pip install -c constraints.txt '.[{extra}]'" in last and "retool[" not in last and "Traceback" not in proc.stderr
     assert not (tmp_path / "m.onnx").exists()
