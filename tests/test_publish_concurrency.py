@@ -25,7 +25,7 @@ def _retool(*args, env=None) -> subprocess.Popen:
 def test_eight_processes_publish_eight_distinct_verified_versions(tmp_path):
     model = linear(tmp_path / "m.onnx", external_data_mb=2)
     repo = tmp_path / "repo"
-    procs = [_retool("publish", model, "--repo", repo, "--name", "m", "--json") for _ in range(8)]
+    procs = [_retool("publish", model, "--repo", repo, "--name", "m", "--republish", "--json") for _ in range(8)]
     results = [(p.wait(timeout=300), p.stdout.read(), p.stderr.read()) for p in procs]
     assert all(rc == 0 for rc, _, _ in results), [err for rc, _, err in results if rc]
     versions = sorted(json.loads(out)["data"]["version"] for _, out, _ in results)

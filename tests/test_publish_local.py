@@ -79,13 +79,13 @@ def test_publish_layout_manifest_and_triton_config(tmp_path, tiny_ext, cli):
 
 def test_versions_increment_and_are_never_overwritten(tmp_path, tiny):
     repo = tmp_path / "repo"
-    assert [publish(tiny, repo, "m").version for _ in range(3)] == [1, 2, 3]
+    assert [publish(tiny, repo, "m", republish=True).version for _ in range(3)] == [1, 2, 3]
     before = (repo / "m" / "2" / "manifest.json").read_bytes()
     with pytest.raises(PublishError, match="never overwritten"):
-        publish(tiny, repo, "m", version=2)
+        publish(tiny, repo, "m", republish=True, version=2)
     assert (repo / "m" / "2" / "manifest.json").read_bytes() == before
-    assert publish(tiny, repo, "m", version=10).version == 10
-    assert publish(tiny, repo, "m").version == 11
+    assert publish(tiny, repo, "m", republish=True, version=10).version == 10
+    assert publish(tiny, repo, "m", republish=True).version == 11
     assert open_repo(repo).versions("m") == [1, 2, 3, 10, 11]
     assert not [p for p in (repo / "m").iterdir() if p.name.startswith(".staging")]
 
@@ -125,15 +125,15 @@ def test_failing_report_is_refused_and_a_forced_publish_is_recorded(tmp_path, ti
 
 def test_regression_gate_against_the_latest_version(tmp_path, tiny):
     repo = tmp_path / "repo"
-    publish(tiny, repo, "m", report=make_report(tiny, p99=10.0, cosine=0.9999))
+    publish(tiny, repo, "m", republish=True, report=make_report(tiny, p99=10.0, cosine=0.9999))
     # 50 % slower at p99: refused by the default gate, with the numbers in the message
     with pytest.raises(PublishError, match=r"regression\.latency vs v1.*\+50\.0%"):
-        publish(tiny, repo, "m", report=make_report(tiny, p99=15.0))
+        publish(tiny, repo, "m", republish=True, report=make_report(tiny, p99=15.0))
     # parity dropped by 0.05 > 0.01
     with pytest.raises(PublishError, match=r"regression\.parity vs v1"):
-        publish(tiny, repo, "m", report=make_report(tiny, p99=10.0, cosine=0.95))
+        publish(tiny, repo, "m", republish=True, report=make_report(tiny, p99=10.0, cosine=0.95))
     # a looser limit lets it through; the checks are recorded
-    res = publish(tiny, repo, "m", report=make_report(tiny, p99=15.0), max_regression="latency=60%")
+    res = publish(tiny, repo, "m", republish=True, report=make_report(tiny, p99=15.0), max_regression="latency=60%")
     assert res.version == 2 and not res.forced
     lat = next(c for c in res.regression if c.name.startswith("regression.latency"))
     assert lat.passed and lat.value == pytest.approx(50.0) and lat.details["metric"] == "p99_ms"
@@ -144,7 +144,7 @@ def test_regression_gate_against_the_latest_version(tmp_path, tiny):
     res = publish(big, repo, "m", report=make_report(big, p99=10.0), max_regression="off")
     assert res.version == 3 and all(c.severity == "info" for c in res.regression)
     # forcing through a regression is recorded
-    res = publish(tiny, repo, "m", report=make_report(tiny, p99=100.0), force=True)
+    res = publish(tiny, repo, "m", republish=True, report=make_report(tiny, p99=100.0), force=True)
     assert res.forced and any("regression" in r for r in res.manifest["forced_reasons"])
 
 
@@ -176,8 +176,8 @@ def test_manifest_carries_the_optimize_chain_and_calibration_digest(tmp_path, ti
 
 def test_missing_metrics_are_said_not_compared(tmp_path, tiny):
     repo = tmp_path / "repo"
-    publish(tiny, repo, "m")
-    res = publish(tiny, repo, "m", report=make_report(tiny, p99=1.0))
+    publish(tiny, repo, "m", republish=True)
+    res = publish(tiny, repo, "m", republish=True, report=make_report(tiny, p99=1.0))
     notes = {c.name.split(" ")[0]: (c.severity, c.message) for c in res.regression}
     assert notes["regression.latency"] == ("info", "not compared: v1's report has no batch-1 latency")
     assert notes["regression.size"][0] == "gate"
@@ -185,18 +185,18 @@ def test_missing_metrics_are_said_not_compared(tmp_path, tiny):
 
 def test_gate_also_compares_against_production(tmp_path, tiny):
     repo = tmp_path / "repo"
-    publish(tiny, repo, "m", report=make_report(tiny, p99=10.0))
+    publish(tiny, repo, "m", republish=True, report=make_report(tiny, p99=10.0))
     open_repo(repo).promote("m", 1, "production")
-    publish(tiny, repo, "m", report=make_report(tiny, p99=11.5))  # +15 % vs v1: passes
+    publish(tiny, repo, "m", republish=True, report=make_report(tiny, p99=11.5))  # +15 % vs v1: passes
     with pytest.raises(PublishError, match=r"vs v1") as exc:  # +13 % vs latest v2 but +30 % vs production v1
-        publish(tiny, repo, "m", report=make_report(tiny, p99=13.0), max_regression="latency=25%")
+        publish(tiny, repo, "m", republish=True, report=make_report(tiny, p99=13.0), max_regression="latency=25%")
     assert "vs v2" not in str(exc.value)
 
 
 def test_tampering_with_one_byte_is_caught(tmp_path, tiny_ext, cli):
     repo = tmp_path / "repo"
-    publish(tiny_ext, repo, "m")
-    publish(tiny_ext, repo, "m")
+    publish(tiny_ext, repo, "m", republish=True)
+    publish(tiny_ext, repo, "m", republish=True)
     assert cli("repo", "verify", repo).code == 0
     data = repo / "m" / "2" / "big.onnx.data"
     raw = bytearray(data.read_bytes())
@@ -220,7 +220,7 @@ def test_tampering_with_one_byte_is_caught(tmp_path, tiny_ext, cli):
 def test_promote_rollback_move_aliases_and_triton_version_policy(tmp_path, tiny, cli):
     repo = tmp_path / "repo"
     for _ in range(3):
-        publish(tiny, repo, "m")
+        publish(tiny, repo, "m", republish=True)
     cfg_path = repo / "m" / "config.pbtxt"
     r = cli("repo", "promote", repo, "m", "1", "--alias", "production")
     assert r.code == 0 and "production -> 1" in r.out
@@ -228,9 +228,9 @@ def test_promote_rollback_move_aliases_and_triton_version_policy(tmp_path, tiny,
     assert cli("repo", "promote", repo, "m", "3", "--alias", "production").code == 0
     assert list(triton_config(cfg_path).version_policy.specific.versions) == [3]
     # a staging alias is served too; a new publish does not change what is served
-    res = publish(tiny, repo, "m", alias="staging")
+    res = publish(tiny, repo, "m", republish=True, alias="staging")
     assert list(triton_config(cfg_path).version_policy.specific.versions) == [3, 4]
-    publish(tiny, repo, "m")
+    publish(tiny, repo, "m", republish=True)
     assert list(triton_config(cfg_path).version_policy.specific.versions) == [3, res.version]
     r = cli("repo", "rollback", repo, "m", "--alias", "production")
     assert r.code == 0 and "production -> 1" in r.out
@@ -249,7 +249,7 @@ def test_promote_rollback_move_aliases_and_triton_version_policy(tmp_path, tiny,
 
 def test_show_and_diff(tmp_path, tiny, cli):
     repo = tmp_path / "repo"
-    publish(tiny, repo, "m", report=make_report(tiny, p99=2.0, cosine=0.99999))
+    publish(tiny, repo, "m", republish=True, report=make_report(tiny, p99=2.0, cosine=0.99999))
     other = linear(tmp_path / "other.onnx", seed=7)
     publish(other, repo, "m", report=make_report(other, p99=2.2, cosine=0.9999), max_regression="off")
     r = cli("repo", "show", repo, "m")

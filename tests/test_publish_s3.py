@@ -64,7 +64,7 @@ def _keys(endpoint, bucket, prefix=""):
 def test_publish_list_show_verify_diff_promote_rollback_on_s3(s3_endpoint, bucket, tmp_path, cli):
     url = f"s3://{bucket}/triton"
     model = linear(tmp_path / "m.onnx", external_data_mb=0.5)
-    r = cli("publish", model, "--repo", url, "--name", "m", "--json")
+    r = cli("publish", model, "--repo", url, "--name", "m", "--republish", "--json")
     assert r.code == 0, r.err
     assert json.loads(r.out)["data"]["url"] == f"{url}/m/1"
     other = linear(tmp_path / "o.onnx", seed=3, external_data_mb=0.5)
@@ -112,7 +112,7 @@ def test_concurrent_publishers_on_s3_claim_distinct_versions(s3_endpoint, bucket
     url = f"s3://{bucket}/repo"
     model = linear(tmp_path / "m.onnx")
     procs = [subprocess.Popen([sys.executable, "-m", "retool", "-q", "publish", str(model), "--repo", url,
-                               "--name", "m", "--json"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               "--name", "m", "--republish", "--json"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for _ in range(4)]
     results = [(p.wait(timeout=300), p.stdout.read(), p.stderr.read()) for p in procs]
     assert all(rc == 0 for rc, _, _ in results), [err for rc, _, err in results if rc]

@@ -21,7 +21,9 @@ def _echo_json(obj) -> None:
 @click.option("--version", default="auto", show_default=True, help="Version number, or auto (latest + 1).")
 @click.option("--report", type=click.Path(dir_okay=False),
               help="report.json from retool validate (default: the artifact's sidecar report if it matches).")
-@click.option("--force", is_flag=True, help="Publish even if the report failed or the regression gate refuses; recorded.")
+@click.option("--force", is_flag=True, help="Publish even if the report failed, is about another file, or the "
+              "regression gate refuses; recorded.")
+@click.option("--republish", is_flag=True, help="Make a new version even when the file is identical to the latest one.")
 @click.option("--max-regression", metavar="SPEC",
               help="Regression limits against the latest/production version, e.g. latency=20%,size=10%,cosine=0.01 "
                    "(the default), or off.")
@@ -29,7 +31,7 @@ def _echo_json(obj) -> None:
 @click.option("--max-batch-size", type=int, help="Triton max_batch_size (default: the largest batch the report checked, else 8).")
 @click.option("--instances", type=int, default=1, show_default=True, help="Triton instance_group count.")
 @click.option("--json", "as_json", is_flag=True, help="Print the publish report as JSON.")
-def publish_cmd(artifact, repo_url, name, version, report, force, max_regression, alias, max_batch_size, instances,
+def publish_cmd(artifact, repo_url, name, version, report, force, republish, max_regression, alias, max_batch_size, instances,
                 as_json):
     """Publish ARTIFACT (.onnx) as a new, immutable version of NAME in a Triton model repository.
 
@@ -41,7 +43,14 @@ def publish_cmd(artifact, repo_url, name, version, report, force, max_regression
     from retool.publish import publish
 
     res = publish(artifact, repo_url, name, version=version, report=report, force=force,
-                  max_regression=max_regression, alias=alias, max_batch_size=max_batch_size, instance_count=instances)
+                  max_regression=max_regression, alias=alias, max_batch_size=max_batch_size, instance_count=instances,
+                  republish=republish)
+    if res.unchanged:
+        moved = f"; alias {alias} -> version {res.version}" if alias else ""
+        emit_report(res.to_report(), as_json,
+                    f"unchanged: {artifact} is identical to {res.name} version {res.version} at {res.url}; no new "
+                    f"version made{moved} (pass --republish to make one)")
+        return
     rows = [[c.name, c.passed if c.severity == "gate" else "info", c.message] for c in res.regression]
     human = (console.table(["check", "result", "note"], rows) + "\n\n" if rows else "")
     human += f"published {res.name} version {res.version} at {res.url}" + (" (FORCED: recorded)" if res.forced else "")

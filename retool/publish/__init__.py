@@ -10,14 +10,17 @@ __all__ = ["publish", "open_repo", "PublishResult", "Repository", "Finding"]
 
 def publish(artifact, repo_url, name: str, *, version="auto", report=None, force: bool = False,
             max_regression=None, alias: str | None = None, max_batch_size: int | None = None,
-            instance_count: int = 1, storage_options: Mapping | None = None) -> PublishResult:
+            instance_count: int = 1, storage_options: Mapping | None = None,
+            republish: bool = False) -> PublishResult:
     """Publish ``artifact`` (an .onnx path or a ModelArtifact) as a new version of ``name`` in ``repo_url``.
 
     ``report`` is a report.json path or a Report (default: the artifact's sidecar report when
     its sha256 matches). A failing report, or a regression against the latest (and production)
     version beyond ``max_regression`` ("latency=20%,size=10%,cosine=0.01" by default, "off"),
-    raises PublishError unless ``force``; a forced publish is recorded in the manifest.
+    raises PublishError unless ``force``; a forced publish is recorded in the manifest. So does
+    a report about another file (sha256 differs). A file identical to the latest version makes
+    no new version (``result.unchanged``) unless ``republish`` or an explicit ``version``.
     """
     return open_repo(repo_url, storage_options).publish(
         artifact, name, version=version, report=report, force=force, max_regression=max_regression,
-        alias=alias, max_batch_size=max_batch_size, instance_count=instance_count)
+        alias=alias, max_batch_size=max_batch_size, instance_count=instance_count, republish=republish)

@@ -34,6 +34,8 @@ class PublishResult:
     manifest: Mapping[str, Any]
     forced: bool
     regression: tuple[CheckResult, ...] = ()
+    #: the file was identical to the latest version, so no new version was made
+    unchanged: bool = False
 
     @property
     def path(self) -> str:
@@ -43,6 +45,7 @@ class PublishResult:
         art = ModelArtifact.from_dict({**self.manifest["artifact"], "path": f"{self.url}/{MODEL_FILE}"})
         return Report("publish", art, self.regression,
                       {"name": self.name, "version": self.version, "url": self.url, "forced": self.forced,
+                       "unchanged": self.unchanged,
                        "forced_reasons": list(self.manifest.get("forced_reasons", ())),
                        "files": self.manifest.get("files"), "published": self.manifest.get("published")})
 
@@ -130,7 +133,7 @@ class Repository:
     # ---- publishing ------------------------------------------------------------------------------
     def publish(self, artifact, name: str, *, version="auto", report=None, force: bool = False,
                 max_regression=None, alias: str | None = None, max_batch_size: int | None = None,
-                instance_count: int = 1) -> PublishResult:
+                instance_count: int = 1, republish: bool = False) -> PublishResult:
         from retool import console
 
         name = check_model_name(name)
@@ -153,7 +156,14 @@ class Repository:
         if rep is not None and rep.artifact is not None and rep.artifact.sha256:
             matches = rep.artifact.sha256 == art.sha256
             if not matches:
-                console.warn(f"{rep_source}: the report is about another file (sha256 differs); recorded")
+                # its gates and the regression check would use another model's numbers
+                what = (f"{rep_source}: the report is about another file ({rep.artifact.path}, sha256 "
+                        f"{rep.artifact.sha256[:12]}…), not {art.path} (sha256 {art.sha256[:12]}…)")
+                if not force:
+                    raise PublishError(f"{what}; pass the report written for this file, or --force to publish "
+                                       f"anyway (recorded in the manifest)", report=rep)
+                base_reasons.append("the report is about another file (sha256 differs)")
+                console.warn(f"{what}; publishing anyway (--force), recorded")
         if _sha(art.path) != art.sha256:
             raise PublishError(f"{art.path}: the file changed since its artifact was read (sha256 differs); publish again")
         files = _artifact_files(art)
@@ -171,6 +181,13 @@ class Repository:
                 store.clean_stale(name)
                 for _ in range(10000):
                     committed = self.versions(name)
+                    if committed and requested is None and not republish:
+                        latest = self.manifest(name, committed[-1])
+                        if _same_files(latest.get("files"), info):
+                            if alias:
+                                self._move_alias(name, alias, committed[-1])
+                            return PublishResult(name, committed[-1], store.location(f"{name}/{committed[-1]}"),
+                                                 latest, False, (), unchanged=True)
                     baselines = {}
                     if committed:
                         baselines["latest"] = committed[-1]
@@ -376,6 +393,13 @@ def _facts(m: Mapping) -> dict[str, Any]:
     out["published at"] = pub.get("at")
     out["retool version"] = m.get("retool_version")
     return out
+
+
+def _same_files(published, new) -> bool:
+    """The same relative paths with the same sha256: publishing again would add nothing."""
+    if not isinstance(published, Mapping) or set(published) != set(new):
+        return False
+    return all((published[k] or {}).get("sha256") == v["sha256"] for k, v in new.items())
 
 
 def _sha(p: Path) -> str:
