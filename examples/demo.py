@@ -50,8 +50,26 @@ def main() -> int:
     except ImportError as exc:
         print(f"(Triton schema check skipped: {exc})")
     print(f"reports: {args.out}/<model>/<target>/report/report.html; summary: {result.summary_md}")
-    print(f"demo finished in {time.perf_counter() - t0:.0f} s with exit code {result.exit_code}")
-    return result.exit_code
+    code = result.exit_code
+    slower = [o for o in result.outcomes if _only_slower(o)]
+    if code == 6 and slower and all(o.status == "ok" or o in slower for o in result.outcomes):
+        # tiny models: int8's quantize/dequantize overhead can cost more than it saves. Refusing to
+        # publish those is the not-slower gate doing its job, not a broken demo.
+        for o in slower:
+            print(f"{o.model}/{o.target} is slower than fp32 here, so the not-slower gate kept it out of "
+                  f"the repository (as intended: {o.message})")
+        code = 0
+    print(f"demo finished in {time.perf_counter() - t0:.0f} s with exit code {code}"
+          + (f" (the pipeline's was {result.exit_code})" if code != result.exit_code else ""))
+    return code
+
+
+def _only_slower(o) -> bool:
+    """Failed on the not-slower gate of a quantized target and on nothing else."""
+    msg = o.message or ""
+    if o.status != "failed" or not msg.startswith("gate failed: "):
+        return False
+    return all(g.strip().startswith("not-slower@") for g in msg[len("gate failed: "):].split(","))
 
 
 if __name__ == "__main__":

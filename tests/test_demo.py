@@ -16,13 +16,23 @@ def test_demo_publishes_every_example_model_with_triton_configs(tmp_path):
                           capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert {(t["model"], t["target"]): t["status"] for t in summary["targets"]} == {
-        (m, t): "ok" for m in ("torch-cnn", "keras-cnn", "caffe-net") for t in ("cpu", "cpu-int8")}
+    status = {(t["model"], t["target"]): t for t in summary["targets"]}
+    assert set(status) == {(m, t) for m in ("torch-cnn", "keras-cnn", "caffe-net") for t in ("cpu", "cpu-int8")}
+    # cpu always publishes; cpu-int8 of these tiny models publishes only where it is not slower than fp32
+    # (which depends on the CPU), and is otherwise refused by the not-slower gate alone
+    published = set()
+    for (m, t), o in status.items():
+        if o["status"] == "ok":
+            published.add(f"{m}-{t}")
+        else:
+            assert t == "cpu-int8" and o["status"] == "failed" and "not-slower@" in o["message"], o
+            assert "p99" not in o["message"] and "parity" not in o["message"]
+            assert "not-slower gate kept it out" in proc.stdout
     from tritonclient.grpc import model_config_pb2
     from google.protobuf import text_format
 
     configs = sorted(repo.glob("*/config.pbtxt"))
-    assert len(configs) == 6
+    assert {c.parent.name for c in configs} == published and {"torch-cnn-cpu", "keras-cnn-cpu", "caffe-net-cpu"} <= published
     for c in configs:
         cfg = text_format.Parse(c.read_text(), model_config_pb2.ModelConfig())
         assert cfg.platform == "onnxruntime_onnx" and (c.parent / "1" / "model.onnx").exists()
