@@ -37,7 +37,10 @@ class OnnxSource(SourceModel):
         try:
             header = load_onnx_header(path)
         except Exception as exc:
-            raise ConversionError(str(exc)) from None
+            # not "convert it first": this *is* convert, and the file is damaged or is not ONNX
+            why = str(exc).split(";")[0]
+            raise ConversionError(f"{why}: the file is damaged, truncated or not ONNX; export it again from "
+                                  f"its framework, or give that source model to 'retool convert'") from None
         self.path = path
         self.request = request
         self.input_specs = io_specs(header)[0]

@@ -154,11 +154,39 @@ def _load_factory(ref: str, request: ConvertRequest):
                                   f"({type(exc).__name__}); the file may be corrupt or hold pickled code") from None
         if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
             state = state["state_dict"]
+        if not isinstance(state, Mapping):
+            raise UsageError(f"{request.weights}: holds a {type(state).__name__}, not a state_dict; save "
+                             f"model.state_dict() and pass that as --weights")
+        misfit = _state_dict_misfit(model.state_dict(), state)
+        if misfit:
+            raise UsageError(f"{request.weights}: does not fit {ref} ({misfit}); pass the factory these weights "
+                             f"were trained with, or the matching --weights")
         try:
             model.load_state_dict(state)
         except Exception as exc:
-            raise ConversionError(f"{request.weights}: does not fit {ref}: {str(exc).splitlines()[0][:300]}") from None
+            raise UsageError(f"{request.weights}: does not fit {ref}: {str(exc).splitlines()[0][:300]}") from None
     return model
+
+
+def _state_dict_misfit(expected: Mapping, given: Mapping, show: int = 3) -> str:
+    """Missing / unexpected / wrongly shaped keys, the first few of each with counts; "" when it fits."""
+    def few(keys) -> str:
+        keys = list(keys)
+        more = f", … {len(keys) - show} more" if len(keys) > show else ""
+        return ", ".join(keys[:show]) + more
+
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    shapes = [f"{k} {list(given[k].shape)} vs {list(expected[k].shape)}" for k in expected
+              if k in given and hasattr(given[k], "shape") and tuple(given[k].shape) != tuple(expected[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing key(s): {few(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s): {few(unexpected)}")
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatch(es), file vs model: {few(shapes)}")
+    return "; ".join(parts)
 
 
 class TorchSource(SourceModel):

@@ -458,6 +458,13 @@ def _report(art, profile, cand: Candidate, ctx: Context, tol, lat, auto_data, st
     parity["heldout_source"] = "random" if ctx.calib.random or not ctx.calib.heldout_items else ctx.calib.source
     size_in = file_size(art.path, art.extra_files)
     size_out = file_size(staged, extra)
+    if lat:
+        from retool.validators.speed_gate import measured_off_target
+
+        lat = {**lat, "measured_on": "CPUExecutionProvider"}
+        off = measured_off_target(cand.target, ["CPUExecutionProvider"])
+        if off:
+            lat["off_target"] = off
     data = {
         "target": profile.name,
         "chosen_target": cand.target,

@@ -44,6 +44,15 @@ def check_output_path(path) -> Path:
         raise UsageError(f"{p}: output folder {parent} is not writable; choose another -o")
     if p.exists() and not os.access(p, os.W_OK):
         raise UsageError(f"{p}: output file exists and is not writable; choose another -o")
+    if not p.suffix and not p.exists():
+        raise UsageError(f"{p}: output has no file extension, so it looks like a folder; give a file name such "
+                         f"as {p / 'model.onnx'} (create the folder first) or {p.with_suffix('.onnx')}")
+    try:  # os.access says yes to root everywhere, /proc included: try it
+        fd, probe = tempfile.mkstemp(prefix=".retool-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UsageError(f"{p}: cannot write in {parent} ({exc.strerror or exc}); choose another -o") from None
     return p
 
 
@@ -51,7 +60,10 @@ def check_output_path(path) -> Path:
 def staging_dir(near) -> Iterator[Path]:
     """A temporary folder beside ``near`` (same file system, so rename is atomic)."""
     parent = Path(near).expanduser().resolve().parent
-    d = Path(tempfile.mkdtemp(prefix=".retool-tmp-", dir=parent))
+    try:
+        d = Path(tempfile.mkdtemp(prefix=".retool-tmp-", dir=parent))
+    except OSError as exc:  # a file system problem at the output is bad input, not a bug
+        raise UsageError(f"{near}: cannot write in {parent} ({exc.strerror or exc}); choose another output") from None
     try:
         yield d
     finally:
@@ -60,14 +72,20 @@ def staging_dir(near) -> Iterator[Path]:
 
 def atomic_write_text(path, text: str) -> None:
     p = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    except OSError as exc:
+        raise UsageError(f"{p}: cannot write in {p.parent} ({exc.strerror or exc}); choose another output") from None
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
         os.replace(tmp, p)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):  # disk full, quota, a read-only remount: one usage line
+            raise UsageError(f"{p}: could not be written ({exc.strerror or exc}); free space or choose another "
+                             f"output") from None
         raise
 
 
@@ -79,9 +97,12 @@ def move_onnx(src: Path, dst: Path) -> tuple[str, ...]:
     """
     src, dst = Path(src), Path(dst)
     extra = external_data_files(src)
-    for name in extra:
-        os.replace(src.parent / name, dst.parent / name)
-    os.replace(src, dst)
+    try:
+        for name in extra:
+            os.replace(src.parent / name, dst.parent / name)
+        os.replace(src, dst)
+    except OSError as exc:
+        raise UsageError(f"{dst}: could not be written ({exc.strerror or exc}); choose another output") from None
     return extra
 
 

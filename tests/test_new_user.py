@@ -53,3 +53,69 @@ def test_republishing_an_identical_file_makes_no_new_version_unless_asked(tmp_pa
     assert r.code == 0 and "identical to m version 1" in r.out and "--republish" in r.out
     r = cli("publish", a, "--repo", repo, "--name", "m", "--republish")
     assert r.code == 0 and open_repo(repo).versions("m") == [1, 2]
+
+
+# -- errors keep their substance and their class ----------------------------------------------
+
+def test_state_dict_that_does_not_fit_names_the_keys_and_is_a_usage_error(tmp_path, cli):
+    torch = __import__("pytest").importorskip("torch")
+    from fixtures import torch_models
+
+    state = torch_models.transformer().state_dict()
+    torch.save(state, tmp_path / "other.pt")
+    r = cli("convert", "fixtures.torch_models:cnn", "--weights", tmp_path / "other.pt",
+            "--input", "x:float32:batch,3,32,32", "-o", tmp_path / "m.onnx")
+    assert r.code == 2, r.err
+    line = r.err.strip().splitlines()[-1]
+    assert "missing key(s):" in line and "unexpected key(s):" in line and "more" in line
+    assert "Traceback" not in r.err and not (tmp_path / "m.onnx").exists()
+
+
+def test_filesystem_errors_at_the_output_are_one_usage_line(tmp_path, cli):
+    from fixtures.onnx_tiny import linear
+
+    src = linear(tmp_path / "t.onnx")
+    for out, words in ((Path("/proc/x.onnx"), "cannot write in /proc"),
+                       (tmp_path / "newdir", "no file extension")):
+        r = cli("convert", src, "-o", out)
+        assert r.code == 2 and words in r.err and "Traceback" not in r.err, r.err
+    assert not (tmp_path / "newdir").exists()
+    r = cli("optimize", src, "--target", "cpu", "-o", "/proc/x.onnx")
+    assert r.code == 2 and "cannot write in /proc" in r.err
+
+
+def test_a_corrupt_onnx_file_given_to_convert_is_called_damaged(tmp_path, cli):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x07not onnx at all" * 10)
+    r = cli("convert", bad, "-o", tmp_path / "o.onnx")
+    assert r.code == 4 and "damaged" in r.err and "convert it first" not in r.err
+
+
+def test_a_provider_this_onnxruntime_lacks_is_a_usage_error(tmp_path, cli):
+    import onnxruntime as ort
+
+    from fixtures.onnx_tiny import linear
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        __import__("pytest").skip("this onnxruntime has CUDA")
+    r = cli("validate", linear(tmp_path / "t.onnx"), "--provider", "CUDAExecutionProvider")
+    assert r.code == 2 and "CUDAExecutionProvider" in r.err and "not available" in r.err
+
+
+def test_latency_of_a_gpu_target_measured_on_cpu_says_so(tmp_path, cli):
+    import json
+
+    from fixtures import onnx_speed
+    from retool.optimizers.core import optimize
+
+    fp32 = onnx_speed.identity(tmp_path / "fp32.onnx")
+    art, _ = optimize(fp32, tmp_path / "trt.onnx", target="tensorrt-int8", measure=False)
+    r = cli("validate", art.path, "--reference", fp32, "--latency", "--runs", "5", "--time-budget", "0.05",
+            "--json")
+    data = json.loads(r.out)["data"]
+    assert "not on TensorRT" in data["latency"]["off_target"]
+    assert not any(g["name"].startswith("not-slower") for g in data["gates"])  # CPU timings cannot judge it
+    r = cli("validate", art.path, "--reference", fp32, "--latency", "--runs", "5", "--time-budget", "0.05")
+    assert "latency p50 / p99 ms (on CPU, not the target's hardware)" in r.out
+    r = cli("optimize", fp32, "--target", "gpu-fp16", "-o", tmp_path / "fp16.onnx", "--threads", "1")
+    assert r.code == 0 and "measured on CPU, not on CUDA where gpu-fp16 runs" in r.out

@@ -65,6 +65,8 @@ def summary(report) -> str:
         rows.append(["latency", f"{lat['fp32_p50_ms']:.3f} ms -> {lat['candidate_p50_ms']:.3f} ms: "
                                 f"{format_speedup(lat['speedup'], lat.get('speedup_iqr'), lat.get('speedup_verdict'))}"
                                 f" vs fp32 (batch 1, {lat['threads']} threads)"])
+        if lat.get("off_target"):
+            rows.append(["", lat["off_target"]])
     cal = d.get("calibration") or {}
     if cal.get("used"):
         rows.append(["calibration", f"{cal['source']} ({cal['samples']} samples, {cal['method']})"
