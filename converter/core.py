@@ -14,6 +14,8 @@ from retool.fsutil import atomic_write_text, check_output_path, move_onnx, sha25
 from retool.registry import CONVERTERS
 from retool.types import CheckResult, ModelArtifact, ProvenanceStep, Report, TensorSpec, now_iso
 
+#: Exporter facts a serving client needs, copied from the export params into the report's data.
+REPORTED_PARAMS = ("output_names_source", "static_batch", "allowed_batch_sizes")
 #: one-line error text; this module keeps its own length limit
 _first_line = partial(first_line, limit=500, with_type=True)
 
@@ -179,7 +181,8 @@ def _convert_loaded(model: SourceModel, request: ConvertRequest, out: Path, veri
         report = Report("convert", art, tuple(checks),
                         {"timings": {k: round(v, 4) for k, v in timings.items()},
                          "tolerance": tol.to_dict(), "exporter": result.tool,
-                         "framework": request.framework, "verified": verify},
+                         "framework": request.framework, "verified": verify,
+                         **{k: result.params[k] for k in REPORTED_PARAMS if k in result.params}},
                         tuple(result.warnings))
         side = sidecar_report_path(out)
         if not report.passed:

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from retool.converter.base import Converter, ConvertRequest, ExportResult, SourceModel, merge_specs
+from retool.converter.torch_outputs import choose_names, flat_module, flatten_named, is_flat
 from retool.deps import require, version_of
 from retool.errors import ConversionError, TrustRequired, UsageError
 from retool.types import TensorSpec
@@ -182,7 +183,8 @@ class TorchSource(SourceModel):
             if hasattr(module, "eval"):
                 module.eval()
         self.input_specs = self._resolve_specs()
-        self._output_names: list[str] | None = None
+        self._flat_needed = False
+        self.output_names_source = ""
 
     # -- input signature -------------------------------------------------
     def _declared_specs(self) -> tuple[TensorSpec, ...]:
@@ -245,8 +247,8 @@ class TorchSource(SourceModel):
         return tuple(torch.from_numpy(np.ascontiguousarray(feeds[s.name])) for s in self.input_specs)
 
     def _call(self, args):
-        out = self.module(*args)
-        return _flatten_outputs(self.torch, out)
+        pairs, _ = flatten_named(self.torch, self.module(*args))
+        return [t for _, t in pairs]
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         with self.torch.no_grad():
@@ -273,11 +275,15 @@ class TorchSource(SourceModel):
             return 0
 
     def _output_names_for(self, args) -> list[str]:
+        """Names from what the model returns (or --output-names); notes whether the exporter needs a flat tuple."""
         with self.torch.no_grad():
-            outs = self._call(args)
-        if len(outs) == 1:
-            return ["output"]
-        return [f"output_{i}" for i in range(len(outs))]
+            out = self.module(*args)
+        pairs, named = flatten_named(self.torch, out)
+        self._flat_needed = not is_flat(self.torch, out)
+        names, self.output_names_source = choose_names(
+            [n for n, _ in pairs], named, (self.request.options or {}).get("output_names"),
+            [s.name for s in self.input_specs], self.request.source_label)
+        return names
 
     def export(self, path: Path, opset: int | None) -> ExportResult:
         args = self._example_args()
@@ -292,7 +298,8 @@ class TorchSource(SourceModel):
                 dyn_axes[s.name] = axes
         errors = []
         warn_list: list[str] = []
-        target = self.exported if self.exported is not None else self.module
+        target = self.exported if self.exported is not None else (
+            flat_module(self.torch, self.module) if self._flat_needed else self.module)
         for exporter in ("dynamo", "torchscript"):
             if exporter == "torchscript" and self.kind == "exported_program":
                 break
@@ -303,13 +310,15 @@ class TorchSource(SourceModel):
                     if exporter == "dynamo":
                         self._export_dynamo(target, args, path, opset, input_names, output_names, dyn_axes, large)
                     else:
-                        self._export_torchscript(args, path, opset, input_names, output_names, dyn_axes, large)
+                        self._export_torchscript(target, args, path, opset, input_names, output_names, dyn_axes,
+                                                 large)
                 warn_list += [str(w.message).splitlines()[0][:200] for w in caught
                               if issubclass(w.category, UserWarning)][:5]
                 if exporter != "dynamo":
                     warn_list.insert(0, "dynamo exporter failed; used the TorchScript exporter: " + errors[0])
                 return ExportResult(f"torch.onnx.export({exporter})",
                                     {"exporter": exporter, "external_data": large,
+                                     "output_names": output_names, "output_names_source": self.output_names_source,
                                      "dynamic_axes": {k: {str(i): n for i, n in v.items()} for k, v in dyn_axes.items()}},
                                     tuple(warn_list))
             except Exception as exc:
@@ -335,6 +344,8 @@ class TorchSource(SourceModel):
                 shapes.append({i: dims.setdefault(n, Dim(_ident(n), min=1)) if i == 0 else
                                dims.setdefault(n, Dim.DYNAMIC) for i, n in axes.items()} or None)
             dynamic_shapes = tuple(shapes)
+            if getattr(target, "takes_varargs", False):  # torch.export sees (*args) as one tuple argument
+                dynamic_shapes = (dynamic_shapes,)
         kwargs = dict(f=str(path), input_names=input_names, output_names=output_names, dynamo=True,
                       external_data=large, optimize=True, verbose=False)
         if opset:
@@ -346,9 +357,12 @@ class TorchSource(SourceModel):
         else:
             torch.onnx.export(target, args, **kwargs)
 
-    def _export_torchscript(self, args, path, opset, input_names, output_names, dyn_axes, large):
+    def _export_torchscript(self, target, args, path, opset, input_names, output_names, dyn_axes, large):
         torch = self.torch
-        torch.onnx.export(self.module, args, str(path), input_names=input_names, output_names=output_names,
+        if getattr(target, "takes_varargs", False):
+            # the exporter's own tracer refuses a ScriptModule inside a Python module; torch.jit.trace does not
+            target = torch.jit.trace(target, args, strict=False)
+        torch.onnx.export(target, args, str(path), input_names=input_names, output_names=output_names,
                           dynamic_axes=dyn_axes or None, opset_version=opset or 17, dynamo=False,
                           do_constant_folding=True)
         if large:
@@ -400,18 +414,6 @@ def _ident(name: str) -> str:
 
     out = re.sub(r"\W", "_", name)
     return out if out and not out[0].isdigit() else f"d_{out}"
-
-
-def _flatten_outputs(torch, out) -> list:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, Mapping):
-        return [t for v in out.values() for t in _flatten_outputs(torch, v)]
-    if isinstance(out, (list, tuple)):
-        return [t for v in out for t in _flatten_outputs(torch, v)]
-    if hasattr(out, "to_tuple"):
-        return _flatten_outputs(torch, out.to_tuple())
-    raise ConversionError(f"model returned {type(out).__name__}; expected tensors")
 
 
 def _short(exc: BaseException) -> str:
