@@ -175,8 +175,14 @@ class TorchSource(SourceModel):
         self.versions = {"torch": torch.__version__, "onnx": version_of("onnx") or "",
                          "onnxscript": version_of("onnxscript") or ""}
         self.exported = None
+        self.program = None
+        self.notes: list[str] = []
         if kind == "exported_program":
+            from retool.converter.torch_exported import read_program
+
             self.exported = module
+            self.program = read_program(torch, module)
+            self.verify_batch_sizes = self.program.verify_batches or None
             self.module = module.module()
         else:
             self.module = module
@@ -189,23 +195,8 @@ class TorchSource(SourceModel):
     # -- input signature -------------------------------------------------
     def _declared_specs(self) -> tuple[TensorSpec, ...]:
         """What the model itself says: ExportedProgram placeholders, or a ``retool_inputs`` attribute."""
-        if self.exported is not None:
-            specs = []
-            sig = self.exported.graph_signature
-            user_inputs = [s.arg.name for s in sig.input_specs if s.kind.name == "USER_INPUT"]
-            nodes = {n.name: n for n in self.exported.graph.nodes if n.op == "placeholder"}
-            for name in user_inputs:
-                val = nodes[name].meta.get("val")
-                if val is None:
-                    continue
-                dims = []
-                for i, d in enumerate(val.shape):
-                    if isinstance(d, self.torch.SymInt):  # a dynamic axis
-                        dims.append("batch" if i == 0 else str(d))
-                    else:
-                        dims.append(int(d))
-                specs.append(TensorSpec(name, str(val.dtype).replace("torch.", ""), tuple(dims)))
-            return tuple(specs)
+        if self.program is not None:
+            return self.program.specs
         declared = getattr(self.module, "retool_inputs", None)
         if declared:
             return tuple(TensorSpec.parse(s) if isinstance(s, str) else s for s in declared)
@@ -213,6 +204,8 @@ class TorchSource(SourceModel):
 
     def _resolve_specs(self) -> tuple[TensorSpec, ...]:
         req = self.request
+        if self.program is not None:
+            return self._program_specs()
         if req.example_inputs:
             from retool.inputs import specs_from_arrays
 
@@ -226,9 +219,25 @@ class TorchSource(SourceModel):
             raise UsageError(
                 f"{req.source_label}: the model does not declare its inputs; give them with "
                 f"--input NAME:DTYPE:SHAPE (e.g. --input x:float32:batch,3,224,224) or --example-inputs FILE.npz")
-        for s in specs:
-            if not s.shape:
-                continue
+        return specs
+
+    def _program_specs(self) -> tuple[TensorSpec, ...]:
+        """An ExportedProgram's own shapes win: it was traced at them and its guards refuse others."""
+        from retool.converter.torch_exported import check_examples
+
+        req, specs = self.request, self.program.specs
+        by = {s.name: s for s in specs}
+        for g in req.inputs:
+            d = by.get(g.name)
+            if d is None:
+                raise UsageError(f"--input {g.name}: the program has no input of that name; its inputs are "
+                                 f"{', '.join(str(s) for s in specs)}")
+            if g.shape and (len(g.shape) != len(d.shape) or any(
+                    isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(g.shape, d.shape))):
+                raise UsageError(f"--input {g}: the program was exported for {d}; its declared shapes "
+                                 f"cannot be changed (re-export it with other dynamic_shapes)")
+        if req.example_inputs:
+            self.notes += check_examples(req.source_label, self.program, req.example_inputs)
         return specs
 
     def close(self) -> None:
@@ -246,8 +255,15 @@ class TorchSource(SourceModel):
             raise UsageError(f"inputs missing from the feeds: {missing}")
         return tuple(torch.from_numpy(np.ascontiguousarray(feeds[s.name])) for s in self.input_specs)
 
+    def _forward(self, args):
+        if self.exported is not None:
+            from retool.converter.torch_exported import call
+
+            return call(self.torch, self.module, self.exported, args)
+        return self.module(*args)
+
     def _call(self, args):
-        pairs, _ = flatten_named(self.torch, self.module(*args))
+        pairs, _ = flatten_named(self.torch, self._forward(args))
         return [t for _, t in pairs]
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
@@ -259,12 +275,17 @@ class TorchSource(SourceModel):
     def _example_args(self):
         from retool.inputs import random_feeds, resize_batch
 
+        # batch 2 for tracing: batch 1 invites specialisation of the batch axis
+        batch = 2
+        if self.program is not None and self.program.verify_batches:  # a batch the program allows
+            batch = 2 if 2 in range(min(self.program.verify_batches), max(self.program.verify_batches) + 1) \
+                else self.program.verify_batches[0]
         if self.request.example_inputs:
-            # batch 2 for tracing: batch 1 invites specialisation of the batch axis
-            feeds = resize_batch(self.request.example_inputs, 2) if all(
-                s.has_dynamic_batch for s in self.input_specs) else self.request.example_inputs
+            feeds = resize_batch(self.request.example_inputs, batch) if (all(
+                s.has_dynamic_batch for s in self.input_specs) or self.program is not None) \
+                else self.request.example_inputs
         else:
-            feeds = random_feeds(self.input_specs, batch=2, seed=self.request.seed)
+            feeds = random_feeds(self.input_specs, batch=batch, seed=self.request.seed)
         return self._tensors(feeds)
 
     def _param_bytes(self) -> int:
@@ -277,7 +298,7 @@ class TorchSource(SourceModel):
     def _output_names_for(self, args) -> list[str]:
         """Names from what the model returns (or --output-names); notes whether the exporter needs a flat tuple."""
         with self.torch.no_grad():
-            out = self.module(*args)
+            out = self._forward(args)
         pairs, named = flatten_named(self.torch, out)
         self._flat_needed = not is_flat(self.torch, out)
         names, self.output_names_source = choose_names(
@@ -297,7 +318,7 @@ class TorchSource(SourceModel):
             if axes:
                 dyn_axes[s.name] = axes
         errors = []
-        warn_list: list[str] = []
+        warn_list: list[str] = list(self.notes)
         target = self.exported if self.exported is not None else (
             flat_module(self.torch, self.module) if self._flat_needed else self.module)
         for exporter in ("dynamo", "torchscript"):
@@ -319,6 +340,7 @@ class TorchSource(SourceModel):
                 return ExportResult(f"torch.onnx.export({exporter})",
                                     {"exporter": exporter, "external_data": large,
                                      "output_names": output_names, "output_names_source": self.output_names_source,
+                                     **self._batch_params(),
                                      "dynamic_axes": {k: {str(i): n for i, n in v.items()} for k, v in dyn_axes.items()}},
                                     tuple(warn_list))
             except Exception as exc:
@@ -327,6 +349,14 @@ class TorchSource(SourceModel):
                     f.unlink()
         raise ConversionError(f"{self.request.source_label}: torch.onnx could not export the model: "
                               + " | ".join(f"{n}: {e}" for n, e in zip(("dynamo", "torchscript"), errors)))
+
+    def _batch_params(self) -> dict:
+        if self.program is None:
+            return {}
+        return {"static_batch": self.program.static_batch is not None,
+                "verified_batch_sizes": list(self.program.verify_batches),
+                "batch_range": list(self.program.batch_range) if self.program.batch_range else None,
+                "call_keywords": list(self.program.keywords)}
 
     def _export_dynamo(self, target, args, path, opset, input_names, output_names, dyn_axes, large):
         import logging
