@@ -20,7 +20,8 @@ import numpy as np
 from retool.converter.base import Converter, ConvertRequest, ExportResult, SourceModel, merge_specs
 from retool.converter.torch_outputs import choose_names, flat_module, flatten_named, is_flat
 from retool.deps import require, version_of
-from retool.errors import ConversionError, TrustRequired, UsageError
+from retool.converter.torch_imports import broken_import_error, import_failure
+from retool.errors import ConversionError, RetoolError, TrustRequired, UsageError
 from retool.types import TensorSpec
 
 TORCH_SUFFIXES = (".pt", ".pth", ".pt2", ".ts", ".torchscript", ".bin")
@@ -102,7 +103,7 @@ class TorchConverter(Converter):
                 module = torch.export.load(str(path))
             else:
                 module = _load_pickle(torch, path, request)
-        except (TrustRequired, UsageError, ConversionError):
+        except RetoolError:
             raise
         except Exception as exc:
             raise ConversionError(f"{path}: cannot load as a torch {kind.replace('_', ' ')} "
@@ -131,6 +132,11 @@ def _load_pickle(torch, path: Path, request: ConvertRequest):
         except ModuleNotFoundError as exc:
             raise UsageError(f"{path}: the pickled model needs module {exc.name!r}, which is not importable; "
                              f"run from the folder that holds it or install it") from None
+        except Exception as exc:
+            failing = import_failure(exc)
+            if failing is None:
+                raise
+            raise broken_import_error(path, failing, exc, torch.__version__) from None
     if isinstance(obj, torch.nn.Module):
         return obj
     if isinstance(obj, Mapping):
