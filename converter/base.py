@@ -49,6 +49,8 @@ class SourceModel(abc.ABC):
     #: Files the model came from (hashed into the provenance).
     source_files: tuple[Path, ...] = ()
     versions: Mapping[str, str] = {}
+    #: Batch sizes to check parity at when the batch is dynamic; None: retool.inputs.VERIFY_BATCH_SIZES.
+    verify_batch_sizes: tuple[int, ...] | None = None
 
     @abc.abstractmethod
     def export(self, path: Path, opset: int | None) -> ExportResult:

@@ -14,6 +14,8 @@ from retool.fsutil import atomic_write_text, check_output_path, move_onnx, sha25
 from retool.registry import CONVERTERS
 from retool.types import CheckResult, ModelArtifact, ProvenanceStep, Report, TensorSpec, now_iso
 
+#: Exporter facts a serving client needs, copied from the export params into the report's data.
+REPORTED_PARAMS = ("output_names_source", "static_batch", "batch_range", "verified_batch_sizes")
 #: one-line error text; this module keeps its own length limit
 _first_line = partial(first_line, limit=500, with_type=True)
 
@@ -179,7 +181,8 @@ def _convert_loaded(model: SourceModel, request: ConvertRequest, out: Path, veri
         report = Report("convert", art, tuple(checks),
                         {"timings": {k: round(v, 4) for k, v in timings.items()},
                          "tolerance": tol.to_dict(), "exporter": result.tool,
-                         "framework": request.framework, "verified": verify},
+                         "framework": request.framework, "verified": verify,
+                         **{k: result.params[k] for k in REPORTED_PARAMS if k in result.params}},
                         tuple(result.warnings))
         side = sidecar_report_path(out)
         if not report.passed:
@@ -210,7 +213,11 @@ def reference_outputs(model: SourceModel, art: ModelArtifact, request: ConvertRe
     """The verification inputs (two batch sizes when the batch is dynamic) and the source's outputs."""
     from retool.inputs import verification_feeds
 
-    feeds_list = verification_feeds(art.inputs, request.example_inputs, seed=request.seed)
+    from retool.inputs import VERIFY_BATCH_SIZES
+
+    # a source may allow fewer batch sizes than the defaults (an ExportedProgram's range constraints)
+    sizes = getattr(model, "verify_batch_sizes", None) or VERIFY_BATCH_SIZES
+    feeds_list = verification_feeds(art.inputs, request.example_inputs, seed=request.seed, batch_sizes=sizes)
     refs = []
     for feeds in feeds_list:
         try:

@@ -9,7 +9,9 @@ never meets a Sequential model, whose Keras 3 tracing breaks tf2onnx.from_keras)
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -530,6 +532,23 @@ def _tensor(name: str) -> str:
     return name if ":" in name else f"{name}:0"
 
 
+def _node_named(specs: Sequence[TensorSpec], nodes: Mapping, path: Path, placeholders) -> tuple[TensorSpec, ...]:
+    """``--input`` specs named by node: ``input:0`` (a tensor name) is the node ``input``'s only output."""
+    out, unknown = [], []
+    for s in specs:
+        node, _, index = s.name.rpartition(":") if re.fullmatch(r".+:\d+", s.name) else (s.name, "", "")
+        if node not in nodes:
+            unknown.append(s.name)
+            continue
+        if index and index != "0":
+            raise UsageError(f"{path}: --input {s.name}: a placeholder has one output, {node}:0")
+        out.append(dataclasses.replace(s, name=node))
+    if unknown:
+        raise UsageError(f"{path}: --input names {unknown} are not nodes or tensors of the graph; placeholders "
+                         f"are: {', '.join(n.name for n in placeholders) or 'none'} (as NAME or NAME:0)")
+    return tuple(out)
+
+
 def _load_graphdef(path: Path, request: ConvertRequest) -> "GraphDefSource":
     tf = import_tf()
     gd = tf.compat.v1.GraphDef()
@@ -566,21 +585,20 @@ class GraphDefSource(SourceModel):
             shape = n.attr["shape"].shape
             dims = None if shape.unknown_rank else [d.size if d.size >= 0 else None for d in shape.dim]
             declared.append(_spec_from_shape(n.name, tf.as_dtype(n.attr["dtype"].type), dims))
-        given_names = [s.name for s in request.inputs]
-        unknown = [n for n in given_names if n not in nodes]
-        if unknown:
-            raise UsageError(f"{path}: --input names {unknown} are not nodes of the graph; placeholders are: "
-                             f"{', '.join(n.name for n in placeholders) or 'none'}")
+        given = _node_named(request.inputs, nodes, path, placeholders)
+        given_names = [s.name for s in given]
         if given_names:
             by = {s.name: s for s in declared}
-            for g in request.inputs:
+            # a bare name (``--input x:0``) keeps what the graph declares
+            given = tuple(by[g.name] if not g.shape and by.get(g.name) and by[g.name].shape else g for g in given)
+            for g in given:
                 d = by.get(g.name)
                 if d is not None and d.shape and (len(d.shape) != len(g.shape) or any(
                         isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(d.shape, g.shape))):
                     raise UsageError(f"{path}: --input {g} does not fit placeholder {g.name}, "
                                      f"which the graph declares as {d}")
             declared = [by.get(n, TensorSpec(n)) for n in given_names]
-        self.input_specs_src = _resolve_specs(tuple(declared), request)
+        self.input_specs_src = _resolve_specs(tuple(declared), dataclasses.replace(request, inputs=given))
         if not self.input_specs_src:
             raise UsageError(f"{path}: the graph has no placeholders; name its inputs with --input NAME:DTYPE:SHAPE")
         outputs = (request.options or {}).get("output_names")

@@ -18,8 +18,10 @@ from typing import Any, Mapping
 import numpy as np
 
 from retool.converter.base import Converter, ConvertRequest, ExportResult, SourceModel, merge_specs
+from retool.converter.torch_outputs import choose_names, flat_module, flatten_named, is_flat
 from retool.deps import require, version_of
-from retool.errors import ConversionError, TrustRequired, UsageError
+from retool.converter.torch_imports import broken_import_error, import_failure
+from retool.errors import ConversionError, RetoolError, TrustRequired, UsageError
 from retool.types import TensorSpec
 
 TORCH_SUFFIXES = (".pt", ".pth", ".pt2", ".ts", ".torchscript", ".bin")
@@ -101,7 +103,7 @@ class TorchConverter(Converter):
                 module = torch.export.load(str(path))
             else:
                 module = _load_pickle(torch, path, request)
-        except (TrustRequired, UsageError, ConversionError):
+        except RetoolError:
             raise
         except Exception as exc:
             raise ConversionError(f"{path}: cannot load as a torch {kind.replace('_', ' ')} "
@@ -130,6 +132,11 @@ def _load_pickle(torch, path: Path, request: ConvertRequest):
         except ModuleNotFoundError as exc:
             raise UsageError(f"{path}: the pickled model needs module {exc.name!r}, which is not importable; "
                              f"run from the folder that holds it or install it") from None
+        except Exception as exc:
+            failing = import_failure(exc)
+            if failing is None:
+                raise
+            raise broken_import_error(path, failing, exc, torch.__version__) from None
     if isinstance(obj, torch.nn.Module):
         return obj
     if isinstance(obj, Mapping):
@@ -202,36 +209,28 @@ class TorchSource(SourceModel):
         self.versions = {"torch": torch.__version__, "onnx": version_of("onnx") or "",
                          "onnxscript": version_of("onnxscript") or ""}
         self.exported = None
+        self.program = None
+        self.notes: list[str] = []
         if kind == "exported_program":
+            from retool.converter.torch_exported import read_program
+
             self.exported = module
+            self.program = read_program(torch, module)
+            self.verify_batch_sizes = self.program.verify_batches or None
             self.module = module.module()
         else:
             self.module = module
             if hasattr(module, "eval"):
                 module.eval()
         self.input_specs = self._resolve_specs()
-        self._output_names: list[str] | None = None
+        self._flat_needed = False
+        self.output_names_source = ""
 
     # -- input signature -------------------------------------------------
     def _declared_specs(self) -> tuple[TensorSpec, ...]:
         """What the model itself says: ExportedProgram placeholders, or a ``retool_inputs`` attribute."""
-        if self.exported is not None:
-            specs = []
-            sig = self.exported.graph_signature
-            user_inputs = [s.arg.name for s in sig.input_specs if s.kind.name == "USER_INPUT"]
-            nodes = {n.name: n for n in self.exported.graph.nodes if n.op == "placeholder"}
-            for name in user_inputs:
-                val = nodes[name].meta.get("val")
-                if val is None:
-                    continue
-                dims = []
-                for i, d in enumerate(val.shape):
-                    if isinstance(d, self.torch.SymInt):  # a dynamic axis
-                        dims.append("batch" if i == 0 else str(d))
-                    else:
-                        dims.append(int(d))
-                specs.append(TensorSpec(name, str(val.dtype).replace("torch.", ""), tuple(dims)))
-            return tuple(specs)
+        if self.program is not None:
+            return self.program.specs
         declared = getattr(self.module, "retool_inputs", None)
         if declared:
             return tuple(TensorSpec.parse(s) if isinstance(s, str) else s for s in declared)
@@ -239,6 +238,8 @@ class TorchSource(SourceModel):
 
     def _resolve_specs(self) -> tuple[TensorSpec, ...]:
         req = self.request
+        if self.program is not None:
+            return self._program_specs()
         if req.example_inputs:
             from retool.inputs import specs_from_arrays
 
@@ -252,9 +253,25 @@ class TorchSource(SourceModel):
             raise UsageError(
                 f"{req.source_label}: the model does not declare its inputs; give them with "
                 f"--input NAME:DTYPE:SHAPE (e.g. --input x:float32:batch,3,224,224) or --example-inputs FILE.npz")
-        for s in specs:
-            if not s.shape:
-                continue
+        return specs
+
+    def _program_specs(self) -> tuple[TensorSpec, ...]:
+        """An ExportedProgram's own shapes win: it was traced at them and its guards refuse others."""
+        from retool.converter.torch_exported import check_examples
+
+        req, specs = self.request, self.program.specs
+        by = {s.name: s for s in specs}
+        for g in req.inputs:
+            d = by.get(g.name)
+            if d is None:
+                raise UsageError(f"--input {g.name}: the program has no input of that name; its inputs are "
+                                 f"{', '.join(str(s) for s in specs)}")
+            if g.shape and (len(g.shape) != len(d.shape) or any(
+                    isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(g.shape, d.shape))):
+                raise UsageError(f"--input {g}: the program was exported for {d}; its declared shapes "
+                                 f"cannot be changed (re-export it with other dynamic_shapes)")
+        if req.example_inputs:
+            self.notes += check_examples(req.source_label, self.program, req.example_inputs)
         return specs
 
     def close(self) -> None:
@@ -272,9 +289,16 @@ class TorchSource(SourceModel):
             raise UsageError(f"inputs missing from the feeds: {missing}")
         return tuple(torch.from_numpy(np.ascontiguousarray(feeds[s.name])) for s in self.input_specs)
 
+    def _forward(self, args):
+        if self.exported is not None:
+            from retool.converter.torch_exported import call
+
+            return call(self.torch, self.module, self.exported, args)
+        return self.module(*args)
+
     def _call(self, args):
-        out = self.module(*args)
-        return _flatten_outputs(self.torch, out)
+        pairs, _ = flatten_named(self.torch, self._forward(args))
+        return [t for _, t in pairs]
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         with self.torch.no_grad():
@@ -285,12 +309,17 @@ class TorchSource(SourceModel):
     def _example_args(self):
         from retool.inputs import random_feeds, resize_batch
 
+        # batch 2 for tracing: batch 1 invites specialisation of the batch axis
+        batch = 2
+        if self.program is not None and self.program.verify_batches:  # a batch the program allows
+            batch = 2 if 2 in range(min(self.program.verify_batches), max(self.program.verify_batches) + 1) \
+                else self.program.verify_batches[0]
         if self.request.example_inputs:
-            # batch 2 for tracing: batch 1 invites specialisation of the batch axis
-            feeds = resize_batch(self.request.example_inputs, 2) if all(
-                s.has_dynamic_batch for s in self.input_specs) else self.request.example_inputs
+            feeds = resize_batch(self.request.example_inputs, batch) if (all(
+                s.has_dynamic_batch for s in self.input_specs) or self.program is not None) \
+                else self.request.example_inputs
         else:
-            feeds = random_feeds(self.input_specs, batch=2, seed=self.request.seed)
+            feeds = random_feeds(self.input_specs, batch=batch, seed=self.request.seed)
         return self._tensors(feeds)
 
     def _param_bytes(self) -> int:
@@ -301,11 +330,15 @@ class TorchSource(SourceModel):
             return 0
 
     def _output_names_for(self, args) -> list[str]:
+        """Names from what the model returns (or --output-names); notes whether the exporter needs a flat tuple."""
         with self.torch.no_grad():
-            outs = self._call(args)
-        if len(outs) == 1:
-            return ["output"]
-        return [f"output_{i}" for i in range(len(outs))]
+            out = self._forward(args)
+        pairs, named = flatten_named(self.torch, out)
+        self._flat_needed = not is_flat(self.torch, out)
+        names, self.output_names_source = choose_names(
+            [n for n, _ in pairs], named, (self.request.options or {}).get("output_names"),
+            [s.name for s in self.input_specs], self.request.source_label)
+        return names
 
     def export(self, path: Path, opset: int | None) -> ExportResult:
         args = self._example_args()
@@ -319,8 +352,9 @@ class TorchSource(SourceModel):
             if axes:
                 dyn_axes[s.name] = axes
         errors = []
-        warn_list: list[str] = []
-        target = self.exported if self.exported is not None else self.module
+        warn_list: list[str] = list(self.notes)
+        target = self.exported if self.exported is not None else (
+            flat_module(self.torch, self.module) if self._flat_needed else self.module)
         for exporter in ("dynamo", "torchscript"):
             if exporter == "torchscript" and self.kind == "exported_program":
                 break
@@ -331,13 +365,16 @@ class TorchSource(SourceModel):
                     if exporter == "dynamo":
                         self._export_dynamo(target, args, path, opset, input_names, output_names, dyn_axes, large)
                     else:
-                        self._export_torchscript(args, path, opset, input_names, output_names, dyn_axes, large)
+                        self._export_torchscript(target, args, path, opset, input_names, output_names, dyn_axes,
+                                                 large)
                 warn_list += [str(w.message).splitlines()[0][:200] for w in caught
                               if issubclass(w.category, UserWarning)][:5]
                 if exporter != "dynamo":
                     warn_list.insert(0, "dynamo exporter failed; used the TorchScript exporter: " + errors[0])
                 return ExportResult(f"torch.onnx.export({exporter})",
                                     {"exporter": exporter, "external_data": large,
+                                     "output_names": output_names, "output_names_source": self.output_names_source,
+                                     **self._batch_params(),
                                      "dynamic_axes": {k: {str(i): n for i, n in v.items()} for k, v in dyn_axes.items()}},
                                     tuple(warn_list))
             except Exception as exc:
@@ -346,6 +383,14 @@ class TorchSource(SourceModel):
                     f.unlink()
         raise ConversionError(f"{self.request.source_label}: torch.onnx could not export the model: "
                               + " | ".join(f"{n}: {e}" for n, e in zip(("dynamo", "torchscript"), errors)))
+
+    def _batch_params(self) -> dict:
+        if self.program is None:
+            return {}
+        return {"static_batch": self.program.static_batch is not None,
+                "verified_batch_sizes": list(self.program.verify_batches),
+                "batch_range": list(self.program.batch_range) if self.program.batch_range else None,
+                "call_keywords": list(self.program.keywords)}
 
     def _export_dynamo(self, target, args, path, opset, input_names, output_names, dyn_axes, large):
         import logging
@@ -363,6 +408,8 @@ class TorchSource(SourceModel):
                 shapes.append({i: dims.setdefault(n, Dim(_ident(n), min=1)) if i == 0 else
                                dims.setdefault(n, Dim.DYNAMIC) for i, n in axes.items()} or None)
             dynamic_shapes = tuple(shapes)
+            if getattr(target, "takes_varargs", False):  # torch.export sees (*args) as one tuple argument
+                dynamic_shapes = (dynamic_shapes,)
         kwargs = dict(f=str(path), input_names=input_names, output_names=output_names, dynamo=True,
                       external_data=large, optimize=True, verbose=False)
         if opset:
@@ -374,9 +421,12 @@ class TorchSource(SourceModel):
         else:
             torch.onnx.export(target, args, **kwargs)
 
-    def _export_torchscript(self, args, path, opset, input_names, output_names, dyn_axes, large):
+    def _export_torchscript(self, target, args, path, opset, input_names, output_names, dyn_axes, large):
         torch = self.torch
-        torch.onnx.export(self.module, args, str(path), input_names=input_names, output_names=output_names,
+        if getattr(target, "takes_varargs", False):
+            # the exporter's own tracer refuses a ScriptModule inside a Python module; torch.jit.trace does not
+            target = torch.jit.trace(target, args, strict=False)
+        torch.onnx.export(target, args, str(path), input_names=input_names, output_names=output_names,
                           dynamic_axes=dyn_axes or None, opset_version=opset or 17, dynamo=False,
                           do_constant_folding=True)
         if large:
@@ -428,18 +478,6 @@ def _ident(name: str) -> str:
 
     out = re.sub(r"\W", "_", name)
     return out if out and not out[0].isdigit() else f"d_{out}"
-
-
-def _flatten_outputs(torch, out) -> list:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, Mapping):
-        return [t for v in out.values() for t in _flatten_outputs(torch, v)]
-    if isinstance(out, (list, tuple)):
-        return [t for v in out for t in _flatten_outputs(torch, v)]
-    if hasattr(out, "to_tuple"):
-        return _flatten_outputs(torch, out.to_tuple())
-    raise ConversionError(f"model returned {type(out).__name__}; expected tensors")
 
 
 def _short(exc: BaseException) -> str:

@@ -54,6 +54,15 @@ class MissingDependency(RetoolError):
         self.extra = extra
 
 
+class BrokenDependency(MissingDependency):
+    """A package is installed but fails when imported: an environment problem, like a missing one."""
+
+    def __init__(self, message: str, package: str):
+        RetoolError.__init__(self, message)
+        self.package = package
+        self.extra = ""
+
+
 class ConversionError(RetoolError):
     exit_code = 4
     kind = "conversion"

@@ -89,6 +89,11 @@ def verification_feeds(specs: Sequence[TensorSpec], examples: Mapping[str, np.nd
     """The input sets used to check parity: one per batch size when the batch axis is dynamic."""
     dynamic = bool(specs) and all(s.has_dynamic_batch for s in specs if s.shape)
     sizes = list(batch_sizes) if dynamic else [None]
+    static = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int)}
+    if not dynamic and examples and len(static) == 1:
+        b0 = next(iter(static))  # a static batch: the model takes no other, whatever the examples hold
+        if any(a.ndim and a.shape[0] != b0 for a in examples.values()):
+            sizes = [b0]
     feeds = []
     for i, b in enumerate(sizes):
         if examples:

@@ -95,6 +95,9 @@ class TensorSpec:
         Raises ValueError with a message fit for the user.
         """
         parts = text.rsplit(":", 2) if text.count(":") >= 2 else text.split(":")
+        if len(parts) > 1 and parts[1].strip().isdigit() and (len(parts) == 2 or not re.search(r"[,x?]|^\d+$", parts[2])):
+            # a TF tensor name (``input:0``), then maybe a dtype: ``input:0:float32``
+            parts = [f"{parts[0]}:{parts[1].strip()}"] + parts[2:]
         name = parts[0].strip()
         if not name:
             raise ValueError(f"input spec {text!r} has no name; expected NAME:DTYPE:SHAPE, e.g. x:float32:batch,3,224,224")

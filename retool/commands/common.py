@@ -43,7 +43,8 @@ def source_options(f):
         click.option("--trust-remote-code", is_flag=True,
                      help="Allow loading files that execute code (pickled modules, Keras Lambda/custom objects)."),
         click.option("--signature", help="TF SavedModel signature (default serving_default)."),
-        click.option("--output-names", help="Comma-separated output names (frozen GraphDef)."),
+        click.option("--output-names", help="Comma-separated output names: TF/Keras/GraphDef pick and order "
+                     "outputs; torch names its outputs in order."),
         click.option("--inputs-as-nchw", is_flag=True, help="Serve an NHWC TF/Keras vision model as NCHW."),
         click.option("--custom-objects", multiple=True, metavar="MODULE:ATTR",
                      help="Keras custom objects to load (needs --trust-remote-code). Repeatable."),

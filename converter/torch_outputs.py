@@ -1,0 +1,131 @@
+"""Names for a torch model's outputs, read from what it returns.
+
+Mapping keys (dict, OrderedDict, Hugging Face ``ModelOutput``) and namedtuple
+or dataclass fields are kept, in order; nested structures become ``a.b``
+(a key or field under a key) and ``a_0`` (an item of a sequence under a key).
+Unnamed outputs are ``output`` (one) or ``output_0 .. output_N``. The order is
+torch's pytree order (dict insertion order), which is the order both torch.onnx
+exporters and ``ExportedProgram`` flatten outputs in.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+from retool.errors import ConversionError, UsageError
+
+#: where the ONNX output names came from, as the report says it
+FROM_MODEL = "model"  # keys / fields of what the model returns
+FROM_USER = "--output-names"
+POSITIONAL = "positional"  # nothing named them: output, output_0 ...
+
+
+def _is_namedtuple(x) -> bool:
+    return isinstance(x, tuple) and hasattr(type(x), "_fields")
+
+
+def _items(out) -> list[tuple[str, Any]] | None:
+    """(name, value) pairs of a named container, or None when ``out`` is not one."""
+    if isinstance(out, Mapping):
+        return [(str(k), v) for k, v in out.items()]
+    if _is_namedtuple(out):
+        return list(zip(type(out)._fields, out))
+    if dataclasses.is_dataclass(out) and not isinstance(out, type):
+        return [(f.name, getattr(out, f.name)) for f in dataclasses.fields(out)]
+    return None
+
+
+def flatten_named(torch, out) -> tuple[list[tuple[str, Any]], bool]:
+    """``[(name, tensor)]`` in export order, and whether any name came from the model itself."""
+    flat: list[tuple[list[str], Any]] = []  # path parts per tensor
+    named = False
+
+    def walk(x, path: list[str]):
+        nonlocal named
+        if x is None:
+            return  # exporters drop None outputs (ModelOutput leaves them out too)
+        if isinstance(x, torch.Tensor):
+            flat.append((path, x))
+            return
+        items = _items(x)
+        if items is not None:
+            named = True
+            for k, v in items:
+                walk(v, path + [f".{k}"])
+            return
+        if isinstance(x, (list, tuple)):
+            for i, v in enumerate(x):
+                walk(v, path + [f"_{i}"])
+            return
+        if hasattr(x, "to_tuple"):
+            walk(x.to_tuple(), path)
+            return
+        raise ConversionError(f"the model returned a {type(x).__name__}; expected tensors, or dicts, "
+                              f"tuples, lists or dataclasses of tensors")
+
+    walk(out, [])
+    names = []
+    for parts, _ in flat:
+        if not parts:
+            names.append("output")
+        elif parts[0].startswith("."):
+            names.append("".join(parts)[1:])
+        else:  # a top-level sequence
+            names.append("output" + "".join(parts))
+    if len(flat) == 1 and not named and names[0] != "output":
+        names = ["output"]  # a one-tensor tuple
+    return list(zip(names, (t for _, t in flat))), named
+
+
+def unique(names: Sequence[str], taken: Sequence[str] = ()) -> list[str]:
+    """ONNX value names must be unique, also against the graph's input names."""
+    used = set(taken)
+    out = []
+    for n in names:
+        cand, i = n, 1
+        while cand in used:
+            cand = f"{n}_{i}"
+            i += 1
+        used.add(cand)
+        out.append(cand)
+    return out
+
+
+def choose_names(found: Sequence[str], named: bool, wanted: Sequence[str] | None, input_names: Sequence[str],
+                 label: str) -> tuple[list[str], str]:
+    """The ONNX output names and where they came from (FROM_USER, FROM_MODEL or POSITIONAL)."""
+    if wanted:
+        wanted = [w.strip() for w in wanted]
+        if len(wanted) != len(found):
+            raise UsageError(f"{label}: --output-names gives {len(wanted)} name(s) but the model has "
+                             f"{len(found)} output(s): {', '.join(found)}; give one name per output, in that order")
+        if len(set(wanted)) != len(wanted) or set(wanted) & set(input_names) or not all(wanted):
+            raise UsageError(f"{label}: --output-names {','.join(wanted)}: names must be non-empty, distinct, "
+                             f"and differ from the input names ({', '.join(input_names)})")
+        return list(wanted), FROM_USER
+    return unique(found, input_names), FROM_MODEL if named else POSITIONAL
+
+
+def is_flat(torch, out) -> bool:
+    """A tensor or a plain list/tuple of tensors: what every exporter takes as it is."""
+    if isinstance(out, torch.Tensor):
+        return True
+    return isinstance(out, (list, tuple)) and not _is_namedtuple(out) and all(
+        isinstance(t, torch.Tensor) for t in out)
+
+
+def flat_module(torch, module):
+    """``module`` returning its outputs as one flat tuple, in flatten_named order."""
+
+    class FlatOutputs(torch.nn.Module):
+        takes_varargs = True
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args):
+            pairs, _ = flatten_named(torch, self.inner(*args))
+            return tuple(t for _, t in pairs)
+
+    return FlatOutputs(module).eval()
