@@ -55,7 +55,8 @@ class LazyGroup(click.Group):
 
 
 EPILOG = ("Exit codes: 0 ok, 1 bug, 2 usage, 3 missing optional dependency, 4 conversion failed, "
-          "5 optimisation failed, 6 validation gate failed, 7 publish failed.")
+          "5 optimisation failed, 6 validation gate failed, 7 publish failed, "
+          "8 inference server failed, 9 server or model not ready in time.")
 
 
 @click.group(cls=LazyGroup, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
