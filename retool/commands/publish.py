@@ -28,9 +28,12 @@ def _echo_json(obj) -> None:
 @click.option("--alias", help="Also point this alias (e.g. staging) at the new version.")
 @click.option("--max-batch-size", type=int, help="Triton max_batch_size (default: the largest batch the report checked, else 8).")
 @click.option("--instances", type=int, default=1, show_default=True, help="Triton instance_group count.")
+@click.option("--serving-profile", type=click.Path(dir_okay=False),
+              help="A serving profile from retool loadtest --budget-p99-ms: its instances, threads and batching go "
+                   "into config.pbtxt, its measurement into the manifest.")
 @click.option("--json", "as_json", is_flag=True, help="Print the publish report as JSON.")
 def publish_cmd(artifact, repo_url, name, version, report, force, max_regression, alias, max_batch_size, instances,
-                as_json):
+                serving_profile, as_json):
     """Publish ARTIFACT (.onnx) as a new, immutable version of NAME in a Triton model repository.
 
     Writes <repo>/NAME/<version>/model.onnx (+ external data) and manifest.json atomically, and
@@ -41,7 +44,8 @@ def publish_cmd(artifact, repo_url, name, version, report, force, max_regression
     from retool.publish import publish
 
     res = publish(artifact, repo_url, name, version=version, report=report, force=force,
-                  max_regression=max_regression, alias=alias, max_batch_size=max_batch_size, instance_count=instances)
+                  max_regression=max_regression, alias=alias, max_batch_size=max_batch_size, instance_count=instances,
+                  serving_profile=serving_profile)
     rows = [[c.name, c.passed if c.severity == "gate" else "info", c.message] for c in res.regression]
     human = (console.table(["check", "result", "note"], rows) + "\n\n" if rows else "")
     human += f"published {res.name} version {res.version} at {res.url}" + (" (FORCED: recorded)" if res.forced else "")
