@@ -134,7 +134,7 @@ def test_claimed_but_uncommitted_version_is_invisible_and_skipped(s3_endpoint, b
     repo = open_repo(url)
     assert repo.versions("m") == []
     assert publish(model, url, "m").version == 2
-    assert repo.versions("m") == [2] and repo.verify() == ([], 2)
+    assert repo.versions("m") == [2] and repo.verify() == ([], 3)  # model, samples, manifest
     # a half-copied version folder (no manifest: the commit marker) is not listed, and verify reports it
     s3.put_object(Bucket=bucket, Key="r/m/3/m.onnx.data", Body=b"x")
     assert repo.versions("m") == [2]
@@ -169,5 +169,5 @@ def test_publisher_killed_mid_upload_leaves_nothing_visible_on_s3(s3_endpoint, b
     repo = open_repo(url)
     assert repo.models() == [] and repo.verify() == ([], 0)
     assert [k for k in _keys(s3_endpoint, bucket, "k/") if not k.startswith("k/m/.staging/")] == []
-    assert publish(model, url, "m").version == 1 and repo.verify() == ([], 3)
+    assert publish(model, url, "m").version == 1 and repo.verify() == ([], 4)  # + samples.npz
     assert _keys(s3_endpoint, bucket, "k/m/.staging/") == []  # the dead publisher's upload was swept
