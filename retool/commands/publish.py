@@ -202,3 +202,8 @@ def repo_rollback(url, name, alias, as_json):
     if as_json:
         return _echo_json(out)
     click.echo(f"{name}: {alias} -> {out['version']} (rolled back from {out['previous']})")
+
+
+from retool.commands.serve import repo_check as _repo_check  # noqa: E402  (click only: --help stays light)
+
+repo_group.add_command(_repo_check)

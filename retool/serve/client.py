@@ -39,7 +39,12 @@ class Control:
                 return exc.code, json.loads(raw)
             except ValueError:
                 return exc.code, {"error": raw.decode(errors="replace")}
-        except (urllib.error.URLError, ConnectionError, OSError) as exc:
+        except (TimeoutError, urllib.error.URLError) as exc:
+            if isinstance(exc, TimeoutError) or isinstance(getattr(exc, "reason", None), TimeoutError):
+                raise ServingTimeout(f"{self.url}{path}: no answer within {timeout or self.timeout:g} s") from None
+            raise ServingError(f"{self.url}: cannot reach Triton ({getattr(exc, 'reason', exc)}); is the server "
+                               f"running?") from None
+        except (ConnectionError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise ServingError(f"{self.url}: cannot reach Triton ({reason}); is the server running?") from None
 
@@ -58,10 +63,14 @@ class Control:
             raise ServingError(f"{self.url}: repository index failed: {body.get('error', body)}")
         return list(body)
 
-    def load(self, name: str, config: str | None = None) -> None:
-        """Explicit model control; raises ModelLoadError with Triton's reason."""
+    def load(self, name: str, config: str | None = None, timeout: float | None = None) -> None:
+        """Explicit model control (the call returns once loaded); ModelLoadError with Triton's reason."""
         body = {"parameters": {"config": config}} if config else {}
-        code, out = self._call("POST", f"/v2/repository/models/{name}/load", body)
+        try:
+            code, out = self._call("POST", f"/v2/repository/models/{name}/load", body, timeout=timeout)
+        except ServingTimeout:
+            raise ServingTimeout(f"model {name!r} was not ready on {self.url} within {timeout or self.timeout:g} s; "
+                                 f"raise --timeout or look at the server log") from None
         if code != 200:
             raise ModelLoadError(str(out.get("error", out)))
 

@@ -49,7 +49,7 @@ def log_errors(text: str, model: str | None = None, limit: int = 3) -> list[str]
     for line in text.splitlines():
         m = _LOG_LINE.match(line.strip())
         if m and m.group(1) == "E":
-            errs.append(m.group(2).strip())
+            errs.append(m.group(2).strip().strip('"'))
         elif line.startswith("error: "):  # argument errors before logging starts
             errs.append(line[7:].strip())
     if model:
