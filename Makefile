@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# Triton 2.51 server and perf_analyzer 2.51: their wheels pin numpy<2 for Python code retool never imports
+SERVE_NODEPS := nvidia-pytriton==0.7.0 tritonclient==2.51.0
 export TF_CPP_MIN_LOG_LEVEL := 3
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
@@ -14,6 +16,11 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev,ray]'
+	$(PY) -m pip install -q --no-deps $(SERVE_NODEPS)
+	@# perf_analyzer links libb64.so.0d (Debian libb64-0d)
+	@test -e /usr/lib/x86_64-linux-gnu/libb64.so.0d || ldconfig -p | grep -q libb64.so.0d || \
+	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then apt-get update -qq && apt-get install -y -qq libb64-0d; \
+	    else echo "install: perf_analyzer needs libb64.so.0d: run sudo apt-get install libb64-0d"; fi; }
 	touch $(STAMP)
 
 demo: install

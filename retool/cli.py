@@ -18,6 +18,8 @@ COMMANDS = {
     "publish": "retool.commands.publish:publish_cmd",
     "repo": "retool.commands.publish:repo_group",
     "run": "retool.commands.run:run_cmd",
+    "serve": "retool.commands.serve:serve_cmd",
+    "loadtest": "retool.commands.loadtest:loadtest_cmd",
 }
 
 _HELP = {
@@ -26,8 +28,10 @@ _HELP = {
     "targets": "List the optimisation targets.",
     "validate": "Parity, latency and gates: is this model ready for production?",
     "publish": "Publish an artifact to a Triton model repository.",
-    "repo": "List, show, verify, diff, promote and roll back a model repository.",
+    "repo": "List, show, verify, diff, promote, roll back and check (in Triton) a model repository.",
     "run": "Run a retool.yaml pipeline: convert, optimise, validate, publish.",
+    "serve": "Serve a model repository in a real local Triton until Ctrl-C.",
+    "loadtest": "Load-test a served model with perf_analyzer; pick the config for a p99 budget.",
 }
 
 
@@ -55,7 +59,8 @@ class LazyGroup(click.Group):
 
 
 EPILOG = ("Exit codes: 0 ok, 1 bug, 2 usage, 3 missing optional dependency, 4 conversion failed, "
-          "5 optimisation failed, 6 validation gate failed, 7 publish failed.")
+          "5 optimisation failed, 6 validation gate failed, 7 publish failed, "
+          "8 inference server failed, 9 server or model not ready in time.")
 
 
 @click.group(cls=LazyGroup, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})

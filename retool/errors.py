@@ -85,6 +85,26 @@ class PublishError(RetoolError):
     kind = "publish"
 
 
+class ModelLoadError(PublishError):
+    """Triton refused to load a published model (bad config, missing file); the message is Triton's reason."""
+
+    kind = "model-load"
+
+
+class ServingError(RetoolError):
+    """The inference server could not start or died; the message carries its log's reason."""
+
+    exit_code = 8
+    kind = "serving"
+
+
+class ServingTimeout(ServingError):
+    """The server or a model did not become ready in time."""
+
+    exit_code = 9
+    kind = "serving-timeout"
+
+
 def first_line(exc: BaseException, limit: int | None = 400, with_type: bool = False) -> str:
     """The first non-blank line of an exception's message, for one-line errors and reports."""
     text = str(exc).strip()
@@ -104,4 +124,6 @@ EXIT_CODES = {
     OptimizationError.exit_code: "optimisation failed",
     ValidationFailed.exit_code: "a validation gate failed",
     PublishError.exit_code: "publish failed",
+    ServingError.exit_code: "the inference server failed",
+    ServingTimeout.exit_code: "the inference server or a model was not ready in time",
 }

@@ -33,7 +33,7 @@ def test_eight_processes_publish_eight_distinct_verified_versions(tmp_path):
     r = open_repo(repo)
     assert r.versions("m") == versions
     findings, checked = r.verify()
-    assert findings == [] and checked == 8 * 3
+    assert findings == [] and checked == 8 * 4  # model, data, samples, manifest
     assert not [p for p in (repo / "m").iterdir() if p.name.startswith(".staging")]
 
 

@@ -52,7 +52,7 @@ def test_publish_layout_manifest_and_triton_config(tmp_path, tiny_ext, cli):
     out = json.loads(r.out)
     assert out["stage"] == "publish" and out["data"]["version"] == 1
     vdir = repo / "tiny" / "1"
-    assert sorted(p.name for p in vdir.iterdir()) == ["big.onnx.data", "manifest.json", "model.onnx"]
+    assert sorted(p.name for p in vdir.iterdir()) == ["big.onnx.data", "manifest.json", "model.onnx", "samples.npz"]
     m = json.loads((vdir / "manifest.json").read_text())
     from retool.fsutil import sha256_file
 

@@ -72,7 +72,8 @@ def test_publish_list_show_verify_diff_promote_rollback_on_s3(s3_endpoint, bucke
     keys = _keys(s3_endpoint, bucket, "triton/m/")
     for v, data in ((1, "m.onnx.data"), (2, "o.onnx.data")):
         assert [k for k in keys if k.startswith(f"triton/m/{v}/")] == sorted([
-            f"triton/m/{v}/manifest.json", f"triton/m/{v}/model.onnx", f"triton/m/{v}/{data}"])
+            f"triton/m/{v}/manifest.json", f"triton/m/{v}/model.onnx", f"triton/m/{v}/{data}",
+            f"triton/m/{v}/samples.npz"])
     assert not [k for k in keys if "/.staging/" in k]  # staging is cleaned after commit
     cfg_text = _client(s3_endpoint).get_object(Bucket=bucket, Key="triton/m/config.pbtxt")["Body"].read().decode()
     cfg = text_format.Parse(cfg_text, model_config_pb2.ModelConfig())
@@ -118,7 +119,7 @@ def test_concurrent_publishers_on_s3_claim_distinct_versions(s3_endpoint, bucket
     assert all(rc == 0 for rc, _, _ in results), [err for rc, _, err in results if rc]
     assert sorted(json.loads(out)["data"]["version"] for _, out, _ in results) == [1, 2, 3, 4]
     repo = open_repo(url)
-    assert repo.versions("m") == [1, 2, 3, 4] and repo.verify() == ([], 8)
+    assert repo.versions("m") == [1, 2, 3, 4] and repo.verify() == ([], 12)  # model, samples, manifest
     claims = _keys(s3_endpoint, bucket, "repo/m/.versions/")
     assert claims == [f"repo/m/.versions/{v}.claim" for v in (1, 2, 3, 4)]
 
@@ -133,7 +134,7 @@ def test_claimed_but_uncommitted_version_is_invisible_and_skipped(s3_endpoint, b
     repo = open_repo(url)
     assert repo.versions("m") == []
     assert publish(model, url, "m").version == 2
-    assert repo.versions("m") == [2] and repo.verify() == ([], 2)
+    assert repo.versions("m") == [2] and repo.verify() == ([], 3)  # model, samples, manifest
     # a half-copied version folder (no manifest: the commit marker) is not listed, and verify reports it
     s3.put_object(Bucket=bucket, Key="r/m/3/m.onnx.data", Body=b"x")
     assert repo.versions("m") == [2]
@@ -168,5 +169,5 @@ def test_publisher_killed_mid_upload_leaves_nothing_visible_on_s3(s3_endpoint, b
     repo = open_repo(url)
     assert repo.models() == [] and repo.verify() == ([], 0)
     assert [k for k in _keys(s3_endpoint, bucket, "k/") if not k.startswith("k/m/.staging/")] == []
-    assert publish(model, url, "m").version == 1 and repo.verify() == ([], 3)
+    assert publish(model, url, "m").version == 1 and repo.verify() == ([], 4)  # + samples.npz
     assert _keys(s3_endpoint, bucket, "k/m/.staging/") == []  # the dead publisher's upload was swept

@@ -30,9 +30,12 @@ def _echo_json(obj) -> None:
 @click.option("--alias", help="Also point this alias (e.g. staging) at the new version.")
 @click.option("--max-batch-size", type=int, help="Triton max_batch_size (default: the largest batch the report checked, else 8).")
 @click.option("--instances", type=int, default=1, show_default=True, help="Triton instance_group count.")
+@click.option("--serving-profile", type=click.Path(dir_okay=False),
+              help="A serving profile from retool loadtest --budget-p99-ms: its instances, threads and batching go "
+                   "into config.pbtxt, its measurement into the manifest.")
 @click.option("--json", "as_json", is_flag=True, help="Print the publish report as JSON.")
 def publish_cmd(artifact, repo_url, name, version, report, force, republish, max_regression, alias, max_batch_size, instances,
-                as_json):
+                serving_profile, as_json):
     """Publish ARTIFACT (.onnx) as a new, immutable version of NAME in a Triton model repository.
 
     Writes <repo>/NAME/<version>/model.onnx (+ external data) and manifest.json atomically, and
@@ -44,7 +47,7 @@ def publish_cmd(artifact, repo_url, name, version, report, force, republish, max
 
     res = publish(artifact, repo_url, name, version=version, report=report, force=force,
                   max_regression=max_regression, alias=alias, max_batch_size=max_batch_size, instance_count=instances,
-                  republish=republish)
+                  republish=republish, serving_profile=serving_profile)
     if res.unchanged:
         moved = f"; alias {alias} -> version {res.version}" if alias else ""
         emit_report(res.to_report(), as_json,
@@ -207,3 +210,8 @@ def repo_rollback(url, name, alias, as_json):
     if as_json:
         return _echo_json(out)
     click.echo(f"{name}: {alias} -> {out['version']} (rolled back from {out['previous']})")
+
+
+from retool.commands.serve import repo_check as _repo_check  # noqa: E402  (click only: --help stays light)
+
+repo_group.add_command(_repo_check)

@@ -10,8 +10,8 @@ __all__ = ["publish", "open_repo", "PublishResult", "Repository", "Finding"]
 
 def publish(artifact, repo_url, name: str, *, version="auto", report=None, force: bool = False,
             max_regression=None, alias: str | None = None, max_batch_size: int | None = None,
-            instance_count: int = 1, storage_options: Mapping | None = None,
-            republish: bool = False) -> PublishResult:
+            instance_count: int = 1, storage_options: Mapping | None = None, republish: bool = False,
+            serving_profile=None, samples: bool = True, samples_reference=None) -> PublishResult:
     """Publish ``artifact`` (an .onnx path or a ModelArtifact) as a new version of ``name`` in ``repo_url``.
 
     ``report`` is a report.json path or a Report (default: the artifact's sidecar report when
@@ -23,4 +23,5 @@ def publish(artifact, repo_url, name: str, *, version="auto", report=None, force
     """
     return open_repo(repo_url, storage_options).publish(
         artifact, name, version=version, report=report, force=force, max_regression=max_regression,
-        alias=alias, max_batch_size=max_batch_size, instance_count=instance_count, republish=republish)
+        alias=alias, max_batch_size=max_batch_size, instance_count=instance_count, republish=republish,
+        serving_profile=serving_profile, samples=samples, samples_reference=samples_reference)

@@ -91,8 +91,14 @@ def version_policy_text(served: Sequence[int] | None) -> str:
 
 
 def build_config(name: str, artifact: Mapping, *, served_versions: Sequence[int] | None = None,
-                 max_batch_size: int | None = None, instance_count: int = 1) -> str:
-    """config.pbtxt text for ``artifact`` (a ModelArtifact.to_dict()-shaped mapping)."""
+                 max_batch_size: int | None = None, instance_count: int = 1,
+                 dynamic_batching: Mapping | bool = True, parameters: Mapping[str, object] | None = None) -> str:
+    """config.pbtxt text for ``artifact`` (a ModelArtifact.to_dict()-shaped mapping).
+
+    ``dynamic_batching``: True (the default queue delay), False (off), or a mapping with
+    max_queue_delay_microseconds / preferred_batch_size (a serving profile's choice).
+    ``parameters``: backend parameters such as intra_op_thread_count (strings in the config).
+    """
     inputs, outputs = artifact.get("inputs", ()), artifact.get("outputs", ())
     batch = batchable(inputs, outputs) and (max_batch_size is None or max_batch_size > 0)
     mbs = (max_batch_size or DEFAULT_MAX_BATCH) if batch else 0
@@ -108,9 +114,16 @@ def build_config(name: str, artifact: Mapping, *, served_versions: Sequence[int]
         "input [\n" + ",\n".join(_tensor(t, batch) for t in inputs) + "\n]",
         "output [\n" + ",\n".join(_tensor(t, batch) for t in outputs) + "\n]",
     ]
-    if batch and mbs > 1:
-        out.append("dynamic_batching { max_queue_delay_microseconds: 100 }")
+    if batch and mbs > 1 and dynamic_batching is not False:
+        db = dynamic_batching if isinstance(dynamic_batching, Mapping) else {}
+        parts = [f"max_queue_delay_microseconds: {int(db.get('max_queue_delay_microseconds', 100))}"]
+        pref = [int(b) for b in db.get("preferred_batch_size") or () if 0 < int(b) <= mbs]
+        if pref:
+            parts.append(f"preferred_batch_size: [ {', '.join(map(str, pref))} ]")
+        out.append("dynamic_batching { " + " ".join(parts) + " }")
     out.append(f"instance_group [ {{ count: {int(instance_count)} kind: {prof.kind} }} ]")
+    for k, v in sorted((parameters or {}).items()):
+        out.append(f"parameters {{ key: {_q(k)} value: {{ string_value: {_q(v)} }} }}")
     if prof.gpu_accelerator:
         acc, params = prof.gpu_accelerator
         ps = "\n".join(f"        parameters {{ key: {_q(k)} value: {_q(v)} }}" for k, v in params)

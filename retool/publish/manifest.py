@@ -55,7 +55,8 @@ def provenance_summary(art: ModelArtifact) -> dict:
 def build_manifest(*, name: str, version: int, art: ModelArtifact, files: Mapping[str, Mapping],
                    report: Report | None, report_source: str | None, report_matches: bool | None,
                    forced: bool, forced_reasons: Sequence[str], regression: Sequence, limits: Mapping,
-                   baselines: Mapping[str, int], triton: Mapping, published: Mapping | None = None) -> dict:
+                   baselines: Mapping[str, int], triton: Mapping, published: Mapping | None = None,
+                   samples: Mapping | None = None) -> dict:
     from retool import __version__
 
     art_dict = art.to_dict()
@@ -80,6 +81,7 @@ def build_manifest(*, name: str, version: int, art: ModelArtifact, files: Mappin
         "regression": {"limits": dict(limits), "baselines": dict(baselines),
                        "checks": [c.to_dict() for c in regression]},
         "triton": dict(triton),
+        "samples": dict(samples) if samples else None,
         "published": dict(published or {}) or {**publisher(), "at": now_iso()},
         "retool_version": __version__,
         "python": platform.python_version(),

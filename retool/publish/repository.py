@@ -133,8 +133,16 @@ class Repository:
     # ---- publishing ------------------------------------------------------------------------------
     def publish(self, artifact, name: str, *, version="auto", report=None, force: bool = False,
                 max_regression=None, alias: str | None = None, max_batch_size: int | None = None,
-                instance_count: int = 1, republish: bool = False) -> PublishResult:
+                instance_count: int = 1, republish: bool = False, serving_profile=None, samples: bool = True,
+                samples_reference=None) -> PublishResult:
+        """``serving_profile``: a file from ``retool loadtest --budget-p99-ms`` (or its dict): its
+        configuration goes into config.pbtxt and its measurement into the manifest. ``samples``: store
+        held-out inputs and their outputs (``samples_reference``: also the outputs of the model this
+        one was optimised from) for ``retool repo check``."""
+        import tempfile
+
         from retool import console
+        from retool.serve.profile import serving_settings
 
         name = check_model_name(name)
         alias = check_alias(alias) if alias else None
@@ -167,11 +175,22 @@ class Repository:
         if _sha(art.path) != art.sha256:
             raise PublishError(f"{art.path}: the file changed since its artifact was read (sha256 differs); publish again")
         files = _artifact_files(art)
-        info = {rel: {"sha256": _sha(p), "size": p.stat().st_size} for rel, p in files.items()}
-        new_size = sum(f["size"] for f in info.values())
+        new_size = sum(p.stat().st_size for p in files.values())  # the model's size, not its samples
         rep_dict = rep.to_dict() if rep is not None else None
         triton = {"max_batch_size": _max_batch(art, rep, max_batch_size), "instance_count": int(instance_count)}
+        triton.update(serving_settings(art.path, serving_profile, triton["max_batch_size"], name))
         who = {**publisher(), "at": now_iso()}
+        tmp_samples = tempfile.TemporaryDirectory(prefix="retool-samples-")
+        samples_entry = None
+        if samples:
+            from retool.serve.samples import SAMPLES_FILE, build
+
+            data, samples_entry = build(art.path, triton["max_batch_size"], samples_reference)
+            sp = Path(tmp_samples.name) / SAMPLES_FILE
+            sp.write_bytes(data)
+            model_file = files.pop(MODEL_FILE)
+            files = {**files, SAMPLES_FILE: sp, MODEL_FILE: model_file}  # the model stays last (commit order)
+        info = {rel: {"sha256": _sha(p), "size": p.stat().st_size} for rel, p in files.items()}
 
         store = self.storage
         with console.step(f"staging {art.path.name} for {name}"):
@@ -214,7 +233,8 @@ class Repository:
                     manifest = build_manifest(
                         name=name, version=v, art=art, files=info, report=rep, report_source=rep_source,
                         report_matches=matches, forced=bool(reasons), forced_reasons=reasons, regression=checks,
-                        limits=limits.to_dict(), baselines=baselines, triton=triton, published=who)
+                        limits=limits.to_dict(), baselines=baselines, triton=triton, published=who,
+                        samples=samples_entry)
                     if store.commit(staged, v, (json.dumps(manifest, indent=2) + "\n").encode()):
                         break
                     if requested is not None:
@@ -227,6 +247,7 @@ class Repository:
                 self.write_config(name)
         finally:
             store.discard(staged)
+            tmp_samples.cleanup()
         return PublishResult(name, v, store.location(f"{name}/{v}"), manifest, bool(reasons), tuple(checks))
 
     def write_config(self, name: str) -> str | None:
@@ -238,7 +259,8 @@ class Repository:
         m = self.manifest(name, max(served) if served else committed[-1])
         t = m.get("triton") or {}
         text = build_config(name, m["artifact"], served_versions=served or None,
-                            max_batch_size=t.get("max_batch_size"), instance_count=t.get("instance_count", 1))
+                            max_batch_size=t.get("max_batch_size"), instance_count=t.get("instance_count", 1),
+                            dynamic_batching=t.get("dynamic_batching", True), parameters=t.get("parameters"))
         self.storage.write_bytes(f"{name}/{CONFIG}", text.encode())
         return text
 

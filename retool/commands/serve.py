@@ -1,0 +1,85 @@
+"""retool serve, retool repo check, retool loadtest: a real Triton on what retool publishes."""
+from __future__ import annotations
+
+import click
+
+_URL_HELP = ("HTTP URL of a running Triton (e.g. NVIDIA's container: http://localhost:8000) instead of starting "
+             "the local one; it must serve this repository.")
+
+
+def _version(v):
+    from retool.publish.names import check_version
+
+    return None if v is None else check_version(v)
+
+
+@click.command("check")
+@click.argument("repo_url", metavar="REPO")
+@click.argument("name", required=False)
+@click.option("--version", help="Version to check (default: the one Triton serves).")
+@click.option("--url", help=_URL_HELP)
+@click.option("--grpc-url", help="gRPC address of that Triton (default: its host, port 8001).")
+@click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds for a model to become ready.")
+@click.option("--startup-timeout", type=float, default=60.0, show_default=True, help="Seconds for the server to start.")
+@click.option("--json", "as_json", is_flag=True)
+def repo_check(repo_url, name, version, url, grpc_url, timeout, startup_timeout, as_json):
+    """Load NAME (or every model) in a real Triton and prove parity through it over HTTP and gRPC.
+
+    Exits 7 with Triton's reason when a model does not load, 6 when its answers differ from the
+    samples stored at publish time, 8/9 when the server fails or is not ready in time.
+    """
+    from retool.errors import RetoolError
+    from retool.serve.check import check, render, to_json
+    from retool.serve.server import install_signal_handlers
+
+    install_signal_handlers()
+    try:
+        report = check(repo_url, name, _version(version), url=url, grpc_url=grpc_url, timeout=timeout,
+                       startup_timeout=startup_timeout)
+    except RetoolError as exc:
+        if as_json and isinstance(getattr(exc, "report", None), dict):
+            click.echo(to_json(exc.report))
+        raise
+    click.echo(to_json(report) if as_json else render(report))
+
+
+@click.command("serve")
+@click.argument("repo_url", metavar="REPO")
+@click.option("--model", "models", multiple=True, help="Load only these models (default: all). Repeatable.")
+@click.option("--http-port", type=int, help="HTTP port (default: a free one).")
+@click.option("--grpc-port", type=int, help="gRPC port (default: a free one).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds for each model to load.")
+@click.option("--startup-timeout", type=float, default=60.0, show_default=True)
+def serve_cmd(repo_url, models, http_port, grpc_port, host, timeout, startup_timeout):
+    """Serve a model repository (a folder, or s3://... pulled to a cache) in a local Triton until Ctrl-C."""
+    import time
+
+    from retool import console
+    from retool.publish import open_repo
+    from retool.serve.server import install_signal_handlers
+    from retool.serve.session import open_session
+
+    install_signal_handlers()
+    names = list(models) or open_repo(repo_url).models()
+    with open_session(repo_url, http_port=http_port, grpc_port=grpc_port, host=host,
+                      startup_timeout=startup_timeout) as sess:
+        for n in names:
+            with console.step(f"loading {n}"):
+                sess.load(n, timeout=timeout)
+        click.echo(f"Triton (pid {sess.server.pid}) serves {len(names)} model(s) from {sess.repository}")
+        click.echo(f"  HTTP  {sess.http_url}   (e.g. curl {sess.http_url}/v2/models/{names[0] if names else 'NAME'})")
+        click.echo(f"  gRPC  {sess.grpc_url}")
+        click.echo(f"  log   {sess.server.log_path}")
+        click.echo(f"  note  {sess.backend_note}")
+        click.echo("Ctrl-C stops it.", err=True)
+        try:
+            while sess.server.alive():
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            click.echo("stopping Triton …", err=True)
+            return
+    from retool.errors import ServingError
+
+    raise ServingError(f"tritonserver (pid {sess.server.pid}) exited with code {sess.server.proc.returncode}; "
+                       f"log: {sess.server.log_path}")

@@ -1,0 +1,154 @@
+"""Talk to a Triton: the repository/model control API over HTTP (KServe v2 + Triton extensions),
+and inference through Triton's own clients (tritonclient.http and tritonclient.grpc)."""
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from typing import Any, Mapping
+
+import numpy as np
+
+from retool.errors import ModelLoadError, ServingError, ServingTimeout, UsageError
+
+
+def normalise_url(url: str) -> str:
+    url = url.strip().rstrip("/")
+    return url if "://" in url else f"http://{url}"
+
+
+class Control:
+    """The HTTP control endpoints of one server."""
+
+    def __init__(self, http_url: str, timeout: float = 120.0):
+        self.url = normalise_url(http_url)
+        self.timeout = timeout
+
+    def _call(self, method: str, path: str, body: Mapping | None = None, timeout: float | None = None):
+        data = json.dumps(body).encode() if body is not None else (b"" if method == "POST" else None)
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout or self.timeout) as r:
+                raw = r.read()
+                return r.status, (json.loads(raw) if raw else {})
+        except urllib.error.HTTPError as exc:
+            raw = exc.read()
+            try:
+                return exc.code, json.loads(raw)
+            except ValueError:
+                return exc.code, {"error": raw.decode(errors="replace")}
+        except (TimeoutError, urllib.error.URLError) as exc:
+            if isinstance(exc, TimeoutError) or isinstance(getattr(exc, "reason", None), TimeoutError):
+                raise ServingTimeout(f"{self.url}{path}: no answer within {timeout or self.timeout:g} s") from None
+            raise ServingError(f"{self.url}: cannot reach Triton ({getattr(exc, 'reason', exc)}); is the server "
+                               f"running?") from None
+        except (ConnectionError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ServingError(f"{self.url}: cannot reach Triton ({reason}); is the server running?") from None
+
+    def live(self) -> bool:
+        try:
+            return self._call("GET", "/v2/health/live", timeout=5)[0] == 200
+        except ServingError:
+            return False
+
+    def server_metadata(self) -> dict:
+        return self._call("GET", "/v2")[1]
+
+    def index(self) -> list[dict]:
+        code, body = self._call("POST", "/v2/repository/index", {})
+        if code != 200:
+            raise ServingError(f"{self.url}: repository index failed: {body.get('error', body)}")
+        return list(body)
+
+    def load(self, name: str, config: str | None = None, timeout: float | None = None) -> None:
+        """Explicit model control (the call returns once loaded); ModelLoadError with Triton's reason."""
+        body = {"parameters": {"config": config}} if config else {}
+        try:
+            code, out = self._call("POST", f"/v2/repository/models/{name}/load", body, timeout=timeout)
+        except ServingTimeout:
+            raise ServingTimeout(f"model {name!r} was not ready on {self.url} within {timeout or self.timeout:g} s; "
+                                 f"raise --timeout or look at the server log") from None
+        if code != 200:
+            raise ModelLoadError(str(out.get("error", out)))
+
+    def unload(self, name: str) -> None:
+        self._call("POST", f"/v2/repository/models/{name}/unload", {"parameters": {"unload_dependents": True}})
+
+    def ready(self, name: str, version: int | None = None) -> bool:
+        v = f"/versions/{version}" if version else ""
+        return self._call("GET", f"/v2/models/{name}{v}/ready", timeout=5)[0] == 200
+
+    def wait_ready(self, name: str, version: int | None, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.ready(name, version):
+            if time.monotonic() > deadline:
+                raise ServingTimeout(f"model {name!r}{f' version {version}' if version else ''} was not ready on "
+                                     f"{self.url} within {timeout:.0f} s; raise --timeout or look at the server log")
+            time.sleep(0.2)
+
+    def config(self, name: str) -> dict:
+        code, body = self._call("GET", f"/v2/models/{name}/config")
+        if code != 200:
+            raise ModelLoadError(f"{name}: Triton has no config for it: {body.get('error', body)}")
+        return body
+
+    def metadata(self, name: str) -> dict:
+        return self._call("GET", f"/v2/models/{name}")[1]
+
+    def stats(self, name: str) -> dict:
+        return self._call("GET", f"/v2/models/{name}/stats")[1]
+
+
+def _np_to_triton(dtype) -> str:
+    from tritonclient.utils import np_to_triton_dtype
+
+    return np_to_triton_dtype(np.dtype(dtype))
+
+
+def infer(protocol: str, url: str, name: str, inputs: Mapping[str, np.ndarray], outputs: list[str],
+          version: int | None = None, timeout: float = 60.0) -> dict[str, np.ndarray]:
+    """One request over ``protocol`` (http or grpc) with Triton's own client library."""
+    try:
+        if protocol == "http":
+            import tritonclient.http as tc
+        else:
+            import tritonclient.grpc as tc
+    except ImportError as exc:  # tritonclient.http needs geventhttpclient
+        from retool.errors import MissingDependency
+
+        raise MissingDependency(f"tritonclient ({exc})", "serve", f"send requests over {protocol}") from None
+    from tritonclient.utils import InferenceServerException
+
+    host = normalise_url(url).split("://", 1)[1] if protocol == "http" else url
+    client = tc.InferenceServerClient(host)
+    try:
+        ins = []
+        for n, arr in inputs.items():
+            i = tc.InferInput(n, list(arr.shape), _np_to_triton(arr.dtype))
+            i.set_data_from_numpy(np.ascontiguousarray(arr))
+            ins.append(i)
+        outs = [tc.InferRequestedOutput(o) for o in outputs]
+        kw: dict[str, Any] = {"model_version": str(version)} if version else {}
+        if protocol == "http":
+            kw["timeout"] = int(timeout)
+        else:
+            kw["client_timeout"] = timeout
+        res = client.infer(name, ins, outputs=outs, **kw)
+        return {o: res.as_numpy(o) for o in outputs}
+    except InferenceServerException as exc:
+        raise ServingError(f"{name}: inference over {protocol} failed: {exc.message()}") from None
+    finally:
+        client.close()
+
+
+def grpc_url_from(http_url: str, grpc_url: str | None) -> str:
+    """The gRPC address for an existing server: given, or the HTTP host with Triton's default port 8001."""
+    if grpc_url:
+        return grpc_url.split("://", 1)[-1]
+    host = normalise_url(http_url).split("://", 1)[1].split("/")[0].rsplit(":", 1)[0]
+    if not host:
+        raise UsageError(f"--url {http_url}: cannot tell the host")
+    return f"{host}:8001"

@@ -1,0 +1,130 @@
+"""Serving profiles: the configuration a budget search chose, with the measurement that chose it.
+
+Written by ``retool loadtest --budget-p99-ms`` and read by ``retool publish --serving-profile``,
+which puts ``config`` into config.pbtxt and ``measurement`` into the manifest.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from retool.errors import UsageError
+
+PROFILE_KIND = "retool-serving-profile"
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """One point of the search space: what goes into config.pbtxt."""
+
+    instance_count: int = 1
+    intra_op_thread_count: int | None = None  # None: ORT's default (all cores)
+    dynamic_batching: bool = False
+    max_queue_delay_microseconds: int = 0
+    preferred_batch_size: tuple[int, ...] = ()
+
+    @property
+    def label(self) -> str:
+        thr = "default" if self.intra_op_thread_count is None else str(self.intra_op_thread_count)
+        txt = f"{self.instance_count} inst x {thr} thr"
+        if self.dynamic_batching:
+            pref = f", pref {'/'.join(map(str, self.preferred_batch_size))}" if self.preferred_batch_size else ""
+            txt += f", batching {self.max_queue_delay_microseconds} us{pref}"
+        else:
+            txt += ", no batching"
+        return txt
+
+    def triton(self, max_batch_size: int) -> dict:
+        """The manifest's ``triton`` settings that write_config turns into config.pbtxt."""
+        out: dict[str, Any] = {"instance_count": int(self.instance_count)}
+        if self.intra_op_thread_count:
+            out["parameters"] = {"intra_op_thread_count": str(int(self.intra_op_thread_count)),
+                                 "inter_op_thread_count": "1"}
+        if self.dynamic_batching and max_batch_size > 1:
+            out["dynamic_batching"] = {"max_queue_delay_microseconds": int(self.max_queue_delay_microseconds),
+                                       "preferred_batch_size": list(self.preferred_batch_size)}
+        else:
+            out["dynamic_batching"] = False
+        return out
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["preferred_batch_size"] = list(self.preferred_batch_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "ServingConfig":
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        known["preferred_batch_size"] = tuple(int(b) for b in known.get("preferred_batch_size") or ())
+        return cls(**known)
+
+
+@dataclass(frozen=True)
+class ServingProfile:
+    model: str
+    config: ServingConfig
+    measurement: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"kind": PROFILE_KIND, "version": 1, "model": self.model, "config": self.config.to_dict(),
+                "measurement": dict(self.measurement)}
+
+    def save(self, path) -> Path:
+        from retool.fsutil import atomic_write_text
+        from retool.types import jsonable
+
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(p, json.dumps(jsonable(self.to_dict()), indent=2) + "\n")
+        return p
+
+
+def load_profile(src) -> ServingProfile:
+    if isinstance(src, ServingProfile):
+        return src
+    if isinstance(src, Mapping):
+        data, where = dict(src), "serving profile"
+    else:
+        p = Path(src).expanduser()
+        where = str(p)
+        if not p.is_file():
+            raise UsageError(f"{p}: serving profile not found; write one with retool loadtest --budget-p99-ms "
+                             f"X --profile-out FILE")
+        try:
+            data = json.loads(p.read_text())
+        except ValueError as exc:
+            raise UsageError(f"{p}: not a serving profile (bad JSON: {exc})") from None
+    if data.get("kind") != PROFILE_KIND or not isinstance(data.get("config"), Mapping):
+        raise UsageError(f"{where}: not a serving profile (no kind {PROFILE_KIND!r} and config); write one with "
+                         f"retool loadtest --budget-p99-ms X --profile-out FILE")
+    try:
+        cfg = ServingConfig.from_dict(data["config"])
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"{where}: bad config in serving profile ({exc})") from None
+    if cfg.instance_count < 1 or (cfg.intra_op_thread_count is not None and cfg.intra_op_thread_count < 1):
+        raise UsageError(f"{where}: instance_count and intra_op_thread_count must be at least 1")
+    return ServingProfile(str(data.get("model") or ""), cfg, dict(data.get("measurement") or {}))
+
+
+def serving_settings(model_path, profile, max_batch_size: int, name: str | None = None) -> dict:
+    """What publish adds to the manifest's ``triton``: a profile's config and measurement, or the
+    optimiser's thread count hint (ONNX metadata ``retool.intra_op_threads``) as the default."""
+    if profile is None:
+        from retool.serve.samples import intra_op_hint
+
+        hint = intra_op_hint(model_path)
+        if not hint:
+            return {}
+        return {"parameters": {"intra_op_thread_count": str(hint)},
+                "intra_op_source": "ONNX metadata retool.intra_op_threads"}
+    prof = load_profile(profile)
+    if prof.model and name and prof.model != name:
+        from retool import console
+
+        console.warn(f"the serving profile was measured for {prof.model!r}, publishing {name!r}; recorded")
+    out = prof.config.triton(max_batch_size)
+    out["serving_profile"] = {"model": prof.model, "config": prof.config.to_dict(),
+                              "measurement": dict(prof.measurement)}
+    return out
