@@ -17,7 +17,7 @@ import numpy as np
 
 from retool import console
 from retool.errors import OptimizationError, RetoolError, UsageError, ValidationFailed, first_line
-from retool.types import CheckResult, ModelArtifact, ProvenanceStep, Report, now_iso
+from retool.types import CheckResult, ModelArtifact, Report, now_iso
 
 #: one-line error text; this module keeps its own length limit
 _first_line = partial(first_line, limit=200)
@@ -42,6 +42,9 @@ class Candidate:
     attempts: list[dict] = field(default_factory=list)
     calibrated: bool = False
     calibration_samples: int = 0
+    #: the profile as built (adapted to the CPU it is tuned for), and why it was adapted
+    profile: object = None
+    notes: list[str] = field(default_factory=list)
 
 
 class Context:
@@ -52,7 +55,11 @@ class Context:
         self.art, self.src, self.workdir = art, Path(art.path), workdir
         self.calib, self.method, self.tolerance, self.seed = calib, method, tolerance, seed
         self.threads, self.budget = threads, budget
+        from retool.optimizers import hardware
         from retool.optimizers.graph import has_external_data
+
+        self.here = hardware.detect()
+        self.cpu = self.here  # the CPU the profiles are tuned for (optimize's tune_for)
 
         self.external = has_external_data(self.src)
         self.output_names = [o.name for o in art.outputs]
@@ -145,15 +152,17 @@ def _run_all(path, samples, threads, level: str = "all") -> list[np.ndarray]:
 
 def build_candidate(profile, ctx: Context, tol) -> Candidate:
     """Build ``profile``'s model in the staging folder, with the accuracy-aware fallback for lossy targets."""
-    from retool.optimizers import accuracy, quantize
+    from retool.optimizers import accuracy, hardware, quantize
 
+    profile, notes = hardware.adapt(profile, ctx.cpu)
     name = profile.name
     wd = ctx.workdir
     if profile.method == "graph":
         with console.step(f"{name}: graph optimisation (onnxsim/onnxoptimizer, onnxruntime {profile.graph_level})"):
             g = _graph(ctx, wd / f"{name}.onnx", profile)
         passed, checks = ctx.evaluate(g.path, tol)
-        return Candidate(name, g.path, profile.precision, passed, checks, g.tools, g.versions, g.warnings)
+        return Candidate(name, g.path, profile.precision, passed, checks, g.tools, g.versions, g.warnings,
+                         profile=profile, notes=notes)
 
     warnings: list[str] = []
     tools: list[str] = []
@@ -225,7 +234,7 @@ def build_candidate(profile, ctx: Context, tol) -> Candidate:
             warnings.append(f"onnxruntime CPU cannot load this fp16 model at graph level ALL ({msg}); "
                             f"on CPU use level EXTENDED (GPU providers are unaffected)")
     return Candidate(name, res.path, profile.precision, res.passed, res.checks, tools, versions, warnings,
-                     res.excluded, res.attempts, calibrated, n_calib)
+                     res.excluded, res.attempts, calibrated, n_calib, profile, notes)
 
 
 def load_in_subprocess(path, level: str = "all", timeout: float = 300) -> tuple[bool, str]:
@@ -306,16 +315,19 @@ def _load_input(model) -> ModelArtifact:
 
 def optimize(model, output, *, target: str, calibration=None, calibration_method: str = "minmax",
              tolerance=None, seed: int = 0, threads: int | None = None, measure: bool = True,
-             accuracy_budget: int | None = None, preprocess: str | None = None) -> tuple[ModelArtifact, Report]:
+             accuracy_budget: int | None = None, preprocess: str | None = None,
+             tune_for=None) -> tuple[ModelArtifact, Report]:
     """Optimise ``model`` (path or ModelArtifact) for ``target`` and write it to ``output``.
 
     Raises UsageError (2) for bad input, OptimizationError (5) when a step fails,
     ValidationFailed (6) when the tolerance is still not met after the accuracy
     budget; then nothing is written at ``output`` (only the sidecar report).
+    ``tune_for``: the CPU the int8 choices are made for (see optimizers.hardware.resolve);
+    default this one.
     """
     from retool.fsutil import atomic_write_text, check_output_path, sha256_file
     from retool.onnx_info import sidecar_report_path
-    from retool.optimizers import accuracy, latency
+    from retool.optimizers import accuracy, hardware, latency
     from retool.optimizers.calibration import open_calibration
     from retool.optimizers.quantize import METHODS
     from retool.optimizers.targets import get_target
@@ -329,6 +341,7 @@ def optimize(model, output, *, target: str, calibration=None, calibration_method
     if out.resolve() == Path(art.path).resolve():
         raise UsageError(f"{out}: output is the input model; choose another -o")
     tol = _resolve_tolerance(profile, tolerance)
+    tuned = hardware.resolve(tune_for)
     threads = threads or latency.default_threads()
     budget = accuracy.DEFAULT_BUDGET if accuracy_budget is None else int(accuracy_budget)
     calib = open_calibration(calibration, art.inputs, seed=seed, preprocess=preprocess)
@@ -340,6 +353,7 @@ def optimize(model, output, *, target: str, calibration=None, calibration_method
     with staging_dir_for(out) as wd:
         ctx = Context(art, wd, calib, calibration_method, tol, seed, threads, budget)
         ctx.user_tolerance = tolerance
+        ctx.cpu = tuned
         if profile.method == "auto":
             from retool.optimizers.auto import choose
 
@@ -362,8 +376,11 @@ def optimize(model, output, *, target: str, calibration=None, calibration_method
         finalize(cand.path, staged)
         digest = sha256_file(staged)
         extra = _external_names(staged)
-        report, new_art = _report(art, profile, cand, ctx, tol, lat, auto_data, staged, out, digest, extra,
-                                  started, time.perf_counter() - t_start, calibration_method, seed, needs_calibration)
+        from retool.optimizers.report import build_report
+
+        report, new_art = build_report(art, profile, cand, ctx, tol, lat, auto_data, staged, out, digest, extra,
+                                       started, time.perf_counter() - t_start, calibration_method, seed,
+                                       needs_calibration)
         side = sidecar_report_path(out)
         if not cand.passed:
             atomic_write_text(side, report.to_json())
@@ -431,64 +448,3 @@ def _external_names(path) -> tuple[str, ...]:
 
 def _why(failed: Sequence[CheckResult]) -> str:
     return "; ".join(f"{c.name}: {c.message}" for c in failed[:2]) or "parity"
-
-
-def _report(art, profile, cand: Candidate, ctx: Context, tol, lat, auto_data, staged, out, digest, extra,
-            started, seconds, method, seed, needs_calibration):
-    import onnx
-
-    from retool.fsutil import file_size
-    from retool.optimizers import accuracy
-
-    m = onnx.load(str(staged), load_external_data=False)
-    op_counts: dict[str, int] = {}
-    for n in m.graph.node:
-        op_counts[n.op_type] = op_counts.get(n.op_type, 0) + 1
-    layers = accuracy.source_layers(art.path, cand.excluded) if cand.excluded else {}
-    # Excluded nodes are named in the pre-processed graph; their op types come from there.
-    calib = ctx.calib.summary(method if cand.calibrated else None, cand.calibration_samples)
-    calib["used"] = cand.calibrated
-    parity = {c.name: {k: (c.details or {}).get(k) for k in ("cosine", "top1", "max_abs", "mean_abs", "max_rel")}
-              for c in cand.checks}
-    parity["samples"] = len(ctx.heldout)
-    parity["heldout_source"] = "random" if ctx.calib.random or not ctx.calib.heldout_items else ctx.calib.source
-    size_in = file_size(art.path, art.extra_files)
-    size_out = file_size(staged, extra)
-    data = {
-        "target": profile.name,
-        "chosen_target": cand.target,
-        "profile": profile.to_dict(),
-        "size_mb": round(size_out / 1e6, 4),
-        "size_mb_input": round(size_in / 1e6, 4),
-        "size_ratio": round(size_out / size_in, 4) if size_in else None,
-        "latency": lat,
-        "parity": parity,
-        "tolerance": tol.to_dict(),
-        "calibration": calib,
-        "excluded_nodes": list(cand.excluded),
-        "excluded_layers": [{"node": n, "source_layer": layers.get(n, n)} for n in cand.excluded],
-        "accuracy_search": cand.attempts,
-        "node_types": dict(sorted(op_counts.items())),
-        "tools": cand.tools,
-        "evaluated_on": "CPUExecutionProvider",
-    }
-    if profile.provider != "CPUExecutionProvider":
-        data["note"] = (f"parity was checked with CPUExecutionProvider; the target runs on {profile.provider}")
-    if auto_data is not None:
-        data["auto"] = auto_data
-    warnings = list(dict.fromkeys(([ctx.calib.warnings[0]] if ctx.calib.random and needs_calibration else [])
-                                  + [w for w in ctx.warnings if not ctx.calib.random] + list(cand.warnings)))
-    checks = [CheckResult("onnxruntime.load", True)] + list(cand.checks)
-    if lat:
-        checks.append(CheckResult("latency.ratio", True, lat["ratio"], None,
-                                  f"candidate p50 {lat['candidate_p50_ms']:.3f} ms vs fp32 {lat['fp32_p50_ms']:.3f} ms "
-                                  f"(batch 1, {lat['threads']} threads)", {}, "info"))
-    step = ProvenanceStep(
-        "optimize", f"retool.optimizers:{cand.target}", {**cand.versions},
-        {"target": profile.name, "chosen_target": cand.target, "calibration_digest": calib["digest"] if cand.calibrated else None,
-         "calibration_method": method if cand.calibrated else None, "calibration_random": ctx.calib.random if cand.calibrated else None,
-         "tolerance": tol.to_dict(), "seed": seed, "excluded_nodes": list(cand.excluded), "tools": cand.tools},
-        art.sha256, digest, started, round(seconds, 3))
-    new_art = art.derive(out, step, precision=cand.precision if cand.precision != "auto" else "fp32",
-                         target=cand.target, sha256=digest, extra_files=tuple(extra))
-    return Report("optimize", new_art, tuple(checks), data, tuple(warnings)), new_art

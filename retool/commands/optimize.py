@@ -23,9 +23,12 @@ from retool.commands.common import emit_report
 @click.option("--threads", type=click.IntRange(1, 256), help="Threads for the latency measurement (default min(4, cores)).")
 @click.option("--no-measure", is_flag=True, help="Skip the latency measurement.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of random calibration/held-out data.")
+@click.option("--tune-for", default="here", show_default=True, metavar="CPU",
+              help="The CPU the int8 choices are made for: here, x86-avx2, x86-avx512, x86-vnni, arm64-dotprod, "
+                   "or a cpuinfo file. The report says when it differs from this CPU.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a summary.")
 def optimize_cmd(model, output, target, calibration, calibration_method, preprocess, tolerance, accuracy_budget,
-                 threads, no_measure, seed, as_json):
+                 threads, no_measure, seed, tune_for, as_json):
     """Optimise the ONNX MODEL for --target and write it to -o.
 
     Checks parity against MODEL on held-out samples and measures latency at
@@ -41,7 +44,8 @@ def optimize_cmd(model, output, target, calibration, calibration_method, preproc
     try:
         art, report = optimize(model, output, target=target, calibration=calibration,
                                calibration_method=calibration_method, tolerance=tol, seed=seed, threads=threads,
-                               measure=not no_measure, accuracy_budget=accuracy_budget, preprocess=preprocess)
+                               measure=not no_measure, accuracy_budget=accuracy_budget, preprocess=preprocess,
+                               tune_for=tune_for)
     except ValidationFailed as exc:
         if exc.report is not None:
             emit_report(exc.report, as_json, console.checks_table(exc.report.checks))

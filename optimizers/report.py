@@ -1,0 +1,71 @@
+"""The optimisation report: what was built, how it was checked and measured, and on what CPU."""
+from __future__ import annotations
+
+from retool.types import CheckResult, ProvenanceStep, Report
+
+
+def build_report(art, profile, cand, ctx, tol, lat, auto_data, staged, out, digest, extra,
+            started, seconds, method, seed, needs_calibration):
+    import onnx
+
+    from retool.fsutil import file_size
+    from retool.optimizers import accuracy
+
+    m = onnx.load(str(staged), load_external_data=False)
+    op_counts: dict[str, int] = {}
+    for n in m.graph.node:
+        op_counts[n.op_type] = op_counts.get(n.op_type, 0) + 1
+    layers = accuracy.source_layers(art.path, cand.excluded) if cand.excluded else {}
+    # Excluded nodes are named in the pre-processed graph; their op types come from there.
+    calib = ctx.calib.summary(method if cand.calibrated else None, cand.calibration_samples)
+    calib["used"] = cand.calibrated
+    parity = {c.name: {k: (c.details or {}).get(k) for k in ("cosine", "top1", "max_abs", "mean_abs", "max_rel")}
+              for c in cand.checks}
+    parity["samples"] = len(ctx.heldout)
+    parity["heldout_source"] = "random" if ctx.calib.random or not ctx.calib.heldout_items else ctx.calib.source
+    size_in = file_size(art.path, art.extra_files)
+    size_out = file_size(staged, extra)
+    data = {
+        "target": profile.name,
+        "chosen_target": cand.target,
+        "profile": (cand.profile or profile).to_dict(),
+        "size_mb": round(size_out / 1e6, 4),
+        "size_mb_input": round(size_in / 1e6, 4),
+        "size_ratio": round(size_out / size_in, 4) if size_in else None,
+        "latency": lat,
+        "parity": parity,
+        "tolerance": tol.to_dict(),
+        "calibration": calib,
+        "excluded_nodes": list(cand.excluded),
+        "excluded_layers": [{"node": n, "source_layer": layers.get(n, n)} for n in cand.excluded],
+        "accuracy_search": cand.attempts,
+        "node_types": dict(sorted(op_counts.items())),
+        "tools": cand.tools,
+        "evaluated_on": "CPUExecutionProvider",
+    }
+    if profile.provider != "CPUExecutionProvider":
+        data["note"] = (f"parity was checked with CPUExecutionProvider; the target runs on {profile.provider}")
+    if auto_data is not None:
+        data["auto"] = auto_data
+    from retool.optimizers import hardware
+
+    mismatch = hardware.mismatch(cand.profile or profile, ctx.cpu, ctx.here)
+    data["hardware"] = {"here": ctx.here.to_dict(), "tuned_for": ctx.cpu.to_dict(), "choices": list(cand.notes),
+                        "mismatch": mismatch}
+    warnings = list(dict.fromkeys(([ctx.calib.warnings[0]] if ctx.calib.random and needs_calibration else [])
+                                  + [w for w in ctx.warnings if not ctx.calib.random] + list(cand.warnings)
+                                  + mismatch))
+    checks = [CheckResult("onnxruntime.load", True)] + list(cand.checks)
+    if lat:
+        checks.append(CheckResult("latency.ratio", True, lat["ratio"], None,
+                                  f"candidate p50 {lat['candidate_p50_ms']:.3f} ms vs fp32 {lat['fp32_p50_ms']:.3f} ms "
+                                  f"(batch 1, {lat['threads']} threads)", {}, "info"))
+    step = ProvenanceStep(
+        "optimize", f"retool.optimizers:{cand.target}", {**cand.versions},
+        {"target": profile.name, "chosen_target": cand.target, "calibration_digest": calib["digest"] if cand.calibrated else None,
+         "calibration_method": method if cand.calibrated else None, "calibration_random": ctx.calib.random if cand.calibrated else None,
+         "tolerance": tol.to_dict(), "seed": seed, "excluded_nodes": list(cand.excluded), "tools": cand.tools},
+        art.sha256, digest, started, round(seconds, 3))
+    new_art = art.derive(out, step, precision=cand.precision if cand.precision != "auto" else "fp32",
+                         target=cand.target, sha256=digest, extra_files=tuple(extra))
+    return Report("optimize", new_art, tuple(checks), data, tuple(warnings)), new_art
