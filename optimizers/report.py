@@ -18,6 +18,12 @@ def build_report(art, profile, cand, ctx, tol, lat, auto_data, staged, out, dige
     layers = accuracy.source_layers(art.path, cand.excluded) if cand.excluded else {}
     # Excluded nodes are named in the pre-processed graph; their op types come from there.
     calib = ctx.calib.summary(method if cand.calibrated else None, cand.calibration_samples)
+    pct = None
+    if cand.calibrated and method == "percentile":
+        from retool.optimizers.quantize import DEFAULT_PERCENTILE
+
+        pct = ctx.percentile if ctx.percentile is not None else DEFAULT_PERCENTILE
+        calib["percentile"] = pct
     calib["used"] = cand.calibrated
     parity = {c.name: {k: (c.details or {}).get(k) for k in ("cosine", "top1", "max_abs", "mean_abs", "max_rel")}
               for c in cand.checks}
@@ -37,7 +43,8 @@ def build_report(art, profile, cand, ctx, tol, lat, auto_data, staged, out, dige
         "tolerance": tol.to_dict(),
         "calibration": calib,
         "excluded_nodes": list(cand.excluded),
-        "excluded_layers": [{"node": n, "source_layer": layers.get(n, n)} for n in cand.excluded],
+        "excluded_layers": [{"node": n, "source_layer": layers.get(n, n), **_group_cost(cand.attempts, n)}
+                            for n in cand.excluded],
         "accuracy_search": cand.attempts,
         "node_types": dict(sorted(op_counts.items())),
         "tools": cand.tools,
@@ -47,6 +54,9 @@ def build_report(art, profile, cand, ctx, tol, lat, auto_data, staged, out, dige
         data["note"] = (f"parity was checked with CPUExecutionProvider; the target runs on {profile.provider}")
     if auto_data is not None:
         data["auto"] = auto_data
+    if ctx.goal is not None:
+        data["accuracy_goal"] = {**ctx.goal.to_dict(), "met": bool(cand.passed), "heldout_samples": len(ctx.heldout),
+                                 "best_reached": best_attempt(cand.attempts, cand.checks)}
     from retool.optimizers import hardware
 
     mismatch = hardware.mismatch(cand.profile or profile, ctx.cpu, ctx.here)
@@ -63,9 +73,35 @@ def build_report(art, profile, cand, ctx, tol, lat, auto_data, staged, out, dige
     step = ProvenanceStep(
         "optimize", f"retool.optimizers:{cand.target}", {**cand.versions},
         {"target": profile.name, "chosen_target": cand.target, "calibration_digest": calib["digest"] if cand.calibrated else None,
-         "calibration_method": method if cand.calibrated else None, "calibration_random": ctx.calib.random if cand.calibrated else None,
+         "calibration_method": method if cand.calibrated else None, "calibration_percentile": pct, "calibration_random": ctx.calib.random if cand.calibrated else None,
          "tolerance": tol.to_dict(), "seed": seed, "excluded_nodes": list(cand.excluded), "tools": cand.tools},
         art.sha256, digest, started, round(seconds, 3))
     new_art = art.derive(out, step, precision=cand.precision if cand.precision != "auto" else "fp32",
                          target=cand.target, sha256=digest, extra_files=tuple(extra))
     return Report("optimize", new_art, tuple(checks), data, tuple(warnings)), new_art
+
+
+def best_attempt(attempts: list[dict], checks) -> dict:
+    """The most faithful step of an accuracy search (top-1 first, then cosine)."""
+    if not attempts:  # a float target: no search, its checks are the result
+        worst: dict = {}
+        for c in checks:
+            for k in ("top1", "cosine"):
+                v = (c.details or {}).get(k)
+                if isinstance(v, (int, float)):
+                    worst[k] = min(worst.get(k, v), v)
+        return {"attempt": 0, "excluded": [], **worst}
+    key = lambda a: (a.get("top1", 1.0), a.get("cosine", 1.0), -len(a.get("excluded", [])))  # noqa: E731
+    best = max(attempts, key=key)
+    return {k: best.get(k) for k in ("attempt", "excluded", "top1", "cosine", "passed", "latency") if k in best}
+
+
+def _group_cost(attempts: list[dict], node: str) -> dict:
+    """The search step that kept ``node`` in float, and what that step's group cost in latency."""
+    for a in attempts:
+        if any(x.get("node") == node for x in a.get("added", [])):
+            out = {"attempt": a["attempt"], "group_size": len(a["added"])}
+            if "cost_ms" in a:
+                out["group_cost_ms"] = a["cost_ms"]
+            return out
+    return {}
