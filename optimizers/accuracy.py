@@ -35,17 +35,21 @@ SHORTLIST = 6
 
 def search(build: Callable[[Sequence[str], object], Path], evaluate: Callable[[Path], tuple[bool, list]],
            rank: Callable[[Path, Sequence[str]], list[tuple[str, float]]], budget: int = DEFAULT_BUDGET,
-           label: str = "", impact: Callable[[Path], float] | None = None) -> SearchResult:
+           label: str = "", impact: Callable[[Path], float] | None = None,
+           timing: Callable[[Path], dict] | None = None) -> SearchResult:
     """Build, evaluate; while it fails and the budget lasts, exclude the costliest nodes and rebuild.
 
     The local ranking is cheap but blind to what happens downstream (a pooling layer
     averages noise away), so the top of it is probed: each shortlisted node is kept
     in float on its own and the error left at the outputs (``impact``) decides.
+    ``timing`` (an accuracy goal is set): each attempt's latency against fp32, so the report
+    says what every group kept in fp32 costs.
     """
     excluded: list[str] = []
     path = build(excluded, 0)
     passed, checks = evaluate(path)
     attempts = [_attempt(0, excluded, [], passed, checks)]
+    _timed(attempts, timing, path)
     step = 1
     for attempt in range(1, budget + 1):
         if passed:
@@ -70,7 +74,23 @@ def search(build: Callable[[Sequence[str], object], Path], evaluate: Callable[[P
         path = build(excluded, attempt)
         passed, checks = evaluate(path)
         attempts.append(_attempt(attempt, excluded, new, passed, checks))
+        _timed(attempts, timing, path)
     return SearchResult(path, passed, checks, excluded, attempts)
+
+
+def _timed(attempts: list[dict], timing, path) -> None:
+    """Latency of the last attempt, and what its newly kept-float nodes cost over the one before."""
+    if timing is None:
+        return
+    try:
+        t = timing(path)
+    except Exception as exc:  # timing is information; the parity gate still decides
+        attempts[-1]["latency"] = {"error": str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}
+        return
+    attempts[-1]["latency"] = t
+    prev = attempts[-2].get("latency", {}) if len(attempts) > 1 else {}
+    if "p50_ms" in prev and "p50_ms" in t:
+        attempts[-1]["cost_ms"] = round(t["p50_ms"] - prev["p50_ms"], 4)
 
 
 def _remove_onnx(path: Path) -> None:

@@ -90,6 +90,9 @@ class CalibrationData:
     digest: str = ""
     warnings: list[str] = field(default_factory=list)
     preprocess: Preprocess | None = None
+    #: items (files or .npz rows) the user gave, and why some are not used for calibration
+    given: int = 0
+    dropped: list[str] = field(default_factory=list)
 
     def calibration_samples(self) -> Iterator[dict[str, np.ndarray]]:
         for load in self.items:
@@ -108,6 +111,7 @@ class CalibrationData:
 
     def summary(self, method: str, samples: int) -> dict:
         d = {"source": self.source, "kind": self.kind, "samples": samples, "heldout_items": len(self.heldout_items),
+             "given_items": self.given or len(self.items) + len(self.heldout_items), "dropped": list(self.dropped),
              "method": method, "digest": self.digest, "random": self.random}
         if self.preprocess is not None:
             d["preprocess"] = self.preprocess.to_dict()
@@ -144,9 +148,30 @@ class StreamingReader:
 
 
 def open_calibration(source, specs: Sequence[TensorSpec], seed: int = 0,
-                     preprocess: str | Preprocess | None = None) -> CalibrationData:
-    """Validate ``source`` against the model inputs and index its samples (nothing big is read yet)."""
-    specs = tuple(specs)
+                     preprocess: str | Preprocess | None = None, max_samples: int | None = None) -> CalibrationData:
+    """Validate ``source`` against the model inputs and index its samples (nothing big is read yet).
+
+    ``max_samples`` caps the calibration items (default MAX_CALIBRATION); the cut is reported."""
+    if max_samples is not None and int(max_samples) < 1:
+        raise UsageError(f"--calibration-samples {max_samples}: give at least 1")
+    data = _open(source, tuple(specs), seed, preprocess, int(max_samples) if max_samples else None)
+    return data
+
+
+def short_count_warning(data: CalibrationData, used: int) -> str | None:
+    """A loud line when calibration used fewer samples than the user gave (beyond the held-out share)."""
+    if data.random:
+        return None
+    given = data.given or (len(data.items) + len(data.heldout_items))
+    held = len(data.heldout_items)
+    if used + held >= given and not data.dropped:
+        return None
+    why = "; ".join(data.dropped) or f"{given - held - used} item(s) yielded no sample"
+    return (f"CALIBRATION USED ONLY {used} OF {given} SAMPLES GIVEN ({held} held out for the parity check; {why}); "
+            f"ranges from fewer samples may not cover real inputs")
+
+
+def _open(source, specs, seed, preprocess, cap) -> CalibrationData:
     pre = preprocess if isinstance(preprocess, Preprocess) else Preprocess.parse(preprocess) if preprocess else None
     if source is None:
         return _random(specs, seed)
@@ -157,7 +182,7 @@ def open_calibration(source, specs: Sequence[TensorSpec], seed: int = 0,
         if p.suffix.lower() != ".npz":
             raise UsageError(f"{p}: calibration data must be an .npz (one array per input) or a folder; "
                              f"save it with numpy.savez(path, {', '.join(s.name + '=...' for s in specs)})")
-        return _npz(p, specs)
+        return _npz(p, specs, cap)
     files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith("."))
     arrays = [f for f in files if f.suffix.lower() in (".npy", ".npz")]
     images = [f for f in files if f.suffix.lower() in IMAGE_EXTS]
@@ -167,21 +192,24 @@ def open_calibration(source, specs: Sequence[TensorSpec], seed: int = 0,
     if arrays and images:
         raise UsageError(f"{p}: calibration folder mixes arrays and images; keep one kind per folder")
     if arrays:
-        return _array_folder(p, arrays, specs)
-    return _image_folder(p, images, specs, pre or Preprocess())
+        return _array_folder(p, arrays, specs, cap)
+    return _image_folder(p, images, specs, pre or Preprocess(), cap)
 
 
-def _split(items: list) -> tuple[list, list, list[str]]:
+def _split(items: list, cap: int | None, dropped: list[str]) -> tuple[list, list, list[str]]:
     n = len(items)
     warnings = []
+    user_cap, cap = cap, cap or MAX_CALIBRATION
     if n < 2:
         warnings.append("only one calibration sample: parity is checked on seeded random data instead of held-out samples")
         return items, [], warnings
     k = min(MAX_HELDOUT, max(1, int(round(n * HELDOUT_FRACTION))))
     calib, held = items[:n - k], items[n - k:]
-    if len(calib) > MAX_CALIBRATION:
-        warnings.append(f"using the first {MAX_CALIBRATION} of {len(calib)} calibration samples")
-        calib = calib[:MAX_CALIBRATION]
+    if len(calib) > cap:
+        msg = f"using the first {cap} of {len(calib)} calibration samples"
+        warnings.append(msg)
+        dropped.append(msg + ("" if user_cap else " (the default cap; raise it with --calibration-samples)"))
+        calib = calib[:cap]
     return calib, held, warnings
 
 
@@ -204,7 +232,7 @@ def _random(specs, seed: int) -> CalibrationData:
     return CalibrationData(f"random(seed={seed})", "random", specs, calib, held, True, h.hexdigest(), [warn])
 
 
-def _npz(p: Path, specs) -> CalibrationData:
+def _npz(p: Path, specs, cap=None) -> CalibrationData:
     from retool.inputs import load_npz
 
     arrays = load_npz(p)
@@ -224,13 +252,18 @@ def _npz(p: Path, specs) -> CalibrationData:
         return lambda: [{k: v[i * b:(i + 1) * b] for k, v in arrays.items()}]
 
     items = [loader(i) for i in range(n)]
-    calib, held, warnings = _split(items)
+    dropped: list[str] = []
+    rows_n = next(iter(arrays.values())).shape[0]
+    if rows_n % b:
+        dropped.append(f"{rows_n % b} row(s) left over, not a whole batch of {b}")
+    calib, held, warnings = _split(items, cap, dropped)
     from retool.fsutil import sha256_file
 
-    return CalibrationData(str(p), "npz", specs, calib, held, False, sha256_file(p), warnings)
+    return CalibrationData(str(p), "npz", specs, calib, held, False, sha256_file(p), warnings,
+                           given=-(-rows_n // b), dropped=dropped)
 
 
-def _array_folder(p: Path, files: list[Path], specs) -> CalibrationData:
+def _array_folder(p: Path, files: list[Path], specs, cap=None) -> CalibrationData:
     from retool.fsutil import sha256_file
 
     if any(f.suffix.lower() == ".npy" for f in files) and len(specs) != 1:
@@ -254,15 +287,17 @@ def _array_folder(p: Path, files: list[Path], specs) -> CalibrationData:
     items = [loader(f) for f in files]
     for s in items[0]()[:1]:  # fail fast on the first file: names, dtypes, shapes
         check_sample(s, specs, files[0])
-    calib, held, warnings = _split(items)
+    dropped: list[str] = []
+    calib, held, warnings = _split(items, cap, dropped)
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode())
         h.update(bytes.fromhex(sha256_file(f)))
-    return CalibrationData(str(p), "folder", specs, calib, held, False, h.hexdigest(), warnings)
+    return CalibrationData(str(p), "folder", specs, calib, held, False, h.hexdigest(), warnings,
+                           given=len(items), dropped=dropped)
 
 
-def _image_folder(p: Path, files: list[Path], specs, pre: Preprocess) -> CalibrationData:
+def _image_folder(p: Path, files: list[Path], specs, pre: Preprocess, cap=None) -> CalibrationData:
     from retool.deps import require
     from retool.fsutil import sha256_file
 
@@ -298,12 +333,14 @@ def _image_folder(p: Path, files: list[Path], specs, pre: Preprocess) -> Calibra
         return load
 
     items = [loader(f) for f in files]
-    calib, held, warnings = _split(items)
+    dropped: list[str] = []
+    calib, held, warnings = _split(items, cap, dropped)
     h = hashlib.sha256(repr(pre.to_dict()).encode())
     for f in files:
         h.update(f.name.encode())
         h.update(bytes.fromhex(sha256_file(f)))
-    data = CalibrationData(str(p), "images", specs, calib, held, False, h.hexdigest(), warnings, pre)
+    data = CalibrationData(str(p), "images", specs, calib, held, False, h.hexdigest(), warnings, pre,
+                           given=len(items), dropped=dropped)
     data.preprocess = Preprocess(tuple(size), pre.mean, pre.std, pre.scale, layout, pre.color)
     return data
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from retool import console
 from retool.errors import OptimizationError, RetoolError, UsageError, ValidationFailed, first_line
-from retool.types import CheckResult, ModelArtifact, ProvenanceStep, Report, now_iso
+from retool.types import CheckResult, ModelArtifact, Report, now_iso
 
 #: one-line error text; this module keeps its own length limit
 _first_line = partial(first_line, limit=200)
@@ -42,6 +42,11 @@ class Candidate:
     attempts: list[dict] = field(default_factory=list)
     calibrated: bool = False
     calibration_samples: int = 0
+    #: calibration method as used, e.g. "percentile(99.99)"; None when nothing was calibrated
+    method: str | None = None
+    #: the profile as built (adapted to the CPU it is tuned for), and why it was adapted
+    profile: object = None
+    notes: list[str] = field(default_factory=list)
 
 
 class Context:
@@ -52,7 +57,11 @@ class Context:
         self.art, self.src, self.workdir = art, Path(art.path), workdir
         self.calib, self.method, self.tolerance, self.seed = calib, method, tolerance, seed
         self.threads, self.budget = threads, budget
+        from retool.optimizers import hardware
         from retool.optimizers.graph import has_external_data
+
+        self.here = hardware.detect()
+        self.cpu = self.here  # the CPU the profiles are tuned for (optimize's tune_for)
 
         self.external = has_external_data(self.src)
         self.output_names = [o.name for o in art.outputs]
@@ -77,6 +86,9 @@ class Context:
         self._caches: dict[tuple, tuple[Path, int]] = {}
         self._rank_feeds: list | None = None
         self._rank_ref: list | None = None
+        self.percentile: float | None = None
+        self.goal = None  # optimizers.goal.AccuracyGoal
+        self.measure = True
 
     def preprocessed(self) -> Path:
         if self._pre is None:
@@ -88,19 +100,28 @@ class Context:
             self._pre = dst
         return self._pre
 
-    def calibration_cache(self, profile) -> tuple[Path, int]:
+    def calibration_cache(self, profile, method: str) -> tuple[Path, int]:
         """Ranges for ``profile``, computed once per (symmetry, op types, method) and reused."""
-        from retool.optimizers.quantize import calibrate
+        from retool.optimizers.quantize import calibrate, method_label
 
-        key = (profile.symmetric_activations, tuple(profile.op_types), self.method)
+        key = (profile.symmetric_activations, tuple(profile.op_types), method, self.percentile)
         if key not in self._caches:
             path = self.workdir / f"calibration-{len(self._caches)}.json"
             pre = self.preprocessed()
-            with console.step(f"calibrating ({self.method}, {self.calib.source})"):
-                n = calibrate(pre, self.calib.calibration_samples(), profile, self.method, path, self.workdir,
-                              external=self.external)
+            with console.step(f"calibrating ({method_label(method, self.percentile)}, {self.calib.source})"):
+                n = calibrate(pre, self.calib.calibration_samples(), profile, method, path, self.workdir,
+                              external=self.external, percentile=self.percentile)
             self._caches[key] = (path, n)
+            self._check_sample_count(n)
         return self._caches[key]
+
+    def _check_sample_count(self, used: int) -> None:
+        from retool.optimizers.calibration import short_count_warning
+
+        w = short_count_warning(self.calib, used)
+        if w and w not in self.warnings:
+            console.warn(w)
+            self.warnings.append(w)
 
     def rank_feeds(self) -> list:
         if self._rank_feeds is None:
@@ -143,17 +164,23 @@ def _run_all(path, samples, threads, level: str = "all") -> list[np.ndarray]:
     return [np.concatenate(o, axis=0) if o[0].ndim else np.stack(o) for o in outs]
 
 
-def build_candidate(profile, ctx: Context, tol) -> Candidate:
-    """Build ``profile``'s model in the staging folder, with the accuracy-aware fallback for lossy targets."""
-    from retool.optimizers import accuracy, quantize
+def build_candidate(profile, ctx: Context, tol, method: str | None = None) -> Candidate:
+    """Build ``profile``'s model in the staging folder, with the accuracy-aware fallback for lossy targets.
 
-    name = profile.name
+    ``method``: the calibration method of a static target (default: the one optimize was given)."""
+    from retool.optimizers import accuracy, hardware, quantize
+
+    profile, notes = hardware.adapt(profile, ctx.cpu)
+    method = method or ctx.method or "minmax"
+    label = quantize.method_label(method, ctx.percentile)
+    name = profile.name if method == (ctx.method or "minmax") else f"{profile.name}-{method}"
     wd = ctx.workdir
     if profile.method == "graph":
         with console.step(f"{name}: graph optimisation (onnxsim/onnxoptimizer, onnxruntime {profile.graph_level})"):
             g = _graph(ctx, wd / f"{name}.onnx", profile)
         passed, checks = ctx.evaluate(g.path, tol)
-        return Candidate(name, g.path, profile.precision, passed, checks, g.tools, g.versions, g.warnings)
+        return Candidate(name, g.path, profile.precision, passed, checks, g.tools, g.versions, g.warnings,
+                         profile=profile, notes=notes)
 
     warnings: list[str] = []
     tools: list[str] = []
@@ -181,14 +208,14 @@ def build_candidate(profile, ctx: Context, tol) -> Candidate:
         tools.append("onnxruntime.quantization.quant_pre_process")
         versions.update(quantize.versions())
         if profile.method == "static":
-            cache, n_calib = ctx.calibration_cache(profile)
+            cache, n_calib = ctx.calibration_cache(profile, method)
             calibrated = True
-            tools.append(f"onnxruntime.quantization.quantize_static({profile.quant_format}, {ctx.method})")
+            tools.append(f"onnxruntime.quantization.quantize_static({profile.quant_format}, {label})")
 
             def build(exclude, i):
                 out = wd / f"{name}.{i}.onnx"
                 with _step(i, f"{name}: quantizing" + (f" ({len(exclude)} node(s) kept float)" if exclude else "")):
-                    quantize.quantize_static(base, out, profile, cache, ctx.method, exclude, external=ctx.external)
+                    quantize.quantize_static(base, out, profile, cache, method, exclude, external=ctx.external)
                 return out
         else:
             tools.append("onnxruntime.quantization.quantize_dynamic")
@@ -217,15 +244,28 @@ def build_candidate(profile, ctx: Context, tol) -> Candidate:
     def impact(path):
         return accuracy.output_error(ctx.rank_reference(), _run_all(path, ctx.rank_feeds(), ctx.threads, level))
 
+    timing = None
+    if ctx.goal is not None and ctx.measure and profile.provider == "CPUExecutionProvider":
+        timing = partial(step_latency, ctx)
     res = accuracy.search(build, lambda p: ctx.evaluate(p, tol, level), rank, budget=ctx.budget,
-                          label=f"{name}: ", impact=impact)
+                          label=f"{name}: ", impact=impact, timing=timing)
     if profile.method == "fp16":
         ok, msg = load_in_subprocess(res.path, "all")
         if not ok:
             warnings.append(f"onnxruntime CPU cannot load this fp16 model at graph level ALL ({msg}); "
                             f"on CPU use level EXTENDED (GPU providers are unaffected)")
-    return Candidate(name, res.path, profile.precision, res.passed, res.checks, tools, versions, warnings,
-                     res.excluded, res.attempts, calibrated, n_calib)
+    return Candidate(profile.name, res.path, profile.precision, res.passed, res.checks, tools, versions, warnings,
+                     res.excluded, res.attempts, calibrated, n_calib, method if calibrated else None, profile, notes)
+
+
+def step_latency(ctx: Context, path) -> dict:
+    """One accuracy-search step against fp32 at batch 1 (a short budget: it is per step)."""
+    from retool.optimizers import latency
+
+    m = latency.measure({"fp32": ctx.src, "candidate": path}, ctx.heldout[0], threads=ctx.threads, budget_s=1.0)
+    c, f = m["variants"]["candidate"], m["variants"]["fp32"]
+    return {"p50_ms": c["p50_ms"], "fp32_p50_ms": f["p50_ms"], "ratio_vs_fp32": c.get("ratio_vs_fp32"),
+            "threads": m["threads"], "batch": 1}
 
 
 def load_in_subprocess(path, level: str = "all", timeout: float = 300) -> tuple[bool, str]:
@@ -304,34 +344,55 @@ def _load_input(model) -> ModelArtifact:
     return model if isinstance(model, ModelArtifact) else artifact_from_onnx(path)
 
 
-def optimize(model, output, *, target: str, calibration=None, calibration_method: str = "minmax",
+def optimize(model, output, *, target: str, calibration=None, calibration_method: str | None = None,
              tolerance=None, seed: int = 0, threads: int | None = None, measure: bool = True,
-             accuracy_budget: int | None = None, preprocess: str | None = None) -> tuple[ModelArtifact, Report]:
+             accuracy_budget: int | None = None, preprocess: str | None = None,
+             tune_for=None, percentile: float | None = None, calibration_samples: int | None = None,
+             accuracy=None) -> tuple[ModelArtifact, Report]:
     """Optimise ``model`` (path or ModelArtifact) for ``target`` and write it to ``output``.
 
     Raises UsageError (2) for bad input, OptimizationError (5) when a step fails,
     ValidationFailed (6) when the tolerance is still not met after the accuracy
     budget; then nothing is written at ``output`` (only the sidecar report).
+    ``tune_for``: the CPU the int8 choices are made for (see optimizers.hardware.resolve);
+    default this one. ``calibration_method`` None: minmax (cpu-auto tries minmax, percentile
+    and entropy). ``accuracy``: a goal such as "top1>=0.97,cos>=0.999" (optimizers.goal); the
+    fastest artifact that meets it is kept, and exit 6 when none does.
     """
     from retool.fsutil import atomic_write_text, check_output_path, sha256_file
     from retool.onnx_info import sidecar_report_path
-    from retool.optimizers import accuracy, latency
+    from retool.optimizers import hardware, latency
+    from retool.optimizers.accuracy import DEFAULT_BUDGET
     from retool.optimizers.calibration import open_calibration
     from retool.optimizers.quantize import METHODS
     from retool.optimizers.targets import get_target
 
     started, t_start = now_iso(), time.perf_counter()
     profile = get_target(target)
-    if calibration_method not in METHODS:
+    if calibration_method is not None and calibration_method not in METHODS:
         raise UsageError(f"--calibration-method {calibration_method!r}: use one of {', '.join(METHODS)}")
+    if percentile is not None and not 50.0 < float(percentile) <= 100.0:
+        raise UsageError(f"--percentile {percentile}: give a percentile above 50 and at most 100, e.g. 99.99")
+    if percentile is not None and calibration_method not in (None, "percentile"):
+        raise UsageError(f"--percentile is for --calibration-method percentile, not {calibration_method}")
+    if percentile is not None:
+        calibration_method = "percentile"
+    from retool.optimizers.goal import parse_goal
+
+    goal = parse_goal(accuracy)
+    if goal is not None:
+        base_tol = tolerance.to_dict() if hasattr(tolerance, "to_dict") else dict(tolerance or {})
+        tolerance = {**base_tol, **goal.tolerance_overrides()}
     art = _load_input(model)
     out = check_output_path(output)
     if out.resolve() == Path(art.path).resolve():
         raise UsageError(f"{out}: output is the input model; choose another -o")
     tol = _resolve_tolerance(profile, tolerance)
+    tuned = hardware.resolve(tune_for)
     threads = threads or latency.default_threads()
-    budget = accuracy.DEFAULT_BUDGET if accuracy_budget is None else int(accuracy_budget)
-    calib = open_calibration(calibration, art.inputs, seed=seed, preprocess=preprocess)
+    budget = DEFAULT_BUDGET if accuracy_budget is None else int(accuracy_budget)
+    calib = open_calibration(calibration, art.inputs, seed=seed, preprocess=preprocess,
+                             max_samples=calibration_samples)
     needs_calibration = profile.method == "static" or (profile.method == "auto" and any(
         get_target(c).method == "static" for c in profile.candidates))
     if calib.random and needs_calibration:
@@ -340,6 +401,7 @@ def optimize(model, output, *, target: str, calibration=None, calibration_method
     with staging_dir_for(out) as wd:
         ctx = Context(art, wd, calib, calibration_method, tol, seed, threads, budget)
         ctx.user_tolerance = tolerance
+        ctx.cpu, ctx.percentile, ctx.goal, ctx.measure = tuned, percentile, goal, measure
         if profile.method == "auto":
             from retool.optimizers.auto import choose
 
@@ -349,25 +411,41 @@ def optimize(model, output, *, target: str, calibration=None, calibration_method
             _check_loads(cand)
 
         lat = None
-        if auto_data is not None and auto_data.get("latency") and cand.target in auto_data["latency"]["variants"]:
-            lat = _ratio(auto_data["latency"], cand.target)  # measured with the other candidates already
+        chosen_label = (auto_data or {}).get("chosen_variant", cand.target)
+        if auto_data is not None and auto_data.get("latency") and chosen_label in auto_data["latency"]["variants"]:
+            lat = _ratio(auto_data["latency"], chosen_label)  # measured with the other candidates already
         elif measure and cand.passed:
             try:
                 with console.step(f"measuring latency (batch 1, {threads} threads, interleaved with fp32)"):
                     lat = _latency(art.path, cand.path, ctx.heldout[0], threads)
             except Exception as exc:  # a measurement problem must not discard a good model
                 cand.warnings.append(f"latency not measured ({_first_line(exc)})")
-
+        if lat and cand.precision != "fp32" and latency.slower_than_fp32(lat):
+            cand.warnings.append(
+                f"{cand.precision} result is SLOWER than fp32 here ({lat['candidate_p50_ms']:.3f} ms vs "
+                f"{lat['fp32_p50_ms']:.3f} ms at batch 1, {lat['threads']} threads); kept only because "
+                f"{'no float candidate passed' if auto_data else f'--target {profile.name} forces it'}: "
+                f"cpu-auto keeps the faster one")
         staged = wd / out.name
         finalize(cand.path, staged)
         digest = sha256_file(staged)
         extra = _external_names(staged)
-        report, new_art = _report(art, profile, cand, ctx, tol, lat, auto_data, staged, out, digest, extra,
-                                  started, time.perf_counter() - t_start, calibration_method, seed, needs_calibration)
+        from retool.optimizers.report import build_report
+
+        report, new_art = build_report(art, profile, cand, ctx, tol, lat, auto_data, staged, out, digest, extra,
+                                       started, time.perf_counter() - t_start, cand.method, seed,
+                                       needs_calibration)
         side = sidecar_report_path(out)
         if not cand.passed:
             atomic_write_text(side, report.to_json())
             failed = [c for c in report.failed_checks]
+            if ctx.goal is not None:
+                raise ValidationFailed(
+                    f"{art.path}: accuracy goal {ctx.goal} cannot be met with {profile.name}: best reached "
+                    f"{_reached(report.data['accuracy_goal']['best_reached'])}; {out} was not written "
+                    f"(report: {side}); relax --accuracy, raise --accuracy-budget"
+                    f"{', give representative --calibration data' if cand.calibrated else ''} or choose another "
+                    f"--target", report=report)
             raise ValidationFailed(
                 f"{art.path}: {profile.name} result misses its tolerance ({_why(failed)}) after keeping "
                 f"{len(cand.excluded)} node(s) in float; {out} was not written (report: {side}); "
@@ -378,6 +456,11 @@ def optimize(model, output, *, target: str, calibration=None, calibration_method
         move_onnx(staged, out)
     atomic_write_text(sidecar_report_path(out), report.to_json())
     return new_art, report
+
+
+def _reached(best: dict) -> str:
+    parts = [f"{k} {best[k]:.6g}" for k in ("top1", "cosine") if isinstance(best.get(k), (int, float))]
+    return f"{', '.join(parts) or 'nothing measurable'} with {len(best.get('excluded', []))} node(s) in fp32"
 
 
 def staging_dir_for(out: Path):
@@ -410,7 +493,8 @@ def _ratio(m: dict, label: str) -> dict:
     sp = (m.get("speedup_vs_fp32") or {}).get(label) or stats(f / c if c else float("inf"), None, m["rounds"])
     return {"threads": m["threads"], "batch": 1, "fp32_p50_ms": f, "candidate_p50_ms": c,
             "speedup": sp["speedup"], "speedup_iqr": sp["iqr"], "speedup_verdict": sp["verdict"],
-            "speedup_text": sp["text"], "rounds": m["rounds"], "spinning": False, "variants": m["variants"]}
+            "speedup_text": sp["text"], "ratio_vs_fp32": m["variants"][label].get("ratio_vs_fp32"),
+            "rounds": m["rounds"], "spinning": False, "variants": m["variants"]}
 
 
 def finalize(src: Path, dst: Path) -> None:
@@ -435,72 +519,3 @@ def _external_names(path) -> tuple[str, ...]:
 
 def _why(failed: Sequence[CheckResult]) -> str:
     return "; ".join(f"{c.name}: {c.message}" for c in failed[:2]) or "parity"
-
-
-def _report(art, profile, cand: Candidate, ctx: Context, tol, lat, auto_data, staged, out, digest, extra,
-            started, seconds, method, seed, needs_calibration):
-    import onnx
-
-    from retool.fsutil import file_size
-    from retool.optimizers import accuracy
-
-    m = onnx.load(str(staged), load_external_data=False)
-    op_counts: dict[str, int] = {}
-    for n in m.graph.node:
-        op_counts[n.op_type] = op_counts.get(n.op_type, 0) + 1
-    layers = accuracy.source_layers(art.path, cand.excluded) if cand.excluded else {}
-    # Excluded nodes are named in the pre-processed graph; their op types come from there.
-    calib = ctx.calib.summary(method if cand.calibrated else None, cand.calibration_samples)
-    calib["used"] = cand.calibrated
-    parity = {c.name: {k: (c.details or {}).get(k) for k in ("cosine", "top1", "max_abs", "mean_abs", "max_rel")}
-              for c in cand.checks}
-    parity["samples"] = len(ctx.heldout)
-    parity["heldout_source"] = "random" if ctx.calib.random or not ctx.calib.heldout_items else ctx.calib.source
-    size_in = file_size(art.path, art.extra_files)
-    size_out = file_size(staged, extra)
-    if lat:
-        from retool.validators.speed_gate import measured_off_target
-
-        lat = {**lat, "measured_on": "CPUExecutionProvider"}
-        off = measured_off_target(cand.target, ["CPUExecutionProvider"])
-        if off:
-            lat["off_target"] = off
-    data = {
-        "target": profile.name,
-        "chosen_target": cand.target,
-        "profile": profile.to_dict(),
-        "size_mb": round(size_out / 1e6, 4),
-        "size_mb_input": round(size_in / 1e6, 4),
-        "size_ratio": round(size_out / size_in, 4) if size_in else None,
-        "latency": lat,
-        "parity": parity,
-        "tolerance": tol.to_dict(),
-        "calibration": calib,
-        "excluded_nodes": list(cand.excluded),
-        "excluded_layers": [{"node": n, "source_layer": layers.get(n, n)} for n in cand.excluded],
-        "accuracy_search": cand.attempts,
-        "node_types": dict(sorted(op_counts.items())),
-        "tools": cand.tools,
-        "evaluated_on": "CPUExecutionProvider",
-    }
-    if profile.provider != "CPUExecutionProvider":
-        data["note"] = (f"parity was checked with CPUExecutionProvider; the target runs on {profile.provider}")
-    if auto_data is not None:
-        data["auto"] = auto_data
-    warnings = list(dict.fromkeys(([ctx.calib.warnings[0]] if ctx.calib.random and needs_calibration else [])
-                                  + [w for w in ctx.warnings if not ctx.calib.random] + list(cand.warnings)))
-    checks = [CheckResult("onnxruntime.load", True)] + list(cand.checks)
-    if lat:
-        checks.append(CheckResult("latency.speedup", True, lat["speedup"], None,
-                                  f"{lat['speedup_text']}: candidate p50 {lat['candidate_p50_ms']:.3f} ms vs fp32 "
-                                  f"{lat['fp32_p50_ms']:.3f} ms (batch 1, {lat['threads']} threads)",
-                                  {"iqr": lat["speedup_iqr"], "verdict": lat["speedup_verdict"]}, "info"))
-    step = ProvenanceStep(
-        "optimize", f"retool.optimizers:{cand.target}", {**cand.versions},
-        {"target": profile.name, "chosen_target": cand.target, "calibration_digest": calib["digest"] if cand.calibrated else None,
-         "calibration_method": method if cand.calibrated else None, "calibration_random": ctx.calib.random if cand.calibrated else None,
-         "tolerance": tol.to_dict(), "seed": seed, "excluded_nodes": list(cand.excluded), "tools": cand.tools},
-        art.sha256, digest, started, round(seconds, 3))
-    new_art = art.derive(out, step, precision=cand.precision if cand.precision != "auto" else "fp32",
-                         target=cand.target, sha256=digest, extra_files=tuple(extra))
-    return Report("optimize", new_art, tuple(checks), data, tuple(warnings)), new_art

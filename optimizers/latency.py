@@ -31,8 +31,18 @@ def measure(models: Mapping[str, object], feeds: Mapping[str, np.ndarray], threa
         a = np.asarray(ts)
         out["variants"][k] = {"p50_ms": round(float(np.median(a)), 4), "p90_ms": round(float(np.percentile(a, 90)), 4),
                               "min_ms": round(float(a.min()), 4)}
+        if "fp32" in times and k != "fp32":  # paired per-round ratios: their spread says what is noise
+            r = a / np.asarray(times["fp32"])
+            out["variants"][k]["ratio_vs_fp32"] = {q: round(float(np.percentile(r, p)), 4)
+                                                   for q, p in (("p25", 25), ("p50", 50), ("p75", 75))}
     if "fp32" in times:  # each variant's speed-up over fp32, with the spread of the paired rounds
         from retool.speed import paired
 
         out["speedup_vs_fp32"] = {k: paired(times["fp32"], ts) for k, ts in times.items() if k != "fp32"}
     return out
+
+
+def slower_than_fp32(variant: dict) -> bool:
+    """Slower beyond the noise: even the lower quartile of the paired ratios is above 1."""
+    r = variant.get("ratio_vs_fp32")
+    return bool(r) and r["p25"] > 1.0

@@ -4,6 +4,9 @@ Calibration runs once and its ranges are cached (``calibration_cache_path``),
 so the accuracy-aware retries only re-run the cheap quantization pass.
 Samples are fed in chunks and each chunk's raw activations are reduced before
 the next one is read: memory stays bounded for MinMax, Entropy and Percentile.
+(ORT's own ``max_intermediate_outputs`` option is not used: in ORT 1.32 the MinMax
+calibrator clears the collected outputs at that count without reducing them first,
+so every range would come from the last partial chunk only.)
 """
 from __future__ import annotations
 
@@ -26,6 +29,15 @@ _first_line = partial(first_line, limit=200)
 #: Samples per calibrator pass: raw activations of this many samples are held at once.
 CHUNK = 8
 METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+#: ORT's default percentile for the Percentile calibrator.
+DEFAULT_PERCENTILE = 99.999
+
+
+def method_label(method: str, percentile: float | None = None) -> str:
+    """How a calibration method is named in reports: ``minmax``, ``percentile(99.99)``."""
+    if method == "percentile":
+        return f"percentile({percentile if percentile is not None else DEFAULT_PERCENTILE:g})"
+    return method
 
 
 def _qtype(name: str):
@@ -67,6 +79,13 @@ def preprocess(src, dst, external: bool = False) -> list[str]:
     return warnings
 
 
+def _no_stdout():
+    """ORT's histogram calibrators print progress to stdout, which would corrupt ``--json`` output."""
+    import io
+
+    return contextlib.redirect_stdout(io.StringIO())
+
+
 @contextlib.contextmanager
 def _cwd(path):
     old = os.getcwd()
@@ -91,7 +110,7 @@ def _copy_onnx(src, dst) -> None:
 
 
 def calibrate(model_path, samples: Iterator[dict[str, np.ndarray]], profile, method: str, cache_path,
-              workdir, external: bool = False, chunk: int = CHUNK) -> int:
+              workdir, external: bool = False, chunk: int = CHUNK, percentile: float | None = None) -> int:
     """Collect activation ranges over ``samples`` and save them to ``cache_path``. Returns the sample count."""
     from onnxruntime.quantization import CalibrationMethod
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
@@ -102,7 +121,7 @@ def calibrate(model_path, samples: Iterator[dict[str, np.ndarray]], profile, met
     calib_method = getattr(CalibrationMethod, METHODS[method])
     options = {"symmetric": bool(profile.symmetric_activations)}
     if method == "percentile":
-        options["symmetric"] = True if profile.symmetric_activations else False
+        options["percentile"] = float(percentile if percentile is not None else DEFAULT_PERCENTILE)
     try:
         calibrator = create_calibrator(Path(model_path), list(profile.op_types) or None,
                                        augmented_model_path=str(Path(workdir) / "augmented.onnx"),
@@ -121,7 +140,8 @@ def calibrate(model_path, samples: Iterator[dict[str, np.ndarray]], profile, met
     while True:
         reader = StreamingReader(samples, limit=chunk, on_sample=progress)
         try:
-            calibrator.collect_data(reader)
+            with _no_stdout():
+                calibrator.collect_data(reader)
         except ValueError as exc:
             if reader.count == 0:  # "No data is collected": the iterator ran dry on a chunk boundary
                 break
@@ -137,7 +157,8 @@ def calibrate(model_path, samples: Iterator[dict[str, np.ndarray]], profile, met
             break
     if total == 0:
         raise OptimizationError(f"{model_path}: no calibration samples were read")
-    save_tensors_data(calibrator.compute_data(), cache_path)
+    with _no_stdout():
+        save_tensors_data(calibrator.compute_data(), cache_path)
     del calibrator
     return total
 

@@ -45,6 +45,8 @@ class TargetProfile:
     candidates: tuple[str, ...] = ()
     #: Extra onnxruntime quantizer options (extra_options of quantize_static).
     extra_options: Mapping[str, object] = field(default_factory=dict)
+    #: CPU architecture the target is meant for (x86_64 | arm64); None = any.
+    arch: str | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -70,6 +72,8 @@ class TargetProfile:
                    f"{'per-channel' if self.per_channel else 'per-tensor'}")
             ops = ", ".join(self.op_types) if self.op_types else "all supported ops"
             rr = ", reduce_range" if self.reduce_range else ""
+            if self.arch == "x86_64" and self.method == "static" and self.activation_type == "uint8":
+                rr = ", reduce_range where the CPU lacks VNNI"
             kind = "dynamic" if self.method == "dynamic" else f"static {self.quant_format}"
             how = (f"{kind}: {acts}, {wts}{rr}; ops: {ops}" if self.method == "static"
                    else f"{kind}: {wts}{rr}; ops: {ops}")
@@ -90,10 +94,10 @@ CPU = TargetProfile(
 )
 
 CPU_INT8 = TargetProfile(
-    "cpu-int8", "static int8 QDQ for x86 (AVX2 / AVX-512 / VNNI), per-channel weights", method="static",
+    "cpu-int8", "static int8 QDQ U8S8 for x86, per-channel weights; reduce_range only without VNNI", method="static",
     precision="int8", quant_format="QDQ", per_channel=True, activation_type="uint8", weight_type="int8",
     symmetric_activations=False, symmetric_weights=True, reduce_range=True, graph_level="basic",
-    tolerance=_INT8_TOL,
+    tolerance=_INT8_TOL, arch="x86_64",
 )
 
 CPU_INT8_DYNAMIC = TargetProfile(
@@ -107,7 +111,7 @@ ARM64_INT8 = TargetProfile(
     "arm64-int8", "static int8 QDQ (S8S8) for ARM64 NEON / dot-product kernels, per-channel weights",
     method="static", precision="int8", quant_format="QDQ", per_channel=True, activation_type="int8",
     weight_type="int8", symmetric_activations=False, symmetric_weights=True, reduce_range=False,
-    graph_level="basic", tolerance=_INT8_TOL,
+    graph_level="basic", tolerance=_INT8_TOL, arch="arm64",
 )
 
 GPU_FP16 = TargetProfile(

@@ -502,5 +502,8 @@ def _environment() -> dict:
 
     from retool.validators.latency import default_threads
 
+    from retool.optimizers.hardware import detect
+
     return {"python": sys.version.split()[0], "platform": platform.platform(), "machine": platform.machine(),
-            "cpu_count": os.cpu_count(), "cpus_usable": default_threads(), "versions": _versions()}
+            "cpu_count": os.cpu_count(), "cpus_usable": default_threads(), "versions": _versions(),
+            "hardware": detect().to_dict()}

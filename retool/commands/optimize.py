@@ -12,8 +12,14 @@ from retool.commands.common import emit_report
 @click.option("--target", required=True, help="Target profile (see 'retool targets'), e.g. cpu-int8.")
 @click.option("--calibration", type=click.Path(), help="Calibration data: an .npz (array per input), a folder "
               "of .npy/.npz, or a folder of images. Without it, seeded random data (with a warning).")
-@click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
-              show_default=True, help="How activation ranges are chosen.")
+@click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]), default=None,
+              help="How activation ranges are chosen (default minmax; cpu-auto tries all three).")
+@click.option("--percentile", type=float, metavar="P", help="Percentile calibration's percentile, e.g. 99.99 "
+              "(implies --calibration-method percentile; ORT's default 99.999).")
+@click.option("--calibration-samples", type=click.IntRange(1), metavar="N",
+              help="Use at most N calibration samples (default 512); the report says how many were used.")
+@click.option("--accuracy", metavar="GOAL", help="Accuracy goal on held-out samples, e.g. 'top1>=0.97,cos>=0.999': "
+              "keeps the fastest artifact that meets it (nodes fall back to fp32 as needed); exit 6 if none does.")
 @click.option("--preprocess", metavar="SPEC", help="For image folders: 'resize=H,W;mean=..;std=..;layout=nchw;"
               "scale=1/255;color=rgb' (default: the model's size, /255, RGB).")
 @click.option("--tolerance", metavar="KEY=VAL,...", help="Override the target's parity tolerance, e.g. "
@@ -23,9 +29,12 @@ from retool.commands.common import emit_report
 @click.option("--threads", type=click.IntRange(1, 256), help="Threads for the latency measurement (default min(4, cores)).")
 @click.option("--no-measure", is_flag=True, help="Skip the latency measurement.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of random calibration/held-out data.")
+@click.option("--tune-for", default="here", show_default=True, metavar="CPU",
+              help="The CPU the int8 choices are made for: here, x86-avx2, x86-avx512, x86-vnni, arm64-dotprod, "
+                   "or a cpuinfo file. The report says when it differs from this CPU.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a summary.")
-def optimize_cmd(model, output, target, calibration, calibration_method, preprocess, tolerance, accuracy_budget,
-                 threads, no_measure, seed, as_json):
+def optimize_cmd(model, output, target, calibration, calibration_method, percentile, calibration_samples, accuracy,
+                 preprocess, tolerance, accuracy_budget, threads, no_measure, seed, tune_for, as_json):
     """Optimise the ONNX MODEL for --target and write it to -o.
 
     Checks parity against MODEL on held-out samples and measures latency at
@@ -41,7 +50,9 @@ def optimize_cmd(model, output, target, calibration, calibration_method, preproc
     try:
         art, report = optimize(model, output, target=target, calibration=calibration,
                                calibration_method=calibration_method, tolerance=tol, seed=seed, threads=threads,
-                               measure=not no_measure, accuracy_budget=accuracy_budget, preprocess=preprocess)
+                               measure=not no_measure, accuracy_budget=accuracy_budget, preprocess=preprocess,
+                               tune_for=tune_for, percentile=percentile, calibration_samples=calibration_samples,
+                               accuracy=accuracy)
     except ValidationFailed as exc:
         if exc.report is not None:
             emit_report(exc.report, as_json, console.checks_table(exc.report.checks))
@@ -71,8 +82,16 @@ def summary(report) -> str:
     if cal.get("used"):
         rows.append(["calibration", f"{cal['source']} ({cal['samples']} samples, {cal['method']})"
                                     + (" RANDOM" if cal.get("random") else "")])
+    goal = d.get("accuracy_goal")
+    if goal:
+        best = goal.get("best_reached") or {}
+        got = ", ".join(f"{k} {best[k]:.4f}" for k in ("top1", "cosine") if isinstance(best.get(k), (int, float)))
+        rows.append(["accuracy goal", f"{goal['text']}: {'met' if goal['met'] else 'NOT met'} ({got}, "
+                                      f"{goal['heldout_samples']} held-out samples)"])
     if d.get("excluded_nodes"):
-        rows.append(["kept in float", ", ".join(f"{x['node']} ({x['source_layer']})" for x in d["excluded_layers"])])
+        rows.append(["kept in float", ", ".join(
+            f"{x['node']} ({x['source_layer']}" + (f", group +{x['group_cost_ms']:.3f} ms" if "group_cost_ms" in x else "")
+            + ")" for x in d["excluded_layers"])])
     lines.append(console.table(["result", ""], rows))
     lines.append(f"\nwrote {report.artifact.path}")
     for w in report.warnings:

@@ -47,11 +47,13 @@ TOLERANCE = Obj({"atol": (NUM, False), "rtol": (NUM, False), "min_cosine": (NUM,
 GATES = Obj({"max_p99_ms": (NUM, False), "min_speedup": (NUM, False), "max_size_mb": (NUM, False),
              "parity": (MapOf(TOLERANCE), False), "not_slower": (bool, False)})
 CALIBRATION = Obj({"data": (str, False), "method": (OneOf(("minmax", "entropy", "percentile")), False),
-                   "preprocess": (str, False)}, shorthand="data")
+                   "preprocess": (str, False), "percentile": (NUM, False), "samples": (int, False)},
+                  shorthand="data")
 PUBLISH = Obj({"when": (OneOf(PUBLISH_WHEN), False), "alias": (str, False), "repository": (str, False),
                "name": (str, False), "force": (bool, False)})
 TARGET = Obj({"name": (str, True), "tolerance": (TOLERANCE, False), "gates": (GATES, False),
-              "calibration": (CALIBRATION, False), "publish": (PUBLISH, False)}, shorthand="name")
+              "calibration": (CALIBRATION, False), "publish": (PUBLISH, False),
+              "accuracy": (str, False)}, shorthand="name")
 VALIDATION = Obj({"batch_sizes": (ListOf(int), False), "threads": (int, False), "latency": (bool, False),
                   "reference": (OneOf(REFERENCES), False), "runs": (int, False),
                   "min_time_s": (NUM, False)})
@@ -76,6 +78,8 @@ class TargetConfig:
     gates: Mapping[str, Any] = field(default_factory=dict)
     calibration: Mapping[str, Any] = field(default_factory=dict)
     publish: Mapping[str, Any] = field(default_factory=dict)
+    #: accuracy goal, e.g. "top1>=0.97,cos>=0.999" (retool.optimizers.goal)
+    accuracy: str | None = None
 
 
 @dataclass(frozen=True)
@@ -248,10 +252,17 @@ def parse_config(data: Any, src: str = "<config>", loc: _Located | None = None,
                 _merge(defaults.get("gates"), m.get("gates"), t.get("gates")),
                 _merge(defaults.get("calibration"), m.get("calibration"), t.get("calibration")),
                 _merge({"when": "gates-pass"}, defaults.get("publish"), m.get("publish"), t.get("publish")),
+                t.get("accuracy"),
             ))
+        from retool.optimizers.goal import parse_goal
         from retool.registry import TARGETS
 
         for j, t in enumerate(targets):
+            try:
+                parse_goal(t.accuracy)
+            except UsageError as exc:
+                line = loc.lines.get(("models", i, "targets", j, "accuracy"), "?")
+                raise UsageError(f"{src}:{line}: models[{i}].targets[{j}].accuracy: {exc}") from None
             if t.name not in TARGETS:  # fail before any work, with the line of the bad name
                 hint = difflib.get_close_matches(t.name, TARGETS.names(), n=1)
                 tip = f"; did you mean '{hint[0]}'?" if hint else ""

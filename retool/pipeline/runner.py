@@ -124,7 +124,7 @@ class _Scheduler:
     def _optimize_key(self, m: ModelConfig, t: TargetConfig, fp32_sha: str) -> str:
         cal = dict(t.calibration)
         return step_key("optimize", {
-            "fp32": fp32_sha, "target": t.name, "tolerance": dict(t.tolerance),
+            "fp32": fp32_sha, "target": t.name, "tolerance": dict(t.tolerance), "accuracy": t.accuracy,
             "calibration": {**cal, "data": digest_of_path(cal.get("data"), Path(self.base))}, "seed": self.seed})
 
     def _target_key(self, m: ModelConfig, t: TargetConfig, fp32_sha: str) -> str:

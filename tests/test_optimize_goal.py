@@ -1,0 +1,131 @@
+"""Calibration methods and sample counts, and accuracy goals: fallback that finds the goal, impossible goals."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from retool.errors import UsageError
+
+
+def _calib_npz(path, n, seed=0):
+    rng = np.random.default_rng(seed)
+    np.savez(path, x=rng.standard_normal((n, 3, 32, 32)).astype(np.float32))
+    return path
+
+
+def test_calibration_sample_count_warning(cnn_onnx, tmp_path, capsys):
+    from retool.optimizers.core import optimize
+
+    data = _calib_npz(tmp_path / "c.npz", 40)
+    _, rep = optimize(cnn_onnx, tmp_path / "m.onnx", target="cpu-int8", calibration=data, measure=False,
+                      calibration_samples=10)
+    cal = rep.data["calibration"]
+    assert cal["samples"] == 10 and cal["given_items"] == 40 and cal["heldout_items"] == 8
+    loud = [w for w in rep.warnings if w.startswith("CALIBRATION USED ONLY 10 OF 40")]
+    assert loud, rep.warnings
+    assert "CALIBRATION USED ONLY" in capsys.readouterr().err
+    # every sample used (beyond the held-out share): no warning
+    _, rep2 = optimize(cnn_onnx, tmp_path / "m2.onnx", target="cpu-int8", calibration=data, measure=False)
+    assert rep2.data["calibration"]["samples"] == 32
+    assert not [w for w in rep2.warnings if "CALIBRATION USED ONLY" in w]
+    assert cal["digest"] == rep2.data["calibration"]["digest"]
+
+
+def test_percentile_and_methods_from_cli(cli, cnn_onnx, tmp_path):
+    data = _calib_npz(tmp_path / "c.npz", 20)
+    r = cli("-q", "optimize", cnn_onnx, "--target", "cpu-int8", "-o", tmp_path / "p.onnx", "--calibration", data,
+            "--percentile", "99.9", "--no-measure", "--json")
+    assert r.code == 0, r.err
+    assert r.out.strip(), (r.out, r.err)
+    d = json.loads(r.out)["data"]
+    assert d["calibration"]["method"] == "percentile" and d["calibration"]["percentile"] == 99.9
+    assert json.loads(r.out)["artifact"]["provenance"][-1]["params"]["calibration_percentile"] == 99.9
+    r = cli("-q", "optimize", cnn_onnx, "--target", "cpu-int8", "-o", tmp_path / "q.onnx", "--percentile", "20")
+    assert r.code == 2 and "--percentile" in r.err
+    r = cli("-q", "optimize", cnn_onnx, "--target", "cpu-int8", "-o", tmp_path / "q.onnx",
+            "--calibration-method", "entropy", "--percentile", "99.9")
+    assert r.code == 2
+
+
+def test_percentile_changes_ranges(cnn_onnx, tmp_path):
+    """Different percentiles give different activation scales: the option reaches the calibrator."""
+    import onnx
+    from onnx import numpy_helper
+
+    from retool.optimizers.core import optimize
+
+    data = _calib_npz(tmp_path / "c.npz", 20)
+
+    def scales(p):
+        art, _ = optimize(cnn_onnx, tmp_path / f"p{p}.onnx", target="cpu-int8", calibration=data, measure=False,
+                          percentile=p)
+        m = onnx.load(str(art.path))
+        return sorted(float(numpy_helper.to_array(t)) for t in m.graph.initializer
+                      if t.name.endswith("_scale") and not t.dims)
+    lo, hi = scales(90.0), scales(99.999)
+    assert len(lo) == len(hi) and sum(hi) > sum(lo)
+
+
+@pytest.mark.parametrize("text,ok", [("top1>=0.97,cos>=0.999", True), ("cosine>=0.99", True),
+                                     ("top5>=0.9", False), ("top1>=2", False), ("top1", False)])
+def test_goal_parsing(text, ok):
+    from retool.optimizers.goal import parse_goal
+
+    if ok:
+        g = parse_goal(text)
+        assert g.min_top1 == (0.97 if "top1" in text else None)
+    else:
+        with pytest.raises(UsageError):
+            parse_goal(text)
+
+
+def test_accuracy_goal_needs_fallback_then_finds_it(cnn_onnx, tmp_path):
+    import onnx
+
+    from retool.optimizers.core import optimize
+
+    _, first = optimize(cnn_onnx, tmp_path / "plain.onnx", target="cpu-int8", measure=False)
+    cos0 = first.data["parity"]["parity:output@held-out"]["cosine"]
+    goal = f"cos>={(1 + cos0) / 2:.6f}"  # stricter than what full quantization reached
+    art, rep = optimize(cnn_onnx, tmp_path / "goal.onnx", target="cpu-int8", accuracy=goal, threads=1)
+    d = rep.data
+    assert rep.passed and d["accuracy_goal"]["met"] and d["accuracy_goal"]["text"] == goal
+    assert d["tolerance"]["atol"] is None and d["tolerance"]["min_cosine"] == pytest.approx((1 + cos0) / 2, abs=1e-6)
+    search = d["accuracy_search"]
+    assert search[0]["passed"] is False and search[-1]["passed"] is True and d["excluded_nodes"]
+    # every step was timed against fp32, and each kept-float group has its latency cost
+    assert all(a["latency"]["p50_ms"] > 0 and a["latency"]["ratio_vs_fp32"]["p25"] > 0 for a in search)
+    assert all("cost_ms" in a for a in search[1:])
+    assert all(x["source_layer"] and "group_cost_ms" in x for x in d["excluded_layers"])
+    assert d["parity"]["parity:output@held-out"]["cosine"] >= (1 + cos0) / 2
+    names = {n.name for n in onnx.load(str(art.path)).graph.node}
+    assert set(d["excluded_nodes"]) & names
+
+
+def test_impossible_goal_exits_6_and_writes_no_model(cli, cnn_onnx, tmp_path):
+    out = tmp_path / "never.onnx"
+    r = cli("optimize", cnn_onnx, "--target", "cpu-int8", "-o", out, "--accuracy", "cos>=1.0,top1>=1.0",
+            "--accuracy-budget", "1", "--no-measure")
+    assert r.code == 6
+    assert not out.exists() and not list(tmp_path.glob("*.onnx*"))
+    err = [ln for ln in r.err.splitlines() if ln.startswith("retool: error")]
+    assert err and "cannot be met" in err[0] and "best reached" in err[0] and "cosine 0.99" in err[0], r.err
+    rep = json.loads((tmp_path / "never.report.json").read_text())
+    g = rep["data"]["accuracy_goal"]
+    assert g["met"] is False and g["best_reached"]["cosine"] < 1.0 and len(g["best_reached"]["excluded"]) >= 1
+
+
+def test_goal_in_pipeline_yaml_is_checked_before_work(tmp_path):
+    from retool.pipeline.config import load_config
+
+    p = tmp_path / "retool.yaml"
+    p.write_text("models:\n  - name: m\n    source: m.onnx\n    targets:\n      - name: cpu-int8\n"
+                 "        accuracy: 'top1>=0.97,cos>=0.999'\n        calibration: {method: percentile, percentile: 99.99}\n")
+    t = load_config(p).models[0].targets[0]
+    assert t.accuracy == "top1>=0.97,cos>=0.999" and t.calibration["percentile"] == 99.99
+    p.write_text("models:\n  - name: m\n    source: m.onnx\n    targets:\n      - name: cpu-int8\n"
+                 "        accuracy: 'top9>=0.97'\n")
+    with pytest.raises(UsageError, match=r"retool.yaml:6: models\[0\].targets\[0\].accuracy"):
+        load_config(p)
