@@ -54,6 +54,7 @@ CONVERTERS: Registry = Registry("framework", {
     "onnx": "retool.converter.onnx_passthrough:OnnxConverter",
     "caffe": "retool.converter.caffe.converter:CaffeConverter",
     "tensorflow": "retool.converter.tf_converter:TensorFlowConverter",
+    "hf": "retool.converter.hf.converter:HFConverter",
 })
 
 #: Optimisation targets (frozen TargetProfile instances in retool.optimizers.targets).
