@@ -64,6 +64,31 @@ class SourceModel(abc.ABC):
         """Map ONNX-side inputs to what the source model expects (e.g. NCHW -> NHWC)."""
         return feeds
 
+    def verification_feeds(self, specs: Sequence[TensorSpec], examples: Mapping[str, np.ndarray] | None,
+                           seed: int) -> list[dict]:
+        """The input sets parity runs on; a source whose inputs have valid ranges (token ids) overrides it."""
+        from retool.inputs import VERIFY_BATCH_SIZES, verification_feeds
+
+        # a source may allow fewer batch sizes than the defaults (an ExportedProgram's range constraints)
+        sizes = self.verify_batch_sizes or VERIFY_BATCH_SIZES
+        return verification_feeds(specs, examples, seed=seed, batch_sizes=sizes)
+
+    def reference(self, art, request: "ConvertRequest"):
+        """Run the source for parity, before it is freed; ``compare`` gets what this returns."""
+        from retool.converter.core import reference_outputs
+
+        return reference_outputs(self, art, request)
+
+    def compare(self, sess, ref, art, request: "ConvertRequest", tol) -> list:
+        """Parity CheckResults of the ONNX session against ``reference``'s result."""
+        from retool.converter.core import compare_with_onnxruntime
+
+        feeds_list, refs = ref
+        return compare_with_onnxruntime(sess, feeds_list, refs, art, request, tol)
+
+    #: Extra report data a source adds (e.g. a decoder's generation parity).
+    report_data: Mapping[str, Any] = {}
+
     def close(self) -> None:
         pass
 

@@ -151,11 +151,11 @@ def _convert_loaded(model: SourceModel, request: ConvertRequest, out: Path, veri
                             art.extra_files)
 
         identical = bool(result.params.get("identical_to_source"))
-        feeds_list, refs = [], []
+        ref = None
         if verify and not identical:
             t0 = time.perf_counter()
             with console.step("running the source model"):
-                feeds_list, refs = reference_outputs(model, art, request)
+                ref = model.reference(art, request)
             timings["reference_s"] = time.perf_counter() - t0
         # Free the source before anything loads the ONNX copy: never two copies of the weights.
         model.close()
@@ -167,7 +167,7 @@ def _convert_loaded(model: SourceModel, request: ConvertRequest, out: Path, veri
         if verify and not identical:
             t0 = time.perf_counter()
             with console.step("verifying parity against the source framework"):
-                checks += compare_with_onnxruntime(sess, feeds_list, refs, art, request, tol)
+                checks += model.compare(sess, ref, art, request, tol)
             timings["verify_s"] = time.perf_counter() - t0
         else:
             why = "skipped (--no-verify)" if not verify else "skipped: the ONNX file is a byte copy of the source"
@@ -182,7 +182,8 @@ def _convert_loaded(model: SourceModel, request: ConvertRequest, out: Path, veri
                         {"timings": {k: round(v, 4) for k, v in timings.items()},
                          "tolerance": tol.to_dict(), "exporter": result.tool,
                          "framework": request.framework, "verified": verify,
-                         **{k: result.params[k] for k in REPORTED_PARAMS if k in result.params}},
+                         **{k: result.params[k] for k in REPORTED_PARAMS if k in result.params},
+                         **dict(model.report_data)},
                         tuple(result.warnings))
         side = sidecar_report_path(out)
         if not report.passed:
@@ -211,13 +212,7 @@ def _shapes(feeds) -> dict:
 
 def reference_outputs(model: SourceModel, art: ModelArtifact, request: ConvertRequest):
     """The verification inputs (two batch sizes when the batch is dynamic) and the source's outputs."""
-    from retool.inputs import verification_feeds
-
-    from retool.inputs import VERIFY_BATCH_SIZES
-
-    # a source may allow fewer batch sizes than the defaults (an ExportedProgram's range constraints)
-    sizes = getattr(model, "verify_batch_sizes", None) or VERIFY_BATCH_SIZES
-    feeds_list = verification_feeds(art.inputs, request.example_inputs, seed=request.seed, batch_sizes=sizes)
+    feeds_list = model.verification_feeds(art.inputs, request.example_inputs, request.seed)
     refs = []
     for feeds in feeds_list:
         try:

@@ -182,6 +182,18 @@ def build_candidate(profile, ctx: Context, tol, method: str | None = None) -> Ca
         return Candidate(name, g.path, profile.precision, passed, checks, g.tools, g.versions, g.warnings,
                          profile=profile, notes=notes)
 
+    if profile.method == "weight_only":  # encoders and other non-decoder graphs: output parity
+        from retool.optimizers import weight_only
+
+        o = profile.extra_options
+        out = wd / f"{name}.onnx"
+        with console.step(f"{name}: weight-only int{o['bits']} (MatMulNBits, block {o['block_size']})"):
+            weight_only.quantize(ctx.src, out, bits=int(o["bits"]), block_size=int(o["block_size"]),
+                                 accuracy_level=o.get("accuracy_level"), symmetric=bool(o.get("symmetric", True)))
+        passed, checks = ctx.evaluate(out, tol)
+        return Candidate(name, out, profile.precision, passed, checks,
+                         ["onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer"], quantize.versions())
+
     warnings: list[str] = []
     tools: list[str] = []
     versions: dict[str, str] = {}
@@ -391,6 +403,12 @@ def optimize(model, output, *, target: str, calibration=None, calibration_method
     tuned = hardware.resolve(tune_for)
     threads = threads or latency.default_threads()
     budget = DEFAULT_BUDGET if accuracy_budget is None else int(accuracy_budget)
+    if profile.method == "weight_only":
+        from retool.optimizers import decoder
+
+        if decoder.is_decoder(art):  # gated on generation, not on one forward of random data
+            return decoder.optimize_decoder(art, out, profile, tol, seed=seed, threads=threads, measure=measure,
+                                            started=started, t_start=t_start)
     calib = open_calibration(calibration, art.inputs, seed=seed, preprocess=preprocess,
                              max_samples=calibration_samples)
     needs_calibration = profile.method == "static" or (profile.method == "auto" and any(
@@ -467,6 +485,10 @@ def staging_dir_for(out: Path):
     from retool.fsutil import staging_dir
 
     return staging_dir(out)
+
+
+def _check_loads_path(path, target: str) -> None:
+    _check_loads(Candidate(target, Path(path), "", True, []))
 
 
 def _check_loads(cand: Candidate) -> None:

@@ -16,7 +16,7 @@ from typing import Mapping
 from retool.validators.parity import DEFAULT_TOLERANCES, Tolerance
 
 #: How a profile changes the model.
-METHODS = ("graph", "static", "dynamic", "fp16", "auto")
+METHODS = ("graph", "static", "dynamic", "fp16", "auto", "weight_only")
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,11 @@ class TargetProfile:
             how = f"fp32, ORT graph level {self.graph_level} saved offline"
         elif self.method == "fp16":
             how = "fp16 weights and compute, fp32 IO kept"
+        elif self.method == "weight_only":
+            o = self.extra_options
+            how = (f"weight-only int{o.get('bits')} MatMulNBits (block {o.get('block_size')}, "
+                   f"{'symmetric' if o.get('symmetric', True) else 'asymmetric'}, accuracy_level "
+                   f"{o.get('accuracy_level')}); activations stay float; decoders gated on generation")
         elif self.method == "auto":
             how = f"builds {', '.join(self.candidates)}; keeps the fastest that passes"
         else:
@@ -136,6 +141,23 @@ NPU_UINT8 = TargetProfile(
 CPU_AUTO = TargetProfile(
     "cpu-auto", "measure cpu, cpu-int8 and cpu-int8-dynamic here; keep the fastest that passes", method="auto",
     precision="auto", candidates=("cpu-int8", "cpu-int8-dynamic", "cpu"), tolerance=_INT8_TOL,
+)
+
+
+# Weight-only targets for decoders (issue 16). The gate: tolerance.min_top1 is the teacher-forced
+# top-1 agreement over the generated steps, min_cosine the minimum per-step logit cosine.
+CPU_INT4 = TargetProfile(
+    "cpu-int4", "weight-only int4 (MatMulNBits, block 32) for decoder LLMs and other MatMul-heavy models",
+    method="weight_only", precision="int4", graph_level="disable", simplify=False,
+    tolerance=Tolerance(atol=None, rtol=None, min_cosine=0.98, min_top1=31 / 32),
+    extra_options={"bits": 4, "block_size": 32, "symmetric": True, "accuracy_level": 4, "free_running": False},
+)
+
+CPU_INT8_WEIGHT = TargetProfile(
+    "cpu-int8-weight", "weight-only int8 (MatMulNBits, block 32): each row independent of the batch, unlike "
+    "dynamic int8", method="weight_only", precision="int8", graph_level="disable", simplify=False,
+    tolerance=Tolerance(atol=None, rtol=None, min_cosine=0.999, min_top1=1.0),
+    extra_options={"bits": 8, "block_size": 32, "symmetric": True, "accuracy_level": 4, "free_running": True},
 )
 
 

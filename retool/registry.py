@@ -54,6 +54,7 @@ CONVERTERS: Registry = Registry("framework", {
     "onnx": "retool.converter.onnx_passthrough:OnnxConverter",
     "caffe": "retool.converter.caffe.converter:CaffeConverter",
     "tensorflow": "retool.converter.tf_converter:TensorFlowConverter",
+    "hf": "retool.converter.hf.converter:HFConverter",
 })
 
 #: Optimisation targets (frozen TargetProfile instances in retool.optimizers.targets).
@@ -66,4 +67,6 @@ TARGETS: Registry = Registry("target", {
     "tensorrt-int8": "retool.optimizers.targets:TENSORRT_INT8",
     "npu-uint8": "retool.optimizers.targets:NPU_UINT8",
     "cpu-auto": "retool.optimizers.targets:CPU_AUTO",
+    "cpu-int4": "retool.optimizers.targets:CPU_INT4",
+    "cpu-int8-weight": "retool.optimizers.targets:CPU_INT8_WEIGHT",
 })

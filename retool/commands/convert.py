@@ -16,14 +16,18 @@ from retool.commands.common import converter_options, emit_report, source_option
 @click.option("--min-cosine", type=float, help="Minimum cosine similarity per output.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random verification inputs.")
 @source_options
+@click.option("--task", help="Hugging Face folder: feature-extraction, sequence-classification, "
+                             "image-classification or text-generation (default: from config.json's architectures).")
+@click.option("--new-tokens", type=int, help="text-generation: greedy tokens compared in the parity check (default 32).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 def convert_cmd(source, output, framework, weights, inputs, example_inputs, opset, trust_remote_code, no_verify,
                 atol, rtol, min_cosine, seed, signature, output_names, inputs_as_nchw, custom_objects,
-                static_batch, fold_batchnorm, as_json):
+                static_batch, fold_batchnorm, as_json, task=None, new_tokens=None):
     """Convert SOURCE to ONNX and prove that its outputs match the source framework.
 
     SOURCE is a model file or folder (TorchScript, .pt2, pickled nn.Module, SavedModel,
-    .pb, .keras, .h5, Caffe .prototxt) or a ``package.module:factory`` callable.
+    .pb, .keras, .h5, Caffe .prototxt), a Hugging Face save_pretrained folder, or a
+    ``package.module:factory`` callable.
 
     On a parity failure nothing is written at -o; the sidecar report says why (exit 6).
     """
@@ -35,6 +39,7 @@ def convert_cmd(source, output, framework, weights, inputs, example_inputs, opse
     tol = tolerance_for("fp32").merged(atol=atol, rtol=rtol, min_cosine=min_cosine)
     options = converter_options(signature, output_names, inputs_as_nchw, custom_objects, static_batch,
                                 fold_batchnorm)
+    options.update({k: v for k, v in {"task": task, "new_tokens": new_tokens}.items() if v is not None})
     try:
         art, report = convert(source, output, framework=framework, weights=weights, inputs=inputs,
                               example_inputs=example_inputs, opset=opset, trust_remote_code=trust_remote_code,

@@ -1,0 +1,1 @@
+"""Hugging Face ``save_pretrained`` folders: encoders (feature extraction, classification) and causal LMs."""

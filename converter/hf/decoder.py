@@ -1,0 +1,182 @@
+"""Causal LMs from a ``save_pretrained`` folder, exported with their KV cache as plain tensors.
+
+``torch.onnx.export(dynamo=True)`` cannot take transformers' ``DynamicCache`` (it is not a
+tensor), so a wrapper takes ``forward(input_ids, attention_mask, position_ids, *past)``,
+rebuilds the cache inside and returns ``(logits, *present)``. ``position_ids`` is an input
+because GPT-2's absolute positions are wrong for left-padded rows without it.
+Parity is generation parity (validators/generation.py), not one forward pass.
+"""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from retool.converter.base import ExportResult, SourceModel
+from retool.types import TensorSpec
+from retool.validators.generation import (DEFAULT_NEW_TOKENS, CacheLayout, fp32_parity, make_prompts, past_names,
+                                          present_names, reference_run)
+
+#: Axis names of the cache graph (what Optimum and onnxruntime-genai use in spirit).
+DIMS = {"input_ids": ("batch", "sequence"), "attention_mask": ("batch", "total_sequence"),
+        "position_ids": ("batch", "sequence"), "logits": ("batch", "sequence", None)}
+PAST_DIMS = ("batch", None, "past_sequence", None)
+PRESENT_DIMS = ("batch", None, "total_sequence", None)
+
+
+def cache_argument(model) -> str:
+    """transformers 5 renamed the forward argument ``past_key_values`` to ``cache``."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _make_cache(DynamicCache, pairs, config):
+    if hasattr(DynamicCache, "from_legacy_cache"):  # transformers 4.x
+        return DynamicCache.from_legacy_cache(tuple(pairs))
+    return DynamicCache(pairs, config=config)
+
+
+def _flat_cache(cache) -> list:
+    if hasattr(cache, "layers"):
+        return [t for layer in cache.layers for t in (layer.keys, layer.values)]
+    return [t for k, v in zip(cache.key_cache, cache.value_cache) for t in (k, v)]  # transformers 4.x
+
+
+def _present(out):
+    for field in ("cache", "past_key_values"):
+        value = getattr(out, field, None)
+        if value is not None:
+            return value
+    raise ValueError("the model returned no cache (use_cache=True was ignored)")
+
+
+def make_wrapper(torch, model, layers: int):
+    from transformers import DynamicCache
+
+    arg = cache_argument(model)
+
+    class CacheWrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, position_ids, *past):
+            pairs = [(past[2 * i], past[2 * i + 1]) for i in range(layers)]
+            cache = _make_cache(DynamicCache, pairs, self.model.config)
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=True, return_dict=True, **{arg: cache})
+            return (out.logits, *_flat_cache(_present(out)))
+    return CacheWrapper()
+
+
+def probe_layout(torch, model) -> CacheLayout:
+    """Layers, KV heads and head size from one forward pass (configs name them differently)."""
+    from transformers import DynamicCache
+
+    with torch.no_grad():
+        out = model(input_ids=torch.zeros((1, 2), dtype=torch.long), use_cache=True, return_dict=True,
+                    **{cache_argument(model): DynamicCache(config=model.config)})
+    flat = _flat_cache(_present(out))
+    k = flat[0]
+    return CacheLayout(len(flat) // 2, int(k.shape[1]), int(k.shape[3]), int(out.logits.shape[-1]),
+                       str(k.dtype).replace("torch.", ""))
+
+
+class DecoderSource(SourceModel):
+    framework = "hf"
+
+    def __init__(self, model, folder, request):
+        import torch
+
+        from retool.deps import version_of
+
+        self.torch, self.model, self.folder, self.request = torch, model, folder, request
+        self.layout = probe_layout(torch, model)
+        self.wrapper = make_wrapper(torch, model, self.layout.layers).eval()
+        L = self.layout
+        self.input_specs = (TensorSpec("input_ids", "int64", DIMS["input_ids"]),
+                            TensorSpec("attention_mask", "int64", DIMS["attention_mask"]),
+                            TensorSpec("position_ids", "int64", DIMS["position_ids"])) + tuple(
+            TensorSpec(n, L.dtype, ("batch", L.kv_heads, "past_sequence", L.head_dim)) for n in past_names(L.layers))
+        self.source_files = tuple(folder.safetensors or folder.pickles) + (Path(folder.path) / "config.json",)
+        self.versions = {"torch": torch.__version__, "transformers": version_of("transformers") or "",
+                         "onnx": version_of("onnx") or "", "onnxscript": version_of("onnxscript") or ""}
+        self.new_tokens = int(request.options.get("new_tokens") or DEFAULT_NEW_TOKENS)
+        self.report_data = {}
+
+    # -- running -----------------------------------------------------------
+    def step(self, ids, mask, pos, past):
+        torch = self.torch
+        with torch.no_grad():
+            out = self.wrapper(*(torch.from_numpy(np.ascontiguousarray(a)) for a in (ids, mask, pos, *past)))
+        return out[0].numpy(), [t.numpy() for t in out[1:]]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        past = [feeds[n] for n in past_names(self.layout.layers)]
+        logits, present = self.step(feeds["input_ids"], feeds["attention_mask"], feeds["position_ids"], past)
+        return [logits, *present]
+
+    # -- export --------------------------------------------------------------
+    def export(self, path: Path, opset: int | None) -> ExportResult:
+        import logging
+        import warnings
+
+        from retool.converter.hf.dims import rename_dims
+        from retool.converter.torch_converter import _quiet_stdout
+
+        torch, L = self.torch, self.layout
+        for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        # batch 2, sequence 3, past 4: no axis of size 0 or 1 for the tracer to specialise
+        b, s, p = 2, 3, 4
+        g = torch.Generator().manual_seed(self.request.seed)
+        args = (torch.randint(0, L.vocab, (b, s), generator=g), torch.ones((b, p + s), dtype=torch.long),
+                torch.arange(p, p + s).expand(b, s).contiguous(),
+                *(torch.randn((b, L.kv_heads, p, L.head_dim), generator=g) for _ in range(2 * L.layers)))
+        D = torch.export.Dim.DYNAMIC
+        dyn = {"input_ids": {0: D, 1: D}, "attention_mask": {0: D, 1: D}, "position_ids": {0: D, 1: D},
+               "past": tuple({0: D, 2: D} for _ in range(2 * L.layers))}
+        outputs = ["logits"] + present_names(L.layers)
+        with warnings.catch_warnings(), _quiet_stdout():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(self.wrapper, args, str(path), input_names=[s.name for s in self.input_specs],
+                              output_names=outputs, dynamic_shapes=dyn, dynamo=True,
+                              opset_version=max(18, opset or 18), external_data=False, optimize=True,
+                              verbose=False)
+        dims = {k: v for k, v in DIMS.items()}
+        dims.update({n: PAST_DIMS for n in past_names(L.layers)})
+        dims.update({n: PRESENT_DIMS for n in present_names(L.layers)})
+        rename_dims(path, {k: v for k, v in dims.items() if not k.startswith("present") and k != "logits"},
+                    {k: v for k, v in dims.items() if k.startswith("present") or k == "logits"})
+        return ExportResult("torch.onnx.export(dynamo, KV-cache wrapper)",
+                            {"exporter": "dynamo", "task": "text-generation", "cache_argument":
+                             cache_argument(self.model), "layers": L.layers, "kv_heads": L.kv_heads,
+                             "head_dim": L.head_dim})
+
+    # -- generation parity -------------------------------------------------
+    def _prompts(self):
+        return make_prompts(self.layout.vocab, self.request.seed)
+
+    def reference(self, art, request):
+        prompts = self._prompts()
+        return prompts, reference_run(self.step, self.layout, prompts, self.new_tokens)
+
+    def compare(self, sess, ref, art, request, tol) -> list:
+        from retool.validators.generation import ort_step
+
+        prompts, refs = ref
+        max_diff = tol.atol if tol.atol is not None else 1e-4
+        checks, data = fp32_parity(ort_step(sess), self.layout, prompts, refs, self.new_tokens, max_diff)
+        self.report_data = {"task": "text-generation", "generation": data}
+        return checks
+
+    def close(self) -> None:
+        import gc
+
+        from retool.converter.torch_converter import _release_exporter_state
+
+        self.model = self.wrapper = None
+        _release_exporter_state()
+        gc.collect()

@@ -1,0 +1,102 @@
+"""What a ``save_pretrained`` folder holds, read without importing torch or transformers.
+
+The folder is trusted only as far as its files are data: ``config.json`` (JSON) and
+``*.safetensors`` (tensors). Pickled weights (``pytorch_model.bin``) and custom modelling
+code (``auto_map`` / ``trust_remote_code``) run code, so they need ``--trust-remote-code``.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from retool.errors import ConversionError, TrustRequired, UsageError
+
+#: task -> the transformers Auto class that loads it
+TASKS = {
+    "feature-extraction": "AutoModel",
+    "sequence-classification": "AutoModelForSequenceClassification",
+    "image-classification": "AutoModelForImageClassification",
+    "text-generation": "AutoModelForCausalLM",
+}
+_SUFFIX_TASKS = (
+    ("ForCausalLM", "text-generation"), ("LMHeadModel", "text-generation"),
+    ("ForSequenceClassification", "sequence-classification"),
+    ("ForImageClassification", "image-classification"),
+    ("Model", "feature-extraction"),
+)
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def is_hf_folder(path) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / "config.json").is_file()
+
+
+@dataclass(frozen=True)
+class HFFolder:
+    path: Path
+    config: dict
+    safetensors: tuple[Path, ...]
+    pickles: tuple[Path, ...]
+    custom_code: bool
+
+    @property
+    def architectures(self) -> list[str]:
+        return list(self.config.get("architectures") or [])
+
+    @property
+    def model_type(self) -> str:
+        return str(self.config.get("model_type", "?"))
+
+
+def read_folder(path) -> HFFolder:
+    p = Path(path)
+    cfg_path = p / "config.json"
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{cfg_path}: cannot read the model config ({exc}); re-save the model with "
+                         f"save_pretrained") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"{cfg_path}: is not a JSON object; re-save the model with save_pretrained")
+    st = tuple(sorted(p.glob("*.safetensors")))
+    pk = tuple(sorted(f for f in p.iterdir() if f.name in PICKLE_WEIGHTS or
+                      (f.name.startswith("pytorch_model-") and f.suffix == ".bin")))
+    custom = bool(config.get("auto_map")) or bool(config.get("trust_remote_code")) or any(p.glob("*.py"))
+    return HFFolder(p, config, st, pk, custom)
+
+
+def check_loadable(folder: HFFolder, trust_remote_code: bool) -> None:
+    """Refuse what would run code, and folders without weights, with one line each."""
+    p = folder.path
+    if folder.custom_code and not trust_remote_code:
+        what = "auto_map" if folder.config.get("auto_map") else "custom modelling code"
+        raise TrustRequired(f"{p}: the config asks for custom model code ({what}); loading it runs Python from "
+                            f"the folder. Re-run with --trust-remote-code if you trust its origin")
+    if not folder.safetensors:
+        if folder.pickles:
+            if not trust_remote_code:
+                raise TrustRequired(
+                    f"{p}: holds weights only as {folder.pickles[0].name}, a pickle (loading it can run code). "
+                    f"Re-save them with save_pretrained(safe_serialization=True), or re-run with "
+                    f"--trust-remote-code if you trust its origin")
+            return
+        raise UsageError(f"{p}: has config.json but no weights (*.safetensors); save the model with "
+                         f"model.save_pretrained(folder) and convert that folder")
+
+
+def infer_task(folder: HFFolder, task: str | None = None) -> str:
+    """``task`` if given, else from the config's ``architectures``."""
+    if task:
+        if task not in TASKS:
+            raise UsageError(f"--task {task!r}: use one of {', '.join(TASKS)}")
+        return task
+    archs = folder.architectures
+    for arch in archs:
+        for suffix, t in _SUFFIX_TASKS:
+            if arch.endswith(suffix):
+                return t
+    named = f"architectures {archs}" if archs else "no 'architectures' entry"
+    raise ConversionError(f"{folder.path / 'config.json'}: cannot infer the task ({named}); "
+                          f"pass --task ({', '.join(TASKS)})")

@@ -1,0 +1,110 @@
+"""``optimize`` for decoders with a KV cache (weight-only targets): quantize, gate on generation, time decoding.
+
+A one-forward parity check on random inputs says little about a decoder, and random feeds do
+not even fit its cache inputs. The gate decodes seeded prompts with the fp32 model and feeds
+the same tokens to the candidate (teacher forcing), so one early flip does not cascade.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from retool import console
+from retool.errors import ValidationFailed
+from retool.types import CheckResult, ProvenanceStep, Report
+
+
+def is_decoder(art) -> bool:
+    from retool.validators.generation import is_decoder_graph
+
+    return is_decoder_graph([s.name for s in art.inputs])
+
+
+def optimize_decoder(art, out: Path, profile, tol, *, seed: int, threads: int, measure: bool, started: str,
+                     t_start: float):
+    import onnx
+
+    from retool.deps import version_of
+    from retool.fsutil import atomic_write_text, external_data_files, file_size, move_onnx, sha256_file, staging_dir
+    from retool.onnx_info import sidecar_report_path
+    from retool.optimizers import weight_only
+    from retool.optimizers.core import _check_loads_path, finalize
+    from retool.runtime import make_session
+    from retool.validators.generation import (DEFAULT_NEW_TOKENS, layout_from_session, make_prompts, ort_step,
+                                              quantized_gate)
+
+    o = dict(profile.extra_options)
+    n_new = int(o.get("new_tokens", DEFAULT_NEW_TOKENS))
+    with staging_dir(out) as wd:
+        cand = wd / f"{profile.name}.onnx"
+        with console.step(f"{profile.name}: weight-only int{o['bits']} (MatMulNBits, block {o['block_size']})"):
+            info = weight_only.quantize(art.path, cand, bits=int(o["bits"]), block_size=int(o["block_size"]),
+                                        accuracy_level=o.get("accuracy_level"), symmetric=bool(o.get("symmetric", True)))
+        _check_loads_path(cand, profile.name)
+        ref_sess, cand_sess = make_session(art.path, threads=threads), make_session(cand, threads=threads)
+        layout = layout_from_session(ref_sess)
+        prompts = make_prompts(layout.vocab, seed)
+        min_agree = tol.min_top1 if tol.min_top1 is not None else 31 / 32
+        min_cos = tol.min_cosine if tol.min_cosine is not None else 0.98
+        mode = "free-running and teacher-forced" if o.get("free_running") else "teacher-forced"
+        with console.step(f"generation gate ({mode}, {len(prompts)} prompts x {n_new} tokens vs fp32)"):
+            checks, gen = quantized_gate(ort_step(ref_sess), ort_step(cand_sess), layout, prompts, n_new,
+                                         min_agree, min_cos, bool(o.get("free_running")))
+        del ref_sess, cand_sess
+        passed = all(c.passed for c in checks)
+        warnings = []
+        margin = gen["teacher_forced"]["min_margin"]
+        if margin is not None and margin < 0.05:
+            warnings.append(f"the fp32 model's smallest top-1 margin is {margin:.3g}: near-ties flip under any "
+                            f"quantization, so agreement on these prompts says little (a random-weight model?)")
+        lat = None
+        if measure and passed:
+            from retool.validators import decode_latency
+
+            with console.step("measuring prefill and per-token latency (interleaved with fp32)"):
+                try:
+                    lat = decode_latency.measure({"fp32": decode_latency.ort_factory(art.path),
+                                                  "candidate": decode_latency.ort_factory(cand)}, layout)
+                except Exception as exc:  # a measurement problem must not discard a good model
+                    warnings.append(f"latency not measured ({type(exc).__name__}: {str(exc)[:160]})")
+        staged = wd / out.name
+        finalize(cand, staged)
+        digest = sha256_file(staged)
+        extra = external_data_files(staged)
+        m = onnx.load(str(staged), load_external_data=False)
+        ops: dict[str, int] = {}
+        for n in m.graph.node:
+            ops[n.op_type] = ops.get(n.op_type, 0) + 1
+        size_in, size_out = file_size(art.path, art.extra_files), file_size(staged, extra)
+        versions = {"onnxruntime": version_of("onnxruntime") or "", "onnx": version_of("onnx") or ""}
+        tools = [f"onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer(bits={o['bits']}, "
+                 f"block_size={o['block_size']}, symmetric, accuracy_level={o.get('accuracy_level')})"]
+        if info["gemm_rewritten"] or info["transposed_weights_folded"]:
+            tools.insert(0, "retool Gemm -> MatMul + Add rewrite (weights stored transposed)")
+        step = ProvenanceStep("optimize", f"retool.optimizers:{profile.name}", versions,
+                              {"target": profile.name, "tolerance": tol.to_dict(), "seed": seed, "tools": tools,
+                               "weight_only": info}, art.sha256, digest, started,
+                              round(time.perf_counter() - t_start, 3))
+        new_art = art.derive(out, step, precision=profile.precision, target=profile.name, sha256=digest,
+                             extra_files=tuple(extra))
+        all_checks = [CheckResult("onnxruntime.load", True),
+                      CheckResult("weight_only.nodes", True, info["matmulnbits"], info["weight_matmuls"],
+                                  f"{info['matmulnbits']} MatMulNBits for {info['weight_matmuls']} weight MatMuls",
+                                  dict(info), "info")] + list(checks)
+        data = {"target": profile.name, "chosen_target": profile.name, "profile": profile.to_dict(),
+                "task": "text-generation", "size_mb": round(size_out / 1e6, 4),
+                "size_mb_input": round(size_in / 1e6, 4), "size_ratio": round(size_out / size_in, 4) if size_in else None,
+                "generation": gen, "weight_only": info, "decode_latency": lat, "latency": None,
+                "tolerance": tol.to_dict(), "node_types": dict(sorted(ops.items())), "tools": tools,
+                "evaluated_on": "CPUExecutionProvider"}
+        report = Report("optimize", new_art, tuple(all_checks), data, tuple(warnings))
+        side = sidecar_report_path(out)
+        if not passed:
+            atomic_write_text(side, report.to_json())
+            why = "; ".join(f"{c.name}: {c.message}" for c in checks if not c.passed)
+            raise ValidationFailed(f"{art.path}: {profile.name} decoder misses its generation gate ({why}); {out} "
+                                   f"was not written (report: {side}); relax --tolerance or choose "
+                                   f"cpu-int8-weight", report=report)
+        move_onnx(staged, out)
+    atomic_write_text(sidecar_report_path(out), report.to_json())
+    return new_art, report
