@@ -68,9 +68,11 @@ def run(config, *, out: str | Path = "retool-out", only: str | None = None, engi
         if unknown:
             raise UsageError(f"--only {only}: no model has target(s) {sorted(unknown)}; known: {sorted(known)}")
         models = [dataclasses.replace(m, targets=tuple(t for t in m.targets if t.name in wanted)) for m in models]
-    from retool.refs import ensure_importable
+    from retool.refs import ensure_importable, package_root
 
-    ensure_importable(cfg.base_dir, Path.cwd())  # `module:factory` sources resolve like `python -m`
+    roots = {r for r in (package_root(m.source, cfg.base_dir) for m in models) if r}
+    # `module:factory` sources resolve like `python -m`, and from the pipeline file's folder (or a parent)
+    ensure_importable(*sorted(roots), cfg.base_dir, Path.cwd())
     out_dir = Path(out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     cache = StepCache(out_dir / ".cache", enabled=use_cache)
