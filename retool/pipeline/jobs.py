@@ -59,8 +59,10 @@ def _maybe_fault(model: str, stage: str) -> None:
 
 
 def convert_job(model: ModelConfig, base_dir: str, out_dir: str, seed: int = 0) -> dict:
+    from retool import console
     from retool.converter.core import convert
 
+    console.info(f"• {model.name}: convert started")
     t0 = time.perf_counter()
     base = Path(base_dir)
     _importable(model.source, base)  # `package.module:factory` sources resolve like `python -m`, from the file
@@ -86,8 +88,10 @@ def target_job(model: ModelConfig, target: TargetConfig, fp32_path: str, base_di
 
     ``reuse_optimize`` is the cached outcome of an identical optimisation: only validation runs.
     """
+    from retool import console
     from retool.optimizers.core import optimize
 
+    console.info(f"• {model.name}/{target.name}: target started")
     t0 = time.perf_counter()
     base = Path(base_dir)
     tdir = Path(out_dir) / model.name / target.name

@@ -170,7 +170,8 @@ class _Scheduler:
                 reuse = opt_hit["result"]["optimize"] if opt_hit else None
                 engine = engine or self._engine()
                 args = (target_job, m, t, fp32["path"], self.base, str(self.out_dir), self.seed, reuse)
-            console.info(f"• {m.name}{'' if kind == 'convert' else '/' + m.targets[ti].name}: {kind} started")
+            if self.engine_name != "local":  # a local job says "started" itself, when it really starts
+                console.info(f"• {m.name}{'' if kind == 'convert' else '/' + m.targets[ti].name}: {kind} submitted")
             extra = {}
             if self.engine_name == "ray" and kind == "target":
                 extra["files_in"] = self._files_for(m, m.targets[ti] if reuse else None)
