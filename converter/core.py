@@ -40,10 +40,26 @@ def detect_framework(source: Any, framework: str = "auto") -> str:
         return hits[0][0]
     label = source if isinstance(source, (str, Path)) else type(source).__name__
     if not hits:
+        if isinstance(source, (str, Path)) and str(source).endswith(".py"):  # code, not a model file
+            names = _factory_names(Path(source))
+            eg = ", ".join(f"{source}:{n}" for n in names[:3]) or f"{source}:factory"
+            raise UsageError(f"{label}: a Python file is code, not a model; name the function that builds the "
+                             f"model, e.g. {eg}")
         raise UsageError(f"{label}: cannot tell which framework this model is from; "
                          f"pass --framework ({', '.join(CONVERTERS.names())})")
     considered = "; ".join(f"{n}: {r}" for n, r in hits)
     raise UsageError(f"{label}: ambiguous source ({considered}); pass --framework")
+
+
+def _factory_names(path: Path) -> list[str]:
+    """Top-level functions and classes of a .py file, read with ast (the file is not run)."""
+    import ast
+
+    try:
+        tree = ast.parse(path.read_text())
+    except (OSError, SyntaxError, ValueError):
+        return []
+    return [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and not n.name.startswith("_")]
 
 
 def _other_framework_hint(source: Any, chosen: str) -> str | None:

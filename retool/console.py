@@ -90,9 +90,9 @@ def step(msg: str) -> Iterator[None]:
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     cells = [[_fmt(c) for c in r] for r in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths))
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()
     sep = "  ".join("-" * w for w in widths)
-    body = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
+    body = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]  # no trailing spaces
     return "\n".join([line, sep, *body])
 
 

@@ -166,3 +166,21 @@ def test_a_pipeline_run_from_another_folder_finds_its_models_package(tmp_path):
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert (tmp_path / "out" / "lin" / "cpu" / "model.onnx").exists()
+
+
+# -- small things ---------------------------------------------------------------------------------
+
+def test_targets_spells_tensorrt_and_pads_no_line(cli):
+    r = cli("targets")
+    assert r.code == 0 and "TensorRT" in r.out and "Tensorrt" not in r.out
+    assert not [ln for ln in r.out.splitlines() if ln != ln.rstrip()]
+
+
+def test_a_python_file_as_source_suggests_file_colon_factory(tmp_path, cli):
+    src = tmp_path / "mymodels.py"
+    src.write_text("def build():\n    pass\n\nclass _Hidden:\n    pass\n")
+    r = cli("convert", src, "-o", tmp_path / "m.onnx")
+    assert r.code == 2 and f"{src}:build" in r.err
+    src.write_text("x = 1\n")
+    r = cli("convert", src, "-o", tmp_path / "m.onnx")
+    assert r.code == 2 and f"{src}:factory" in r.err
