@@ -24,6 +24,17 @@ def is_quiet() -> bool:
     return _quiet
 
 
+@contextlib.contextmanager
+def whole_lines() -> Iterator[None]:
+    """Whole lines only while this runs (a pipeline driver: its workers write to the same stderr)."""
+    global _whole_lines
+    before, _whole_lines = _whole_lines, True
+    try:
+        yield
+    finally:
+        _whole_lines = before
+
+
 def worker_init(quiet: bool) -> None:
     """In a pipeline worker process: the driver's -q, and whole lines only."""
     global _whole_lines

@@ -77,3 +77,15 @@ def test_every_data_folder_in_a_package_is_declared():
             if sub.is_dir() and not sub.name.startswith((".", "__")) and any(sub.glob("*.json")):
                 assert f"{pkg}.{sub.name}" in packages, f"{pkg}.{sub.name} ships data: declare it"
                 assert f"{pkg}.{sub.name}" in cfg["package-data"]
+
+
+def test_in_whole_lines_mode_a_step_writes_one_line_at_its_end(capsys):
+    """The pipeline driver's own steps (staging a publish) while workers print to the same stderr."""
+    from retool import console
+
+    console.set_quiet(False)
+    with console.whole_lines():
+        with console.step("staging"):
+            assert capsys.readouterr().err == ""  # nothing left open for a worker's line to join
+    err = capsys.readouterr().err
+    assert err.startswith("• staging … done (") and err.endswith("\n") and err.count("\n") == 1

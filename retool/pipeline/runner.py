@@ -136,6 +136,10 @@ class _Scheduler:
 
     # -- scheduling ----------------------------------------------------------------------------
     def run(self) -> RunResult:
+        with console.whole_lines():  # workers share our stderr: a line left open would catch theirs
+            return self._run()
+
+    def _run(self) -> RunResult:
         from retool.pipeline.engines import WorkerDied
         from retool.pipeline.jobs import convert_job, target_job
 
