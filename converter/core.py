@@ -1,6 +1,7 @@
 """``convert``: load a source model, export ONNX, prove it, then move it into place."""
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from functools import partial
@@ -41,10 +42,26 @@ def detect_framework(source: Any, framework: str = "auto") -> str:
         return hits[0][0]
     label = source if isinstance(source, (str, Path)) else type(source).__name__
     if not hits:
+        if isinstance(source, (str, Path)) and str(source).endswith(".py"):  # code, not a model file
+            names = _factory_names(Path(source))
+            eg = ", ".join(f"{source}:{n}" for n in names[:3]) or f"{source}:factory"
+            raise UsageError(f"{label}: a Python file is code, not a model; name the function that builds the "
+                             f"model, e.g. {eg}")
         raise UsageError(f"{label}: cannot tell which framework this model is from; "
                          f"pass --framework ({', '.join(CONVERTERS.names())})")
     considered = "; ".join(f"{n}: {r}" for n, r in hits)
     raise UsageError(f"{label}: ambiguous source ({considered}); pass --framework")
+
+
+def _factory_names(path: Path) -> list[str]:
+    """Top-level functions and classes of a .py file, read with ast (the file is not run)."""
+    import ast
+
+    try:
+        tree = ast.parse(path.read_text())
+    except (OSError, SyntaxError, ValueError):
+        return []
+    return [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and not n.name.startswith("_")]
 
 
 def _other_framework_hint(source: Any, chosen: str) -> str | None:
@@ -92,6 +109,10 @@ def convert(source: Any, output, *, framework: str = "auto", weights=None,
                 raise ConversionError(f"{exc}; {hint}") from None
             raise
     timings["load_s"] = time.perf_counter() - t0
+    if fw == "torch" and hasattr(model, "module"):  # ids inside the smallest embedding table
+        from retool.input_ranges import source_high, with_ranges
+
+        model.input_specs = with_ranges(model.input_specs, None, source_high(model.module))
     try:
         return _convert_loaded(model, request, out, verify,
                                tolerance if isinstance(tolerance, Tolerance) or tolerance is None else Tolerance(**tolerance),
@@ -131,13 +152,18 @@ def _convert_loaded(model: SourceModel, request: ConvertRequest, out: Path, veri
             except RetoolError:
                 raise
             except Exception as exc:  # exporters raise anything; the first line says what
-                raise ConversionError(f"{request.source_label}: export to ONNX failed: {_first_line(exc)}") from exc
+                raise ConversionError(f"{request.source_label}: export to ONNX failed: {_first_line(exc)}"
+                                      f"{_index_hint(exc, model.input_specs, request)}") from exc
         timings["export_s"] = time.perf_counter() - t0
         if not staged.exists():
             raise ConversionError(f"{request.source_label}: the exporter wrote no ONNX file")
 
         try:
+            from retool.input_ranges import keep_given, rename_dims
+
+            renamed = rename_dims(staged, model.input_specs)  # the user's axis names, not s27
             art = artifact_from_onnx(staged)
+            art = dataclasses.replace(art, inputs=keep_given(art.inputs, model.input_specs))
         except UsageError as exc:  # our exporter wrote something unreadable: a conversion failure
             raise ConversionError(f"{request.source_label}: the exporter wrote an unreadable ONNX file ({exc})") from None
         digest = art.sha256
@@ -183,7 +209,8 @@ def _convert_loaded(model: SourceModel, request: ConvertRequest, out: Path, veri
                          "tolerance": tol.to_dict(), "exporter": result.tool,
                          "framework": request.framework, "verified": verify,
                          **{k: result.params[k] for k in REPORTED_PARAMS if k in result.params},
-                         **dict(model.report_data)},
+                         **dict(model.report_data),
+                         "dynamic_dims": _dims_used(art.inputs, feeds_list), "renamed_axes": renamed},
                         tuple(result.warnings))
         side = sidecar_report_path(out)
         if not report.passed:
@@ -206,6 +233,18 @@ def _raise_if_broken(checks: list[CheckResult], request: ConvertRequest) -> None
                               f"({broken[0].name}: {broken[0].message})")
 
 
+def _index_hint(exc, specs, request) -> str:
+    from retool.input_ranges import index_hint
+
+    return index_hint(f"{type(exc).__name__}: {exc}", specs, request.example_inputs)
+
+
+def _dims_used(specs, feeds_list) -> dict:
+    from retool.input_ranges import dims_used
+
+    return dims_used(specs, feeds_list)
+
+
 def _shapes(feeds) -> dict:
     return {k: list(v.shape) for k, v in feeds.items()}
 
@@ -221,7 +260,8 @@ def reference_outputs(model: SourceModel, art: ModelArtifact, request: ConvertRe
             raise
         except Exception as exc:
             raise ConversionError(f"{request.source_label}: the source model failed on inputs "
-                                  f"{_shapes(feeds)}: {_first_line(exc)}") from exc
+                                  f"{_shapes(feeds)}: {_first_line(exc)}"
+                                  f"{_index_hint(exc, art.inputs, request)}") from exc
     return feeds_list, refs
 
 
@@ -239,6 +279,7 @@ def compare_with_onnxruntime(sess, feeds_list, refs, art: ModelArtifact, request
             cand = run_session(sess, feeds)
         except Exception as exc:
             raise ConversionError(f"{request.source_label}: onnxruntime failed on inputs "
-                                  f"{_shapes(feeds)}: {_first_line(exc)}") from exc
+                                  f"{_shapes(feeds)}: {_first_line(exc)}"
+                                  f"{_index_hint(exc, art.inputs, request)}") from exc
         checks += compare_outputs(names, ref, cand, tol, label)
     return checks

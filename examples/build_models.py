@@ -26,11 +26,17 @@ def build(out: Path = MODELS) -> dict[str, Path]:
     made["torch_calib"] = out / "torch_cnn_calib.npz"
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from fixtures import tf_models
-
     keras_path = out / "keras_cnn.keras"
     if not keras_path.exists():
-        tf_models.save_keras(tf_models.sequential_cnn(), keras_path)
+        # TF's C++ start-up lines (oneDNN, cudart) ignore TF_CPP_MIN_LOG_LEVEL: import TF the way
+        # retool does (stderr hidden, replayed on failure), and build with stderr hidden the same way
+        from retool.converter.tf_export import _stderr_to_file, import_tf
+
+        import_tf()
+        from fixtures import tf_models
+
+        with _stderr_to_file():
+            tf_models.save_keras(tf_models.sequential_cnn(), keras_path)
     np.savez(out / "keras_cnn_calib.npz", image=rng.standard_normal((16, 32, 32, 3)).astype(np.float32))
     made["keras"] = keras_path
 

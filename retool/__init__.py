@@ -6,6 +6,12 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+import warnings as _warnings
+
+# torch's own internals (the ONNX exporter probing torch.distributed) trip this on every convert;
+# it is not about anything the user wrote, so it is not shown, -q or not.
+_warnings.filterwarnings("ignore", message=r".*torch\.distributed\.reduce_op.*", category=FutureWarning)
+
 _LAZY = {
     "convert": "retool.converter.core:convert",
     "optimize": "retool.optimizers.core:optimize",

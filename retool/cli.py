@@ -73,10 +73,23 @@ def cli(quiet: bool) -> None:
     console.set_quiet(quiet)
 
 
+def normalize_argv(argv):
+    """``-q`` works after the subcommand and ``--json`` before it: both are moved where click expects them."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    end = args.index("--") if "--" in args else len(args)
+    head, tail = args[:end], args[end:]
+    quiet = [a for a in head if a in ("-q", "--quiet")]
+    rest = [a for a in head if a not in ("-q", "--quiet")]
+    first_cmd = next((i for i, a in enumerate(rest) if a in COMMANDS), None)
+    if first_cmd is not None and "--json" in rest[:first_cmd]:
+        rest = [a for i, a in enumerate(rest) if not (a == "--json" and i < first_cmd)] + ["--json"]
+    return quiet + rest + tail
+
+
 def main(argv=None) -> int:
     """Entry point: known errors become one line on stderr and their exit code."""
     try:
-        rv = cli.main(args=argv, prog_name="retool", standalone_mode=False)
+        rv = cli.main(args=normalize_argv(argv), prog_name="retool", standalone_mode=False)
         if isinstance(rv, int):  # ctx.exit(code) returns here when standalone_mode is off
             return rv
     except RetoolError as exc:

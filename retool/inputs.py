@@ -9,8 +9,9 @@ import numpy as np
 from retool.errors import UsageError
 from retool.types import TensorSpec
 
-#: Ranges for seeded random integer inputs. Token ids / indices must stay small
-#: so that any embedding or gather in the model accepts them.
+#: Seeded random integer inputs are drawn from 0..DEFAULT_INT_HIGH-1 when no range is known
+#: (``--input ids:int64:batch,seq:0..30521``, or one derived from the model: retool/input_ranges.py).
+#: Token ids / indices must stay small so that any embedding or gather in the model accepts them.
 DEFAULT_INT_HIGH = 8
 #: Size given to symbolic non-batch axes (sequence length ...) when none is known.
 DEFAULT_DYNAMIC_DIM = 7
@@ -64,7 +65,8 @@ def random_feeds(specs: Sequence[TensorSpec], batch: int = 1, seed: int = 0,
         if dt.kind == "f":
             feeds[s.name] = rng.standard_normal(shape).astype(dt)
         elif dt.kind in "iu":
-            feeds[s.name] = rng.integers(0, int_high, size=shape).astype(dt)
+            lo, hi = s.value_range if s.value_range is not None else (0, int_high - 1)
+            feeds[s.name] = rng.integers(lo, hi + 1, size=shape).astype(dt)
         elif dt.kind == "b":
             feeds[s.name] = rng.integers(0, 2, size=shape).astype(bool)
         else:

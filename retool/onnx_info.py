@@ -62,9 +62,12 @@ def artifact_from_onnx(path, precision: str | None = None) -> ModelArtifact:
     """An artifact for an ONNX file; its provenance comes from the sidecar report if it matches."""
     from retool.fsutil import external_data_files, sha256_file
 
+    from retool.input_ranges import ranges_from_graph, with_ranges
+
     p = Path(path)
     model = load_onnx_header(p)
     ins, outs = io_specs(model)
+    ins = with_ranges(ins, ranges_from_graph(model))  # ids that index a table stay inside it
     digest = sha256_file(p)
     provenance: tuple = ()
     target = None
@@ -76,6 +79,9 @@ def artifact_from_onnx(path, precision: str | None = None) -> ModelArtifact:
                 prev = ModelArtifact.from_dict(art)
                 provenance, target = prev.provenance, prev.target
                 precision = precision or prev.precision
+                from retool.input_ranges import keep_given
+
+                ins = keep_given(ins, prev.inputs)  # a range the user gave at convert time
         except (ValueError, KeyError):
             pass  # a damaged sidecar only costs us the history
     if not provenance:

@@ -19,6 +19,23 @@ def ensure_importable(*folders) -> None:
             sys.path.insert(0, f)
 
 
+def package_root(ref: str, start) -> Path | None:
+    """The nearest of ``start`` and its parents holding the top-level package of ``package.module:attr``.
+
+    A pipeline file names ``fixtures.models:cnn`` relative to itself, wherever it is run from."""
+    mod = ref.rpartition(":")[0]
+    if not mod or mod.endswith(".py") or "/" in mod:
+        return None
+    top = mod.split(".")[0]
+    if not top.isidentifier():
+        return None
+    start = Path(start).resolve()
+    for d in (start, *start.parents):
+        if (d / top).is_dir() or (d / f"{top}.py").is_file():
+            return d
+    return None
+
+
 def import_ref(ref: str, label: str = "") -> object:
     """The object ``ref`` names. Importing runs the module's code: the user named it explicitly.
 

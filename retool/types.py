@@ -46,10 +46,14 @@ class TensorSpec:
     name: str
     dtype: str = "float32"
     shape: tuple = ()
+    #: integer inputs: the inclusive (low, high) of valid values (e.g. token ids), when known
+    value_range: tuple | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", normalize_dtype(self.dtype))
         object.__setattr__(self, "shape", tuple(self.shape))
+        if self.value_range is not None:
+            object.__setattr__(self, "value_range", tuple(int(v) for v in self.value_range))
 
     @property
     def is_dynamic(self) -> bool:
@@ -80,11 +84,15 @@ class TensorSpec:
         return dataclasses.replace(self, shape=(batch,) + tuple(self.shape[1:]))
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        d = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        if self.value_range is not None:
+            d["range"] = list(self.value_range)
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "TensorSpec":
-        return cls(d["name"], d.get("dtype", "float32"), tuple(d.get("shape", ())))
+        return cls(d["name"], d.get("dtype", "float32"), tuple(d.get("shape", ())),
+                   tuple(d["range"]) if d.get("range") is not None else None)
 
     @classmethod
     def parse(cls, text: str) -> "TensorSpec":
@@ -92,8 +100,17 @@ class TensorSpec:
 
         DTYPE and SHAPE may be omitted from the right (``x:int64`` or ``x``);
         a dim is an int, a symbol (dynamic axis) or ``?``/``-1`` (unnamed dynamic).
+        An integer input may end with its inclusive value range: ``ids:int64:batch,seq:0..30521``.
         Raises ValueError with a message fit for the user.
         """
+        value_range, original = None, text
+        head, sep, last = text.rpartition(":")
+        if sep and ".." in last:
+            m = re.fullmatch(r"\s*(-?\d+)\s*\.\.\s*(-?\d+)\s*", last)
+            if not m or int(m.group(1)) > int(m.group(2)):
+                raise ValueError(f"input spec {text!r}: bad value range {last!r}; write LOW..HIGH (inclusive), "
+                                 f"e.g. ids:int64:batch,seq:0..30521")
+            value_range, text = (int(m.group(1)), int(m.group(2))), head
         parts = text.rsplit(":", 2) if text.count(":") >= 2 else text.split(":")
         if len(parts) > 1 and parts[1].strip().isdigit() and (len(parts) == 2 or not re.search(r"[,x?]|^\d+$", parts[2])):
             # a TF tensor name (``input:0``), then maybe a dtype: ``input:0:float32``
@@ -121,11 +138,14 @@ class TensorSpec:
                         f"input spec {text!r}: bad dimension {tok!r}; a dim is an integer, "
                         f"a name such as 'batch' for a dynamic axis, or '?'"
                     )
-        return cls(name, dtype, tuple(shape))
+        if value_range is not None and not re.match(r"u?int|bool", dtype):
+            raise ValueError(f"input spec {original!r}: a value range is for integer inputs, not {dtype}")
+        return cls(name, dtype, tuple(shape), value_range)
 
     def __str__(self) -> str:
         dims = ",".join("?" if d is None else str(d) for d in self.shape)
-        return f"{self.name}:{self.dtype}:{dims}"
+        rng = f":{self.value_range[0]}..{self.value_range[1]}" if self.value_range is not None else ""
+        return f"{self.name}:{self.dtype}:{dims}{rng}"
 
 
 @dataclass(frozen=True)

@@ -119,3 +119,68 @@ def test_latency_of_a_gpu_target_measured_on_cpu_says_so(tmp_path, cli):
     assert "latency p50 / p99 ms (on CPU, not the target's hardware)" in r.out
     r = cli("optimize", fp32, "--target", "gpu-fp16", "-o", tmp_path / "fp16.onnx", "--threads", "1")
     assert r.code == 0 and "measured on CPU, not on CUDA where gpu-fp16 runs" in r.out
+
+
+# -- examples: templates say so; module references resolve from the pipeline file -------------
+
+def test_example_templates_are_labelled_and_demo_is_not():
+    d = ROOT / "examples" / "pipelines"
+    for name in ("torch.yaml", "keras.yaml", "caffe.yaml"):
+        assert (d / name).read_text().startswith("# TEMPLATE: not runnable as it is"), name
+    assert "TEMPLATE" not in (d / "demo.yaml").read_text()
+
+
+def test_module_and_file_references_resolve_relative_to_the_pipeline_file(tmp_path):
+    from retool.pipeline.jobs import _resolve
+    from retool.refs import package_root
+
+    (tmp_path / "proj" / "mypkg").mkdir(parents=True)
+    (tmp_path / "proj" / "mypkg" / "__init__.py").write_text("")
+    (tmp_path / "proj" / "pipelines" / "deep").mkdir(parents=True)
+    (tmp_path / "proj" / "pipelines" / "deep" / "local.py").write_text("")
+    base = tmp_path / "proj" / "pipelines" / "deep"
+    assert package_root("mypkg.models:net", base) == (tmp_path / "proj").resolve()
+    assert package_root("numpy:zeros", base) is None  # an installed package: nothing to add
+    assert _resolve("local.py:net", base) == f"{base / 'local.py'}:net"
+
+
+@__import__("pytest").mark.slow
+def test_a_pipeline_run_from_another_folder_finds_its_models_package(tmp_path):
+    import subprocess
+    import sys
+
+    proj = tmp_path / "proj"
+    (proj / "mypkg").mkdir(parents=True)
+    (proj / "mypkg" / "__init__.py").write_text("")
+    (proj / "mypkg" / "nets.py").write_text(
+        "import torch\n\ndef net():\n    torch.manual_seed(0)\n    m = torch.nn.Linear(4, 2).eval()\n"
+        "    m.retool_inputs = ['x:float32:batch,4']\n    return m\n")
+    (proj / "pipelines").mkdir()
+    (proj / "pipelines" / "p.yaml").write_text(
+        "version: 1\nmodels:\n  - name: lin\n    source: mypkg.nets:net\n    targets: [cpu]\n"
+        "    validation: {latency: false}\n    publish: {when: never}\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "retool", "-q", "run", str(proj / "pipelines" / "p.yaml"),
+                           "--out", str(tmp_path / "out")], cwd=elsewhere, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (tmp_path / "out" / "lin" / "cpu" / "model.onnx").exists()
+
+
+# -- small things ---------------------------------------------------------------------------------
+
+def test_targets_spells_tensorrt_and_pads_no_line(cli):
+    r = cli("targets")
+    assert r.code == 0 and "TensorRT" in r.out and "Tensorrt" not in r.out
+    assert not [ln for ln in r.out.splitlines() if ln != ln.rstrip()]
+
+
+def test_a_python_file_as_source_suggests_file_colon_factory(tmp_path, cli):
+    src = tmp_path / "mymodels.py"
+    src.write_text("def build():\n    pass\n\nclass _Hidden:\n    pass\n")
+    r = cli("convert", src, "-o", tmp_path / "m.onnx")
+    assert r.code == 2 and f"{src}:build" in r.err
+    src.write_text("x = 1\n")
+    r = cli("convert", src, "-o", tmp_path / "m.onnx")
+    assert r.code == 2 and f"{src}:factory" in r.err

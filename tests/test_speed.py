@@ -89,6 +89,12 @@ def test_validate_without_reference_says_what_was_not_checked(pair, cli):
     r = cli("validate", pair["fast"])
     assert r.code == 0
     assert "NOT checked: parity against a reference" in r.out and "latency" in r.out.split("NOT checked:")[1]
+    from retool.validators.report_html import render_html
+    from retool.validators.report_md import render_markdown
+
+    rep = validate(pair["fast"])
+    assert "**Not checked:** parity against a reference" in render_markdown(rep)
+    assert "Not checked:</b> parity against a reference" in render_html(rep)
 
 
 def test_summary_shows_the_worst_batch_not_batch_1():

@@ -133,7 +133,8 @@ def validate(candidate, reference=None, *, batch_sizes: Sequence[int] = (1,), la
         with console.step(f"checking parity at batch sizes {','.join(map(str, parity_batches))}"):
             for b in parity_batches:
                 feeds = _feeds(specs, examples, b, seed, dynamic)
-                ok = _parity_at(b, feeds, sess, ref, out_names, tols, checks, data, dynamic)
+                ok = _parity_at(b, feeds, sess, ref, out_names, tols, checks, data, dynamic,
+                                specs if examples is None else ())
                 if ok:
                     feeds_by_batch[b] = feeds
         if measure:
@@ -142,6 +143,9 @@ def validate(candidate, reference=None, *, batch_sizes: Sequence[int] = (1,), la
                     continue
                 with console.step(f"timing batch {b} ({threads} threads)"):
                     _latency_at(b, feeds_by_batch[b], sess, ref, plan, data)
+        from retool.input_ranges import dims_used
+
+        data["dynamic_dims"] = dims_used(specs, list(feeds_by_batch.values()))
         placement_feeds = next(iter(feeds_by_batch.values()), None)
         if placement_feeds is not None:
             try:
@@ -188,15 +192,17 @@ def _finish(art, checks, data, warnings, gates, report_dir, started, t_start, si
     return report
 
 
-def _parity_at(b, feeds, sess, ref, out_names, tols, checks, data, dynamic) -> bool:
+def _parity_at(b, feeds, sess, ref, out_names, tols, checks, data, dynamic, random_specs=()) -> bool:
     """Parity (vs the reference) and row consistency at batch ``b``; False if the candidate failed to run."""
+    from retool.input_ranges import index_hint
     from retool.validators.parity import compare_output, output_stats
 
     try:
         cand = sess.run(None, feeds)
     except Exception as exc:
         checks.append(CheckResult(f"run@batch{b}", False, None, None,
-                                  f"onnxruntime failed at batch {b}: {_first_line(exc)}"))
+                                  f"onnxruntime failed at batch {b}: {_first_line(exc)}"
+                                  f"{index_hint(str(exc), random_specs)}"))
         return False
     if ref is not None:
         try:
@@ -204,8 +210,9 @@ def _parity_at(b, feeds, sess, ref, out_names, tols, checks, data, dynamic) -> b
         except RetoolError:
             raise
         except Exception as exc:
-            raise UsageError(f"{ref.label}: the reference failed at batch {b} ({_first_line(exc)}); "
-                             f"choose --batch-sizes the reference supports") from None
+            hint = index_hint(f"{type(exc).__name__}: {exc}", random_specs)
+            raise UsageError(f"{ref.label}: the reference failed at batch {b} ({_first_line(exc)})"
+                             + (hint if hint else "; choose --batch-sizes the reference supports")) from None
         if len(expected) != len(cand):
             checks.append(CheckResult(f"parity:outputs@batch{b}", False, len(cand), len(expected),
                                       f"candidate has {len(cand)} outputs, reference has {len(expected)}"))

@@ -251,6 +251,9 @@ def render_html(report: Report) -> str:
     cards.append(("gates failed", f"{len(failed)} / {sum(1 for c in report.checks if c.severity == 'gate')}"))
     body.append('<div class="cards">' + "".join(f"<div class=\"card\"><b>{_e(v)}</b><span>{_e(k)}</span></div>"
                                                 for k, v in cards) + "</div>")
+    chk = d.get("checked") or {}
+    if chk.get("not_checked"):
+        body.append(f'<p><b>Not checked:</b> {_e("; ".join(chk["not_checked"]))}</p>')
     body.append("<h2>Summary</h2>" + _table(SUMMARY_HEADERS, summary_rows(report), result_col=5))
     if lat.get("candidate"):
         where = f' {_e(lat["off_target"])}.' if lat.get("off_target") else ""

@@ -33,6 +33,11 @@ def render_markdown(report: Report) -> str:
     ]
     if failed:
         parts += [f"**Failed gates:** {', '.join(f'`{n}`' for n in failed)}", ""]
+    chk = d.get("checked") or {}
+    if chk.get("not_checked"):
+        parts += [f"**Not checked:** {'; '.join(chk['not_checked'])}", ""]
+    if (d.get("latency") or {}).get("off_target"):
+        parts += [f"**Latency:** {d['latency']['off_target']}", ""]
     parts += [_md_table(SUMMARY_HEADERS, summary_rows(report)), ""]
     rows = gate_rows(report)
     if rows:

@@ -118,6 +118,16 @@ def parse_tolerance(text: str | None) -> dict | None:
     return out
 
 
+#: how execution providers are spelled for people ("Tensorrt" is onnxruntime's class name, not the product)
+_PROVIDER_NAMES = {"TensorrtExecutionProvider": "TensorRT", "CUDAExecutionProvider": "CUDA",
+                   "CPUExecutionProvider": "CPU", "OpenVINOExecutionProvider": "OpenVINO",
+                   "DmlExecutionProvider": "DirectML", "CoreMLExecutionProvider": "CoreML"}
+
+
+def provider_name(provider: str) -> str:
+    return _PROVIDER_NAMES.get(provider, provider.replace("ExecutionProvider", ""))
+
+
 @click.command("targets")
 @click.option("--json", "as_json", is_flag=True, help="Print the profiles as JSON.")
 def targets_cmd(as_json):
@@ -131,5 +141,5 @@ def targets_cmd(as_json):
     if as_json:
         click.echo(json.dumps([{**p.to_dict(), "does": p.describe()} for p in profiles], indent=2))
         return
-    rows = [[p.name, p.precision, p.provider.replace("ExecutionProvider", ""), p.describe()] for p in profiles]
+    rows = [[p.name, p.precision, provider_name(p.provider), p.describe()] for p in profiles]
     click.echo(console.table(["target", "precision", "provider", "what it does"], rows))

@@ -25,7 +25,11 @@ class LocalEngine:
         self._pool = self._new_pool()
 
     def _new_pool(self):
-        return cf.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+        from retool import console
+
+        # workers print whole lines only (their stderr is shared) and honour the driver's -q
+        return cf.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                      initializer=console.worker_init, initargs=(console.is_quiet(),))
 
     def submit(self, fn: Callable, *args) -> Any:
         try:

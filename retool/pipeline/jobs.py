@@ -16,10 +16,23 @@ from retool.pipeline.config import ModelConfig, TargetConfig
 
 
 def _resolve(path: str | None, base: Path) -> str | None:
+    """A path relative to the pipeline file; ``file.py:factory`` too (its file part)."""
     if path is None:
         return None
+    file, sep, attr = path.rpartition(":")
+    if sep and file.endswith(".py") and "/" not in attr:
+        return f"{_resolve(file, base)}:{attr}"
     p = Path(path)
     return str(p if p.is_absolute() or not (base / p).exists() else base / p)
+
+
+def _importable(ref: str | None, base: Path) -> None:
+    """``package.module:factory`` resolves from the pipeline file's folder (or the nearest parent
+    holding ``package``) as well as from the current folder."""
+    from retool.refs import ensure_importable, package_root
+
+    root = package_root(ref, base) if ref else None
+    ensure_importable(*([root] if root else []), base, os.getcwd())
 
 
 def _outcome(stage: str, started: float, **kw) -> dict:
@@ -46,12 +59,13 @@ def _maybe_fault(model: str, stage: str) -> None:
 
 
 def convert_job(model: ModelConfig, base_dir: str, out_dir: str, seed: int = 0) -> dict:
+    from retool import console
     from retool.converter.core import convert
-    from retool.refs import ensure_importable
 
+    console.info(f"• {model.name}: convert started")
     t0 = time.perf_counter()
     base = Path(base_dir)
-    ensure_importable(base, os.getcwd())  # `package.module:factory` sources resolve like `python -m`
+    _importable(model.source, base)  # `package.module:factory` sources resolve like `python -m`, from the file
     out = Path(out_dir) / model.name / "fp32.onnx"
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -74,8 +88,10 @@ def target_job(model: ModelConfig, target: TargetConfig, fp32_path: str, base_di
 
     ``reuse_optimize`` is the cached outcome of an identical optimisation: only validation runs.
     """
+    from retool import console
     from retool.optimizers.core import optimize
 
+    console.info(f"• {model.name}/{target.name}: target started")
     t0 = time.perf_counter()
     base = Path(base_dir)
     tdir = Path(out_dir) / model.name / target.name
@@ -111,6 +127,8 @@ def _validate_into(result: dict, model: ModelConfig, target: TargetConfig, out: 
     try:
         v = dict(model.validation)
         reference = fp32_path if v.get("reference", "fp32") == "fp32" else _resolve(model.source, base)
+        if reference != fp32_path:
+            _importable(model.source, base)
         vrep = validate(out, reference, batch_sizes=tuple(v.get("batch_sizes", (1,))),
                         latency=v.get("latency", True), threads=v.get("threads"), gates=dict(target.gates) or None,
                         framework="onnx" if reference == fp32_path else model.framework,

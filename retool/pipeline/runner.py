@@ -68,9 +68,11 @@ def run(config, *, out: str | Path = "retool-out", only: str | None = None, engi
         if unknown:
             raise UsageError(f"--only {only}: no model has target(s) {sorted(unknown)}; known: {sorted(known)}")
         models = [dataclasses.replace(m, targets=tuple(t for t in m.targets if t.name in wanted)) for m in models]
-    from retool.refs import ensure_importable
+    from retool.refs import ensure_importable, package_root
 
-    ensure_importable(cfg.base_dir, Path.cwd())  # `module:factory` sources resolve like `python -m`
+    roots = {r for r in (package_root(m.source, cfg.base_dir) for m in models) if r}
+    # `module:factory` sources resolve like `python -m`, and from the pipeline file's folder (or a parent)
+    ensure_importable(*sorted(roots), cfg.base_dir, Path.cwd())
     out_dir = Path(out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     cache = StepCache(out_dir / ".cache", enabled=use_cache)
@@ -134,6 +136,10 @@ class _Scheduler:
 
     # -- scheduling ----------------------------------------------------------------------------
     def run(self) -> RunResult:
+        with console.whole_lines():  # workers share our stderr: a line left open would catch theirs
+            return self._run()
+
+    def _run(self) -> RunResult:
         from retool.pipeline.engines import WorkerDied
         from retool.pipeline.jobs import convert_job, target_job
 
@@ -168,7 +174,8 @@ class _Scheduler:
                 reuse = opt_hit["result"]["optimize"] if opt_hit else None
                 engine = engine or self._engine()
                 args = (target_job, m, t, fp32["path"], self.base, str(self.out_dir), self.seed, reuse)
-            console.info(f"• {m.name}{'' if kind == 'convert' else '/' + m.targets[ti].name}: {kind} started")
+            if self.engine_name != "local":  # a local job says "started" itself, when it really starts
+                console.info(f"• {m.name}{'' if kind == 'convert' else '/' + m.targets[ti].name}: {kind} submitted")
             extra = {}
             if self.engine_name == "ray" and kind == "target":
                 extra["files_in"] = self._files_for(m, m.targets[ti] if reuse else None)
