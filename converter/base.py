@@ -64,6 +64,14 @@ class SourceModel(abc.ABC):
         """Map ONNX-side inputs to what the source model expects (e.g. NCHW -> NHWC)."""
         return feeds
 
+    def custom_parity(self) -> Mapping[str, Any]:
+        """Outputs that element-wise parity cannot judge, each with ``f(name, ref, cand, label) -> CheckResult``."""
+        return {}
+
+    def extra_checks(self, feeds_list, tol) -> list:
+        """Further parity checks of the source's own (e.g. intermediate tensors), run before close()."""
+        return []
+
     def close(self) -> None:
         pass
 

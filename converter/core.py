@@ -151,12 +151,14 @@ def _convert_loaded(model: SourceModel, request: ConvertRequest, out: Path, veri
                             art.extra_files)
 
         identical = bool(result.params.get("identical_to_source"))
-        feeds_list, refs = [], []
+        feeds_list, refs, extra = [], [], []
         if verify and not identical:
             t0 = time.perf_counter()
             with console.step("running the source model"):
                 feeds_list, refs = reference_outputs(model, art, request)
+                extra = model.extra_checks(feeds_list, tol)
             timings["reference_s"] = time.perf_counter() - t0
+        custom = dict(model.custom_parity())
         # Free the source before anything loads the ONNX copy: never two copies of the weights.
         model.close()
         checks: list[CheckResult] = structural_checks(staged)
@@ -167,7 +169,7 @@ def _convert_loaded(model: SourceModel, request: ConvertRequest, out: Path, veri
         if verify and not identical:
             t0 = time.perf_counter()
             with console.step("verifying parity against the source framework"):
-                checks += compare_with_onnxruntime(sess, feeds_list, refs, art, request, tol)
+                checks += compare_with_onnxruntime(sess, feeds_list, refs, art, request, tol, custom) + list(extra)
             timings["verify_s"] = time.perf_counter() - t0
         else:
             why = "skipped (--no-verify)" if not verify else "skipped: the ONNX file is a byte copy of the source"
@@ -231,7 +233,7 @@ def reference_outputs(model: SourceModel, art: ModelArtifact, request: ConvertRe
 
 
 def compare_with_onnxruntime(sess, feeds_list, refs, art: ModelArtifact, request: ConvertRequest,
-                             tol) -> list[CheckResult]:
+                             tol, custom: Mapping | None = None) -> list[CheckResult]:
     from retool.runtime import run_session
     from retool.validators.parity import compare_outputs
 
@@ -245,5 +247,9 @@ def compare_with_onnxruntime(sess, feeds_list, refs, art: ModelArtifact, request
         except Exception as exc:
             raise ConversionError(f"{request.source_label}: onnxruntime failed on inputs "
                                   f"{_shapes(feeds)}: {_first_line(exc)}") from exc
-        checks += compare_outputs(names, ref, cand, tol, label)
+        if not custom or len(ref) != len(cand):
+            checks += compare_outputs(names, ref, cand, tol, label)
+            continue
+        for name, r, c in zip(names, ref, cand):  # one output at a time, so each keeps its own check
+            checks += [custom[name](name, r, c, label)] if name in custom else compare_outputs([name], [r], [c], tol, label)
     return checks
