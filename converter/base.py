@@ -40,6 +40,16 @@ class ExportResult:
     warnings: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class Reference:
+    """What the source computed for parity, taken before the source is freed."""
+
+    feeds: list  # the input sets (dicts of arrays) it ran on; empty where inputs are not plain feeds
+    outputs: Any  # its outputs per input set (a source's own form where it overrides compare)
+    extra: tuple = ()  # further checks of the source's own (e.g. intermediate tensors)
+    custom: Mapping[str, Any] = field(default_factory=dict)  # per-output parity functions
+
+
 class SourceModel(abc.ABC):
     """A loaded source model: it can export itself to ONNX and run for parity."""
 
@@ -73,21 +83,29 @@ class SourceModel(abc.ABC):
         sizes = self.verify_batch_sizes or VERIFY_BATCH_SIZES
         return verification_feeds(specs, examples, seed=seed, batch_sizes=sizes)
 
-    def reference(self, art, request: "ConvertRequest"):
+    def reference(self, art, request: "ConvertRequest", tol) -> "Reference":
         """Run the source for parity, before it is freed; ``compare`` gets what this returns."""
         from retool.converter.core import reference_outputs
 
-        return reference_outputs(self, art, request)
+        feeds_list, refs = reference_outputs(self, art, request)
+        return Reference(feeds_list, refs, tuple(self.extra_checks(feeds_list, tol)), dict(self.custom_parity()))
 
-    def compare(self, sess, ref, art, request: "ConvertRequest", tol) -> list:
+    def compare(self, sess, ref: "Reference", art, request: "ConvertRequest", tol) -> list:
         """Parity CheckResults of the ONNX session against ``reference``'s result."""
         from retool.converter.core import compare_with_onnxruntime
 
-        feeds_list, refs = ref
-        return compare_with_onnxruntime(sess, feeds_list, refs, art, request, tol)
+        return compare_with_onnxruntime(sess, ref.feeds, ref.outputs, art, request, tol, ref.custom) + list(ref.extra)
 
     #: Extra report data a source adds (e.g. a decoder's generation parity).
     report_data: Mapping[str, Any] = {}
+
+    def custom_parity(self) -> Mapping[str, Any]:
+        """Outputs that element-wise parity cannot judge, each with ``f(name, ref, cand, label) -> CheckResult``."""
+        return {}
+
+    def extra_checks(self, feeds_list, tol) -> list:
+        """Further parity checks of the source's own (e.g. intermediate tensors), run before close()."""
+        return []
 
     def close(self) -> None:
         pass

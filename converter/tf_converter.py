@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from retool.converter.base import Converter, ConvertRequest, ExportResult, SourceModel, merge_specs
+from retool.converter import tf_export
 from retool.converter.tf_export import (check_opset, finalize, from_function, import_tf, import_tf2onnx,
                                         run_tf2onnx)
 from retool.deps import version_of
@@ -215,10 +216,26 @@ class TFSource(SourceModel):
         fn, sig = self.function(), self._signature()
         nchw = [f"{n}:0" for n in sorted(self.nchw)] or None
         label = self.request.source_label
-        proto = run_tf2onnx(lambda: from_function(fn, sig, opset, nchw), label, opset)
-        finalize(proto, self.input_specs, self.output_names, path, self.batch_outputs)
+        large = self.weight_bytes() > tf_export.LARGE_MODEL_BYTES
+        proto, storage = run_tf2onnx(lambda: from_function(fn, sig, opset, nchw, large_model=large), label, opset)
+        finalize(proto, self.input_specs, self.output_names, path, self.batch_outputs, storage)
+        del proto, storage
         return ExportResult("tf2onnx.convert.from_function", {"source_kind": self.kind, "opset": opset,
-                                                             "inputs_as_nchw": sorted(self.nchw)})
+                                                             "inputs_as_nchw": sorted(self.nchw),
+                                                             "external_data": large})
+
+    def weight_bytes(self) -> int:
+        """Bytes of the model's variables (Keras weights, or a tf.Module's variables)."""
+        owner = self._owner
+        try:
+            vs = list(getattr(owner, "weights", None) or getattr(owner, "variables", None) or [])
+        except Exception:  # an object without a variable list: treat it as small
+            return 0
+        total = 0
+        for v in vs:
+            dt = getattr(v.dtype, "size", None) or np.dtype(str(v.dtype)).itemsize
+            total += int(np.prod([int(d) for d in v.shape])) * int(dt)
+        return total
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         tf = self.tf
@@ -275,8 +292,15 @@ def _keras_source(model, request: ConvertRequest, files=()) -> TFSource:
     names = list(getattr(model, "input_names", None) or []) if flavor == "tf_keras" else []
     if len(names) != len(inputs):
         names = [str(t.name).split(":")[0] for t in inputs]
+    pack = None
+    keyed = _keyed_inputs(model, flavor)
+    if keyed is not None:  # dict inputs: ONNX inputs are named by key, the call gets the dict back
+        names, inputs, pack = keyed
     declared = tuple(_spec_from_shape(n, t.dtype, t.shape) for n, t in zip(names, inputs))
     specs = _resolve_specs(declared, request)
+    if pack is not None and [s.name for s in specs] != names:
+        raise UsageError(f"{request.source_label}: the model takes a dict of inputs {names}; --input and "
+                         f"--example-inputs must use those keys")
     if inputs:
         out_names = _keras_output_names(model)
     else:
@@ -284,7 +308,7 @@ def _keras_source(model, request: ConvertRequest, files=()) -> TFSource:
     single_in = len(specs) == 1
 
     def call(*args):
-        out = model(args[0] if single_in else list(args), training=False)
+        out = model(pack(args) if pack else args[0] if single_in else list(args), training=False)
         if isinstance(out, Mapping):
             return dict(out)
         flat = list(out) if isinstance(out, (list, tuple)) else [out]
@@ -300,6 +324,43 @@ def _keras_source(model, request: ConvertRequest, files=()) -> TFSource:
     versions = {flavor: version_of(flavor) or ""}
     return TFSource(request, flavor, call, specs, _select_outputs(out_names, request), files, versions,
                     owner=model, batch_outputs=True)
+
+
+def _keyed_inputs(model, flavor: str):
+    """(names, tensors, pack) for a model whose inputs are a dict (possibly nested), else None.
+
+    Names are the keys (``a.b`` when nested), in the order Keras flattens the structure,
+    which is the order of ``model.inputs``; ``pack`` rebuilds the dict from flat tensors."""
+    try:
+        struct = model.input
+    except (AttributeError, ValueError):
+        return None
+    if not isinstance(struct, Mapping):
+        return None
+    if flavor == "keras":
+        import keras
+
+        pairs = keras.tree.flatten_with_path(struct)
+
+        def pack(args):
+            return keras.tree.pack_sequence_as(struct, list(args))
+    else:
+        tf = import_tf()
+        def walk(x, path):  # tf.nest's order: dict keys sorted
+            if isinstance(x, Mapping):
+                return [pt for k in sorted(x) for pt in walk(x[k], path + (k,))]
+            if isinstance(x, (list, tuple)):
+                return [pt for i, v in enumerate(x) for pt in walk(v, path + (i,))]
+            return [(path, x)]
+
+        pairs = walk(struct, ())
+        if [id(t) for _, t in pairs] != [id(t) for t in tf.nest.flatten(struct)]:
+            return None
+
+        def pack(args):
+            return tf.nest.pack_sequence_as(struct, list(args))
+    names = [".".join(str(k) for k in path) for path, _ in pairs]
+    return names, [t for _, t in pairs], pack
 
 
 def _custom_objects(request: ConvertRequest, flavor: str) -> dict:
@@ -632,7 +693,7 @@ class GraphDefSource(SourceModel):
         shapes = {_tensor(s.name): [d if isinstance(d, int) else None for d in s.shape]
                   for s in self.input_specs_src} if self.request.inputs else None
         nchw = [_tensor(n) for n in sorted(self.nchw)] or None
-        proto = run_tf2onnx(lambda: tf2onnx.convert.from_graph_def(
+        proto, _ = run_tf2onnx(lambda: tf2onnx.convert.from_graph_def(
             self.gd, name=self.path.stem, input_names=ins, output_names=self.output_tensors, opset=opset,
             inputs_as_nchw=nchw, tensors_to_rename=rename, shape_override=shapes), str(self.path), opset)
         finalize(proto, self.input_specs, self.output_names, path)

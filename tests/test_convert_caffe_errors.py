@@ -58,11 +58,12 @@ def test_unknown_layer_type(cli, tmp_path):
     assert "'mystery'" in line and "'FancyNorm'" in line
 
 
-def test_detection_output_says_to_cut_the_net(cli, tmp_path):
+def test_malformed_detection_output_fails_cleanly(cli, tmp_path):
+    # DetectionOutput itself converts now (tests/test_convert_caffe_ssd.py); a malformed one still fails cleanly
     proto, model = caffe_nets.write_net("detection", tmp_path)
     out = tmp_path / "o.onnx"
     line = _clean_failure(cli("convert", proto, "--weights", model, "-o", out), out)
-    assert "'detection_out'" in line and "cut the net" in line
+    assert "'detection_out'" in line and "needs three bottoms" in line
 
 
 def test_caffemodel_as_source_and_missing_weights(cli, tmp_path):

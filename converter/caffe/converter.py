@@ -145,6 +145,7 @@ class CaffeSource(SourceModel):
         import onnx
         from onnx import TensorProto, helper
 
+        from retool.converter.caffe.detection import DETECTIONS_DIM
         from retool.converter.caffe.layers import HANDLERS, Builder
 
         label = str(self.weights) if self.weights else "the prototxt (no --weights given)"
@@ -175,6 +176,7 @@ class CaffeSource(SourceModel):
             shape = list(b.shapes[o.tensor])
             if dynamic and b.batched.get(o.tensor) and shape:
                 shape[0] = "batch"
+            shape = [d if not isinstance(d, int) or d >= 0 else DETECTIONS_DIM for d in shape]
             graph_outputs.append(helper.make_tensor_value_info(o.tensor, TensorProto.FLOAT, shape))
         if not graph_outputs:
             raise ConversionError(f"{self.prototxt}: the net has no outputs")
@@ -231,6 +233,16 @@ class CaffeSource(SourceModel):
 
             self._reference = OpenCVReference(self.prototxt, self.weights, self.output_pins)
         return self._reference
+
+    def custom_parity(self) -> dict:
+        from retool.converter.caffe.detection_parity import comparators
+
+        return comparators(self.net, self.output_tensors)
+
+    def extra_checks(self, feeds_list, tol) -> list:
+        from retool.converter.caffe.detection_parity import head_checks
+
+        return head_checks(self, feeds_list, tol)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         if self._reference_problem():

@@ -530,9 +530,5 @@ def prior_box(b: Builder, L: Layer) -> None:
     b.set(L.tops[0], boxes.shape, batched=False)
 
 
-@handles("DetectionOutput")
-def detection_output(b: Builder, L: Layer) -> None:
-    raise ConversionError(
-        f"layer {L.name!r} (DetectionOutput) is not supported: cut the net before it (delete the layer from the "
-        f"prototxt so that its inputs, {', '.join(repr(t) for t in L.param.bottom)}, become the "
-        f"outputs) and run box decoding and NMS in post-processing")
+# DetectionOutput lives in its own module; importing it registers the handler.
+from retool.converter.caffe import detection  # noqa: E402,F401

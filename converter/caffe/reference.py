@@ -73,4 +73,13 @@ def opencv_divergences(layers) -> list[str]:
         elif L.type == "PriorBox" and not p.prior_box_param.HasField("clip"):
             out.append(f"layer {L.name!r}: OpenCV's PriorBox clip defaults to true, Caffe SSD's to false "
                        f"(set clip explicitly)")
+        elif L.type == "DetectionOutput":
+            q = p.detection_output_param
+            if q.keep_top_k < 0:
+                out.append(f"layer {L.name!r}: OpenCV's DetectionOutput fails with keep_top_k -1")
+            if q.code_type == 3:
+                out.append(f"layer {L.name!r}: OpenCV has no DetectionOutput code_type CORNER_SIZE")
+            if q.variance_encoded_in_target:
+                out.append(f"layer {L.name!r}: OpenCV's DetectionOutput wants a prior blob without variances "
+                           f"for variance_encoded_in_target")
     return out

@@ -213,6 +213,10 @@ def forward_layer(L, ins: list[np.ndarray]) -> list[np.ndarray]:
         return [y * (sc[0] if q.channel_shared else _bshape(sc, x.shape, 1))]
     if t == "PriorBox":
         return [S.prior_boxes(p.prior_box_param, ins[0].shape[2:4], ins[1].shape[2:4]).astype(np.float64)]
+    if t == "DetectionOutput":
+        from retool.converter.caffe.detection import forward_numpy
+
+        return [forward_numpy(L, ins)]
     raise ConversionError(f"layer {L.name!r} ({t}): the NumPy reference has no implementation")
 
 

@@ -23,6 +23,7 @@ _ENUMS = {
     "EltwiseOp": [("PROD", 0), ("SUM", 1), ("MAX", 2)],
     "NormRegion": [("ACROSS_CHANNELS", 0), ("WITHIN_CHANNEL", 1)],
     "Engine": [("DEFAULT", 0), ("CAFFE", 1), ("CUDNN", 2)],
+    "CodeType": [("CORNER", 1), ("CENTER_SIZE", 2), ("CORNER_SIZE", 3)],
     "V1LayerType": [
         ("NONE", 0), ("ABSVAL", 35), ("ACCURACY", 1), ("ARGMAX", 30), ("BNLL", 2), ("CONCAT", 3),
         ("CONTRASTIVE_LOSS", 37), ("CONVOLUTION", 4), ("DATA", 5), ("DECONVOLUTION", 39), ("DROPOUT", 6),
@@ -48,6 +49,7 @@ _NESTED_ENUMS = {
     "SigmoidParameter": ["Engine"],
     "TanHParameter": ["Engine"],
     "SoftmaxParameter": ["Engine"],
+    "PriorBoxParameter": ["CodeType"],
 }
 
 _MESSAGES = {
@@ -99,7 +101,8 @@ _MESSAGES = {
         # SSD fork
         ("permute_param", 202, ".PermuteParameter", "o", None),
         ("prior_box_param", 203, ".PriorBoxParameter", "o", None),
-        ("norm_param", 206, ".NormalizeParameter", "o", None)],
+        ("norm_param", 206, ".NormalizeParameter", "o", None),
+        ("detection_output_param", 204, ".DetectionOutputParameter", "o", None)],
     "V1LayerParameter": [
         ("bottom", 2, "string", "r", None), ("top", 3, "string", "r", None), ("name", 4, "string", "o", None),
         ("include", 32, ".NetStateRule", "r", None), ("exclude", 33, ".NetStateRule", "r", None),
@@ -181,6 +184,15 @@ _MESSAGES = {
     "TanHParameter": [("engine", 1, ".TanHParameter.Engine", "o", "DEFAULT")],
     "ThresholdParameter": [("threshold", 1, "float", "o", "0")],
     "PermuteParameter": [("order", 1, "uint32", "r", None)],
+    "NonMaximumSuppressionParameter": [("nms_threshold", 1, "float", "o", "0.3"), ("top_k", 2, "int32", "o", None),
+                                       ("eta", 3, "float", "o", "1")],
+    "DetectionOutputParameter": [
+        ("num_classes", 1, "uint32", "o", None), ("share_location", 2, "bool", "o", "true"),
+        ("background_label_id", 3, "int32", "o", "0"),
+        ("nms_param", 4, ".NonMaximumSuppressionParameter", "o", None),
+        ("code_type", 6, ".PriorBoxParameter.CodeType", "o", "CORNER"),
+        ("variance_encoded_in_target", 8, "bool", "o", "false"), ("keep_top_k", 7, "int32", "o", "-1"),
+        ("confidence_threshold", 9, "float", "o", None)],
     "NormalizeParameter": [
         ("across_spatial", 1, "bool", "o", "true"), ("scale_filler", 2, ".FillerParameter", "o", None),
         ("channel_shared", 3, "bool", "o", "true"), ("eps", 4, "float", "o", "1e-10")],

@@ -159,14 +159,16 @@ class DecoderSource(SourceModel):
     def _prompts(self):
         return make_prompts(self.layout.vocab, self.request.seed)
 
-    def reference(self, art, request):
+    def reference(self, art, request, tol):
+        from retool.converter.base import Reference
+
         prompts = self._prompts()
-        return prompts, reference_run(self.step, self.layout, prompts, self.new_tokens)
+        return Reference([], (prompts, reference_run(self.step, self.layout, prompts, self.new_tokens)))
 
     def compare(self, sess, ref, art, request, tol) -> list:
         from retool.validators.generation import ort_step
 
-        prompts, refs = ref
+        prompts, refs = ref.outputs
         max_diff = tol.atol if tol.atol is not None else 1e-4
         checks, data = fp32_parity(ort_step(sess), self.layout, prompts, refs, self.new_tokens, max_diff)
         self.report_data = {"task": "text-generation", "generation": data}
