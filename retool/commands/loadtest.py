@@ -31,7 +31,7 @@ def _floats(text, flag):
                              "--budget-p99-ms, one rate: the configuration with the lowest p99 at it wins.")
 @click.option("--budget-p99-ms", type=float, help="Search instances x threads x batching for the highest throughput "
                                                   "whose client p99 meets this budget; exit 6 when none does.")
-@click.option("--space", type=click.Choice(["quick", "full"]), default="quick", show_default=True,
+@click.option("--space", type=click.Choice(["small", "quick", "full"]), default="quick", show_default=True,
               help="How many configurations the budget search measures.")
 @click.option("--window-ms", type=int, default=1500, show_default=True, help="perf_analyzer measurement window.")
 @click.option("--cost-per-hour", type=float, help="Price of the serving machine per hour: reports cost per million "
@@ -52,7 +52,7 @@ def loadtest_cmd(repo_url, name, url, grpc_url, concurrency, rate, budget_p99_ms
     from retool.serve import plot
     from retool.serve.server import install_signal_handlers
     from retool.serve.session import open_session
-    from retool.serve.tune import tune
+    from retool.serve.tune import measurement, tune, verdict
     from retool.types import jsonable
 
     conc = parse_csv_ints(concurrency, "--concurrency") or [1]
@@ -94,38 +94,3 @@ def loadtest_cmd(repo_url, name, url, grpc_url, concurrency, rate, budget_p99_ms
     if budget_p99_ms is not None and not rep.get("chosen"):
         raise ValidationFailed(verdict(rep))
 
-
-def measurement(rep: dict) -> dict:
-    """What a serving profile (and so the manifest) records about the choice."""
-    ch = rep["chosen"]
-    p = ch["point"]
-    return {"budget_p99_ms": rep["budget_p99_ms"], "rate": rep["rate"], "throughput": p["throughput"],
-            "p50_ms": p["p50_ms"], "p99_ms": p["p99_ms"], "queue_ms": p["queue_ms"], "compute_ms": p["compute_ms"],
-            "load": {"mode": p["mode"], "value": p["load"]}, "throughput_vs_default": ch.get("throughput_vs_default"),
-            "cost_per_million": ch.get("cost_per_million"), "cores": rep["cores"], "window_ms": rep["window_ms"],
-            "server": rep["server"], "configs_measured": len(rep["configs"])}
-
-
-def verdict(rep: dict) -> str:
-    """One line: the chosen configuration and its numbers, or by how much the budget is missed."""
-    budget, ch = rep.get("budget_p99_ms"), rep.get("chosen")
-    if ch:
-        p = ch["point"]
-        at = f"at {p['mode']} {p['load']:g}"
-        txt = (f"{rep['model']}: {ch['label']}: {p['throughput']:.0f} infer/s, p99 {p['p99_ms']:.2f} ms {at}"
-               + (f" (budget p99 <= {budget:g} ms)" if budget is not None else ""))
-        if ch.get("throughput_vs_default") and ch["label"] != (rep.get("default") or {}).get("label"):
-            txt += f"; {ch['throughput_vs_default']:.2f}x the default's throughput within the budget"
-        elif budget is not None and rep.get("default") and not (rep["default"] or {}).get("point"):
-            txt += "; the default configuration does not meet the budget"
-        if ch.get("cost_per_million") is not None:
-            txt += f"; {ch['cost_per_million']:.4g} per million inferences at {rep.get('cost_per_hour'):g}/h"
-        return txt
-    c = rep.get("closest")
-    if not c:
-        return f"{rep['model']}: no configuration could be measured (see the report's errors)"
-    p = c["point"]
-    over = f", {c['over_budget_ms']:.2f} ms over" if c.get("over_budget_ms") is not None else ""
-    at = f" at {rep['rate']:g} req/s" if rep.get("rate") else ""
-    return (f"{rep['model']}: no configuration meets p99 <= {budget:g} ms{at}: the closest, {c['label']}, has p99 "
-            f"{p['p99_ms']:.2f} ms at {p['mode']} {p['load']:g}{over}")

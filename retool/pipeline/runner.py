@@ -307,6 +307,7 @@ class _Scheduler:
 
     # -- reporting -----------------------------------------------------------------------------
     def _finish(self, seconds: float) -> RunResult:
+        from retool.pipeline.serve_step import serve_published, summary_section
         from retool.pipeline.summary import render_summary
 
         outcomes = []
@@ -314,6 +315,7 @@ class _Scheduler:
             for t in m.targets:
                 outcomes.append(self.outcomes.get((m.name, t.name),
                                                   TargetOutcome(m.name, t.name, "skipped", 0, "not run")))
+        outcomes = serve_published(self.models, outcomes, self.out_dir)  # after every job: the CPUs are free
         codes = [o.code for o in outcomes] + [c.get("code", 0) for c in self.converts.values()]
         code = worst_code(codes)
         summary = {"created": now_iso(), "seconds": round(seconds, 2), "exit_code": code,
@@ -323,5 +325,5 @@ class _Scheduler:
         sm = self.out_dir / "summary.md"
         atomic_write_text(sj, json.dumps(jsonable(summary), indent=2))
         atomic_write_text(sm, render_summary(self.models, self.converts, outcomes, code, seconds,
-                                                   self.engine_name, self.workers))
+                                                   self.engine_name, self.workers) + summary_section(outcomes))
         return RunResult(tuple(outcomes), self.converts, code, self.out_dir, sm, sj)

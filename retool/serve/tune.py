@@ -18,7 +18,7 @@ from retool.serve import loadtest as lt
 from retool.serve.profile import ServingConfig
 
 DEFAULT = ServingConfig(1, None, False)  # what publish writes without a profile: 1 instance, no batching
-SPACES = ("quick", "full")
+SPACES = ("small", "quick", "full")
 
 
 def cores() -> int:
@@ -41,7 +41,9 @@ def space(name: str, max_batch_size: int, n_cores: int) -> list[ServingConfig]:
     pairs = instance_thread_pairs(n_cores)
     batching = max_batch_size > 1
     out = [DEFAULT]
-    if name == "quick":
+    if name == "small":  # the default against one batching guess: for demos
+        out.append(ServingConfig(1, n_cores, True, 500) if batching else ServingConfig(1, n_cores, False))
+    elif name == "quick":
         i_max = max(p[0] for p in pairs)
         out.append(ServingConfig(1, n_cores, False))
         if batching:
@@ -210,3 +212,39 @@ def report(name, version, measured: list[Measured], budget_ms, rate, cost_per_ho
     if cost_per_hour:
         out["cost_per_hour"] = cost_per_hour
     return out
+
+
+def measurement(rep: dict) -> dict:
+    """What a serving profile (and so the manifest) records about the choice."""
+    ch = rep["chosen"]
+    p = ch["point"]
+    return {"budget_p99_ms": rep["budget_p99_ms"], "rate": rep["rate"], "throughput": p["throughput"],
+            "p50_ms": p["p50_ms"], "p99_ms": p["p99_ms"], "queue_ms": p["queue_ms"], "compute_ms": p["compute_ms"],
+            "load": {"mode": p["mode"], "value": p["load"]}, "throughput_vs_default": ch.get("throughput_vs_default"),
+            "cost_per_million": ch.get("cost_per_million"), "cores": rep["cores"], "window_ms": rep["window_ms"],
+            "server": rep["server"], "configs_measured": len(rep["configs"])}
+
+
+def verdict(rep: dict) -> str:
+    """One line: the chosen configuration and its numbers, or by how much the budget is missed."""
+    budget, ch = rep.get("budget_p99_ms"), rep.get("chosen")
+    if ch:
+        p = ch["point"]
+        at = f"at {p['mode']} {p['load']:g}"
+        txt = (f"{rep['model']}: {ch['label']}: {p['throughput']:.0f} infer/s, p99 {p['p99_ms']:.2f} ms {at}"
+               + (f" (budget p99 <= {budget:g} ms)" if budget is not None else ""))
+        if ch.get("throughput_vs_default") and ch["label"] != (rep.get("default") or {}).get("label"):
+            txt += f"; {ch['throughput_vs_default']:.2f}x the default's throughput within the budget"
+        elif budget is not None and rep.get("default") and not (rep["default"] or {}).get("point"):
+            txt += "; the default configuration does not meet the budget"
+        if ch.get("cost_per_million") is not None:
+            txt += f"; {ch['cost_per_million']:.4g} per million inferences at {rep.get('cost_per_hour'):g}/h"
+        return txt
+    c = rep.get("closest")
+    if not c:
+        return f"{rep['model']}: no configuration could be measured (see the report's errors)"
+    p = c["point"]
+    over = f", {c['over_budget_ms']:.2f} ms over" if c.get("over_budget_ms") is not None else ""
+    at = f" at {rep['rate']:g} req/s" if rep.get("rate") else ""
+    return (f"{rep['model']}: no configuration meets p99 <= {budget:g} ms{at}: the closest, {c['label']}, has p99 "
+            f"{p['p99_ms']:.2f} ms at {p['mode']} {p['load']:g}{over}")
