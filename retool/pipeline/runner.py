@@ -299,7 +299,8 @@ class _Scheduler:
                 return {"status": "ok", "repository": repo_url, "name": name, "version": latest[0],
                         "alias": rules.get("alias"), "note": "already published"}
             res = publish(opt["path"], repo_url, name, report=val.get("report"),
-                          force=force, alias=rules.get("alias"))
+                          force=force, alias=rules.get("alias"),
+                          samples_reference=self.converts.get(m.name, {}).get("path"))  # fp32 outputs for serve checks
         except RetoolError as exc:
             return {"status": "failed", "code": exc.exit_code, "message": str(exc)}
         return {"status": "ok", "repository": repo_url, "name": name, "version": res.version,
