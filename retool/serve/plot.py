@@ -8,11 +8,11 @@ COLOURS = ("#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#4
            "#a16207", "#0f766e", "#7c3aed")
 
 
-def svg(report: dict, w: int = 720, h: int = 420) -> str:
+def svg(report: dict, w: int = 820, h: int = 420) -> str:
     cfgs = [c for c in report["configs"] if c["points"]]
     pts = [p for c in cfgs for p in c["points"]]
     budget = report.get("budget_p99_ms")
-    left, right, top, bottom = 60, 230, 30, 50
+    left, right, top, bottom = 60, 300, 30, 50
     pw, ph = w - left - right, h - top - bottom
     xmax = max([p["throughput"] for p in pts] + [1.0]) * 1.08
     ymax = max([p["p99_ms"] for p in pts] + ([budget * 1.2] if budget else []) + [1.0]) * 1.08
