@@ -24,6 +24,7 @@ from retool.serve.home import perf_analyzer, perf_env
 DEFAULT_WINDOW_MS = 1500
 STABILITY_PCT = 25
 LOOSE_STABILITY_PCT = 80
+ANY_PCT = 100000  # accept whatever three windows say (the point is marked unstable)
 MAX_TRIALS = 5
 
 
@@ -38,7 +39,7 @@ class LoadPoint:
     queue_ms: float
     compute_ms: float  # compute input + infer + output on the server
     server_ms: float  # queue + compute
-    #: three windows agreed within STABILITY_PCT; False: only within LOOSE_STABILITY_PCT (a busy machine)
+    #: three windows agreed within STABILITY_PCT; False: they did not (a busy machine), read with care
     stable: bool = True
 
     def to_dict(self) -> dict:
@@ -93,9 +94,9 @@ def run_point(model: str, grpc_url: str, *, concurrency: int | None = None, rate
     try:
         p = _run_point(model, grpc_url, concurrency, rate, input_data, window_ms, timeout, version,
                        LOOSE_STABILITY_PCT)
-    except _Unstable as exc:
-        raise ServingError(f"perf_analyzer on {model}: no stable measurement even within {LOOSE_STABILITY_PCT}% "
-                           f"({exc}); the machine is too busy, or raise --window-ms") from None
+    except _Unstable:
+        # a machine this busy gives no stable windows at all: take three windows as they come, flagged
+        p = _run_point(model, grpc_url, concurrency, rate, input_data, window_ms, timeout, version, ANY_PCT)
     return LoadPoint(**{**p.to_dict(), "stable": False})
 
 

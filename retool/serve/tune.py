@@ -232,7 +232,8 @@ def verdict(rep: dict) -> str:
         p = ch["point"]
         at = f"at {p['mode']} {p['load']:g}"
         txt = (f"{rep['model']}: {ch['label']}: {p['throughput']:.0f} infer/s, p99 {p['p99_ms']:.2f} ms {at}"
-               + (f" (budget p99 <= {budget:g} ms)" if budget is not None else ""))
+               + (f" (budget p99 <= {budget:g} ms)" if budget is not None else "")
+               + ("" if p.get("stable", True) else " [unstable windows: a busy machine]"))
         if ch.get("throughput_vs_default") and ch["label"] != (rep.get("default") or {}).get("label"):
             txt += f"; {ch['throughput_vs_default']:.2f}x the default's throughput within the budget"
         elif budget is not None and rep.get("default") and not (rep["default"] or {}).get("point"):
