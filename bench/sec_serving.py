@@ -83,7 +83,7 @@ def serving(settings: dict, work: Path) -> dict:
             for prec in ("fp32", "int8"):
                 name = f"resnet18-{prec}"
                 single, _ = _at_budget(sess, repo, name, DEFAULT, (1,), window, None)
-                search = tune(sess, repo, name, budget_ms=BUDGET_P99_MS, space_name="quick" if quick else "full",
+                search = tune(sess, repo, name, budget_ms=BUDGET_P99_MS, space_name="quick",
                               concurrency=conc, window_ms=window)
                 res = {"single_stream": summarize([single], unit="infer/s", better="higher"),
                        "search": [{"label": c["label"], "best": c["best"]} for c in search["configs"]],

@@ -91,7 +91,7 @@ def test_onnx_metadata_thread_hint_is_the_default_intra_op_threads(tmp_path):
 
 @pytest.mark.slow
 def test_cli_impossible_budget_exits_6_saying_by_how_much(repo, tmp_path):
-    r = run_retool("loadtest", repo, "lin", "--budget-p99-ms", "0.001", "--concurrency", "1", "--window-ms", WINDOW,
+    r = run_retool("loadtest", repo, "lin", "--budget-p99-ms", "0.001", "--concurrency", "1", "--window-ms", WINDOW, "--space", "small",
                    "--out", tmp_path / "lt")
     assert r.returncode == 6, r.stderr[-2000:]
     last = r.stderr.strip().splitlines()[-1]
@@ -105,7 +105,7 @@ def test_cli_impossible_budget_exits_6_saying_by_how_much(repo, tmp_path):
 @pytest.mark.slow
 def test_cli_budget_writes_a_profile_that_publish_uses(repo, tmp_path):
     prof = tmp_path / "p.json"
-    r = run_retool("loadtest", repo, "lin", "--budget-p99-ms", "500", "--concurrency", "1", "--window-ms", WINDOW,
+    r = run_retool("loadtest", repo, "lin", "--budget-p99-ms", "500", "--concurrency", "1", "--window-ms", WINDOW, "--space", "small",
                    "--out", tmp_path / "lt", "--profile-out", prof, "--cost-per-hour", "2")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "infer/s, p99" in r.stdout and "per million inferences" in r.stdout
