@@ -234,8 +234,14 @@ def verdict(rep: dict) -> str:
         txt = (f"{rep['model']}: {ch['label']}: {p['throughput']:.0f} infer/s, p99 {p['p99_ms']:.2f} ms {at}"
                + (f" (budget p99 <= {budget:g} ms)" if budget is not None else "")
                + ("" if p.get("stable", True) else " [unstable windows: a busy machine]"))
-        if ch.get("throughput_vs_default") and ch["label"] != (rep.get("default") or {}).get("label"):
-            txt += f"; {ch['throughput_vs_default']:.2f}x the default's throughput within the budget"
+        ratio = ch.get("throughput_vs_default")
+        if ratio and ch["label"] != (rep.get("default") or {}).get("label"):
+            # one measurement each, windows stable within STABILITY_PCT: smaller gaps are noise
+            if 1 / (1 + lt.STABILITY_PCT / 100) < ratio < 1 + lt.STABILITY_PCT / 100:
+                txt += "; no measurable difference from the default's throughput within the budget"
+            else:
+                txt += (f"; {ratio:.2f}x the default's throughput within the budget (one measurement each, "
+                        f"windows within {lt.STABILITY_PCT}%)")
         elif budget is not None and rep.get("default") and not (rep["default"] or {}).get("point"):
             txt += "; the default configuration does not meet the budget"
         if ch.get("cost_per_million") is not None:
