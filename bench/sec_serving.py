@@ -13,6 +13,7 @@ Serving goes through retool's Python-based stand-in for Triton's C++ onnxruntime
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from bench.proc import run_child
@@ -80,10 +81,21 @@ def serving(settings: dict, work: Path) -> dict:
     try:
         with open_session(prep["repo"]) as sess:
             out["server"] = sess.backend_note
+            budget = BUDGET_P99_MS
+            singles = {}
+            for prec in ("fp32", "int8"):
+                singles[prec] = _at_budget(sess, repo, f"resnet18-{prec}", DEFAULT, (1,), window, None)
+            slowest = max((c["best"] or {}).get("p99_ms", 0.0) for _, c in singles.values())
+            if slowest * 2 > budget:
+                # a slow (or busy) machine: the same budget for every variant, but one the default can meet
+                budget = float(10 * -(-int(slowest * 2) // 10))
+                out["budget_note"] = (f"raised from {BUDGET_P99_MS:g} ms: single-stream p99 here is {slowest:.0f} ms "
+                                      f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
+            out["budget_p99_ms"] = budget
             for prec in ("fp32", "int8"):
                 name = f"resnet18-{prec}"
-                single, _ = _at_budget(sess, repo, name, DEFAULT, (1,), window, None)
-                search = tune(sess, repo, name, budget_ms=BUDGET_P99_MS, space_name="quick",
+                single = singles[prec][0]
+                search = tune(sess, repo, name, budget_ms=budget, space_name="quick",
                               concurrency=conc, window_ms=window)
                 res = {"single_stream": summarize([single], unit="infer/s", better="higher"),
                        "search": [{"label": c["label"], "best": c["best"]} for c in search["configs"]],
@@ -100,7 +112,7 @@ def serving(settings: dict, work: Path) -> dict:
                 for i in range(rounds):  # alternate which goes first: drift hits both alike
                     pair = [("d", DEFAULT), ("t", chosen)] if i % 2 == 0 else [("t", chosen), ("d", DEFAULT)]
                     for tag, cfg in pair:
-                        tp, _ = _at_budget(sess, repo, name, cfg, conc, window, BUDGET_P99_MS)
+                        tp, _ = _at_budget(sess, repo, name, cfg, conc, window, budget)
                         (d_tp if tag == "d" else t_tp).append(tp)
                 res["default_at_budget"] = summarize(d_tp, unit="infer/s", better="higher")
                 res["tuned_at_budget"] = summarize(t_tp, unit="infer/s", better="higher")
@@ -121,8 +133,8 @@ def serving(settings: dict, work: Path) -> dict:
 
 
 def render(d: dict) -> str:
-    lines = [f"budget p99 <= {d.get('budget_p99_ms')} ms, {d.get('window_ms')} ms windows, {d.get('rounds')} "
-             f"round(s); {d.get('backend')}",
+    lines = [f"budget p99 <= {d.get('budget_p99_ms')} ms{' (' + d['budget_note'] + ')' if d.get('budget_note') else ''}, "
+             f"{d.get('window_ms')} ms windows, {d.get('rounds')} round(s); {d.get('backend')}",
              f"{'precision':<10}{'single':>9}{'default@budget':>16}{'tuned@budget':>14}{'tuned/default':>22}"
              f"{'tuned/single':>14}  chosen"]
     for prec, r in (d.get("precisions") or {}).items():

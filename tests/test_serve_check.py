@@ -149,3 +149,13 @@ def test_backend_joins_queued_requests_into_one_run_and_honours_ort_threads(repo
     np.testing.assert_allclose(np.concatenate(outs), want, rtol=1e-5, atol=1e-6)  # each answer went to its request
     sess.load("good", override(base, ServingConfig(1, 4, False), 4))
     assert _stub_threads(server) - one_thread == 3  # ORT's intra-op pool: threads - 1 workers
+
+
+def test_checking_every_model_reports_each_and_exits_7_for_the_refused(repo, server):
+    with pytest.raises(ModelLoadError) as ei:
+        check(str(repo), url=server.http_url, grpc_url=server.grpc_url)
+    rep = ei.value.report
+    by = {m["model"]: m for m in rep["models"]}
+    assert set(by) == {"good", *BAD} and by["good"]["passed"]
+    assert all(not by[n]["loaded"] and BAD[n][1] in by[n]["reason"] for n in BAD)
+    assert f"and {len(BAD) - 1} more model(s) refused" in str(ei.value)
