@@ -177,11 +177,19 @@ class Repository:
         if samples:
             from retool.serve.samples import SAMPLES_FILE, build
 
-            data, samples_entry = build(art.path, triton["max_batch_size"], samples_reference)
-            sp = Path(tmp_samples.name) / SAMPLES_FILE
-            sp.write_bytes(data)
-            model_file = files.pop(MODEL_FILE)
-            files = {**files, SAMPLES_FILE: sp, MODEL_FILE: model_file}  # the model stays last (commit order)
+            try:
+                data, samples_entry = build(art.path, triton["max_batch_size"], samples_reference)
+            except Exception as exc:  # noqa: BLE001 - samples serve repo check; they never block a publish
+                from retool.errors import first_line
+
+                samples_entry = {"error": first_line(exc, 300, with_type=True)}
+                console.warn(f"{art.path}: no serving samples ({samples_entry['error']}); retool repo check "
+                             f"will load the model but not compare its answers")
+            else:
+                sp = Path(tmp_samples.name) / SAMPLES_FILE
+                sp.write_bytes(data)
+                model_file = files.pop(MODEL_FILE)
+                files = {**files, SAMPLES_FILE: sp, MODEL_FILE: model_file}  # the model stays last (commit order)
         info = {rel: {"sha256": _sha(p), "size": p.stat().st_size} for rel, p in files.items()}
 
         store = self.storage

@@ -69,8 +69,9 @@ def check_one(sess: Session, repo, name: str, version: int | None = None, timeou
                            "index": index, "config": completed_config(cfg), "parity": [], "passed": ready}
     man = repo.manifest(name, v)
     entry = man.get("samples")
-    if not entry:
-        out["note"] = "no samples.npz in this version (published before retool stored samples): parity not checked"
+    if not entry or not entry.get("file"):
+        why = (entry or {}).get("error") or "published before retool stored samples"
+        out["note"] = f"no samples.npz in this version ({why}): parity not checked"
         return out
     data = smp.load(repo.storage.read_bytes(f"{name}/{v}/{entry.get('file', smp.SAMPLES_FILE)}"))
     mbs = int(cfg.get("max_batch_size") or 0)

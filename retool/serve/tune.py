@@ -149,7 +149,7 @@ def tune(sess, repo, name: str, *, budget_ms: float | None, rate: float | None =
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="retool-load-") as tmp:
         data_file = None
-        if man.get("samples"):
+        if (man.get("samples") or {}).get("file"):
             data = smp.load(repo.storage.read_bytes(f"{name}/{v}/{man['samples'].get('file', smp.SAMPLES_FILE)}"))
             data_file = lt.input_data_file(data["in"], Path(tmp), batched=mbs > 0)
         try:
