@@ -102,6 +102,9 @@ def pipeline(d: dict) -> str:
             + _table(["figure", "median [IQR]"], rows))
 
 
+from bench.sec_serving import render as serving  # noqa: E402,F401  (the "serving" section's table)
+
+
 def render(name: str, d: dict) -> str:
     st = _status(d)
     if st:

@@ -1,8 +1,9 @@
 """`make demo`: the main job end to end on the bundled example models.
 
 Builds one PyTorch, one Keras and one Caffe model, runs examples/pipelines/demo.yaml for the
-`cpu` and `cpu-int8` targets into ./model-repo, prints the summary, and checks that every
-published config.pbtxt parses with Triton's own schema.
+`cpu` and `cpu-int8` targets into ./model-repo, serves every published model in a real Triton
+(parity through the server, throughput within a p99 budget, the configuration chosen), prints the
+summary, and checks that every published config.pbtxt parses with Triton's own schema.
 """
 from __future__ import annotations
 
@@ -49,6 +50,20 @@ def main() -> int:
         print(f"{len(configs)} config.pbtxt file(s) in {repo} parse with Triton's model_config schema.")
     except ImportError as exc:
         print(f"(Triton schema check skipped: {exc})")
+    served = [(o, o.stages["serve"]) for o in result.outcomes if (o.stages or {}).get("serve")]
+    if served:
+        print(f"\nServed in a real Triton ({served[0][1].get('server')}):")
+    for o, s in served:
+        par = (s.get("check") or {}).get("parity") or []
+        worst = max((p.get("max_abs") or 0.0 for p in par), default=float("nan"))
+        ch = (s.get("load") or {}).get("chosen")
+        head = (f"  {o.published['name']} v{o.published['version']}: parity over http+grpc "
+                f"{'PASS' if (s.get('check') or {}).get('passed') else 'FAIL'} (max diff {worst:.1e})")
+        if ch:
+            print(f"{head}; {ch['throughput']:.0f} infer/s at p99 {ch['p99_ms']:.1f} ms "
+                  f"(budget {s['load']['budget_p99_ms']:g} ms) with {ch['label']}")
+        else:
+            print(f"{head}; {s.get('message') or 'no load test'}")
     print(f"reports: {args.out}/<model>/<target>/report/report.html; summary: {result.summary_md}")
     code = result.exit_code
     slower = [o for o in result.outcomes if _only_slower(o)]

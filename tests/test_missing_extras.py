@@ -20,6 +20,7 @@ sys.exit(main({argv!r}))
     ("torch", ["convert", "fixtures.torch_models:cnn", "-o", "{tmp}/m.onnx"], "torch"),
     ("tensorflow", ["convert", "{tmp}/saved", "-o", "{tmp}/m.onnx"], "tensorflow"),
     ("s3fs", ["repo", "list", "s3://bucket/models"], "s3"),
+    ("pytriton", ["serve", "{tmp}/saved"], "serve"),  # the Triton server files come from nvidia-pytriton
 ])
 def test_missing_framework_exits_3_naming_the_extra(tmp_path, hide, argv, extra):
     (tmp_path / "saved").mkdir()

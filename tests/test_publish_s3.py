@@ -171,3 +171,16 @@ def test_publisher_killed_mid_upload_leaves_nothing_visible_on_s3(s3_endpoint, b
     assert [k for k in _keys(s3_endpoint, bucket, "k/") if not k.startswith("k/m/.staging/")] == []
     assert publish(model, url, "m").version == 1 and repo.verify() == ([], 4)  # + samples.npz
     assert _keys(s3_endpoint, bucket, "k/m/.staging/") == []  # the dead publisher's upload was swept
+
+
+def test_repo_check_pulls_an_s3_repository_into_a_cache_and_serves_it(s3_endpoint, bucket, tmp_path, monkeypatch):
+    from retool.serve.check import check
+
+    monkeypatch.setenv("RETOOL_CACHE_DIR", str(tmp_path / "cache"))  # the Triton home is rebuilt there: seconds
+    url = f"s3://{bucket}/serve"
+    publish(linear(tmp_path / "m.onnx"), url, "m", max_batch_size=2)
+    rep = check(url, "m")
+    (m,) = rep["models"]
+    assert m["passed"] and len(m["parity"]) == 4
+    pulled = list((tmp_path / "cache" / "repos").glob("*/m/1/model.onnx"))
+    assert pulled and not list((tmp_path / "cache" / "repos").glob("*/m/.*"))  # no staging or claims

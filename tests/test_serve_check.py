@@ -108,3 +108,54 @@ def test_cli_check_reads_the_reason_only_triton_s_log_has_and_leaves_no_server(r
     ok = run_retool("repo", "check", repo, "good")
     assert ok.returncode == 0, ok.stderr
     assert "http@1 http@4 grpc@1 grpc@4 PASS" in ok.stdout
+
+
+def _stub_threads(server) -> int:
+    # the newest stub runs the model instance (python backend starts a model stub before it)
+    stubs = [c for c in psutil.Process(server.pid).children(recursive=True) if "stub" in c.name()]
+    return max(stubs, key=lambda c: c.create_time()).num_threads()
+
+
+def test_backend_joins_queued_requests_into_one_run_and_honours_ort_threads(repo, server):
+    import concurrent.futures as cf
+
+    from retool.serve.client import Control, infer
+    from retool.serve.session import Session
+    from retool.serve.tune import override
+    from retool.serve.profile import ServingConfig
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2
+
+    sess = Session(Control(server.http_url), server.http_url, server.grpc_url, server, repo)
+    base = json_format.MessageToDict(text_format.Parse((repo / "good" / "config.pbtxt").read_text(),
+                                                       model_config_pb2.ModelConfig()), preserving_proto_field_name=True)
+    # a long queue delay and preferred batch 4: four concurrent requests must become one execution
+    sess.load("good", override(base, ServingConfig(1, 1, True, 2_000_000, (4,)), 4))
+    one_thread = _stub_threads(server)
+    x = np.random.default_rng(0).standard_normal((4, 4)).astype(np.float32)
+    with cf.ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda i: infer("grpc", server.grpc_url, "good", {"x": x[i:i + 1]}, ["y"])["y"], range(4)))
+    import time
+
+    for _ in range(50):  # Triton counts a request once its response is released: just after the client has it
+        stats = sess.control.stats("good")["model_stats"][0]
+        if stats["inference_count"] == 4:
+            break
+        time.sleep(0.1)
+    assert stats["inference_count"] == 4 and stats["execution_count"] == 1
+    import onnxruntime as ort
+
+    want = ort.InferenceSession(str(repo / "good" / "1" / "model.onnx")).run(None, {"x": x})[0]
+    np.testing.assert_allclose(np.concatenate(outs), want, rtol=1e-5, atol=1e-6)  # each answer went to its request
+    sess.load("good", override(base, ServingConfig(1, 4, False), 4))
+    assert _stub_threads(server) - one_thread == 3  # ORT's intra-op pool: threads - 1 workers
+
+
+def test_checking_every_model_reports_each_and_exits_7_for_the_refused(repo, server):
+    with pytest.raises(ModelLoadError) as ei:
+        check(str(repo), url=server.http_url, grpc_url=server.grpc_url)
+    rep = ei.value.report
+    by = {m["model"]: m for m in rep["models"]}
+    assert set(by) == {"good", *BAD} and by["good"]["passed"]
+    assert all(not by[n]["loaded"] and BAD[n][1] in by[n]["reason"] for n in BAD)
+    assert f"and {len(BAD) - 1} more model(s) refused" in str(ei.value)

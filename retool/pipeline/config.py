@@ -51,9 +51,13 @@ CALIBRATION = Obj({"data": (str, False), "method": (OneOf(("minmax", "entropy", 
                   shorthand="data")
 PUBLISH = Obj({"when": (OneOf(PUBLISH_WHEN), False), "alias": (str, False), "repository": (str, False),
                "name": (str, False), "force": (bool, False)})
+#: after publish: load in a real Triton (check), load-test, and pick the config for a p99 budget (its own gate)
+SERVE = Obj({"check": (bool, False), "load": (bool, False), "budget_p99_ms": (NUM, False), "rate": (NUM, False),
+             "cost_per_hour": (NUM, False), "space": (OneOf(("small", "quick", "full")), False),
+             "concurrency": (ListOf(int), False), "window_ms": (int, False), "url": (str, False)})
 TARGET = Obj({"name": (str, True), "tolerance": (TOLERANCE, False), "gates": (GATES, False),
               "calibration": (CALIBRATION, False), "publish": (PUBLISH, False),
-              "accuracy": (str, False)}, shorthand="name")
+              "accuracy": (str, False), "serve": (SERVE, False)}, shorthand="name")
 VALIDATION = Obj({"batch_sizes": (ListOf(int), False), "threads": (int, False), "latency": (bool, False),
                   "reference": (OneOf(REFERENCES), False), "runs": (int, False),
                   "min_time_s": (NUM, False)})
@@ -63,9 +67,11 @@ MODEL = Obj({
     "options": (MapOf(object), False), "trust_remote_code": (bool, False),
     "targets": (ListOf(TARGET), False), "calibration": (CALIBRATION, False), "gates": (GATES, False),
     "validation": (VALIDATION, False), "publish": (PUBLISH, False), "repository": (str, False),
+    "serve": (SERVE, False),
 })
 DEFAULTS = Obj({"targets": (ListOf(TARGET), False), "calibration": (CALIBRATION, False),
-                "gates": (GATES, False), "validation": (VALIDATION, False), "publish": (PUBLISH, False)})
+                "gates": (GATES, False), "validation": (VALIDATION, False), "publish": (PUBLISH, False),
+                "serve": (SERVE, False)})
 PIPELINE = Obj({"version": (int, False), "repository": (str, False), "defaults": (DEFAULTS, False),
                 "models": (ListOf(MODEL), True)})
 
@@ -80,6 +86,7 @@ class TargetConfig:
     publish: Mapping[str, Any] = field(default_factory=dict)
     #: accuracy goal, e.g. "top1>=0.97,cos>=0.999" (retool.optimizers.goal)
     accuracy: str | None = None
+    serve: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -253,6 +260,7 @@ def parse_config(data: Any, src: str = "<config>", loc: _Located | None = None,
                 _merge(defaults.get("calibration"), m.get("calibration"), t.get("calibration")),
                 _merge({"when": "gates-pass"}, defaults.get("publish"), m.get("publish"), t.get("publish")),
                 t.get("accuracy"),
+                _merge(defaults.get("serve"), m.get("serve"), t.get("serve")),
             ))
         from retool.optimizers.goal import parse_goal
         from retool.registry import TARGETS

@@ -306,7 +306,8 @@ class _Scheduler:
                 return {"status": "ok", "repository": repo_url, "name": name, "version": latest[0],
                         "alias": rules.get("alias"), "note": "already published"}
             res = publish(opt["path"], repo_url, name, report=val.get("report"),
-                          force=force, alias=rules.get("alias"))
+                          force=force, alias=rules.get("alias"),
+                          samples_reference=self.converts.get(m.name, {}).get("path"))  # fp32 outputs for serve checks
         except RetoolError as exc:
             return {"status": "failed", "code": exc.exit_code, "message": str(exc)}
         return {"status": "ok", "repository": repo_url, "name": name, "version": res.version,
@@ -314,6 +315,7 @@ class _Scheduler:
 
     # -- reporting -----------------------------------------------------------------------------
     def _finish(self, seconds: float) -> RunResult:
+        from retool.pipeline.serve_step import serve_published, summary_section
         from retool.pipeline.summary import render_summary
 
         outcomes = []
@@ -321,6 +323,7 @@ class _Scheduler:
             for t in m.targets:
                 outcomes.append(self.outcomes.get((m.name, t.name),
                                                   TargetOutcome(m.name, t.name, "skipped", 0, "not run")))
+        outcomes = serve_published(self.models, outcomes, self.out_dir)  # after every job: the CPUs are free
         codes = [o.code for o in outcomes] + [c.get("code", 0) for c in self.converts.values()]
         code = worst_code(codes)
         summary = {"created": now_iso(), "seconds": round(seconds, 2), "exit_code": code,
@@ -330,5 +333,5 @@ class _Scheduler:
         sm = self.out_dir / "summary.md"
         atomic_write_text(sj, json.dumps(jsonable(summary), indent=2))
         atomic_write_text(sm, render_summary(self.models, self.converts, outcomes, code, seconds,
-                                                   self.engine_name, self.workers))
+                                                   self.engine_name, self.workers) + summary_section(outcomes))
         return RunResult(tuple(outcomes), self.converts, code, self.out_dir, sm, sj)

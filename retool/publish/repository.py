@@ -24,6 +24,8 @@ from retool.types import CheckResult, ModelArtifact, Report, now_iso
 
 CONFIG = "config.pbtxt"
 ALIASES = "aliases.json"
+#: serving profiles measured after publish (retool run's serve step): version -> triton settings
+SERVING = "serving.json"
 
 
 @dataclass(frozen=True)
@@ -185,11 +187,19 @@ class Repository:
         if samples:
             from retool.serve.samples import SAMPLES_FILE, build
 
-            data, samples_entry = build(art.path, triton["max_batch_size"], samples_reference)
-            sp = Path(tmp_samples.name) / SAMPLES_FILE
-            sp.write_bytes(data)
-            model_file = files.pop(MODEL_FILE)
-            files = {**files, SAMPLES_FILE: sp, MODEL_FILE: model_file}  # the model stays last (commit order)
+            try:
+                data, samples_entry = build(art.path, triton["max_batch_size"], samples_reference)
+            except Exception as exc:  # noqa: BLE001 - samples serve repo check; they never block a publish
+                from retool.errors import first_line
+
+                samples_entry = {"error": first_line(exc, 300, with_type=True)}
+                console.warn(f"{art.path}: no serving samples ({samples_entry['error']}); retool repo check "
+                             f"will load the model but not compare its answers")
+            else:
+                sp = Path(tmp_samples.name) / SAMPLES_FILE
+                sp.write_bytes(data)
+                model_file = files.pop(MODEL_FILE)
+                files = {**files, SAMPLES_FILE: sp, MODEL_FILE: model_file}  # the model stays last (commit order)
         info = {rel: {"sha256": _sha(p), "size": p.stat().st_size} for rel, p in files.items()}
 
         store = self.storage
@@ -256,13 +266,39 @@ class Repository:
         if not committed:
             return None
         served = sorted({int(a["version"]) for a in self.aliases(name).values() if int(a["version"]) in committed})
-        m = self.manifest(name, max(served) if served else committed[-1])
-        t = m.get("triton") or {}
+        shown = max(served) if served else committed[-1]
+        m = self.manifest(name, shown)
+        t = {**(m.get("triton") or {}), **self.serving_profiles(name).get(str(shown), {})}
         text = build_config(name, m["artifact"], served_versions=served or None,
                             max_batch_size=t.get("max_batch_size"), instance_count=t.get("instance_count", 1),
                             dynamic_batching=t.get("dynamic_batching", True), parameters=t.get("parameters"))
         self.storage.write_bytes(f"{name}/{CONFIG}", text.encode())
         return text
+
+    def serving_profiles(self, name: str) -> dict:
+        try:
+            return dict(self.storage.read_json(f"{name}/{SERVING}").get("versions", {}))
+        except FileNotFoundError:
+            return {}
+        except ValueError as exc:
+            raise PublishError(f"{self.storage.location(f'{name}/{SERVING}')}: damaged ({exc}); delete it and "
+                               f"run the serve step again") from None
+
+    def set_serving_profile(self, name: str, version: int, profile) -> str | None:
+        """Serve ``version`` with a profile measured after it was published (the manifest stays as
+        published; the profile and its measurement are kept in NAME/serving.json). Returns the config."""
+        from retool.serve.profile import serving_settings
+
+        name = self._require_model(name)
+        if version not in self.versions(name):
+            raise UsageError(f"{self.storage.location(name)}: no version {version} to apply a serving profile to")
+        mbs = int((self.manifest(name, version).get("triton") or {}).get("max_batch_size") or 0)
+        settings = {**serving_settings(None, profile, mbs, name), "applied": now_iso(), "by": publisher()["user"]}
+        with self.storage.lock(name):
+            allp = self.serving_profiles(name)
+            allp[str(version)] = settings
+            self.storage.write_json(f"{name}/{SERVING}", {"versions": allp})
+            return self.write_config(name)
 
     # ---- aliases ------------------------------------------------------------------------------------
     def _move_alias(self, name: str, alias: str, version: int, *, rollback: bool = False) -> dict:

@@ -15,14 +15,14 @@ import socket
 import subprocess
 import tempfile
 import time
-import weakref
 from pathlib import Path
 from typing import Sequence
 
 from retool.errors import ServingError, ServingTimeout, UsageError
 from retool.serve.home import ensure_home, server_env
 
-_LIVE: "weakref.WeakSet[TritonServer]" = weakref.WeakSet()
+#: servers started and not yet stopped (strong references: a forgotten one is still stopped at exit)
+_LIVE: "set[TritonServer]" = set()
 _LOG_LINE = re.compile(r"^([EWI])\d{4} [\d:.]+ +\d+ [^\]]+\] ?(.*)$")
 
 

@@ -1,0 +1,257 @@
+"""Pick the serving configuration for a latency budget, by measuring each one in a real Triton.
+
+The space: instances x ORT intra-op threads (their product at most the cores), and dynamic
+batching off or on with a few queue delays and preferred batch sizes. Each configuration is
+loaded through the load API's config override (the repository is not touched) and swept with
+perf_analyzer. Kept: the highest throughput whose p99 meets the budget; at a fixed --rate, the
+lowest p99 among those that sustain the rate.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from retool import console
+from retool.serve import loadtest as lt
+from retool.serve.profile import ServingConfig
+
+DEFAULT = ServingConfig(1, None, False)  # what publish writes without a profile: 1 instance, no batching
+SPACES = ("small", "quick", "full")
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def instance_thread_pairs(n_cores: int) -> list[tuple[int, int]]:
+    pairs = {(1, 1), (1, n_cores)}
+    for i in (2, 4, 8):
+        if i <= n_cores:
+            pairs.add((i, max(1, n_cores // i)))
+    return sorted(pairs, key=lambda p: (p[0], p[1]))
+
+
+def space(name: str, max_batch_size: int, n_cores: int) -> list[ServingConfig]:
+    """The configurations to measure, the default first."""
+    pairs = instance_thread_pairs(n_cores)
+    batching = max_batch_size > 1
+    out = [DEFAULT]
+    if name == "small":  # the default against one batching guess: for demos
+        out.append(ServingConfig(1, n_cores, True, 500) if batching else ServingConfig(1, n_cores, False))
+    elif name == "quick":
+        i_max = max(p[0] for p in pairs)
+        out.append(ServingConfig(1, n_cores, False))
+        if batching:
+            out.append(ServingConfig(1, n_cores, True, 500))
+            out.append(ServingConfig(i_max, max(1, n_cores // i_max), True, 500))
+        else:
+            out.append(ServingConfig(i_max, max(1, n_cores // i_max), False))
+    else:
+        for i, t in pairs:
+            out.append(ServingConfig(i, t, False))
+            if batching:
+                out.append(ServingConfig(i, t, True, 1000))
+        if batching:
+            half = max(2, max_batch_size // 2)
+            for i, t in pairs:
+                for delay, pref in ((100, ()), (4000, ()), (1000, (half,)), (1000, (max_batch_size,))):
+                    out.append(ServingConfig(i, t, True, delay, pref))
+    seen, uniq = set(), []
+    for c in out:
+        if c not in seen:
+            seen.add(c)
+            uniq.append(c)
+    return uniq
+
+
+def from_config(base: dict) -> ServingConfig:
+    """The ServingConfig a published config (as JSON) amounts to."""
+    groups = base.get("instance_group") or [{}]
+    thr = ((base.get("parameters") or {}).get("intra_op_thread_count") or {}).get("string_value")
+    db = base.get("dynamic_batching")
+    return ServingConfig(int(groups[0].get("count") or 1), int(thr) if thr else None, db is not None,
+                         int((db or {}).get("max_queue_delay_microseconds") or 0),
+                         tuple(int(b) for b in (db or {}).get("preferred_batch_size") or ()))
+
+
+def override(base: dict, cfg: ServingConfig, max_batch_size: int) -> dict:
+    """The published config (as JSON) with this configuration's instances, threads and batching."""
+    out = {k: v for k, v in base.items() if k not in ("dynamic_batching",)}
+    kinds = [g.get("kind") for g in base.get("instance_group", []) if g.get("kind")]
+    kind = kinds[0] if kinds and kinds[0] != "KIND_AUTO" else "KIND_CPU"
+    out["instance_group"] = [{"count": cfg.instance_count, "kind": kind}]
+    params = {k: v for k, v in (base.get("parameters") or {}).items()
+              if k not in ("intra_op_thread_count", "inter_op_thread_count")}
+    if cfg.intra_op_thread_count:
+        params["intra_op_thread_count"] = {"string_value": str(cfg.intra_op_thread_count)}
+        params["inter_op_thread_count"] = {"string_value": "1"}
+    out["parameters"] = params
+    if cfg.dynamic_batching and max_batch_size > 1:
+        db: dict[str, Any] = {"max_queue_delay_microseconds": str(cfg.max_queue_delay_microseconds)}
+        if cfg.preferred_batch_size:
+            db["preferred_batch_size"] = [b for b in cfg.preferred_batch_size if b <= max_batch_size]
+        out["dynamic_batching"] = db
+    return out
+
+
+@dataclass
+class Measured:
+    config: ServingConfig
+    points: list = field(default_factory=list)
+    best: Any = None  # the LoadPoint kept for this configuration
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"label": self.config.label, "config": self.config.to_dict(), "error": self.error,
+                "points": [p.to_dict() for p in self.points], "best": self.best.to_dict() if self.best else None}
+
+
+def _pick(m: Measured, budget: float | None, rate: float | None) -> None:
+    if rate:
+        ok = [p for p in m.points if p.throughput >= 0.95 * rate and (budget is None or p.p99_ms <= budget)]
+        m.best = min(ok, key=lambda p: p.p99_ms) if ok else None
+    else:
+        m.best = lt.best_within(m.points, budget)
+
+
+def tune(sess, repo, name: str, *, budget_ms: float | None, rate: float | None = None, space_name: str = "quick",
+         concurrency: Sequence[int] = (1, 2, 4, 8), rates: Sequence[float] = (), window_ms: int = lt.DEFAULT_WINDOW_MS,
+         cost_per_hour: float | None = None, configs: "Sequence[ServingConfig] | str | None" = None,
+         timeout: float = 120.0) -> dict:
+    """Measure each configuration; returns the report (JSON-ready). ``configs`` replaces the space
+    ("published": only the configuration in the repository, loaded as it is)."""
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from retool.serve import samples as smp
+
+    versions = repo.versions(name)
+    v = versions[-1]
+    base = json_format.MessageToDict(text_format.Parse(repo.config_text(name) or "", model_config_pb2.ModelConfig()),
+                                     preserving_proto_field_name=True)
+    mbs = int(base.get("max_batch_size") or 0)
+    n_cores = cores()
+    published = from_config(base)
+    if configs == "published":  # measure what is published, as it is
+        todo = [published]
+    else:
+        todo = list(configs) if configs else space(space_name, mbs, n_cores)
+    man = repo.manifest(name, v)
+    import tempfile
+    from pathlib import Path
+
+    measured: list[Measured] = []
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="retool-load-") as tmp:
+        data_file = None
+        if (man.get("samples") or {}).get("file"):
+            data = smp.load(repo.storage.read_bytes(f"{name}/{v}/{man['samples'].get('file', smp.SAMPLES_FILE)}"))
+            data_file = lt.input_data_file(data["in"], Path(tmp), batched=mbs > 0)
+        try:
+            for cfg in todo:
+                m = Measured(cfg)
+                measured.append(m)
+                with console.step(f"{name}: {cfg.label}"):
+                    try:
+                        sess.load(name, None if configs == "published" else override(base, cfg, mbs),
+                                  timeout=timeout)
+                        sweep_rates = list(rates) or ([rate] if rate else [])
+                        m.points = lt.sweep(name, sess.grpc_url, concurrency=concurrency, rates=sweep_rates,
+                                            input_data=data_file, window_ms=window_ms,
+                                            stop_above_ms=None if rate or rates else budget_ms)
+                    except Exception as exc:  # one configuration that fails is reported, not fatal
+                        from retool.errors import RetoolError
+
+                        if not isinstance(exc, RetoolError):
+                            raise
+                        m.error = str(exc)
+                _pick(m, budget_ms, rate)
+        finally:
+            if sess.server is None:  # an existing server goes back to the published config
+                try:
+                    sess.load(name, timeout=timeout)
+                except Exception:  # noqa: BLE001 - best effort on someone else's server
+                    console.warn(f"could not reload {name} with its published config on {sess.http_url}")
+    return report(name, v, measured, budget_ms, rate, cost_per_hour, n_cores, window_ms,
+                  time.perf_counter() - t0, sess.backend_note)
+
+
+def report(name, version, measured: list[Measured], budget_ms, rate, cost_per_hour, n_cores, window_ms, seconds,
+           note) -> dict:
+    kept = [m for m in measured if m.best is not None]
+    if rate:
+        chosen = min(kept, key=lambda m: m.best.p99_ms) if kept else None
+    else:
+        chosen = max(kept, key=lambda m: m.best.throughput) if kept else None
+    default = next((m for m in measured if m.config == DEFAULT), None)
+    out: dict[str, Any] = {
+        "model": name, "version": version, "budget_p99_ms": budget_ms, "rate": rate, "cores": n_cores,
+        "window_ms": window_ms, "seconds": round(seconds, 1), "server": note,
+        "configs": [m.to_dict() for m in measured], "chosen": None, "met": chosen is not None,
+    }
+    if chosen is not None:
+        b = chosen.best
+        out["chosen"] = {"label": chosen.config.label, "config": chosen.config.to_dict(), "point": b.to_dict(),
+                         "cost_per_million": lt.cost_per_million(cost_per_hour, b.throughput)}
+        if default is not None and default.best is not None and not rate:
+            out["chosen"]["throughput_vs_default"] = b.throughput / default.best.throughput
+        if default is not None:
+            out["default"] = {"label": default.config.label,
+                              "point": default.best.to_dict() if default.best else None}
+    else:
+        pts = [(m, p) for m in measured for p in m.points]
+        if pts:
+            m, p = min(pts, key=lambda mp: mp[1].p99_ms)
+            out["closest"] = {"label": m.config.label, "point": p.to_dict(),
+                              "over_budget_ms": (p.p99_ms - budget_ms) if budget_ms is not None else None}
+    if cost_per_hour:
+        out["cost_per_hour"] = cost_per_hour
+    return out
+
+
+def measurement(rep: dict) -> dict:
+    """What a serving profile (and so the manifest) records about the choice."""
+    ch = rep["chosen"]
+    p = ch["point"]
+    return {"budget_p99_ms": rep["budget_p99_ms"], "rate": rep["rate"], "throughput": p["throughput"],
+            "p50_ms": p["p50_ms"], "p99_ms": p["p99_ms"], "queue_ms": p["queue_ms"], "compute_ms": p["compute_ms"],
+            "load": {"mode": p["mode"], "value": p["load"]}, "throughput_vs_default": ch.get("throughput_vs_default"),
+            "cost_per_million": ch.get("cost_per_million"), "cores": rep["cores"], "window_ms": rep["window_ms"],
+            "server": rep["server"], "configs_measured": len(rep["configs"])}
+
+
+def verdict(rep: dict) -> str:
+    """One line: the chosen configuration and its numbers, or by how much the budget is missed."""
+    budget, ch = rep.get("budget_p99_ms"), rep.get("chosen")
+    if ch:
+        p = ch["point"]
+        at = f"at {p['mode']} {p['load']:g}"
+        txt = (f"{rep['model']}: {ch['label']}: {p['throughput']:.0f} infer/s, p99 {p['p99_ms']:.2f} ms {at}"
+               + (f" (budget p99 <= {budget:g} ms)" if budget is not None else "")
+               + ("" if p.get("stable", True) else " [unstable windows: a busy machine]"))
+        ratio = ch.get("throughput_vs_default")
+        if ratio and ch["label"] != (rep.get("default") or {}).get("label"):
+            # one measurement each, windows stable within STABILITY_PCT: smaller gaps are noise
+            if 1 / (1 + lt.STABILITY_PCT / 100) < ratio < 1 + lt.STABILITY_PCT / 100:
+                txt += "; no measurable difference from the default's throughput within the budget"
+            else:
+                txt += (f"; {ratio:.2f}x the default's throughput within the budget (one measurement each, "
+                        f"windows within {lt.STABILITY_PCT}%)")
+        elif budget is not None and rep.get("default") and not (rep["default"] or {}).get("point"):
+            txt += "; the default configuration does not meet the budget"
+        if ch.get("cost_per_million") is not None:
+            txt += f"; {ch['cost_per_million']:.4g} per million inferences at {rep.get('cost_per_hour'):g}/h"
+        return txt
+    c = rep.get("closest")
+    if not c:
+        return f"{rep['model']}: no configuration could be measured (see the report's errors)"
+    p = c["point"]
+    over = f", {c['over_budget_ms']:.2f} ms over" if c.get("over_budget_ms") is not None else ""
+    at = f" at {rep['rate']:g} req/s" if rep.get("rate") else ""
+    return (f"{rep['model']}: no configuration meets p99 <= {budget:g} ms{at}: the closest, {c['label']}, has p99 "
+            f"{p['p99_ms']:.2f} ms at {p['mode']} {p['load']:g}{over}")
