@@ -101,9 +101,11 @@ CPU_INT8 = TargetProfile(
 )
 
 CPU_INT8_DYNAMIC = TargetProfile(
-    "cpu-int8-dynamic", "dynamic int8 of MatMul / Gemm / attention / LSTM weights, for transformers and RNNs",
+    "cpu-int8-dynamic", "dynamic int8 of MatMul / attention / LSTM weights and embedding tables, for transformers "
+    "and RNNs; encoders get ORT's transformer fusions when they measure faster",
     method="dynamic", precision="int8", quant_format="QOperator", per_channel=False, activation_type="uint8",
-    weight_type="int8", symmetric_weights=True, op_types=("MatMul", "Gemm", "Attention", "LSTM", "GRU"),
+    weight_type="int8", symmetric_weights=True,
+    op_types=("MatMul", "Gemm", "Attention", "LSTM", "GRU", "Gather", "EmbedLayerNormalization"),
     graph_level="basic", tolerance=_INT8_TOL,
 )
 
