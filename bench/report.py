@@ -102,6 +102,9 @@ def pipeline(d: dict) -> str:
             + _table(["figure", "median [IQR]"], rows))
 
 
+from bench.sec_peers import render_table as peers  # noqa: E402,F401  (globals() lookup by section name)
+
+
 def render(name: str, d: dict) -> str:
     st = _status(d)
     if st:

@@ -284,3 +284,6 @@ def pipeline(settings: dict, work: Path) -> dict:
         res["run_outside_stages_s"] = summarize([w - sum(s[k] for k in keys) for w, s in zip(runs, run_steps)])
     res["meets_goal"] = res["ratio"]["median"] <= PIPELINE_GOAL
     return res
+
+
+from bench.sec_peers import peers  # noqa: E402,F401  (section 'peers': retool vs plain onnxruntime.quantization)
