@@ -179,7 +179,8 @@ def _convert_loaded(model: SourceModel, request: ConvertRequest, out: Path, veri
         report = Report("convert", art, tuple(checks),
                         {"timings": {k: round(v, 4) for k, v in timings.items()},
                          "tolerance": tol.to_dict(), "exporter": result.tool,
-                         "framework": request.framework, "verified": verify},
+                         "framework": request.framework, "verified": verify,
+                         "hardware": _hardware()},
                         tuple(result.warnings))
         side = sidecar_report_path(out)
         if not report.passed:
@@ -240,3 +241,10 @@ def compare_with_onnxruntime(sess, feeds_list, refs, art: ModelArtifact, request
                                   f"{_shapes(feeds)}: {_first_line(exc)}") from exc
         checks += compare_outputs(names, ref, cand, tol, label)
     return checks
+
+
+def _hardware() -> dict:
+    """The CPU the parity check ran on (retool.optimizers.hardware)."""
+    from retool.optimizers.hardware import detect
+
+    return detect().to_dict()
