@@ -161,15 +161,21 @@ def run_model(args: dict) -> dict:
     res: dict = {"status": "ok", "hardware": detect().to_dict(), "variants": {}}
     paths = {"fp32": fp32, "peer": d / "peer.onnx"}
     res["variants"]["peer"] = {"build_s": round(_peer(name, fp32, calib, input_name, paths["peer"]), 2)}
-    retool_targets = ({"retool cpu-int8": ("cpu-int8", None),
-                       "retool cpu-auto top1>=0.97": ("cpu-auto", f"top1>={CNN_GOAL_TOP1}")} if name == "cnn"
-                      else {"retool cpu-int8-dynamic": ("cpu-int8-dynamic", None)})
-    for label, (target, goal) in retool_targets.items():
-        dst = d / f"{target}.onnx"
+    # "tune-for x86-vnni" on a CPU without VNNI: what reduce_range buys or costs here
+    retool_targets = ({"retool cpu-int8": ("cpu-int8", None, None),
+                       "retool cpu-int8 tuned x86-vnni": ("cpu-int8", None, "x86-vnni"),
+                       "retool cpu-auto top1>=0.97": ("cpu-auto", f"top1>={CNN_GOAL_TOP1}", None)} if name == "cnn"
+                      else {"retool cpu-int8-dynamic": ("cpu-int8-dynamic", None, None)})
+    if detect().vnni and name == "cnn":  # here the default already is the VNNI choice; show the other one
+        retool_targets["retool cpu-int8 tuned x86-avx2"] = retool_targets.pop("retool cpu-int8 tuned x86-vnni")[:2] + (
+            "x86-avx2",)
+    for label, (target, goal, tune) in retool_targets.items():
+        dst = d / f"{label.split()[1]}{'-' + tune if tune else ''}.onnx"
         t0 = time.perf_counter()
         try:
             _, rep = optimize(fp32, dst, target=target, calibration=d / "calib.npz", accuracy=goal,
-                              threads=args["threads"], measure=target == "cpu-auto" or goal is not None)
+                              threads=args["threads"], measure=target == "cpu-auto" or goal is not None,
+                              tune_for=tune)
         except Exception as exc:  # a result too: the target refused, or the goal was not met
             res["variants"][label] = {"status": "error", "reason": str(exc).splitlines()[0][:400]}
             continue
