@@ -41,7 +41,7 @@ class Candidate:
     attempts: list[dict] = field(default_factory=list)
     calibrated: bool = False
     calibration_samples: int = 0
-    #: calibration method as used, e.g. "percentile(99.99)"; None when nothing was calibrated
+    #: calibration method as used (minmax | entropy | percentile); None when nothing was calibrated
     method: str | None = None
     #: the profile as built (adapted to the CPU it is tuned for), and why it was adapted
     profile: object = None
