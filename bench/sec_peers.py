@@ -50,14 +50,50 @@ def bert_like(layers: int = 4, hidden: int = 256, heads: int = 4, vocab: int = 1
             return self.head(h[:, 0])
 
     torch.manual_seed(seed)
-    return Bert().eval()
+    m = Bert()
+    with torch.no_grad():  # BERT's own initialisation (N(0, 0.02)): default torch init is not what BERTs look like
+        for mod in m.modules():
+            if isinstance(mod, (nn.Linear, nn.Embedding)):
+                mod.weight.normal_(0.0, 0.02)
+            if isinstance(mod, nn.Linear) and mod.bias is not None:
+                mod.bias.zero_()
+        for name, p in m.named_parameters():
+            if name.endswith("in_proj_weight"):
+                p.normal_(0.0, 0.02)
+    return m.eval()
+
+
+def recalibrate_bn(model, shape, batches: int = 8, seed: int = 5):
+    """Random weights with batch-norm statistics recomputed on data: every layer sees unit-scale activations,
+    so class scores spread out as in a trained network and top-1 agreement means something."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.reset_running_stats()
+            mod.momentum = None  # cumulative average over the batches below
+    model.train()
+    with torch.no_grad():
+        for _ in range(batches):
+            model(torch.randn(16, *shape, generator=g))
+    model.eval()
+    # Standardise the classifier's scores too: pooled random features barely vary, so without this one
+    # class wins for every input and top-1 agreement is 1.0 whatever the quantization does.
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        y = torch.cat([model(torch.randn(16, *shape, generator=g)) for _ in range(batches)])
+        mu, sd = y.mean(0), y.std(0).clamp_min(1e-6)
+        head.weight.div_(sd[:, None])
+        head.bias.sub_(mu).div_(sd)
+    return model
 
 
 def _models(quick: bool) -> dict:
     if quick:
-        return {"cnn": {"factory": "fixtures.torch_models:cnn", "shape": [3, 32, 32]},
+        return {"cnn": {"factory": "fixtures.torch_models:cnn", "shape": [3, 32, 32], "recalibrate_bn": True},
                 "transformer": {"factory": "bert_like", "kw": {"layers": 2, "hidden": 64, "seq": 32}, "seq": 32}}
-    return {"cnn": {"factory": "fixtures.torch_models:resnet18_like", "shape": [3, 224, 224]},
+    return {"cnn": {"factory": "fixtures.torch_models:resnet18_like", "shape": [3, 224, 224], "recalibrate_bn": True},
             "transformer": {"factory": "bert_like", "kw": {}, "seq": 128}}
 
 
@@ -90,7 +126,8 @@ def _load_factory(spec: dict):
     ref = spec["factory"]
     if ":" in ref:
         mod, attr = ref.split(":")
-        return getattr(importlib.import_module(mod), attr)(**spec.get("kw", {}))
+        m = getattr(importlib.import_module(mod), attr)(**spec.get("kw", {}))
+        return recalibrate_bn(m, spec["shape"]) if spec.get("recalibrate_bn") else m
     return globals()[ref](**spec.get("kw", {}))
 
 
