@@ -4,7 +4,8 @@
 
 Every metric (a dict with ``median`` or ``value`` and ``better``) found at the same
 path in both files is compared on its central value. Exit status: 0 when nothing
-regressed, 1 when at least one figure did, 2 when a file cannot be read.
+regressed, 1 when at least one figure did (or, in the new file's ``peers`` section, retool is
+behind plain onnxruntime.quantization), 2 when a file cannot be read.
 """
 from __future__ import annotations
 
@@ -100,6 +101,19 @@ def _context_warnings(old: dict, new: dict) -> list[str]:
     return warns
 
 
+def behind_peers(new: dict) -> list[str]:
+    """Where the new run's retool artifact is behind plain onnxruntime.quantization (section ``peers``).
+
+    Latency counts only beyond the noise (the lower quartile of the paired ratios above 1)."""
+    out = []
+    models = ((new.get("sections") or {}).get("peers") or {}).get("models") or {}
+    for model, m in models.items():
+        for variant, r in ((m or {}).get("retool_over_peer") or {}).items():
+            if r.get("behind"):
+                out.append(f"{model}: {variant} is behind the peer in {', '.join(r['behind'])}")
+    return out
+
+
 def _fmt(v: float) -> str:
     return f"{v:.4g}"
 
@@ -148,7 +162,10 @@ def main(argv=None) -> int:
         print(f"{len(only_new)} figure(s) only in {args.new}, e.g. {only_new[0]}")
     print(f"{len(changes)} figures compared: {len(bad)} worse by more than {args.threshold:.0%}, "
           f"{len(better)} better by more than {args.threshold:.0%}")
-    return 1 if bad else 0
+    behind = behind_peers(new)
+    for line in behind:
+        print(f"BEHIND PEER: {line}")
+    return 1 if bad or behind else 0
 
 
 if __name__ == "__main__":

@@ -103,6 +103,7 @@ def pipeline(d: dict) -> str:
 
 
 from bench.sec_serving import render as serving  # noqa: E402,F401  (the "serving" section's table)
+from bench.sec_peers import render_table as peers  # noqa: E402,F401  (globals() lookup by section name)
 
 
 def render(name: str, d: dict) -> str:

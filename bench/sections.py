@@ -287,3 +287,4 @@ def pipeline(settings: dict, work: Path) -> dict:
 
 
 from bench.sec_serving import serving  # noqa: E402,F401  (section "serving": a real Triton)
+from bench.sec_peers import peers  # noqa: E402,F401  (section 'peers': retool vs plain onnxruntime.quantization)

@@ -210,7 +210,8 @@ def _convert_loaded(model: SourceModel, request: ConvertRequest, out: Path, veri
                          "framework": request.framework, "verified": verify,
                          **{k: result.params[k] for k in REPORTED_PARAMS if k in result.params},
                          **dict(model.report_data),
-                         "dynamic_dims": _dims_used(art.inputs, ref.feeds if ref is not None else []), "renamed_axes": renamed},
+                         "dynamic_dims": _dims_used(art.inputs, ref.feeds if ref is not None else []), "renamed_axes": renamed,
+                         "hardware": _hardware()},
                         tuple(result.warnings))
         side = sidecar_report_path(out)
         if not report.passed:
@@ -287,3 +288,10 @@ def compare_with_onnxruntime(sess, feeds_list, refs, art: ModelArtifact, request
         for name, r, c in zip(names, ref, cand):  # one output at a time, so each keeps its own check
             checks += [custom[name](name, r, c, label)] if name in custom else compare_outputs([name], [r], [c], tol, label)
     return checks
+
+
+def _hardware() -> dict:
+    """The CPU the parity check ran on (retool.optimizers.hardware)."""
+    from retool.optimizers.hardware import detect
+
+    return detect().to_dict()

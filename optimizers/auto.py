@@ -59,12 +59,9 @@ def choose(profile, ctx):
             v = lat["variants"][lab(c)]
             by_name[lab(c)].update(p50_ms=v["p50_ms"], ratio=round(v["p50_ms"] / fp32, 4) if fp32 else None,
                                    ratio_vs_fp32=v.get("ratio_vs_fp32"))
-        # An int8 candidate slower than fp32 beyond the noise is never kept when a float one passes.
-        slow = [c for c in passing if c.precision != "fp32" and latency.slower_than_fp32(lat["variants"][lab(c)])]
-        keep = [c for c in passing if c not in slow] or passing
+        chosen, slow = pick(passing, lat["variants"], lab)
         for c in slow:
             by_name[lab(c)]["slower_than_fp32"] = True
-        chosen = min(keep, key=lambda c: lat["variants"][lab(c)]["p50_ms"])
         why = (f"{lab(chosen)} is the fastest candidate that meets its tolerance "
                f"({lat['variants'][lab(chosen)]['p50_ms']:.3f} ms vs fp32 {fp32:.3f} ms at batch 1, "
                f"{lat['threads']} threads)")
@@ -85,3 +82,13 @@ def choose(profile, ctx):
     console.info(f"cpu-auto: {why}")
     return chosen, {"candidates": rows, "chosen": chosen.target, "chosen_variant": lab(chosen), "why": why,
                     "latency": lat}
+
+
+def pick(passing: list, variants: dict, label) -> tuple[object, list]:
+    """The fastest passing candidate, never an int8 one slower than fp32 beyond the noise while a
+    float one passes. Returns (chosen, the candidates rejected as slower than fp32)."""
+    from retool.optimizers.latency import slower_than_fp32
+
+    slow = [c for c in passing if c.precision != "fp32" and slower_than_fp32(variants[label(c)])]
+    keep = [c for c in passing if c not in slow] or passing
+    return min(keep, key=lambda c: variants[label(c)]["p50_ms"]), slow

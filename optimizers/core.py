@@ -6,7 +6,6 @@ Everything is built in a staging folder beside the output; the model reaches
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -42,11 +41,13 @@ class Candidate:
     attempts: list[dict] = field(default_factory=list)
     calibrated: bool = False
     calibration_samples: int = 0
-    #: calibration method as used, e.g. "percentile(99.99)"; None when nothing was calibrated
+    #: calibration method as used (minmax | entropy | percentile); None when nothing was calibrated
     method: str | None = None
     #: the profile as built (adapted to the CPU it is tuned for), and why it was adapted
     profile: object = None
     notes: list[str] = field(default_factory=list)
+    #: more report data (the transformer path's variants)
+    extra: dict = field(default_factory=dict)
 
 
 class Context:
@@ -89,6 +90,22 @@ class Context:
         self.percentile: float | None = None
         self.goal = None  # optimizers.goal.AccuracyGoal
         self.measure = True
+        self._encoder = False
+
+    @property
+    def encoder(self):
+        """The transformer encoder this model is (optimizers.transformer.Encoder), or None."""
+        if self._encoder is False:
+            from retool.optimizers.transformer import detect_encoder
+
+            self._encoder = None if self.external else detect_encoder(self.src)
+        return self._encoder
+
+    @property
+    def fp32_tolerance(self):
+        from retool.validators.parity import DEFAULT_TOLERANCES
+
+        return DEFAULT_TOLERANCES["fp32"]
 
     def preprocessed(self) -> Path:
         if self._pre is None:
@@ -164,16 +181,29 @@ def _run_all(path, samples, threads, level: str = "all") -> list[np.ndarray]:
     return [np.concatenate(o, axis=0) if o[0].ndim else np.stack(o) for o in outs]
 
 
-def build_candidate(profile, ctx: Context, tol, method: str | None = None) -> Candidate:
+from retool.optimizers.artifact import (  # noqa: E402  (re-exported: callers import them from core)
+    external_names, finalize, float_nodes, load_in_subprocess, set_metadata)
+
+
+def build_candidate(profile, ctx: Context, tol, method: str | None = None, base: Path | None = None,
+                    tag: str | None = None) -> Candidate:
     """Build ``profile``'s model in the staging folder, with the accuracy-aware fallback for lossy targets.
 
-    ``method``: the calibration method of a static target (default: the one optimize was given)."""
+    ``method``: the calibration method of a static target (default: the one optimize was given).
+    A dynamic target on a recognised encoder goes through the transformer path (fused and
+    unfused bases, optimizers.transformer); ``base``/``tag`` are that path's calls back here."""
     from retool.optimizers import accuracy, hardware, quantize
+
+    if profile.method == "dynamic" and tag is None and ctx.encoder is not None:
+        from retool.optimizers.transformer import build_dynamic
+
+        return build_dynamic(profile, ctx, tol, build_candidate)
 
     profile, notes = hardware.adapt(profile, ctx.cpu)
     method = method or ctx.method or "minmax"
     label = quantize.method_label(method, ctx.percentile)
     name = profile.name if method == (ctx.method or "minmax") else f"{profile.name}-{method}"
+    name += f"-{tag}" if tag else ""
     wd = ctx.workdir
     if profile.method == "graph":
         with console.step(f"{name}: graph optimisation (onnxsim/onnxoptimizer, onnxruntime {profile.graph_level})"):
@@ -213,9 +243,9 @@ def build_candidate(profile, ctx: Context, tol, method: str | None = None) -> Ca
                 warnings.extend(w for w in fp16.convert_fp16(base, out, exclude, external=ctx.external)
                                 if w not in warnings)
             return out
-        candidates = _float_nodes(base)
+        candidates = float_nodes(base)
     else:
-        base = ctx.preprocessed()
+        base = base or ctx.preprocessed()
         warnings.extend(ctx._pre_warnings)
         tools.append("onnxruntime.quantization.quant_pre_process")
         versions.update(quantize.versions())
@@ -258,6 +288,8 @@ def build_candidate(profile, ctx: Context, tol, method: str | None = None) -> Ca
 
     timing = None
     if ctx.goal is not None and ctx.measure and profile.provider == "CPUExecutionProvider":
+        from retool.optimizers.latency import step_latency
+
         timing = partial(step_latency, ctx)
     res = accuracy.search(build, lambda p: ctx.evaluate(p, tol, level), rank, budget=ctx.budget,
                           label=f"{name}: ", impact=impact, timing=timing)
@@ -268,33 +300,6 @@ def build_candidate(profile, ctx: Context, tol, method: str | None = None) -> Ca
                             f"on CPU use level EXTENDED (GPU providers are unaffected)")
     return Candidate(profile.name, res.path, profile.precision, res.passed, res.checks, tools, versions, warnings,
                      res.excluded, res.attempts, calibrated, n_calib, method if calibrated else None, profile, notes)
-
-
-def step_latency(ctx: Context, path) -> dict:
-    """One accuracy-search step against fp32 at batch 1 (a short budget: it is per step)."""
-    from retool.optimizers import latency
-
-    m = latency.measure({"fp32": ctx.src, "candidate": path}, ctx.heldout[0], threads=ctx.threads, budget_s=1.0)
-    c, f = m["variants"]["candidate"], m["variants"]["fp32"]
-    return {"p50_ms": c["p50_ms"], "fp32_p50_ms": f["p50_ms"], "ratio_vs_fp32": c.get("ratio_vs_fp32"),
-            "threads": m["threads"], "batch": 1}
-
-
-def load_in_subprocess(path, level: str = "all", timeout: float = 300) -> tuple[bool, str]:
-    """Create an ORT CPU session in a child process, so a crash in ORT cannot take us down."""
-    import subprocess
-    import sys
-
-    code = ("import sys; from retool.runtime import make_session; make_session(sys.argv[1], level=sys.argv[2])")
-    try:
-        r = subprocess.run([sys.executable, "-c", code, str(path), level], capture_output=True, text=True,
-                           timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return False, "timed out"
-    if r.returncode == 0:
-        return True, ""
-    tail = (r.stderr.strip().splitlines() or [f"exit code {r.returncode}"])[-1]
-    return False, tail[:200] if r.returncode > 0 else f"crashed with signal {-r.returncode}"
 
 
 def _graph(ctx: Context, dst: Path, profile):
@@ -312,15 +317,6 @@ def _step(tag, msg):
     import contextlib
 
     return contextlib.nullcontext() if isinstance(tag, str) else console.step(msg)
-
-
-def _float_nodes(path) -> list[str]:
-    import onnx
-
-    m = onnx.load(str(path), load_external_data=False)
-    skip = {"Shape", "Reshape", "Concat", "Gather", "Unsqueeze", "Squeeze", "Slice", "Cast", "Constant",
-            "Identity", "Transpose", "Flatten"}
-    return [n.name for n in m.graph.node if n.name and n.op_type not in skip]
 
 
 def _resolve_tolerance(profile, tolerance):
@@ -444,10 +440,20 @@ def optimize(model, output, *, target: str, calibration=None, calibration_method
                 f"{lat['fp32_p50_ms']:.3f} ms at batch 1, {lat['threads']} threads); kept only because "
                 f"{'no float candidate passed' if auto_data else f'--target {profile.name} forces it'}: "
                 f"cpu-auto keeps the faster one")
+        sweep = None
+        if measure and cand.passed and profile.provider == "CPUExecutionProvider":
+            try:
+                with console.step("measuring at 1 and at all threads"):
+                    sweep = latency.thread_sweep(art.path, cand.path, ctx.heldout[0])
+                cand.extra["threads"] = sweep
+            except Exception as exc:
+                cand.warnings.append(f"thread sweep not measured ({_first_line(exc)})")
         staged = wd / out.name
         finalize(cand.path, staged)
+        if sweep:
+            set_metadata(staged, {latency.THREADS_KEY: str(sweep["best_intra_op_threads"])})
         digest = sha256_file(staged)
-        extra = _external_names(staged)
+        extra = external_names(staged)
         from retool.optimizers.report import build_report
 
         report, new_art = build_report(art, profile, cand, ctx, tol, lat, auto_data, staged, out, digest, extra,
@@ -517,26 +523,6 @@ def _ratio(m: dict, label: str) -> dict:
             "speedup": sp["speedup"], "speedup_iqr": sp["iqr"], "speedup_verdict": sp["verdict"],
             "speedup_text": sp["text"], "ratio_vs_fp32": m["variants"][label].get("ratio_vs_fp32"),
             "rounds": m["rounds"], "spinning": False, "variants": m["variants"]}
-
-
-def finalize(src: Path, dst: Path) -> None:
-    """Put ``src`` at ``dst``; external data is rewritten to ``<dst name>.data`` beside it."""
-    import onnx
-
-    from retool.fsutil import external_data_files
-
-    if external_data_files(src):
-        m = onnx.load(str(src))  # one copy, needed to rewrite the data file name
-        onnx.save(m, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=dst.name + ".data", size_threshold=1024)
-    else:
-        os.replace(src, dst)
-
-
-def _external_names(path) -> tuple[str, ...]:
-    from retool.fsutil import external_data_files
-
-    return external_data_files(path)
 
 
 def _why(failed: Sequence[CheckResult]) -> str:

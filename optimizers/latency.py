@@ -46,3 +46,39 @@ def slower_than_fp32(variant: dict) -> bool:
     """Slower beyond the noise: even the lower quartile of the paired ratios is above 1."""
     r = variant.get("ratio_vs_fp32")
     return bool(r) and r["p25"] > 1.0
+
+
+#: ONNX metadata key the serving configuration reads (Triton's intra_op_thread_count).
+THREADS_KEY = "retool.intra_op_threads"
+
+
+def all_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def thread_sweep(fp32_path, cand_path, feeds, budget_s: float = 1.0) -> dict:
+    """The candidate (and fp32) at 1 and at all threads; the fastest intra-op thread count for the candidate.
+
+    At small sizes more threads can be slower (a 4-layer BERT ran slower in int8 at 2 threads than at 1):
+    the best count is a property of the artifact, so it is measured and handed to serving."""
+    counts = sorted({1, all_threads()})
+    out: dict = {"measured": {}, "key": THREADS_KEY}
+    for t in counts:
+        m = measure({"fp32": fp32_path, "candidate": cand_path}, feeds, threads=t, budget_s=budget_s)
+        c = m["variants"]["candidate"]
+        out["measured"][str(t)] = {"candidate_p50_ms": c["p50_ms"], "fp32_p50_ms": m["variants"]["fp32"]["p50_ms"],
+                                   "ratio_vs_fp32": c.get("ratio_vs_fp32"), "rounds": m["rounds"]}
+    best = min(counts, key=lambda t: out["measured"][str(t)]["candidate_p50_ms"])
+    out["best_intra_op_threads"] = best
+    return out
+
+
+def step_latency(ctx, path) -> dict:
+    """One accuracy-search step against fp32 at batch 1 (a short budget: it is per step)."""
+    m = measure({"fp32": ctx.src, "candidate": path}, ctx.heldout[0], threads=ctx.threads, budget_s=1.0)
+    c, f = m["variants"]["candidate"], m["variants"]["fp32"]
+    return {"p50_ms": c["p50_ms"], "fp32_p50_ms": f["p50_ms"], "ratio_vs_fp32": c.get("ratio_vs_fp32"),
+            "threads": m["threads"], "batch": 1}

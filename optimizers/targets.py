@@ -70,7 +70,8 @@ class TargetProfile:
                    f"{'symmetric' if o.get('symmetric', True) else 'asymmetric'}, accuracy_level "
                    f"{o.get('accuracy_level')}); activations stay float; decoders gated on generation")
         elif self.method == "auto":
-            how = f"builds {', '.join(self.candidates)}; keeps the fastest that passes"
+            how = (f"builds {', '.join(self.candidates)} (static ones with minmax, percentile and entropy "
+                   f"calibration); keeps the fastest that passes, never an int8 slower than fp32")
         else:
             acts = f"{'sym' if self.symmetric_activations else 'asym'} {self.activation_type} activations"
             wts = (f"{'sym' if self.symmetric_weights else 'asym'} {self.weight_type} weights "
@@ -106,9 +107,11 @@ CPU_INT8 = TargetProfile(
 )
 
 CPU_INT8_DYNAMIC = TargetProfile(
-    "cpu-int8-dynamic", "dynamic int8 of MatMul / Gemm / attention / LSTM weights, for transformers and RNNs",
+    "cpu-int8-dynamic", "dynamic int8 of MatMul / attention / LSTM weights and embedding tables, for transformers "
+    "and RNNs; encoders get ORT's transformer fusions when they measure faster",
     method="dynamic", precision="int8", quant_format="QOperator", per_channel=False, activation_type="uint8",
-    weight_type="int8", symmetric_weights=True, op_types=("MatMul", "Gemm", "Attention", "LSTM", "GRU"),
+    weight_type="int8", symmetric_weights=True,
+    op_types=("MatMul", "Gemm", "Attention", "LSTM", "GRU", "Gather", "EmbedLayerNormalization"),
     graph_level="basic", tolerance=_INT8_TOL,
 )
 

@@ -156,3 +156,32 @@ def test_run_writes_result_with_machine_and_table(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--sections", "nope", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert r.returncode == 2 and "unknown section" in r.stderr
+
+
+def test_compare_flags_retool_behind_the_peer(tmp_path, capsys):
+    """The peers section: retool slower than plain ORT beyond the noise (or less faithful) is flagged."""
+    def run(lat_p25, top1):
+        return {"machine": {}, "settings": {}, "sections": {"peers": {"status": "ok", "models": {"cnn": {
+            "retool_over_peer": {"retool cpu-int8": {
+                "latency": {"1": {**_metric(lat_p25 + 0.05, unit="x"), "p25": lat_p25}},
+                "top1": {"value": top1, "unit": "x", "better": "higher"},
+                "behind": ([] if lat_p25 <= 1.0 else ["latency at 1 thread(s)"])
+                + ([] if top1 >= 1.0 else ["top-1 agreement"])}}}}}}}
+    ahead, behind = tmp_path / "a.json", tmp_path / "b.json"
+    ahead.write_text(json.dumps(run(0.95, 1.05)))
+    behind.write_text(json.dumps(run(1.08, 0.9)))
+    assert cmp.behind_peers(json.loads(ahead.read_text())) == []
+    assert cmp.main([str(ahead), str(ahead)]) == 0
+    assert cmp.main([str(ahead), str(behind)]) == 1
+    out = capsys.readouterr().out
+    assert "BEHIND PEER: cnn: retool cpu-int8 is behind the peer in latency at 1 thread(s), top-1 agreement" in out
+
+
+def test_peers_section_table_renders():
+    from bench.report import render
+
+    d = {"status": "ok", "models": {"cnn": {"status": "ok", "latency": {"1": {}, "2": {}}, "retool_over_peer": {},
+                                            "variants": {"peer": {"top1": 0.9, "cosine": 0.99, "size_vs_fp32": 0.26,
+                                                                  "vs_fp32": {"1": _metric(0.5, unit="x")}}}}}}
+    table = render("peers", d)
+    assert "peer" in table and "0.900" in table and "0.50 [0.49-0.51]" in table

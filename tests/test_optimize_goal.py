@@ -129,3 +129,38 @@ def test_goal_in_pipeline_yaml_is_checked_before_work(tmp_path):
                  "        accuracy: 'top9>=0.97'\n")
     with pytest.raises(UsageError, match=r"retool.yaml:6: models\[0\].targets\[0\].accuracy"):
         load_config(p)
+
+
+def test_cpu_auto_never_keeps_int8_slower_than_fp32():
+    """The choice rule on measured figures: a slower int8 loses to fp32 even if its median looks better."""
+    from types import SimpleNamespace
+
+    from retool.optimizers.auto import pick
+
+    fp, q8, dyn = (SimpleNamespace(target=t, precision=p) for t, p in
+                   (("cpu", "fp32"), ("cpu-int8", "int8"), ("cpu-int8-dynamic", "int8")))
+    lab = lambda c: c.target  # noqa: E731
+    noisy_slow = {"p50_ms": 0.9, "ratio_vs_fp32": {"p25": 1.05, "p50": 1.2, "p75": 1.4}}
+    variants = {"cpu": {"p50_ms": 1.0, "ratio_vs_fp32": {"p25": 0.98, "p50": 1.0, "p75": 1.02}},
+                "cpu-int8": noisy_slow, "cpu-int8-dynamic": {"p50_ms": 1.1, "ratio_vs_fp32": {"p25": 0.9, "p50": 1.0,
+                                                                                              "p75": 1.1}}}
+    chosen, slow = pick([fp, q8, dyn], variants, lab)
+    assert chosen is fp and slow == [q8]
+    variants["cpu-int8"] = {"p50_ms": 0.5, "ratio_vs_fp32": {"p25": 0.45, "p50": 0.5, "p75": 0.55}}
+    assert pick([fp, q8, dyn], variants, lab) == (q8, [])
+    # only int8 passed and it is slower: kept, and reported as slower (the caller warns)
+    assert pick([q8], {"cpu-int8": noisy_slow}, lab) == (q8, [q8])
+
+
+@pytest.mark.slow
+def test_cpu_auto_with_goal_tries_calibration_methods(cnn_onnx, tmp_path):
+    from retool.optimizers.core import optimize
+
+    art, rep = optimize(cnn_onnx, tmp_path / "a.onnx", target="cpu-auto", accuracy="top1>=0.9", threads=1)
+    rows = {r["target"]: r for r in rep.data["auto"]["candidates"]}
+    assert {"cpu-int8", "cpu-int8[percentile]", "cpu-int8[entropy]", "cpu", "cpu-int8-dynamic"} <= set(rows)
+    assert {rows[k]["calibration"] for k in ("cpu-int8", "cpu-int8[percentile]", "cpu-int8[entropy]")} == \
+        {"minmax", "percentile", "entropy"}
+    chosen = rows[rep.data["auto"]["chosen_variant"]]
+    assert chosen["passed"] and not chosen.get("slower_than_fp32")
+    assert rep.data["accuracy_goal"]["met"] and art.path.exists()

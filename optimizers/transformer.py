@@ -1,0 +1,138 @@
+"""The transformer path: recognise an encoder, fuse it with ORT's transformer optimizer, pick the faster base.
+
+``onnxruntime.transformers.optimizer`` fuses Attention, SkipLayerNormalization,
+BiasGelu and EmbedLayerNormalization where it finds their patterns. Which ones it
+finds depends on the exporter (the torch dynamo graph of attention does not fuse;
+SkipLayerNormalization usually does), so the fused model is a candidate base for
+dynamic int8, never assumed better: both bases are quantized and measured.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+#: What the fusions produce (counted in the report).
+FUSED_OPS = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "EmbedLayerNormalization", "BiasGelu",
+             "FastGelu", "Gelu", "LayerNormalization", "SkipSimplifiedLayerNormalization")
+
+
+@dataclass(frozen=True)
+class Encoder:
+    kind: str  # text | vision
+    model_type: str  # the ORT optimizer's model_type: bert (BERT/RoBERTa/DistilBERT-like) | vit
+    layers: int  # attention blocks seen (Softmax count)
+    why: str
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "model_type": self.model_type, "layers": self.layers, "why": self.why}
+
+
+def detect_encoder(path) -> Encoder | None:
+    """A BERT/RoBERTa/DistilBERT-like text encoder or a ViT-like vision encoder, from the graph's ops."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    ops = Counter(n.op_type for n in m.graph.node)
+    softmax = ops.get("Softmax", 0)
+    norms = ops.get("LayerNormalization", 0) + ops.get("SkipLayerNormalization", 0) + ops.get("ReduceMean", 0)
+    matmuls = ops.get("MatMul", 0) + ops.get("Gemm", 0) + ops.get("Attention", 0)
+    if ops.get("Attention", 0) or ops.get("MultiHeadAttention", 0):
+        softmax = max(softmax, ops.get("Attention", 0) + ops.get("MultiHeadAttention", 0))
+    if softmax < 1 or norms < 2 or matmuls < 4:
+        return None
+    inits = {i.name: i for i in m.graph.initializer}
+    graph_inputs = {i.name: i.type.tensor_type.elem_type for i in m.graph.input if i.name not in inits}
+    int_inputs = [n for n, t in graph_inputs.items() if t in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)]
+    table = any(n.op_type == "Gather" and n.input and n.input[0] in inits and len(inits[n.input[0]].dims) == 2
+                for n in m.graph.node)
+    if int_inputs and table:
+        return Encoder("text", "bert", softmax, f"token-id input(s) {', '.join(int_inputs)}, an embedding table, "
+                       f"{softmax} softmax attention block(s) and layer norms")
+    conv4d = any(len(i.type.tensor_type.shape.dim) == 4 for i in m.graph.input if i.name not in inits)
+    if conv4d and ops.get("Conv", 0) >= 1 and ops.get("Conv", 0) <= 2:
+        return Encoder("vision", "vit", softmax, f"a patch-embedding convolution, {softmax} softmax attention "
+                       f"block(s) and layer norms")
+    return None
+
+
+def fuse(src, dst, encoder: Encoder) -> dict:
+    """Write ORT's transformer fusions of ``src`` to ``dst``; returns what was fused."""
+    import contextlib
+    import io
+    import logging
+
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    with contextlib.redirect_stdout(io.StringIO()):  # the optimizer prints its statistics
+        # num_heads/hidden_size 0: read from the graph; opt_level 0: python fusions only, so the
+        # saved file stays portable (ORT's own passes run again at load time)
+        om = optimize_model(str(src), model_type=encoder.model_type, num_heads=0, hidden_size=0, opt_level=0,
+                            use_gpu=False)
+    stats = {k: v for k, v in (om.get_fused_operator_statistics() or {}).items() if v}
+    om.save_model_to_file(str(dst), use_external_data_format=False)
+    return stats
+
+
+def op_counts(path) -> dict[str, int]:
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    c = Counter(n.op_type for n in m.graph.node)
+    return {k: c[k] for k in FUSED_OPS if c.get(k)}
+
+
+def build_dynamic(profile, ctx, tol, build_candidate):
+    """Dynamic int8 of an encoder on two bases, unfused and fused; the faster one that passes is kept.
+
+    Returns the Candidate, with ``extra["transformer"]`` saying what was fused and what each base measured."""
+    from retool import console
+    from retool.optimizers import latency
+    from retool.optimizers.quantize import preprocess
+
+    enc = ctx.encoder
+    info: dict = {"encoder": enc.to_dict(), "variants": {}}
+    unfused = build_candidate(profile, ctx, tol, base=ctx.preprocessed(), tag="")
+    cands = {"unfused": unfused}
+    fused_fp32 = ctx.workdir / "fused.fp32.onnx"
+    try:
+        with console.step(f"transformer fusions (onnxruntime.transformers, model_type={enc.model_type})"):
+            stats = fuse(ctx.src, fused_fp32, enc)
+        info["fusions"] = stats
+        ok, checks = ctx.evaluate(fused_fp32, ctx.fp32_tolerance)
+        info["fused_fp32_parity"] = {c.name: {k: (c.details or {}).get(k) for k in ("cosine", "max_abs")}
+                                     for c in checks}
+        if not stats:
+            info["fused"] = "nothing to fuse in this graph (the torch dynamo exporter's attention does not match " \
+                            "ORT's patterns; the TorchScript exporter's usually does)"
+        elif not ok:
+            info["fused"] = "fusion changed the fp32 outputs beyond the fp32 tolerance; not used"
+        else:
+            pre = ctx.workdir / "fused.pre.onnx"
+            warns = preprocess(fused_fp32, pre)
+            fused = build_candidate(profile, ctx, tol, base=pre, tag="fused")
+            fused.warnings.extend(w for w in warns if w not in fused.warnings)
+            fused.tools.insert(0, f"onnxruntime.transformers.optimizer(model_type={enc.model_type})")
+            cands["fused"] = fused
+    except Exception as exc:  # fusion is an optimisation: the unfused base still stands
+        from retool.errors import first_line
+
+        info["fused"] = f"fusion failed ({first_line(exc, limit=200)})"
+    passing = {k: c for k, c in cands.items() if c.passed}
+    chosen_key = "unfused"
+    if len(passing) > 1 and ctx.measure:
+        with console.step("measuring fused and unfused dynamic int8 against fp32"):
+            lat = latency.measure({"fp32": ctx.src, **{k: c.path for k, c in passing.items()}}, ctx.heldout[0],
+                                  threads=ctx.threads)
+        for k in passing:
+            info["variants"][k] = lat["variants"][k]
+        chosen_key = min(passing, key=lambda k: lat["variants"][k]["p50_ms"])
+        info["fp32_p50_ms"] = lat["variants"]["fp32"]["p50_ms"]
+    elif passing:
+        chosen_key = next(iter(passing))
+    info["chosen"] = chosen_key
+    chosen = cands[chosen_key]
+    chosen.extra["transformer"] = info
+    if chosen_key == "fused":
+        chosen.extra["transformer"]["fused_ops"] = op_counts(chosen.path)
+    return chosen
