@@ -175,7 +175,6 @@ def fp32_parity(step: Step, layout: CacheLayout, prompts: Sequence[np.ndarray], 
         got = decode(step, layout, p, np.ones_like(p), n_new)
         greedy.append(compare_steps(ref["logits"][0], got["logits"][0], ref["tokens"][0], got["tokens"][0]))
         prefill_diff = max(prefill_diff, float(np.max(np.abs(ref["prefill"] - got["prefill"]))))
-    data["greedy"] = greedy
     data["prefill_max_abs_diff"] = prefill_diff
 
     def gate(name, rows, what):
@@ -186,7 +185,7 @@ def fp32_parity(step: Step, layout: CacheLayout, prompts: Sequence[np.ndarray], 
                              else f"max logit diff {s['max_abs_diff']:.3g} >= {max_diff:g}")
         checks.append(CheckResult(f"generation:{name}", ok, s["agreement_rate"], 1.0, msg or what,
                                   {k: v for k, v in s.items()}))
-        data[name] = s
+        data[name] = {**s, "rows": rows}
     gate("greedy", greedy, f"{len(prompts)} prompts x {n_new} greedy tokens, with the cache")
     checks.append(CheckResult("generation:prefill", prefill_diff < max_diff, prefill_diff, max_diff,
                               "" if prefill_diff < max_diff else f"prefill logits differ by {prefill_diff:.3g}",
