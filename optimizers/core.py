@@ -349,6 +349,10 @@ def optimize(model, output, *, target: str, calibration=None, calibration_method
         if decoder.is_decoder(art):  # gated on generation, not on one forward of random data
             return decoder.optimize_decoder(art, out, profile, tol, seed=seed, threads=threads, measure=measure,
                                             started=started, t_start=t_start)
+        if tolerance is None:  # the profile's limits are a decoder's generation gate; outputs get int8's
+            from retool.validators.parity import DEFAULT_TOLERANCES
+
+            tol = DEFAULT_TOLERANCES["int8"]
     calib = open_calibration(calibration, art.inputs, seed=seed, preprocess=preprocess)
     needs_calibration = profile.method == "static" or (profile.method == "auto" and any(
         get_target(c).method == "static" for c in profile.candidates))
