@@ -189,3 +189,42 @@ def test_decoder_custom_code_refused_and_no_weights(tmp_path, cli):
     r = cli("-q", "convert", empty, "-o", tmp_path / "e.onnx")
     assert r.code == 2 and "no weights" in r.err and len(r.err.strip().splitlines()) == 1
     assert not (tmp_path / "lm.onnx").exists() and not (tmp_path / "e.onnx").exists()
+
+
+def test_publish_lists_cache_tensors_with_dynamic_dims(decoders, tmp_path, cli):
+    from retool.publish.config import parse_with_triton_schema
+
+    _, path, _ = decoders["gpt2"]
+    r = cli("-q", "publish", path, "--repo", tmp_path / "repo", "--name", "lm")
+    assert r.code == 0, r.err
+    text = (tmp_path / "repo" / "lm" / "config.pbtxt").read_text()
+    cfg = parse_with_triton_schema(text)
+    assert cfg.max_batch_size == 0 and "dynamic_batching" not in text  # ragged requests: no server batching
+    ins = {t.name: list(t.dims) for t in cfg.input}
+    outs = {t.name: list(t.dims) for t in cfg.output}
+    assert ins["input_ids"] == [-1, -1] and ins["attention_mask"] == [-1, -1] and ins["position_ids"] == [-1, -1]
+    assert ins["past_key_values.1.value"] == [-1, 4, -1, 16]
+    assert outs["logits"] == [-1, -1, 64] and outs["present.0.key"] == [-1, 4, -1, 16]
+
+
+def test_pipeline_with_a_decoder(decoders, tmp_path, cli):
+    import shutil
+
+    from retool.types import Report
+
+    folder, _, _ = decoders["llama"]
+    shutil.copytree(folder, tmp_path / "lm")
+    (tmp_path / "retool.yaml").write_text(
+        "version: 1\nrepository: ./repo\nmodels:\n  - name: lm\n    source: lm/\n"
+        "    options: {task: text-generation}\n    validation: {threads: 1, latency: true}\n"
+        "    targets:\n      - name: cpu-int4\n        tolerance: {min_top1: 0.96875, min_cosine: 0.98}\n"
+        "    publish: {when: gates-pass}\n")
+    r = cli("-q", "run", tmp_path / "retool.yaml", "--out", tmp_path / "out", "--json")
+    assert r.code == 0, r.err
+    rep = Report.load(tmp_path / "out" / "lm" / "cpu-int4" / "report" / "report.json")
+    tf = rep.data["generation"]["teacher_forced"]
+    assert tf["agreement"] >= 31 and {c.name for c in rep.checks} >= {"generation:teacher_forced"}
+    assert rep.data["latency"]["candidate"]["1"]["p50_ms"] > 0  # one decode step
+    html = (tmp_path / "out" / "lm" / "cpu-int4" / "report" / "report.html").read_text()
+    assert "<h2>Generation</h2>" in html and "teacher forced" in html
+    assert (tmp_path / "repo" / "lm-cpu-int4" / "config.pbtxt").exists() or any((tmp_path / "repo").iterdir())
