@@ -102,6 +102,9 @@ def pipeline(d: dict) -> str:
             + _table(["figure", "median [IQR]"], rows))
 
 
+from bench.sec_decoder import render_decoder as decoder  # noqa: E402,F401  (section "decoder")
+
+
 def render(name: str, d: dict) -> str:
     st = _status(d)
     if st:
