@@ -343,8 +343,12 @@ def optimize(model, output, *, target: str, calibration=None, calibration_method
     tol = _resolve_tolerance(profile, tolerance)
     threads = threads or latency.default_threads()
     budget = accuracy.DEFAULT_BUDGET if accuracy_budget is None else int(accuracy_budget)
+    from retool.optimizers import decoder
+
+    if profile.method != "weight_only" and decoder.is_decoder(art):
+        raise UsageError(f"{art.path}: is a decoder with a KV cache; random inputs cannot check it, so {profile.name} "
+                         f"is not offered for it: use --target cpu-int4 or cpu-int8-weight (gated on generation)")
     if profile.method == "weight_only":
-        from retool.optimizers import decoder
 
         if decoder.is_decoder(art):  # gated on generation, not on one forward of random data
             return decoder.optimize_decoder(art, out, profile, tol, seed=seed, threads=threads, measure=measure,

@@ -141,6 +141,23 @@ def test_int8_weight_free_running(decoders, tmp_path, cli):
     assert r.code == 0, r.err
     g = json.loads(r.out)["data"]["generation"]
     assert g["free_running"]["agreement"] == g["free_running"]["steps"] and g["teacher_forced"]["min_cosine"] >= 0.999
+    assert g["batch_invariance_max_abs_diff"] <= 1e-3  # MatMulNBits int8: rows independent of the batch
+
+
+def test_dynamic_int8_decoder_fails_batch_invariance(decoders, tmp_path):
+    """quantize_dynamic shares one activation scale per batch: a row's logits move with its neighbours."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from retool.runtime import make_session
+    from retool.validators.generation import layout_from_session, make_prompts, ort_step, quantized_gate
+
+    _, path, _ = decoders["llama"]
+    quantize_dynamic(str(path), str(tmp_path / "dyn.onnx"), weight_type=QuantType.QInt8)
+    ref, cand = make_session(path), make_session(tmp_path / "dyn.onnx")
+    layout = layout_from_session(ref)
+    checks, data = quantized_gate(ort_step(ref), ort_step(cand), layout, make_prompts(layout.vocab), 32, 0.0, 0.0, True)
+    inv = next(c for c in checks if c.name == "generation:batch_invariance")
+    assert not inv.passed and inv.severity == "gate" and data["batch_invariance_max_abs_diff"] > 1e-3
 
 
 def test_gpt2_gemm_becomes_matmulnbits(decoders, tmp_path):
