@@ -32,7 +32,8 @@ def decoder(settings: dict, work: Path) -> dict:
     from bench.proc import run_child
 
     work.mkdir(parents=True, exist_ok=True)
-    r = run_child(["-m", "bench.sec_decoder", str(work), "quick" if settings.get("quick") else "full"], timeout=3000)
+    r = run_child([sys.executable, "-m", "bench.sec_decoder", str(work), "quick" if settings.get("quick") else "full"],
+                  timeout=3000)
     out = work / "decoder.json"
     if not r.ok or not out.exists():
         lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
