@@ -244,4 +244,5 @@ def test_pipeline_with_a_decoder(decoders, tmp_path, cli):
     assert rep.data["latency"]["candidate"]["1"]["p50_ms"] > 0  # one decode step
     html = (tmp_path / "out" / "lm" / "cpu-int4" / "report" / "report.html").read_text()
     assert "<h2>Generation</h2>" in html and "teacher forced" in html
+    assert "**Generation, teacher forced:**" in (tmp_path / "out" / "lm" / "cpu-int4" / "report" / "report.md").read_text()
     assert (tmp_path / "repo" / "lm-cpu-int4" / "config.pbtxt").exists() or any((tmp_path / "repo").iterdir())
