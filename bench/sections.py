@@ -14,6 +14,7 @@ from bench.machine import meminfo_bytes
 from bench.models import MODELS, BenchModel, LARGE_DEPTH, LARGE_WIDTH, mlp_param_count
 from bench.proc import ChildResult, run_child, run_task
 from bench.stats import ratio_summary, summarize, value
+from bench.sec_decoder import decoder  # noqa: F401  (section "decoder")
 
 MIB = 2**20
 PY = sys.executable

@@ -399,12 +399,19 @@ def optimize(model, output, *, target: str, calibration=None, calibration_method
     tuned = hardware.resolve(tune_for)
     threads = threads or latency.default_threads()
     budget = DEFAULT_BUDGET if accuracy_budget is None else int(accuracy_budget)
-    if profile.method == "weight_only":
-        from retool.optimizers import decoder
+    from retool.optimizers import decoder
 
+    if profile.method != "weight_only" and decoder.is_decoder(art):
+        raise UsageError(f"{art.path}: is a decoder with a KV cache; random inputs cannot check it, so {profile.name} "
+                         f"is not offered for it: use --target cpu-int4 or cpu-int8-weight (gated on generation)")
+    if profile.method == "weight_only":
         if decoder.is_decoder(art):  # gated on generation, not on one forward of random data
             return decoder.optimize_decoder(art, out, profile, tol, seed=seed, threads=threads, measure=measure,
                                             started=started, t_start=t_start)
+        if tolerance is None:  # the profile's limits are a decoder's generation gate; outputs get int8's
+            from retool.validators.parity import DEFAULT_TOLERANCES
+
+            tol = DEFAULT_TOLERANCES["int8"]
     calib = open_calibration(calibration, art.inputs, seed=seed, preprocess=preprocess,
                              max_samples=calibration_samples)
     needs_calibration = profile.method == "static" or (profile.method == "auto" and any(

@@ -65,6 +65,8 @@ def _check_node_types(target, model):
     elif prof.method == "dynamic":
         assert ops & {"MatMulInteger", "DynamicQuantizeMatMul", "DynamicQuantizeLinear"}
         assert "QuantizeLinear" not in ops
+    elif prof.method == "weight_only":
+        assert "MatMulNBits" in ops
     elif prof.method == "fp16":
         assert any(i.data_type == 10 for i in model.graph.initializer), "no fp16 initializers"
         # fp32 in, fp32 out

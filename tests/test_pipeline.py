@@ -213,7 +213,7 @@ def test_ray_engine_on_a_local_instance(tmp_path, sources):
         ray.shutdown()
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "torch.yaml", "keras.yaml", "caffe.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "torch.yaml", "keras.yaml", "caffe.yaml", "decoder.yaml"])
 def test_example_pipeline_files_are_valid(name):
     from retool.pipeline.config import load_config
 

@@ -112,6 +112,17 @@ def validate(candidate, reference=None, *, batch_sizes: Sequence[int] = (1,), la
         return _finish(art, checks, data, warnings, gates, report_dir, started, t_start, size_bytes)
     checks.append(CheckResult("onnxruntime.load", True, severity="info"))
 
+    from retool.validators.generation import is_decoder_graph
+
+    if is_decoder_graph([s.name for s in specs]):
+        from retool.validators.decoder_check import check_decoder
+
+        with console.step("generation parity (greedy decoding with the cache) against the reference"):
+            checks += check_decoder(cand_path, sess, reference, gates, data, warnings, measure, threads, plan, seed)
+        del sess
+        checks += gate_checks(gates, size_mb=data["size_mb"], latency=data["latency"])
+        return _finish(art, checks, data, warnings, gates, report_dir, started, t_start, size_bytes)
+
     ref = None
     if reference is not None:
         from retool.validators.reference import open_reference

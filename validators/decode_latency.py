@@ -39,30 +39,39 @@ def _bench_feeds(layout: CacheLayout, prompt_len: int, seed: int):
     return ids, mask, positions(mask)
 
 
+def samples(steps: Mapping[str, Callable], layout: CacheLayout, plan, prompt_len: int = PROMPT_TOKENS,
+            seed: int = 0) -> tuple[dict, dict]:
+    """(prefill ms samples, decode-step ms samples) per variant, rounds aligned across variants."""
+    from retool.validators.latency import measure_interleaved
+
+    ids, mask, pos = _bench_feeds(layout, prompt_len, seed)
+    # the past each variant builds itself, so a quantized cache is fed back to its own model
+    pasts = {k: s(ids, mask, pos, layout.empty_past(1))[1] for k, s in steps.items()}
+    nxt = np.zeros((1, 1), np.int64)
+    mask2 = np.ones((1, prompt_len + 1), np.int64)
+    pos2 = np.full((1, 1), prompt_len, np.int64)
+    pre = measure_interleaved({k: (lambda s=s: s(ids, mask, pos, layout.empty_past(1))) for k, s in steps.items()},
+                              plan)
+    dec = measure_interleaved({k: (lambda s=s, k=k: s(nxt, mask2, pos2, pasts[k])) for k, s in steps.items()}, plan)
+    return pre, dec
+
+
 def measure(factories: Mapping[str, Callable[[int], Callable]], layout: CacheLayout, reference: str = "fp32",
             threads: list[int] | None = None, prompt_len: int = PROMPT_TOKENS, budget_s: float = 1.5,
             seed: int = 0) -> dict:
     """Per thread count: each variant's prefill ms, ms per token, tokens/s, and speed-ups vs ``reference``."""
-    from retool.validators.latency import Plan, measure_interleaved
+    from retool.validators.latency import Plan
 
-    ids, mask, pos = _bench_feeds(layout, prompt_len, seed)
     out: dict = {"prompt_tokens": prompt_len, "reference": reference, "by_threads": {}}
     for t in threads or thread_counts():
         steps = {k: f(t) for k, f in factories.items()}
-        # the past each variant builds itself, so a quantized cache is fed back to its own model
-        pasts = {k: s(ids, mask, pos, layout.empty_past(1))[1] for k, s in steps.items()}
-        nxt = np.zeros((1, 1), np.int64)
-        mask2 = np.ones((1, prompt_len + 1), np.int64)
-        pos2 = np.full((1, 1), prompt_len, np.int64)
         plan = Plan(runs=None, time_budget_s=budget_s, warmup=3, min_runs=10, max_runs=2000)
-        pre = measure_interleaved({k: (lambda s=s: s(ids, mask, pos, layout.empty_past(1))) for k, s in steps.items()},
-                                  plan)
-        dec = measure_interleaved({k: (lambda s=s, k=k: s(nxt, mask2, pos2, pasts[k])) for k, s in steps.items()}, plan)
+        pre, dec = samples(steps, layout, plan, prompt_len, seed)
         row = {}
         for k in steps:
             p, d = float(np.median(pre[k])), float(np.median(dec[k]))
             row[k] = {"prefill_ms": round(p, 4), "ms_per_token": round(d, 4), "tokens_per_s": round(1000.0 / d, 1),
-                      "rounds": len(dec[k])}
+                      "p99_ms_per_token": round(float(np.percentile(dec[k], 99)), 4), "rounds": len(dec[k])}
             if k != reference and reference in steps:
                 row[k]["decode_speedup"] = _paired(dec[reference], dec[k])
                 row[k]["prefill_speedup"] = _paired(pre[reference], pre[k])

@@ -18,6 +18,9 @@ DEFAULT_NEW_TOKENS = 32
 #: Prompt lengths: two of the same length batch together; the shorter one is left-padded.
 PROMPT_LENGTHS = (8, 8, 5)
 
+#: Max logit change of a row when another row joins its batch (float noise only).
+BATCH_INVARIANCE_ATOL = 1e-3
+
 Step = Callable[[np.ndarray, np.ndarray, np.ndarray, list], tuple]
 
 
@@ -175,7 +178,6 @@ def fp32_parity(step: Step, layout: CacheLayout, prompts: Sequence[np.ndarray], 
         got = decode(step, layout, p, np.ones_like(p), n_new)
         greedy.append(compare_steps(ref["logits"][0], got["logits"][0], ref["tokens"][0], got["tokens"][0]))
         prefill_diff = max(prefill_diff, float(np.max(np.abs(ref["prefill"] - got["prefill"]))))
-    data["greedy"] = greedy
     data["prefill_max_abs_diff"] = prefill_diff
 
     def gate(name, rows, what):
@@ -186,7 +188,7 @@ def fp32_parity(step: Step, layout: CacheLayout, prompts: Sequence[np.ndarray], 
                              else f"max logit diff {s['max_abs_diff']:.3g} >= {max_diff:g}")
         checks.append(CheckResult(f"generation:{name}", ok, s["agreement_rate"], 1.0, msg or what,
                                   {k: v for k, v in s.items()}))
-        data[name] = s
+        data[name] = {**s, "rows": rows}
     gate("greedy", greedy, f"{len(prompts)} prompts x {n_new} greedy tokens, with the cache")
     checks.append(CheckResult("generation:prefill", prefill_diff < max_diff, prefill_diff, max_diff,
                               "" if prefill_diff < max_diff else f"prefill logits differ by {prefill_diff:.3g}",
@@ -231,6 +233,19 @@ def quantized_gate(ref_step: Step, cand_step: Step, layout: CacheLayout, prompts
         fails.append(f"min step cosine {s['min_cosine']:.4f} < {min_cosine}")
     checks = [CheckResult("generation:teacher_forced", not fails, s["agreement_rate"], min_agreement,
                           "; ".join(fails), {k: v for k, v in s.items()})]
+    if len(prompts) >= 2 and prompts[0].shape == prompts[1].shape:
+        # a row's logits must not depend on its batch neighbours (quantize_dynamic's shared scale breaks this).
+        # Gated with the strict (free-running) gate; reported otherwise: int4 at accuracy_level 4 moved logits
+        # by 0.05 here (its batched kernel differs from the single-row one), int8 weight-only by 0.
+        ids = np.concatenate([prompts[0], prompts[1]], 0)
+        both = decode(cand_step, layout, ids, np.ones_like(ids), n_new,
+                      forced=np.concatenate([refs[0]["tokens"], refs[1]["tokens"]], 0))
+        diff = max(float(np.max(np.abs(both["logits"][r] - forced[r]["logits"][0]))) for r in range(2))
+        data["batch_invariance_max_abs_diff"] = diff
+        checks.append(CheckResult("generation:batch_invariance", diff <= BATCH_INVARIANCE_ATOL, diff,
+                                  BATCH_INVARIANCE_ATOL, "" if diff <= BATCH_INVARIANCE_ATOL else
+                                  f"a row's logits change by {diff:.3g} when another row is batched with it",
+                                  {"max_abs_diff": diff}, "gate" if free_running else "info"))
     if free_running:
         free = [decode(cand_step, layout, p, np.ones_like(p), n_new) for p in prompts]
         fr_rows = [compare_steps(r["logits"][0], f["logits"][0], r["tokens"][0], f["tokens"][0])

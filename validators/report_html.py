@@ -291,6 +291,8 @@ def render_html(report: Report) -> str:
                  "PASS" if e.get("passed") else "FAIL"] for e in parity.values()]
         body.append(_table(["output", "batch", "max abs", "mean abs", "p99 abs", "max rel", "cosine", "result"],
                            rows, result_col=7))
+    if d.get("generation"):
+        body.append(generation_html(d["generation"]))
     body.append("<h2>Gates</h2>" + _table(GATE_HEADERS, gate_rows(report), result_col=3))
     prov = d.get("providers") or {}
     if prov.get("ops_per_provider"):
@@ -308,6 +310,34 @@ def render_html(report: Report) -> str:
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{_e(title)}</title>"
             f"<style>{CSS}</style></head><body><main>{''.join(body)}</main></body></html>\n")
+
+
+def generation_html(gen: Mapping) -> str:
+    """Per-step agreement (one cell per generated token: green agrees, red differs) and logit cosine."""
+    out = ['<h2>Generation</h2><div class="small muted">Greedy decoding of seeded prompts with the cache, '
+           'against the reference; each cell is one generated token (hover: step, cosine, reference margin).</div>']
+    for mode in ("teacher_forced", "free_running"):
+        g = gen.get(mode)
+        if not g:
+            continue
+        rows = []
+        for i, r in enumerate(g.get("rows", [])):
+            ps = r["per_step"]
+            cells = "".join(
+                f'<span title="step {t}: cosine {c:.5f}, margin {m:.3g}" style="display:inline-block;width:7px;'
+                f'height:12px;margin-right:1px;background:{"#2e7d32" if a else "#c62828"};opacity:'
+                f'{max(0.35, min(1.0, (c - 0.9) * 10)):.2f}"></span>'
+                for t, (a, c, m) in enumerate(zip(ps["agree"], ps["cosine"], ps["margin"])))
+            rows.append([i, f"{r['agreement']}/{r['steps']}", "" if r["first_divergence"] is None
+                         else r["first_divergence"], _num(r["min_cosine"], 6), _num(r["max_abs_diff"]),
+                         _num(r["min_margin"]), cells])
+        head = ["prompt", "agreement", "first divergence", "min cosine", "max logit diff", "min ref margin", "steps"]
+        html = _table(head, rows)
+        for i, r in enumerate(g.get("rows", [])):  # _table escapes; the step strip is our own markup
+            html = html.replace(_e(rows[i][-1]), rows[i][-1], 1)
+        out.append(f"<h3>{_e(mode.replace('_', ' '))}: {g['agreement']}/{g['steps']} tokens, min cosine "
+                   f"{g['min_cosine']:.5f}</h3>" + html)
+    return "".join(out)
 
 
 def _num(v, digits: int = 3) -> str:

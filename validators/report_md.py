@@ -42,6 +42,13 @@ def render_markdown(report: Report) -> str:
     rows = gate_rows(report)
     if rows:
         parts += ["<details><summary>All gates</summary>", "", _md_table(GATE_HEADERS, rows), "", "</details>", ""]
+    for mode in ("teacher_forced", "free_running"):  # decoders: one line per generation mode
+        g = (d.get("generation") or {}).get(mode)
+        if g:
+            steps = " ".join("".join("✓" if a else "✗" for a in r["per_step"]["agree"][:64]) for r in g.get("rows", []))
+            parts += [f"**Generation, {mode.replace('_', ' ')}:** {g['agreement']}/{g['steps']} tokens agree, "
+                      f"min step cosine {g['min_cosine']:.5f}, first divergence {'none' if g['first_divergence'] is None else 'step ' + str(g['first_divergence'])}  ",
+                      f"`{steps}`", ""]
     prov = d.get("providers") or {}
     if prov.get("nodes_per_provider"):
         placed = ", ".join(f"{p}: {n}" for p, n in prov["nodes_per_provider"].items())

@@ -139,11 +139,14 @@ class DecoderSource(SourceModel):
         dyn = {"input_ids": {0: D, 1: D}, "attention_mask": {0: D, 1: D}, "position_ids": {0: D, 1: D},
                "past": tuple({0: D, 2: D} for _ in range(2 * L.layers))}
         outputs = ["logits"] + present_names(L.layers)
+        from retool.converter.torch_converter import EXTERNAL_DATA_BYTES
+
+        large = sum(t.numel() * t.element_size() for t in self.model.state_dict().values()) > EXTERNAL_DATA_BYTES
         with warnings.catch_warnings(), _quiet_stdout():
             warnings.simplefilter("ignore")
             torch.onnx.export(self.wrapper, args, str(path), input_names=[s.name for s in self.input_specs],
                               output_names=outputs, dynamic_shapes=dyn, dynamo=True,
-                              opset_version=max(18, opset or 18), external_data=False, optimize=True,
+                              opset_version=max(18, opset or 18), external_data=large, optimize=True,
                               verbose=False)
         dims = {k: v for k, v in DIMS.items()}
         dims.update({n: PAST_DIMS for n in past_names(L.layers)})
@@ -151,7 +154,7 @@ class DecoderSource(SourceModel):
         rename_dims(path, {k: v for k, v in dims.items() if not k.startswith("present") and k != "logits"},
                     {k: v for k, v in dims.items() if k.startswith("present") or k == "logits"})
         return ExportResult("torch.onnx.export(dynamo, KV-cache wrapper)",
-                            {"exporter": "dynamo", "task": "text-generation", "cache_argument":
+                            {"exporter": "dynamo", "task": "text-generation", "external_data": large, "cache_argument":
                              cache_argument(self.model), "layers": L.layers, "kv_heads": L.kv_heads,
                              "head_dim": L.head_dim})
 

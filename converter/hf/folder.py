@@ -71,9 +71,12 @@ def check_loadable(folder: HFFolder, trust_remote_code: bool) -> None:
     """Refuse what would run code, and folders without weights, with one line each."""
     p = folder.path
     if folder.custom_code and not trust_remote_code:
-        what = "auto_map" if folder.config.get("auto_map") else "custom modelling code"
-        raise TrustRequired(f"{p}: the config asks for custom model code ({what}); loading it runs Python from "
-                            f"the folder. Re-run with --trust-remote-code if you trust its origin")
+        if folder.config.get("auto_map") or folder.config.get("trust_remote_code"):
+            what = f"the config asks for custom model code ({'auto_map' if folder.config.get('auto_map') else 'trust_remote_code'})"
+        else:
+            what = f"the folder holds Python code ({next(p.glob('*.py')).name})"
+        raise TrustRequired(f"{p}: {what}; loading it runs Python from the folder. Re-run with "
+                            f"--trust-remote-code if you trust its origin")
     if not folder.safetensors:
         if folder.pickles:
             if not trust_remote_code:

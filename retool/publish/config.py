@@ -45,6 +45,8 @@ PROFILES: dict[str, ServingProfile] = {
     "cpu-int8-dynamic": ServingProfile("KIND_CPU"),
     "cpu-auto": ServingProfile("KIND_CPU"),
     "arm64-int8": ServingProfile("KIND_CPU"),
+    "cpu-int4": ServingProfile("KIND_CPU"),
+    "cpu-int8-weight": ServingProfile("KIND_CPU"),
     "npu-uint8": ServingProfile("KIND_CPU", note="Triton has no NPU kind; serve on CPU or hand the file to the NPU SDK"),
 }
 
@@ -100,7 +102,10 @@ def build_config(name: str, artifact: Mapping, *, served_versions: Sequence[int]
     ``parameters``: backend parameters such as intra_op_thread_count (strings in the config).
     """
     inputs, outputs = artifact.get("inputs", ()), artifact.get("outputs", ())
-    batch = batchable(inputs, outputs) and (max_batch_size is None or max_batch_size > 0)
+    # A decoder's requests differ in sequence and past length, so Triton cannot batch them:
+    # the batch axis stays in dims as -1 (max_batch_size 0) and the client sends the cache.
+    decoder = any(str(t.get("name", "")).startswith("past_key_values.") for t in inputs)
+    batch = not decoder and batchable(inputs, outputs) and (max_batch_size is None or max_batch_size > 0)
     mbs = (max_batch_size or DEFAULT_MAX_BATCH) if batch else 0
     prof = profile_for(artifact.get("target"))
     out = [
