@@ -159,3 +159,14 @@ def test_checking_every_model_reports_each_and_exits_7_for_the_refused(repo, ser
     assert set(by) == {"good", *BAD} and by["good"]["passed"]
     assert all(not by[n]["loaded"] and BAD[n][1] in by[n]["reason"] for n in BAD)
     assert f"and {len(BAD) - 1} more model(s) refused" in str(ei.value)
+
+
+def test_cli_url_checks_against_an_existing_triton(repo, server):
+    r = run_retool("repo", "check", repo, "good", "--url", server.http_url, "--grpc-url", server.grpc_url, "--json")
+    assert r.returncode == 0, r.stderr
+    import json
+
+    rep = json.loads(r.stdout)
+    assert rep["server"]["note"] == f"existing Triton at {server.http_url}" and rep["models"][0]["passed"]
+    bad = run_retool("repo", "check", repo, "gpu", "--url", server.http_url, "--grpc-url", server.grpc_url)
+    assert bad.returncode == 7 and "KIND_GPU but no GPUs are available" in bad.stderr
