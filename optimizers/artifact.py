@@ -63,3 +63,23 @@ def external_names(path) -> tuple[str, ...]:
     from retool.fsutil import external_data_files
 
     return external_data_files(path)
+
+
+def load_input(model):
+    from retool.errors import UsageError
+    from retool.onnx_info import artifact_from_onnx, load_onnx_header
+    from retool.types import ModelArtifact
+
+    if isinstance(model, ModelArtifact):
+        if model.format != "onnx":
+            raise UsageError(f"{model.path}: optimize takes an ONNX model, this artifact is {model.format}; "
+                             f"convert it first with 'retool convert'")
+        path = model.path
+    else:
+        path = Path(model)
+    if path.is_dir():
+        raise UsageError(f"{path}: is a folder; optimize takes an ONNX file (convert a saved model with 'retool convert')")
+    header = load_onnx_header(path)
+    if not header.ir_version or not header.graph.node:
+        raise UsageError(f"{path}: not an ONNX model (no graph found); convert it first with 'retool convert'")
+    return model if isinstance(model, ModelArtifact) else artifact_from_onnx(path)

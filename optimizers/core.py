@@ -183,6 +183,7 @@ def _run_all(path, samples, threads, level: str = "all") -> list[np.ndarray]:
 
 from retool.optimizers.artifact import (  # noqa: E402  (re-exported: callers import them from core)
     external_names, finalize, float_nodes, load_in_subprocess, set_metadata)
+from retool.optimizers.artifact import load_input as _load_input  # noqa: E402
 
 
 def build_candidate(profile, ctx: Context, tol, method: str | None = None, base: Path | None = None,
@@ -286,6 +287,20 @@ def build_candidate(profile, ctx: Context, tol, method: str | None = None, base:
     def impact(path):
         return accuracy.output_error(ctx.rank_reference(), _run_all(path, ctx.rank_feeds(), ctx.threads, level))
 
+    if profile.reduce_range and hardware.reduce_range_is_guidance(profile, ctx.cpu):
+        # ORT's guidance (7-bit weights without VNNI) trades saturation for precision; which one
+        # costs more depends on the model, so both are built and the smaller output error wins.
+        err = {}
+        for rr in (True, False):
+            profile = dataclasses.replace(profile, reduce_range=rr)
+            p = build([], f"rr-{rr}")
+            err[rr] = impact(p)
+            accuracy._remove_onnx(p)
+        keep = err[False] < err[True]
+        profile = dataclasses.replace(profile, reduce_range=not keep)
+        notes.append(f"measured on calibration samples: output error {err[True]:.4g} with reduce_range, "
+                     f"{err[False]:.4g} without; kept reduce_range={'off' if keep else 'on'}")
+
     timing = None
     if ctx.goal is not None and ctx.measure and profile.provider == "CPUExecutionProvider":
         from retool.optimizers.latency import step_latency
@@ -332,24 +347,6 @@ def _resolve_tolerance(profile, tolerance):
             raise UsageError(f"tolerance: unknown key(s) {', '.join(sorted(bad))}; use atol, rtol, min_cosine, min_top1")
         return dataclasses.replace(profile.tolerance, **dict(tolerance))
     raise UsageError(f"tolerance: expected a Tolerance or a mapping, got {type(tolerance).__name__}")
-
-
-def _load_input(model) -> ModelArtifact:
-    from retool.onnx_info import artifact_from_onnx, load_onnx_header
-
-    if isinstance(model, ModelArtifact):
-        if model.format != "onnx":
-            raise UsageError(f"{model.path}: optimize takes an ONNX model, this artifact is {model.format}; "
-                             f"convert it first with 'retool convert'")
-        path = model.path
-    else:
-        path = Path(model)
-    if path.is_dir():
-        raise UsageError(f"{path}: is a folder; optimize takes an ONNX file (convert a saved model with 'retool convert')")
-    header = load_onnx_header(path)
-    if not header.ir_version or not header.graph.node:
-        raise UsageError(f"{path}: not an ONNX model (no graph found); convert it first with 'retool convert'")
-    return model if isinstance(model, ModelArtifact) else artifact_from_onnx(path)
 
 
 def optimize(model, output, *, target: str, calibration=None, calibration_method: str | None = None,

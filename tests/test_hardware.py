@@ -105,7 +105,11 @@ def test_report_records_hardware_and_cross_cpu_mismatch(cnn_onnx, tmp_path, cpui
     assert q and max(int(abs(a.astype(int)).max()) for a in q) > 64
 
     _, rep2 = optimize(cnn_onnx, tmp_path / "here.onnx", target="cpu-int8", measure=False)
-    assert rep2.data["profile"]["reduce_range"] is True and not rep2.data["hardware"]["mismatch"]
+    # no VNNI here: the guidance says reduce_range, and both are measured; the report says which won
+    choices = rep2.data["hardware"]["choices"]
+    assert "lacks VNNI" in choices[0] and choices[1].startswith("measured on calibration samples")
+    kept_on = choices[1].endswith("reduce_range=on")
+    assert rep2.data["profile"]["reduce_range"] is kept_on and not rep2.data["hardware"]["mismatch"]
     assert json.loads(rep2.to_json())["data"]["hardware"]["here"]["vnni"] is False
 
     _, rep3 = optimize(cnn_onnx, tmp_path / "arm.onnx", target="arm64-int8", measure=False)

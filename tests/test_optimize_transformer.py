@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 LOSSY_FIXTURE = {"min_cosine": 0.8, "min_top1": 0.5}  # a 32-wide random encoder loses a lot in int8
 
@@ -57,3 +58,18 @@ def test_dynamic_int8_on_encoder_measures_fused_and_unfused(transformer_onnx, tm
     meta = {p.key: p.value for p in m.metadata_props}
     assert meta[THREADS_KEY] == str(th["best_intra_op_threads"])
     assert str(th["best_intra_op_threads"]) == min(th["measured"], key=lambda t: th["measured"][t]["candidate_p50_ms"])
+
+
+def test_dynamic_int8_saturation_without_vnni_is_measured_away(transformer_onnx, tmp_path):
+    """On x86 without VNNI, full-range u8 x s8 dynamic int8 saturates on this encoder (cosine ~0.93);
+    retool measures both reduce_range choices and keeps the one that does not."""
+    from retool.optimizers.core import optimize
+    from retool.optimizers.hardware import detect
+
+    cpu = detect("/proc/cpuinfo")
+    if cpu.arch != "x86_64" or cpu.vnni:
+        pytest.skip(f"needs an x86 CPU without VNNI, this is {cpu.kind}")
+    _, rep = optimize(transformer_onnx, tmp_path / "t.onnx", target="cpu-int8-dynamic", measure=False)
+    assert rep.data["profile"]["reduce_range"] is True
+    assert any(c.startswith("measured on calibration samples") for c in rep.data["hardware"]["choices"])
+    assert rep.data["parity"]["parity:output@held-out"]["cosine"] > 0.999
