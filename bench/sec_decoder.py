@@ -172,7 +172,7 @@ def main(argv=None) -> int:
     try:
         import transformers  # noqa: F401
     except ImportError:
-        print("transformers is needed for the decoder section: pip install 'retool[hf]'", file=sys.stderr)
+        print("transformers is needed for the decoder section: pip install -c constraints.txt '.[hf]'", file=sys.stderr)
         return 3
     out: dict = {"models": {}, "note": "ratios: candidate ms / fp32 ms per round, median and p25-p75"}
     for name in MODELS:

@@ -93,7 +93,7 @@ def _simplify(src: Path, dst: Path, res: GraphResult) -> str | None:
         import onnxoptimizer
     except ImportError:
         if onnxsim is None:
-            res.warnings.append("onnxsim/onnxoptimizer not installed (pip install 'retool[optim]'); "
+            res.warnings.append("onnxsim/onnxoptimizer not installed (pip install -c constraints.txt '.[optim]' from the checkout); "
                                 "only onnxruntime graph optimisation applied")
         return None
     try:

@@ -38,9 +38,11 @@ def test_demo_publishes_every_example_model_with_triton_configs(tmp_path):
         assert cfg.platform == "onnxruntime_onnx" and (c.parent / "1" / "model.onnx").exists()
     assert "parse with Triton's model_config schema" in proc.stdout
     # every published model was served by a real Triton: parity through it, and a budget line each
-    for t in summary["targets"]:
+    served = [t for t in summary["targets"] if t["status"] == "ok"]
+    assert len(served) == len(published)
+    for t in served:
         serve = t["stages"]["serve"]
         assert serve["check"]["passed"] and len(serve["check"]["parity"]) == 4, serve
         assert serve["load"]["met"] and serve["load"]["chosen"]["p99_ms"] <= serve["load"]["budget_p99_ms"]
-    assert "Served in a real Triton" in proc.stdout and proc.stdout.count("parity over http+grpc PASS") == 6
+    assert "Served in a real Triton" in proc.stdout and proc.stdout.count("parity over http+grpc PASS") == len(published)
     assert "## Serving in a real Triton" in (out / "summary.md").read_text()

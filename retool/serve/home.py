@@ -34,7 +34,7 @@ def cache_dir() -> Path:
 def _install_hint(what: str) -> MissingDependency:
     err = MissingDependency(what, "serve", "run a local Triton Inference Server")
     err.message = (f"{what} is needed to run a local Triton Inference Server but is not installed; run: "
-                   f"pip install 'retool[serve]' && pip install --no-deps {SERVER_WHEEL} {PERF_WHEEL} "
+                   f"pip install -c constraints.txt '.[serve]' (from the checkout) && pip install --no-deps {SERVER_WHEEL} {PERF_WHEEL} "
                    f"(or give --url of a running Triton)")
     return err
 
