@@ -213,9 +213,7 @@ def _shapes(feeds) -> dict:
 
 def reference_outputs(model: SourceModel, art: ModelArtifact, request: ConvertRequest):
     """The verification inputs (two batch sizes when the batch is dynamic) and the source's outputs."""
-    from retool.inputs import verification_feeds
-
-    from retool.inputs import VERIFY_BATCH_SIZES
+    from retool.inputs import VERIFY_BATCH_SIZES, verification_feeds
 
     # a source may allow fewer batch sizes than the defaults (an ExportedProgram's range constraints)
     sizes = getattr(model, "verify_batch_sizes", None) or VERIFY_BATCH_SIZES
