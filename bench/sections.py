@@ -237,6 +237,11 @@ def large_model(settings: dict, work: Path) -> dict:
             res["stages"]["optimize_cpu"] = _rss_stage(r, size, floor, output_size_bytes=got.get("size_bytes"))
         else:
             res["stages"]["optimize_cpu"] = got if got and got.get("status") == "error" else _child_failure(r, "optimize cpu")
+        from bench import sec_large_tf  # the TensorFlow case: a Keras MLP of the same shape
+
+        res["tensorflow"] = sec_large_tf.convert_tf(settings, work / "tf", _rss_stage, _convert, _onnx_size)
+        res["stages"]["convert_tf"] = res["tensorflow"].pop("stage", None) or {
+            k: res["tensorflow"].get(k) for k in ("status", "reason")}
         worst = [s["rss_over_model_size"]["value"] for s in res["stages"].values() if "rss_over_model_size" in s]
         res["worst_rss_over_size"] = max(worst) if worst else None
         return res
