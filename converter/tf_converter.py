@@ -18,6 +18,7 @@ import numpy as np
 
 from retool.converter.base import Converter, ConvertRequest, ExportResult, SourceModel, merge_specs
 from retool.converter import tf_export
+from retool.converter.keras_load import lean_keras_load
 from retool.converter.tf_export import (check_opset, finalize, from_function, import_tf, import_tf2onnx,
                                         run_tf2onnx)
 from retool.deps import version_of
@@ -233,6 +234,16 @@ class TFSource(SourceModel):
             total += int(np.prod([int(d) for d in v.shape])) * int(dt)
         return total
 
+    def close(self) -> None:
+        """Drop the model, its traced function and the concrete functions that capture its
+        variables, so their memory is gone before onnxruntime loads the ONNX copy."""
+        import gc
+
+        if self._call is None:
+            return
+        self._owner = self._call = self._fn = None
+        gc.collect()
+
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         tf = self.tf
         missing = [s.name for s in self.src_specs if s.name not in feeds]
@@ -437,6 +448,7 @@ def _load_keras_archive(path: Path, request: ConvertRequest) -> TFSource:
                                       f"re-save it with model.save('model.keras')")
             config = json.loads(z.read("config.json"))
             meta = json.loads(z.read("metadata.json")) if "metadata.json" in names else {}
+            weights_size = z.getinfo("model.weights.h5").file_size if "model.weights.h5" in names else 0
     except ConversionError:
         raise
     except (zipfile.BadZipFile, OSError, ValueError, KeyError, EOFError) as exc:
@@ -449,8 +461,9 @@ def _load_keras_archive(path: Path, request: ConvertRequest) -> TFSource:
     keras = _import_keras(flavor)
     custom = _custom_objects(request, flavor)
     try:
-        model = keras.models.load_model(str(path), custom_objects=custom or None, compile=False,
-                                        safe_mode=not request.trust_remote_code)
+        with lean_keras_load(flavor, weights_size):
+            model = keras.models.load_model(str(path), custom_objects=custom or None, compile=False,
+                                            safe_mode=not request.trust_remote_code)
     except Exception as exc:
         raise _load_failure(path, exc, "a Keras model", request) from None
     return _keras_source(model, request, files=(path,))

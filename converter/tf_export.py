@@ -23,11 +23,9 @@ from retool.types import TensorSpec
 _first_line = partial(first_line, limit=400)
 
 OPSET_RANGE = (13, 18)
-#: Above this many bytes of weights, tf2onnx's large-model path keeps tensors out of the protobuf
-#: (which cannot pass 2 GB) and retool writes them to one external data file beside the model.
+#: Above this many bytes of weights, the variables stay out of the graphs (a protobuf cannot
+#: pass 2 GB) and go to one external data file beside the model (tf_weights).
 LARGE_MODEL_BYTES = 1_900_000_000
-#: External tensors start at multiples of this, so onnxruntime can map them instead of copying.
-EXTERNAL_ALIGN = 4096
 DEFAULT_OPSET = 15
 _UNSUPPORTED = re.compile(r"Tensorflow op \[(?P<node>[^:\]]+): (?P<op>[^\]]+)\] is not supported")
 _FAILED = re.compile(r"Failed to convert node '?(?P<node>[^'\s]+)'?")
@@ -123,7 +121,7 @@ class _Collector(logging.Handler):
 def run_tf2onnx(convert: Callable[[], object], label: str, opset: int):
     """Call a tf2onnx ``from_*`` function; raise ConversionError for anything it could not map.
 
-    Returns (model proto, external tensor storage or None)."""
+    Returns (model proto, weights kept apart or None)."""
     import onnx
 
     logger = logging.getLogger("tf2onnx")
@@ -162,15 +160,12 @@ def from_function(fn, input_signature, opset: int, inputs_as_nchw=None, large_mo
     """tf2onnx.convert.from_function, minus one bug: tensors the function captures from eager
     code (a ``tf.constant`` defined outside it) are frozen as constants, not made graph inputs.
 
-    ``large_model``: tf2onnx's path for models over 2 GB (weights kept out of every protobuf)."""
-    import numpy as np
+    ``large_model``: keep the large variables out of every graph (see tf_weights); the second
+    value returned then writes them beside the model."""
     import tensorflow as tf
     from tf2onnx import tf_loader
     from tf2onnx.convert import _convert_common, tensor_names_from_structed
 
-    if large_model and not hasattr(np, "product"):
-        # tf2onnx 1.17's large-model path calls np.product, which NumPy 2 removed (graph.py, get_value_attr)
-        np.product = np.prod
     _fresh_node_protos()
     concrete = fn.get_concrete_function(*input_signature)
     # concrete.inputs lists the user's inputs first, then the captures
@@ -179,10 +174,20 @@ def from_function(fn, input_signature, opset: int, inputs_as_nchw=None, large_mo
     output_names = [t.name for t in concrete.outputs if t.dtype != tf.dtypes.resource]
     rename = tensor_names_from_structed(concrete, input_names, output_names)
     with tf.device("/cpu:0"):
-        frozen = tf_loader.from_function(concrete, input_names, output_names, large_model=large_model)
-        return _convert_common(frozen, name=concrete.name, continue_on_error=True, opset=opset,
-                               input_names=input_names, output_names=output_names, inputs_as_nchw=inputs_as_nchw,
-                               tensors_to_rename=rename, large_model=large_model, optimizers=_collected_optimizers())
+        apart = None
+        if large_model:
+            from retool.converter.tf_weights import freeze_small
+
+            frozen, names, apart = freeze_small(concrete)
+            rename = {**rename, **names}
+            input_names = input_names + list(names)
+        else:
+            frozen = tf_loader.from_function(concrete, input_names, output_names)
+        proto, _ = _convert_common(frozen, name=concrete.name, continue_on_error=True, opset=opset,
+                                   input_names=input_names, output_names=output_names,
+                                   inputs_as_nchw=inputs_as_nchw, tensors_to_rename=rename,
+                                   optimizers=_collected_optimizers())
+        return proto, apart
 
 
 def _fresh_node_protos() -> None:
@@ -297,33 +302,6 @@ def finalize(proto, specs: Sequence[TensorSpec], output_order: Sequence[str], pa
             dims = vi.type.tensor_type.shape.dim
             if dims and not dims[0].HasField("dim_value"):
                 dims[0].dim_param = "batch"
-    if storage is not None:
-        write_external(proto, storage, path)
+    if storage is not None:  # weights kept apart (tf_weights.ApartWeights)
+        storage.write(proto, path)
     onnx.save_model(proto, str(path))
-
-
-def write_external(proto, storage, path: Path) -> None:
-    """Move tf2onnx's externally stored tensors into ``path.name + '.data'`` and point the proto at it.
-
-    Each tensor's bytes are dropped from the storage once written, so they are never held twice."""
-    import onnx
-
-    data_name = path.name + ".data"
-    tensors = list(proto.graph.initializer) + [a.t for n in proto.graph.node for a in n.attribute
-                                               if a.type == onnx.AttributeProto.TENSOR]
-    with open(path.parent / data_name, "wb") as f:
-        for t in tensors:
-            if t.data_location != onnx.TensorProto.EXTERNAL:
-                continue
-            where = {e.key: e.value for e in t.external_data}
-            blob = storage.name_to_tensor_data.pop(where["location"])
-            pad = -f.tell() % EXTERNAL_ALIGN
-            f.write(b"\0" * pad)
-            offset = f.tell()
-            f.write(blob)
-            del blob
-            del t.external_data[:]
-            for k, v in (("location", data_name), ("offset", str(offset)), ("length", str(f.tell() - offset))):
-                e = t.external_data.add()
-                e.key, e.value = k, v
-    storage.name_to_tensor_data.clear()

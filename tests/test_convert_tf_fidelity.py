@@ -170,3 +170,45 @@ def test_large_model_path_writes_external_data(tmp_path, monkeypatch, cli):
     ref = model([feeds["image"], feeds["meta"]], training=False)
     np.testing.assert_allclose(got["cls"], np.asarray(ref[0]), atol=1e-5, rtol=1e-4)
     np.testing.assert_allclose(got["reg"], np.asarray(ref[1]), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("build,feeds,in_loops", [
+    ("sequential_cnn", {"image": (2, 32, 32, 3)}, ()),
+    # the LSTM and GRU pass their variables into While loops as resources: those are frozen instead
+    ("recurrent", {"tokens": (2, 12)}, ("lstm/", "gru/")),
+    ("attention_gelu", {"x": (2, 10, 16)}, ()),
+])
+def test_large_model_path_keeps_weights_out_of_the_graph(tmp_path, monkeypatch, cli, build, feeds, in_loops):
+    """Convolutions, recurrent loops and attention with their variables fed as graph inputs to
+    tf2onnx, then stored as external initializers named after the variables."""
+    import onnx
+    from retool.converter import keras_load, tf_export, tf_weights
+
+    monkeypatch.setattr(tf_export, "LARGE_MODEL_BYTES", 0)
+    monkeypatch.setattr(tf_weights, "APART_MIN_ELEMENTS", 64)
+    monkeypatch.setattr(keras_load, "KERAS_STREAM_BYTES", 0)  # the lean .keras load too
+    model = getattr(T, build)()
+    src = T.save_keras(model, tmp_path / "m.keras")
+    out = tmp_path / "out" / "m.onnx"
+    out.parent.mkdir()
+    r = cli("convert", src, "-o", out)
+    assert r.code == 0, r.err
+    m = onnx.load(str(out), load_external_data=False)
+    ext = {t.name for t in m.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    big = {v.path for v in model.weights if int(np.prod(v.shape)) >= 64}
+    apart = {p for p in big if not p.startswith(in_loops)}
+    # each large variable is an external initializer named after it (TF's name: Keras's path less the model's)
+    assert apart and all(any(p == e or p.endswith("/" + e) for e in ext) for p in apart)
+    assert not any(e.startswith(in_loops) for e in ext) if in_loops else len(ext) >= len(big)
+    assert [i.name for i in m.graph.input] == list(feeds)
+    if not in_loops:  # nothing large left inside the graph
+        inline = [t for t in m.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
+        inline += [a.t for n in m.graph.node for a in n.attribute if a.type == onnx.AttributeProto.TENSOR]
+        assert all(np.prod(t.dims) < 64 for t in inline)
+    rng = np.random.default_rng(3)
+    x = {k: (rng.integers(0, 50, s).astype(np.int32) if k == "tokens" else rng.standard_normal(s).astype(np.float32))
+         for k, s in feeds.items()}
+    got, sess = _ort(out, x)
+    ref = np.asarray(model(x[next(iter(feeds))], training=False))
+    np.testing.assert_allclose(next(iter(got.values())), ref, atol=1e-4, rtol=1e-4)
