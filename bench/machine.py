@@ -42,6 +42,20 @@ def meminfo_bytes(key: str) -> int | None:
     return None
 
 
+def room_for(work, disk_bytes: int, mem_bytes: int, disk_why: str, what: str) -> str | None:
+    """Why a large-model case cannot run at ``work`` (too little disk or memory), or None."""
+    import shutil
+
+    free = shutil.disk_usage(work).free
+    if free < disk_bytes:
+        return (f"{work}: {free / 1e9:.1f} GB free, {what} needs {disk_bytes / 1e9:.1f} GB ({disk_why}); "
+                f"use --work-dir")
+    avail = meminfo_bytes("MemAvailable")
+    if avail is not None and avail < mem_bytes:
+        return f"{avail / 2**30:.1f} GiB memory available, {what} needs about {mem_bytes / 2**30:.1f} GiB"
+    return None
+
+
 def _git_commit(root) -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,

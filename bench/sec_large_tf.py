@@ -10,7 +10,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from bench.machine import meminfo_bytes
+from bench.machine import room_for
 from bench.models import LARGE_DEPTH, LARGE_WIDTH, MLP_IN, MLP_OUT, mlp_param_count
 from bench.proc import run_child
 
@@ -38,14 +38,9 @@ def convert_tf(settings: dict, work: Path, rss_stage, convert, onnx_size) -> dic
     res: dict = {"model": f"Keras MLP {MLP_IN} -> {depth + 1} x {width} -> {MLP_OUT} (.keras file)",
                  "params": mlp_param_count(width, depth)}
     work.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(work).free
-    if free < 3 * expect:
-        return {**res, "status": "skipped", "reason": f"{free / 1e9:.1f} GB free at {work}, the Keras case needs "
-                f"{3 * expect / 1e9:.1f} GB (.keras file, ONNX model, staging)"}
-    avail = meminfo_bytes("MemAvailable")
-    if avail is not None and avail < 4 * expect:
-        return {**res, "status": "skipped", "reason": f"{avail / 2**30:.1f} GiB memory available, the Keras case "
-                f"needs about {4 * expect / 2**30:.1f} GiB"}
+    why = room_for(work, 3 * expect, 4 * expect, ".keras file, ONNX model, staging", "the Keras case")
+    if why:
+        return {**res, "status": "skipped", "reason": why}
     try:
         src = work / "wide_mlp.keras"
         print(f"   building the {expect / 1e9:.2f} GB Keras MLP", flush=True)
@@ -59,7 +54,7 @@ def convert_tf(settings: dict, work: Path, rss_stage, convert, onnx_size) -> dic
         out_dir = work / "onnx"
         out_dir.mkdir()
         dst = out_dir / "wide_mlp.onnx"
-        print("   converting it with retool (tf2onnx large-model path)", flush=True)
+        print("   converting it with retool (large-model path)", flush=True)
         r, report = convert(str(src), [], dst, timeout=3600)
         if not r.ok:
             lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
@@ -72,7 +67,7 @@ def convert_tf(settings: dict, work: Path, rss_stage, convert, onnx_size) -> dic
         res["large_model_path"] = bool(params.get("external_data"))
         res["parity_passed"] = bool((report or {}).get("passed"))
         res["stage"] = rss_stage(r, size, res["import_floor_rss_bytes"],
-                                 note="Keras source, tf2onnx large-model export, ORT check and parity in one process")
+                                 note="Keras source, large-model export, ORT check and parity in one process")
         res["status"] = "ok"
         return res
     finally:

@@ -10,7 +10,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from bench.machine import meminfo_bytes
+from bench.machine import room_for
 from bench.models import MODELS, BenchModel, LARGE_DEPTH, LARGE_WIDTH, mlp_param_count
 from bench.proc import ChildResult, run_child, run_task
 from bench.stats import ratio_summary, summarize, value
@@ -190,14 +190,9 @@ def large_model(settings: dict, work: Path) -> dict:
     res: dict = {"model": f"wide MLP 1024 -> {depth + 1} x {width} -> 1000 (torch factory bench.models:wide_mlp)",
                  "params": mlp_param_count(width, depth), "goal_rss_over_size": LARGE_GOAL}
     work.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(work).free
-    if free < 4 * expect:
-        return {**res, "status": "skipped", "reason": f"{work}: {free / 1e9:.1f} GB free, the large model needs "
-                f"{4 * expect / 1e9:.1f} GB (fp32 model, a copy, the cpu variant, staging); use --work-dir"}
-    avail = meminfo_bytes("MemAvailable")
-    if avail is not None and avail < 3 * expect:
-        return {**res, "status": "skipped", "reason": f"{avail / 2**30:.1f} GiB memory available, the large model "
-                f"needs about {3 * expect / 2**30:.1f} GiB"}
+    why = room_for(work, 4 * expect, 3 * expect, "fp32 model, a copy, the cpu variant, staging", "the large model")
+    if why:
+        return {**res, "status": "skipped", "reason": why}
     env = {"RETOOL_BENCH_MLP": f"{width}x{depth}"}
     try:
         # What any retool process costs before it holds a model: the floor under every figure below.

@@ -214,22 +214,27 @@ class TFSource(SourceModel):
         nchw = [f"{n}:0" for n in sorted(self.nchw)] or None
         label = self.request.source_label
         large = self.weight_bytes() > tf_export.LARGE_MODEL_BYTES
-        proto, storage = run_tf2onnx(lambda: from_function(fn, sig, opset, nchw, large_model=large), label, opset)
+        variables = self._variables() if large else ()
+        proto, storage = run_tf2onnx(lambda: from_function(fn, sig, opset, nchw, large_model=large,
+                                                           variables=variables), label, opset)
         finalize(proto, self.input_specs, self.output_names, path, self.batch_outputs, storage)
         del proto, storage
+        variables = ()  # the lambda's cell: let the variables go with the model
         return ExportResult("tf2onnx.convert.from_function", {"source_kind": self.kind, "opset": opset,
                                                              "inputs_as_nchw": sorted(self.nchw),
                                                              "external_data": large})
 
-    def weight_bytes(self) -> int:
-        """Bytes of the model's variables (Keras weights, or a tf.Module's variables)."""
+    def _variables(self) -> list:
+        """The model's variables (Keras weights, or a tf.Module's variables)."""
         owner = self._owner
         try:
-            vs = list(getattr(owner, "weights", None) or getattr(owner, "variables", None) or [])
+            return list(getattr(owner, "weights", None) or getattr(owner, "variables", None) or [])
         except Exception:  # an object without a variable list: treat it as small
-            return 0
+            return []
+
+    def weight_bytes(self) -> int:
         total = 0
-        for v in vs:
+        for v in self._variables():
             dt = getattr(v.dtype, "size", None) or np.dtype(str(v.dtype)).itemsize
             total += int(np.prod([int(d) for d in v.shape])) * int(dt)
         return total

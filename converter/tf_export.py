@@ -156,12 +156,12 @@ def run_tf2onnx(convert: Callable[[], object], label: str, opset: int):
     return proto, storage
 
 
-def from_function(fn, input_signature, opset: int, inputs_as_nchw=None, large_model: bool = False):
+def from_function(fn, input_signature, opset: int, inputs_as_nchw=None, large_model: bool = False, variables=()):
     """tf2onnx.convert.from_function, minus one bug: tensors the function captures from eager
     code (a ``tf.constant`` defined outside it) are frozen as constants, not made graph inputs.
 
     ``large_model``: keep the large variables out of every graph (see tf_weights); the second
-    value returned then writes them beside the model."""
+    value returned then writes them beside the model; ``variables`` are the source's own."""
     import tensorflow as tf
     from tf2onnx import tf_loader
     from tf2onnx.convert import _convert_common, tensor_names_from_structed
@@ -178,7 +178,7 @@ def from_function(fn, input_signature, opset: int, inputs_as_nchw=None, large_mo
         if large_model:
             from retool.converter.tf_weights import freeze_small
 
-            frozen, names, apart = freeze_small(concrete)
+            frozen, names, apart = freeze_small(concrete, variables)
             rename = {**rename, **names}
             input_names = input_names + list(names)
         else:

@@ -30,9 +30,11 @@ class ApartWeights:
         write_apart(proto, self, path)
 
 
-def freeze_small(concrete, min_elements: int | None = None):
+def freeze_small(concrete, variables=(), min_elements: int | None = None):
     """``concrete``'s graph with only its small variables frozen.
 
+    ``variables``: the source's own variables, for captures that the traced graph does not list
+    (a loaded SavedModel's signature called inside the trace).
     Returns (GraphDef, {placeholder tensor name: ONNX name}, ApartWeights)."""
     import numpy as np
     import tensorflow as tf
@@ -42,27 +44,42 @@ def freeze_small(concrete, min_elements: int | None = None):
     )
 
     min_elements = APART_MIN_ELEMENTS if min_elements is None else min_elements
-    by_handle = {id(v.handle): v for v in concrete.graph.variables}
+    by_handle = {}
+    for v in list(variables) + list(concrete.graph.variables):
+        v = v if isinstance(v, tf.Variable) else getattr(v, "value", v)  # a Keras variable wraps a tf.Variable
+        with _suppress():
+            by_handle[id(v.handle)] = v
     apart: dict[str, object] = {}
     for external, internal in concrete.graph.captures:
         var = by_handle.get(id(external))
         if var is not None and var.shape.is_fully_defined() and int(np.prod(var.shape)) >= min_elements:
             apart[internal.op.name] = var
-    # a variable passed into a loop or a call as a resource cannot become a float input: freeze it
-    for node in concrete.graph.as_graph_def().node:
-        for name in node.input:
-            if name.split(":")[0] in apart and node.op != "ReadVariableOp":
-                apart.pop(name.split(":")[0])
-    data = _FunctionConverterDataInEager(concrete, lower_control_flow=False, aggressive_inlining=True,
-                                         variable_names_denylist=set(apart))
+
+    def inlined():
+        return _FunctionConverterDataInEager(concrete, lower_control_flow=False, aggressive_inlining=True,
+                                             variable_names_denylist=set(apart))
+
+    data = inlined()
+    aliases = _aliases(data.graph_def, set(apart))
+    # after inlining, a variable that a loop or a call still takes as a resource cannot become a
+    # float input (an LSTM's kernels inside its While): freeze it after all
+    in_loops = {p for p, (_, bad) in aliases.items() if bad}
+    if in_loops:
+        for name in in_loops:
+            apart.pop(name)
+        data = inlined()
+        aliases = _aliases(data.graph_def, set(apart))
     graph_def, _ = _replace_variables_by_constants(converter_data=data)
+    alias_of = {a: p for p, (names, _) in aliases.items() for a in names}
     for node in graph_def.node:
         if node.op == "Placeholder" and node.name in apart:
             var = apart[node.name]
             node.attr["dtype"].type = var.dtype.as_datatype_enum
             node.attr["shape"].shape.CopyFrom(tf.TensorShape(var.shape).as_proto())
             node.attr.pop("_user_specified_name", None)
-        elif node.op == "ReadVariableOp" and node.input and node.input[0] in apart:
+        elif node.op == "Identity" and node.name in alias_of:  # an inlined call's input: now a float
+            node.attr["T"].type = apart[alias_of[node.name]].dtype.as_datatype_enum
+        elif node.op == "ReadVariableOp" and node.input and _name(node.input[0]) in alias_of:
             dtype = node.attr["dtype"].type
             node.op = "Identity"
             node.attr.clear()
@@ -73,6 +90,38 @@ def freeze_small(concrete, min_elements: int | None = None):
     names = _initializer_names(apart)
     return (graph_def, {f"{p}:0": names[p] for p in apart},
             ApartWeights({names[p]: v for p, v in apart.items()}))
+
+
+def _name(inp: str) -> str:
+    return inp.lstrip("^").split(":")[0]
+
+
+def _aliases(graph_def, placeholders: set[str]) -> dict[str, tuple[set[str], bool]]:
+    """For each resource placeholder: the Identity nodes that pass it on (inlined call inputs), and
+    whether anything but Identity and ReadVariableOp takes it."""
+    users: dict[str, list] = {}
+    for node in graph_def.node:
+        for inp in node.input:
+            if not inp.startswith("^"):
+                users.setdefault(_name(inp), []).append(node)
+    out = {}
+    for p in placeholders:
+        names, todo, bad = {p}, [p], False
+        while todo:
+            for node in users.get(todo.pop(), []):
+                if node.op == "Identity" and node.name not in names:
+                    names.add(node.name)
+                    todo.append(node.name)
+                elif node.op not in ("Identity", "ReadVariableOp"):
+                    bad = True
+        out[p] = (names, bad)
+    return out
+
+
+def _suppress():
+    import contextlib
+
+    return contextlib.suppress(AttributeError, ValueError, TypeError)
 
 
 def _initializer_names(apart: dict[str, object]) -> dict[str, str]:
