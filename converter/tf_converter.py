@@ -213,7 +213,8 @@ class TFSource(SourceModel):
         fn, sig = self.function(), self._signature()
         nchw = [f"{n}:0" for n in sorted(self.nchw)] or None
         label = self.request.source_label
-        large = self.weight_bytes() > tf_export.LARGE_MODEL_BYTES
+        why = tf_export.weights_apart_reason(self.weight_bytes())
+        large = why is not None
         variables = self._variables() if large else ()
         proto, storage = run_tf2onnx(lambda: from_function(fn, sig, opset, nchw, large_model=large,
                                                            variables=variables), label, opset)
@@ -222,7 +223,8 @@ class TFSource(SourceModel):
         variables = ()  # the lambda's cell: let the variables go with the model
         return ExportResult("tf2onnx.convert.from_function", {"source_kind": self.kind, "opset": opset,
                                                              "inputs_as_nchw": sorted(self.nchw),
-                                                             "external_data": large})
+                                                             "external_data": large,
+                                                             **({"external_data_reason": why} if why else {})})
 
     def _variables(self) -> list:
         """The model's variables (Keras weights, or a tf.Module's variables)."""

@@ -155,7 +155,8 @@ def test_large_model_path_writes_external_data(tmp_path, monkeypatch, cli):
     r = cli("convert", src, "-o", out)
     assert r.code == 0, r.err
     rep = _report(out)
-    assert rep["passed"] and rep["artifact"]["provenance"][0]["params"]["external_data"] is True
+    params = rep["artifact"]["provenance"][0]["params"]
+    assert rep["passed"] and params["external_data"] is True and "limit for one protobuf" in params["external_data_reason"]
     assert rep["artifact"]["extra_files"] == ["two.onnx.data"]
     import onnx
 
@@ -218,3 +219,12 @@ def test_large_model_path_keeps_weights_out_of_the_graph(tmp_path, monkeypatch, 
     got, sess = _ort(out, x)
     ref = np.asarray(model(x[next(iter(feeds))], training=False))
     np.testing.assert_allclose(next(iter(got.values())), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_weights_kept_apart_when_the_usual_path_would_not_fit():
+    from retool.converter.tf_export import LARGE_MODEL_BYTES, USUAL_PATH_PEAK, weights_apart_reason
+
+    assert weights_apart_reason(100 << 20, available=64 << 30) is None
+    assert "protobuf" in weights_apart_reason(LARGE_MODEL_BYTES + 1, available=1 << 50)
+    why = weights_apart_reason(1 << 30, available=(USUAL_PATH_PEAK << 30) - 1)
+    assert why and "22x" in why and "available" in why
