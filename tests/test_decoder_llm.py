@@ -22,15 +22,8 @@ FAMILIES = ("llama", "gpt2")
 def decoders(tmp_path_factory):
     """family -> (trained HF folder, its fp32 ONNX, the convert report)."""
     from fixtures import hf_models
-    from retool.converter.core import convert
 
-    d = tmp_path_factory.mktemp("decoders")
-    out = {}
-    for fam in FAMILIES:
-        folder = hf_models.train_decoder(d / fam, fam)
-        art, report = convert(str(folder), d / f"{fam}.onnx")
-        out[fam] = (folder, art.path, report)
-    return out
+    return {fam: hf_models.converted_decoder(tmp_path_factory, fam) for fam in FAMILIES}
 
 
 def _dims(vi):

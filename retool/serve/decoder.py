@@ -68,7 +68,14 @@ def report_reference(report: dict | None) -> Path | None:
     """The ONNX reference a decoder's validate report was judged against, if it is still there."""
     ref = ((report or {}).get("data") or {}).get("reference") or {}
     label = ref.get("label") if ref.get("kind") == "onnx" else None
-    return Path(label) if label and Path(label).is_file() else None
+    if not label or not Path(label).is_file():
+        return None
+    if ref.get("sha256"):  # the file the gate was measured against, not one written there since
+        from retool.fsutil import sha256_file
+
+        if sha256_file(label) != ref["sha256"]:
+            return None
+    return Path(label)
 
 
 def build(model_path, reference=None, report: dict | None = None, seed: int = 0) -> tuple[dict, dict]:
