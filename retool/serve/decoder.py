@@ -198,8 +198,10 @@ def _protocol(client, proto: str, name: str, version: int, layout: CacheLayout, 
         pfirst = _first(prow, published, served)
         out["published_tokens"] = {"agreement": sum(r["agreement"] for _, _, r in prow),
                                    "steps": sum(r["steps"] for _, _, r in prow), "first_divergence": pfirst}
+        why = ("; onnxruntime in-process gives the same as the server, so the served model.onnx is not the one "
+               "published (run retool repo verify)" if first is None else "")
         checks.append({"name": "published_tokens", "passed": pfirst is None, "message": "" if pfirst is None else
-                       f"{_where(pfirst, n)} against the tokens stored at publish"})
+                       f"{_where(pfirst, n)} against the tokens stored at publish{why}"})
     if refs is not None:
         qchecks, qdata = quantized_gate(None, step, layout, prompts, n, float(gate["min_agreement"]),
                                         float(gate["min_cosine"]), bool(gate["free_running"]), refs=refs)
