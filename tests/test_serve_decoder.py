@@ -32,6 +32,7 @@ def repo(tmp_path_factory):
     optimize(fp32, int4, target="cpu-int4", measure=False)
     publish(int4, repo, "lm-int4", max_regression="off")  # its sidecar report names the fp32 reference
     publish(fp32, repo, "lm-broken", max_regression="off")
+    publish(fp32, repo, "lm-old", max_regression="off", samples=False)  # as published before generation samples
     # the served file changes after publish: one token's embedding is negated, a token no prompt holds,
     # so the greedy tokens change only once the model has generated it and reads it back from the cache
     with np.load(repo / "lm" / "1" / "samples.npz") as z:
@@ -166,3 +167,10 @@ def test_a_changed_served_model_fails_naming_the_first_divergent_step(repo, serv
         # the server still equals onnxruntime on the same (changed) file: the serving stack is not to blame
         assert p["agreement"] == p["steps"] and not p["passed"]
         assert p["published_tokens"]["first_divergence"]["step"] == repo["diverge"]
+
+
+def test_a_decoder_published_without_samples_is_still_checked_against_onnxruntime(repo, server):
+    rep = _check(repo, server, "lm-old")
+    g = rep["models"][0]["generation"]
+    assert g["passed"] and not g["published_tokens"] and "compared with onnxruntime only" in g["note"]
+    assert all(p["agreement"] == p["steps"] == 224 and "published_tokens" not in p for p in g["protocols"])

@@ -246,6 +246,10 @@ def check(sess, repo, name: str, version: int, manifest: dict, cfg: dict, data: 
         "reference": "onnxruntime in-process on the published " + fname,
         "published_tokens": bool(st["tokens"]), "stored_reference": entry.get("reference") if st["refs"] else None,
         "gate": gate if st["refs"] else None, "protocols": []}
+    if st["tokens"] and not st["refs"] and (entry.get("reference_error") or "int" in str(gate.get("from"))):
+        out["note"] = ("no reference decodes stored at publish (" + (entry.get("reference_error") or "no reference "
+                       "known: publish with its optimize report or a samples reference") + "): the quantized "
+                       "model's generation gate is not re-run through the server")
     if not st["tokens"]:
         out["note"] = ("no generation samples in this version (published before retool stored them, or "
                        f"{entry.get('error') or (manifest.get('samples') or {}).get('error') or 'not stored'}): "
