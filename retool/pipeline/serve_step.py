@@ -39,7 +39,8 @@ def serve_one(sess, repo, name: str, version: int, cfg: Mapping, out_dir: Path) 
             gen = chk.get("generation")
             if gen:  # a decoder: its greedy generation through the server
                 res["check"]["generation"] = [{k: p.get(k) for k in ("protocol", "passed", "steps", "agreement",
-                                                                     "first_divergence", "min_cosine", "max_logit_diff")}
+                                                                     "first_divergence", "min_cosine", "max_logit_diff",
+                                                                     "teacher_forced")}
                                               for p in gen["protocols"]]
             if not chk["passed"]:
                 from retool.serve.decoder import failure
