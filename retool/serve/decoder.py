@@ -174,8 +174,17 @@ def _where(d: dict, n: int) -> str:
 
 def _protocol(client, proto: str, name: str, version: int, layout: CacheLayout, prompts, n: int, local: dict,
               published: dict, refs, gate: dict, batch: bool) -> dict:
-    step = triton_step(client, name, version, layout.layers)
+    import time
+
+    calls = [0]
+    inner = triton_step(client, name, version, layout.layers)
+
+    def step(*args):
+        calls[0] += 1
+        return inner(*args)
+    t0 = time.perf_counter()
     served = run_cases(step, layout, prompts, n, batch)
+    seconds = time.perf_counter() - t0
     rows = [(c, k, compare_steps(local[c]["logits"][k], served[c]["logits"][k], local[c]["tokens"][k],
                                  served[c]["tokens"][k])) for c in served for k in range(served[c]["tokens"].shape[0])]
     s = summarize([r for _, _, r in rows])
@@ -190,7 +199,8 @@ def _protocol(client, proto: str, name: str, version: int, layout: CacheLayout, 
     out: dict[str, Any] = {
         "protocol": proto, "cases": {c: summarize([r for cc, _, r in rows if cc == c]) for c in served},
         "steps": s["steps"], "agreement": s["agreement"], "first_divergence": first, "min_cosine": s["min_cosine"],
-        "max_logit_diff": max(s["max_abs_diff"], prefill), "prefill_max_abs_diff": prefill}
+        "max_logit_diff": max(s["max_abs_diff"], prefill), "prefill_max_abs_diff": prefill,
+        "requests": calls[0], "seconds": round(seconds, 3)}
     if published:
         prow = [(c, k, compare_steps(local[c]["logits"][k], served[c]["logits"][k], published[c][k],
                                      served[c]["tokens"][k])) for c in served if c in published
@@ -285,7 +295,7 @@ def render(model: dict) -> list[str]:
         fd = p["first_divergence"]
         line = (f"  {p['protocol']}: tokens {p['agreement']}/{p['steps']} agree, first divergence "
                 f"{'none' if fd is None else _where(fd, g['new_tokens'])}, min step cosine {p['min_cosine']:.6f}, "
-                f"max logit diff {p['max_logit_diff']:.2e}")
+                f"max logit diff {p['max_logit_diff']:.2e} ({p['requests']} requests in {p['seconds']:.1f} s)")
         if "published_tokens" in p:
             pt = p["published_tokens"]
             line += f"; published tokens {pt['agreement']}/{pt['steps']}"
