@@ -33,6 +33,7 @@ def repo(tmp_path_factory):
     publish(int4, repo, "lm-int4", max_regression="off")  # its sidecar report names the fp32 reference
     publish(fp32, repo, "lm-broken", max_regression="off")
     publish(fp32, repo, "lm-old", max_regression="off", samples=False)  # as published before generation samples
+    publish(hf_models.converted_decoder(tmp_path_factory, "gpt2")[1], repo, "gpt2", max_regression="off")
     # the served file changes after publish: one token's embedding is negated, a token no prompt holds,
     # so the greedy tokens change only once the model has generated it and reads it back from the cache
     with np.load(repo / "lm" / "1" / "samples.npz") as z:
@@ -174,3 +175,8 @@ def test_a_decoder_published_without_samples_is_still_checked_against_onnxruntim
     g = rep["models"][0]["generation"]
     assert g["passed"] and not g["published_tokens"] and "compared with onnxruntime only" in g["note"]
     assert all(p["agreement"] == p["steps"] == 224 and "published_tokens" not in p for p in g["protocols"])
+
+
+def test_gpt2_with_full_attention_heads_generates_through_triton(repo, server):
+    g = _check(repo, server, "gpt2")["models"][0]["generation"]
+    assert g["passed"] and all(p["agreement"] == p["steps"] == 224 for p in g["protocols"])
