@@ -96,7 +96,8 @@ def optimize_decoder(art, out: Path, profile, tol, *, seed: int, threads: int, m
                                   f"{info['matmulnbits']} MatMulNBits for {info['weight_matmuls']} weight MatMuls",
                                   dict(info), "info")] + list(checks)
         data = {"target": profile.name, "chosen_target": profile.name, "profile": profile.to_dict(),
-                "task": "text-generation", "size_mb": round(size_out / 1e6, 4),
+                "task": "text-generation", "reference": {"kind": "onnx", "label": str(art.path), "sha256": art.sha256},
+                "size_mb": round(size_out / 1e6, 4),
                 "size_mb_input": round(size_in / 1e6, 4), "size_ratio": round(size_out / size_in, 4) if size_in else None,
                 "generation": gen, "weight_only": info, "decode_latency": lat, "latency": None,
                 "tolerance": tol.to_dict(), "node_types": dict(sorted(ops.items())), "tools": tools,

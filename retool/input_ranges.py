@@ -33,6 +33,9 @@ def ranges_from_graph(model) -> dict[str, tuple[int, int]]:
             for a in n.attribute:
                 if a.name == "value" and a.t is not None:
                     dims[n.output[0]] = list(a.t.dims)
+    for n in g.node:  # a quantized table (QDQ): DequantizeLinear of an initializer has its shape
+        if n.op_type == "DequantizeLinear" and n.input and n.input[0] in dims and n.output:
+            dims.setdefault(n.output[0], dims[n.input[0]])
     consumers: dict[str, list] = {}
     for n in g.node:
         for k, name in enumerate(n.input):
@@ -88,6 +91,29 @@ def with_ranges(specs: Sequence[TensorSpec], ranges: Mapping[str, tuple[int, int
                 s = dataclasses.replace(s, value_range=tuple(r))
         out.append(s)
     return tuple(out)
+
+
+def hf_config_ranges(config, names) -> dict[str, tuple[int, int]]:
+    """Ranges a Hugging Face model's config fixes for its integer inputs: token ids below vocab_size,
+    token types below type_vocab_size, and an attention mask of ones (random 0/1 masks can hide a
+    whole row, which frameworks answer with NaN or a uniform softmax: not a parity question)."""
+    out: dict[str, tuple[int, int]] = {}
+    names = set(names)
+    for name, key in (("input_ids", "vocab_size"), ("token_type_ids", "type_vocab_size")):
+        size = getattr(config, key, None)
+        if name in names and isinstance(size, int) and size > 0:
+            out[name] = (0, size - 1)
+    if "attention_mask" in names:
+        out["attention_mask"] = (1, 1)
+    return out
+
+
+def prefer(specs: Sequence[TensorSpec], ranges: Mapping[str, tuple[int, int]],
+           given: Sequence[TensorSpec] = ()) -> tuple[TensorSpec, ...]:
+    """``specs`` with ``ranges`` (a source model's own) over the graph-derived ones; a range the user gave wins."""
+    mine = {s.name for s in given if s.value_range is not None}
+    return tuple(dataclasses.replace(s, value_range=tuple(ranges[s.name]))
+                 if is_integer(s) and s.name in ranges and s.name not in mine else s for s in specs)
 
 
 def keep_given(specs: Sequence[TensorSpec], given: Sequence[TensorSpec]) -> tuple[TensorSpec, ...]:

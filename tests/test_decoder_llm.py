@@ -22,15 +22,8 @@ FAMILIES = ("llama", "gpt2")
 def decoders(tmp_path_factory):
     """family -> (trained HF folder, its fp32 ONNX, the convert report)."""
     from fixtures import hf_models
-    from retool.converter.core import convert
 
-    d = tmp_path_factory.mktemp("decoders")
-    out = {}
-    for fam in FAMILIES:
-        folder = hf_models.train_decoder(d / fam, fam)
-        art, report = convert(str(folder), d / f"{fam}.onnx")
-        out[fam] = (folder, art.path, report)
-    return out
+    return {fam: hf_models.converted_decoder(tmp_path_factory, fam) for fam in FAMILIES}
 
 
 def _dims(vi):
@@ -235,7 +228,7 @@ def test_pipeline_with_a_decoder(decoders, tmp_path, cli):
         "version: 1\nrepository: ./repo\nmodels:\n  - name: lm\n    source: lm/\n"
         "    options: {task: text-generation}\n    validation: {threads: 1, latency: true}\n"
         "    targets:\n      - name: cpu-int4\n        tolerance: {min_top1: 0.96875, min_cosine: 0.98}\n"
-        "    publish: {when: gates-pass}\n")
+        "    publish: {when: gates-pass}\n    serve: {check: true}\n")
     r = cli("-q", "run", tmp_path / "retool.yaml", "--out", tmp_path / "out", "--json")
     assert r.code == 0, r.err
     rep = Report.load(tmp_path / "out" / "lm" / "cpu-int4" / "report" / "report.json")
@@ -246,3 +239,10 @@ def test_pipeline_with_a_decoder(decoders, tmp_path, cli):
     assert "<h2>Generation</h2>" in html and "teacher forced" in html
     assert "**Generation, teacher forced:**" in (tmp_path / "out" / "lm" / "cpu-int4" / "report" / "report.md").read_text()
     assert (tmp_path / "repo" / "lm-cpu-int4" / "config.pbtxt").exists() or any((tmp_path / "repo").iterdir())
+    # served by a real Triton: a greedy generation through it, teacher-forced against the fp32 convert output
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    serve = summary["targets"][0]["stages"]["serve"]
+    assert serve["status"] == "ok" and serve["check"]["passed"], serve
+    gen = {g["protocol"]: g for g in serve["check"]["generation"]}
+    assert set(gen) == {"http", "grpc"} and all(g["agreement"] == g["steps"] == 224 for g in gen.values())
+    assert all(g["teacher_forced"]["agreement"] >= 31 / 32 * g["teacher_forced"]["steps"] for g in gen.values())

@@ -134,6 +134,12 @@ def validate(candidate, reference=None, *, batch_sizes: Sequence[int] = (1,), la
                                  seed=seed, providers=providers)
         data["reference"] = ref.describe()
         warnings += [n for n in ref.notes if "could not" in n or "not pinned" in n]
+        src_ranges = ref.input_ranges()
+        if src_ranges:  # the source's own sizes (an HF config) over what the graph shows or hides
+            from retool.input_ranges import prefer
+
+            specs = prefer(specs, src_ranges, given)
+            data["candidate"]["inputs"] = [s.to_dict() for s in specs]
     else:
         checks.append(CheckResult("parity", True, message="no reference given: parity not checked", severity="info"))
     try:

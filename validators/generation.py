@@ -58,16 +58,21 @@ def layout_from_session(sess) -> CacheLayout:
     return CacheLayout(layers, int(shape[1]), int(shape[3]), int(vocab), dtype)
 
 
-def ort_step(sess) -> Step:
-    layout = layout_from_session(sess)
-    pin, pout = past_names(layout.layers), present_names(layout.layers)
+def cache_step(run: Callable[[list, dict], Sequence], layers: int) -> Step:
+    """A step function over any runtime: ``run(output names, feeds)`` returns the outputs in that order
+    (onnxruntime's ``sess.run``, or one Triton inference request)."""
+    pin, pout = past_names(layers), present_names(layers)
     outs = ["logits"] + pout
 
     def step(ids, mask, pos, past):
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **dict(zip(pin, past))}
-        res = sess.run(outs, feeds)
-        return res[0], res[1:]
+        res = run(outs, feeds)
+        return res[0], list(res[1:])
     return step
+
+
+def ort_step(sess) -> Step:
+    return cache_step(sess.run, layout_from_session(sess).layers)
 
 
 def positions(mask: np.ndarray) -> np.ndarray:
@@ -90,6 +95,19 @@ def left_pad(prompts: Sequence[np.ndarray], pad_id: int = 0) -> tuple[np.ndarray
         ids[r, width - p.shape[1]:] = p[0]
         mask[r, width - p.shape[1]:] = 1
     return ids, mask
+
+
+def cases(prompts: Sequence[np.ndarray]) -> list[tuple[str, np.ndarray, np.ndarray, tuple[int, ...]]]:
+    """(name, ids, mask, prompt index per row): each prompt alone, the first two batched when their
+    lengths agree, and the first with the last left-padded when the last is shorter."""
+    out = [(f"greedy.{i}", p, np.ones_like(p), (i,)) for i, p in enumerate(prompts)]
+    if len(prompts) >= 2 and prompts[0].shape == prompts[1].shape:
+        ids = np.concatenate([prompts[0], prompts[1]], 0)
+        out.append(("batch", ids, np.ones_like(ids), (0, 1)))
+    if len(prompts) >= 2 and prompts[-1].shape[1] < prompts[0].shape[1]:
+        ids, mask = left_pad([prompts[0], prompts[-1]])
+        out.append(("left_padded", ids, mask, (0, len(prompts) - 1)))
+    return out
 
 
 def decode(step: Step, layout: CacheLayout, ids: np.ndarray, mask: np.ndarray, n_new: int,
@@ -193,31 +211,28 @@ def fp32_parity(step: Step, layout: CacheLayout, prompts: Sequence[np.ndarray], 
     checks.append(CheckResult("generation:prefill", prefill_diff < max_diff, prefill_diff, max_diff,
                               "" if prefill_diff < max_diff else f"prefill logits differ by {prefill_diff:.3g}",
                               {"max_abs_diff": prefill_diff}))
-    if len(prompts) >= 2 and prompts[0].shape == prompts[1].shape:
-        ids = np.concatenate([prompts[0], prompts[1]], 0)
-        got = decode(step, layout, ids, np.ones_like(ids), n_new)
-        rows = [compare_steps(refs[r]["logits"][0], got["logits"][r], refs[r]["tokens"][0], got["tokens"][r])
-                for r in range(2)]
-        gate("batch", rows, "batch of 2 equals each prompt alone")
-    if len(prompts) >= 2 and prompts[-1].shape[1] < prompts[0].shape[1]:
-        ids, mask = left_pad([prompts[0], prompts[-1]])
+    what = {"batch": "batch of 2 equals each prompt alone", "left_padded": "a left-padded batch equals each prompt alone"}
+    for name, ids, mask, rows_of in cases(prompts)[len(prompts):]:
         got = decode(step, layout, ids, mask, n_new)
         rows = [compare_steps(refs[i]["logits"][0], got["logits"][r], refs[i]["tokens"][0], got["tokens"][r])
-                for r, i in ((0, 0), (1, len(prompts) - 1))]
-        gate("left_padded", rows, "a left-padded batch equals each prompt alone")
+                for r, i in enumerate(rows_of)]
+        gate(name, rows, what[name])
     return checks, data
 
 
-def quantized_gate(ref_step: Step, cand_step: Step, layout: CacheLayout, prompts: Sequence[np.ndarray],
-                   n_new: int, min_agreement: float, min_cosine: float, free_running: bool):
+def quantized_gate(ref_step: Step | None, cand_step: Step, layout: CacheLayout, prompts: Sequence[np.ndarray],
+                   n_new: int, min_agreement: float, min_cosine: float, free_running: bool,
+                   refs: Sequence[dict] | None = None):
     """Gate a quantized decoder against the fp32 one.
 
     Teacher forcing feeds the reference's tokens to both, so one early flip does not cascade;
-    ``free_running`` also requires the candidate's own greedy tokens to match.
+    ``free_running`` also requires the candidate's own greedy tokens to match. ``refs``: the
+    reference's decodes of each prompt alone when they are already known (stored at publish),
+    instead of running ``ref_step``.
     """
     from retool.types import CheckResult
 
-    refs = reference_run(ref_step, layout, prompts, n_new)
+    refs = list(refs) if refs is not None else reference_run(ref_step, layout, prompts, n_new)
     forced = [decode(cand_step, layout, p, np.ones_like(p), n_new, forced=r["tokens"]) for p, r in zip(prompts, refs)]
     tf_rows = [compare_steps(r["logits"][0], f["logits"][0], r["tokens"][0], f["tokens"][0])
                for r, f in zip(refs, forced)]

@@ -37,6 +37,10 @@ class Reference:
         """A zero-argument callable that runs one batch, with all input preparation done up front."""
         return lambda: self.run(feeds)
 
+    def input_ranges(self) -> dict[str, tuple[int, int]]:
+        """Value ranges the reference itself fixes for integer inputs (a Hugging Face config's sizes)."""
+        return {}
+
     def describe(self) -> dict:
         return {"kind": self.kind, "label": self.label, "size_bytes": self.size_bytes,
                 "versions": dict(self.versions), "notes": list(self.notes)}
@@ -99,6 +103,10 @@ class SourceReference(Reference):
         self.size_bytes = sum(_path_size(f) for f in files) if files else None
         self._restore = restore
         self.notes = tuple(notes)
+
+    def input_ranges(self):
+        get = getattr(self.model, "input_ranges", None)
+        return dict(get()) if callable(get) else {}
 
     def _feeds(self, feeds):
         dtypes = {s.name: s.dtype for s in getattr(self.model, "input_specs", ())}

@@ -102,6 +102,12 @@ class EncoderSource(TorchSource):
 
         self.versions = {**self.versions, "transformers": version_of("transformers") or ""}
 
+    def input_ranges(self) -> dict:
+        """input_ids < vocab_size, token_type_ids < type_vocab_size, a mask of ones (for validate's random feeds)."""
+        from retool.input_ranges import hf_config_ranges
+
+        return hf_config_ranges(self.config, [s.name for s in self.input_specs])
+
     def _output_names_for(self, args) -> list[str]:
         return list(self.output_keys)
 

@@ -25,6 +25,10 @@ def _version(v):
 def repo_check(repo_url, name, version, url, grpc_url, timeout, startup_timeout, as_json):
     """Load NAME (or every model) in a real Triton and prove parity through it over HTTP and gRPC.
 
+    A decoder with a KV cache is checked by a greedy generation, every step one request (the
+    prefill with an empty past), against onnxruntime in-process and the tokens stored at publish
+    (a quantized one also against its fp32 reference's teacher-forced gate).
+
     Exits 7 with Triton's reason when a model does not load, 6 when its answers differ from the
     samples stored at publish time, 8/9 when the server fails or is not ready in time.
     """
@@ -37,8 +41,8 @@ def repo_check(repo_url, name, version, url, grpc_url, timeout, startup_timeout,
         report = check(repo_url, name, _version(version), url=url, grpc_url=grpc_url, timeout=timeout,
                        startup_timeout=startup_timeout)
     except RetoolError as exc:
-        if as_json and isinstance(getattr(exc, "report", None), dict):
-            click.echo(to_json(exc.report))
+        if isinstance(getattr(exc, "report", None), dict):  # what passed and what did not, then the one line
+            click.echo(to_json(exc.report) if as_json else render(exc.report))
         raise
     click.echo(to_json(report) if as_json else render(report))
 

@@ -36,9 +36,18 @@ def serve_one(sess, repo, name: str, version: int, cfg: Mapping, out_dir: Path) 
             res["check"] = {"passed": chk["passed"], "ready": chk["ready"], "config": chk["config"],
                             "parity": [{k: p.get(k) for k in ("protocol", "batch", "passed", "max_abs", "min_cosine")}
                                        for p in par], "note": chk.get("note")}
+            gen = chk.get("generation")
+            if gen:  # a decoder: its greedy generation through the server
+                res["check"]["generation"] = [{k: p.get(k) for k in ("protocol", "passed", "steps", "agreement",
+                                                                     "first_divergence", "min_cosine", "max_logit_diff",
+                                                                     "teacher_forced")}
+                                              for p in gen["protocols"]]
             if not chk["passed"]:
-                res.update(status="failed", code=6, message=f"{name} v{version}: Triton's answers differ from the "
-                                                            f"published samples")
+                from retool.serve.decoder import failure
+
+                why = failure(gen) if gen else None
+                res.update(status="failed", code=6, message=f"{name} v{version}: " + (
+                    why or "Triton's answers differ from the published samples"))
                 return res
         budget = cfg.get("budget_p99_ms")
         if cfg.get("load") or budget is not None:

@@ -188,7 +188,7 @@ class Repository:
             from retool.serve.samples import SAMPLES_FILE, build
 
             try:
-                data, samples_entry = build(art.path, triton["max_batch_size"], samples_reference)
+                data, samples_entry = build(art.path, triton["max_batch_size"], samples_reference, report=rep_dict)
             except Exception as exc:  # noqa: BLE001 - samples serve repo check; they never block a publish
                 from retool.errors import first_line
 

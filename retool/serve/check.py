@@ -6,8 +6,11 @@ and gRPC at batch 1 and at max_batch_size, and compares with the outputs stored 
 """
 from __future__ import annotations
 
+import io
 import json
 from typing import Any
+
+import numpy as np
 
 from retool.errors import ModelLoadError, UsageError, ValidationFailed
 from retool.serve import samples as smp
@@ -69,6 +72,16 @@ def check_one(sess: Session, repo, name: str, version: int | None = None, timeou
                            "index": index, "config": completed_config(cfg), "parity": [], "passed": ready}
     man = repo.manifest(name, v)
     entry = man.get("samples")
+    from retool.serve import decoder
+
+    if decoder.is_decoder(man):  # random feeds do not fit a cache graph: a greedy generation, step by step
+        data = None
+        if entry and entry.get("file") and entry.get("kind") == "generation":
+            with np.load(io.BytesIO(repo.storage.read_bytes(f"{name}/{v}/{entry['file']}")), allow_pickle=False) as z:
+                data = {k: np.asarray(z[k]) for k in z.files}
+        out["generation"] = decoder.check(sess, repo, name, v, man, cfg, data, protocols)
+        out["passed"] = bool(ready and out["generation"]["passed"])
+        return out
     if not entry or not entry.get("file"):
         why = (entry or {}).get("error") or "published before retool stored samples"
         out["note"] = f"no samples.npz in this version ({why}): parity not checked"
@@ -124,6 +137,13 @@ def check(repo_url: str, name: str | None = None, version: int | None = None, *,
     bad = [r for r in results if not r.get("passed")]
     if bad:
         r = bad[0]
+        if r.get("generation"):
+            from retool.serve.decoder import failure
+
+            err = ValidationFailed(f"{r['model']} v{r.get('version')}: "
+                                   f"{failure(r['generation']) or 'not ready'}")
+            err.report = report
+            raise err
         miss = next((p for p in r.get("parity", []) if not p["passed"]), None)
         what = (f"{miss['protocol']} batch {miss['batch']}: max |diff| {miss['max_abs']}" + (f" ({miss['detail']})"
                 if miss.get("detail") else "")) if miss else "not ready"
@@ -148,12 +168,21 @@ def render(report: dict) -> str:
         par = m.get("parity") or []
         worst = max((p["max_abs"] or 0.0 for p in par), default=None)
         where = " ".join(f"{p['protocol']}@{p['batch']}" for p in par)
+        if m.get("generation"):
+            par = m["generation"]["protocols"]
+            worst = max((p["max_logit_diff"] for p in par), default=None)
+            where = "generation " + " ".join(p["protocol"] for p in par)
         rows.append([m["model"], m["version"], "ready" if m["ready"] else "NOT READY",
                      f"mbs {c['max_batch_size']}, {inst}" + (", batching" if c["dynamic_batching"] else ""),
                      "" if worst is None else f"{worst:.2e}", (where + (" PASS" if m["passed"] else " FAIL"))
                      if par else m.get("note", "")])
     lines.append(console.table(["model", "version", "state", "config (as Triton completed it)", "max |diff|",
                                 "parity through the server"], rows))
+    from retool.serve.decoder import render as render_generation
+
+    for m in report["models"]:
+        if m.get("generation"):
+            lines += render_generation(m)
     return "\n".join(lines)
 
 

@@ -108,23 +108,28 @@ def _np_to_triton(dtype) -> str:
     return np_to_triton_dtype(np.dtype(dtype))
 
 
-def infer(protocol: str, url: str, name: str, inputs: Mapping[str, np.ndarray], outputs: list[str],
-          version: int | None = None, timeout: float = 60.0) -> dict[str, np.ndarray]:
-    """One request over ``protocol`` (http or grpc) with Triton's own client library."""
-    try:
-        if protocol == "http":
-            import tritonclient.http as tc
-        else:
-            import tritonclient.grpc as tc
-    except ImportError as exc:  # tritonclient.http needs geventhttpclient
-        from retool.errors import MissingDependency
+class InferClient:
+    """One connection to a server over ``protocol`` (http or grpc), for many requests (a decode loop)."""
 
-        raise MissingDependency(f"tritonclient ({exc})", "serve", f"send requests over {protocol}") from None
-    from tritonclient.utils import InferenceServerException
+    def __init__(self, protocol: str, url: str, timeout: float = 60.0):
+        try:
+            if protocol == "http":
+                import tritonclient.http as tc
+            else:
+                import tritonclient.grpc as tc
+        except ImportError as exc:  # tritonclient.http needs geventhttpclient
+            from retool.errors import MissingDependency
 
-    host = normalise_url(url).split("://", 1)[1] if protocol == "http" else url
-    client = tc.InferenceServerClient(host)
-    try:
+            raise MissingDependency(f"tritonclient ({exc})", "serve", f"send requests over {protocol}") from None
+        self.protocol, self.timeout, self._tc = protocol, timeout, tc
+        host = normalise_url(url).split("://", 1)[1] if protocol == "http" else url
+        self.client = tc.InferenceServerClient(host)
+
+    def infer(self, name: str, inputs: Mapping[str, np.ndarray], outputs: list[str],
+              version: int | None = None) -> dict[str, np.ndarray]:
+        from tritonclient.utils import InferenceServerException
+
+        tc = self._tc
         ins = []
         for n, arr in inputs.items():
             i = tc.InferInput(n, list(arr.shape), _np_to_triton(arr.dtype))
@@ -132,16 +137,31 @@ def infer(protocol: str, url: str, name: str, inputs: Mapping[str, np.ndarray], 
             ins.append(i)
         outs = [tc.InferRequestedOutput(o) for o in outputs]
         kw: dict[str, Any] = {"model_version": str(version)} if version else {}
-        if protocol == "http":
-            kw["timeout"] = int(timeout)
+        if self.protocol == "http":
+            kw["timeout"] = int(self.timeout)
         else:
-            kw["client_timeout"] = timeout
-        res = client.infer(name, ins, outputs=outs, **kw)
+            kw["client_timeout"] = self.timeout
+        try:
+            res = self.client.infer(name, ins, outputs=outs, **kw)
+        except InferenceServerException as exc:
+            raise ServingError(f"{name}: inference over {self.protocol} failed: {exc.message()}") from None
         return {o: res.as_numpy(o) for o in outputs}
-    except InferenceServerException as exc:
-        raise ServingError(f"{name}: inference over {protocol} failed: {exc.message()}") from None
-    finally:
-        client.close()
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> "InferClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def infer(protocol: str, url: str, name: str, inputs: Mapping[str, np.ndarray], outputs: list[str],
+          version: int | None = None, timeout: float = 60.0) -> dict[str, np.ndarray]:
+    """One request over ``protocol`` (http or grpc) with Triton's own client library."""
+    with InferClient(protocol, url, timeout) as client:
+        return client.infer(name, inputs, outputs, version)
 
 
 def grpc_url_from(http_url: str, grpc_url: str | None) -> str:

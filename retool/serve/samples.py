@@ -26,14 +26,27 @@ def _specs(model_path: Path):
     return art.inputs, art.outputs
 
 
-def build(model_path, rows: int, reference=None, seed: int = SAMPLES_SEED) -> tuple[bytes, dict]:
-    """(npz bytes, manifest entry). ``rows`` is the batch (max_batch_size, at most MAX_ROWS; 0 = no batch axis)."""
+def build(model_path, rows: int, reference=None, seed: int = SAMPLES_SEED, report: dict | None = None
+          ) -> tuple[bytes, dict]:
+    """(npz bytes, manifest entry). ``rows`` is the batch (max_batch_size, at most MAX_ROWS; 0 = no batch axis).
+    A decoder with a KV cache stores greedy generations instead (retool/serve/decoder.py); ``report``
+    (its validate report as a dict) gives its generation gate and, without ``reference``, its reference."""
     import onnxruntime as ort
 
     from retool.inputs import random_feeds
 
     model_path = Path(model_path)
     ins, outs = _specs(model_path)
+    from retool.validators.generation import is_decoder_graph
+
+    if is_decoder_graph([s.name for s in ins]):
+        from retool.serve import decoder
+
+        arrays, gen = decoder.build(model_path, reference, report, seed)
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        return buf.getvalue(), {"file": SAMPLES_FILE, "rows": 1, "batched": False, "seed": seed, "inputs": [],
+                                "outputs": [], **gen}
     n = max(1, min(int(rows or 1), MAX_ROWS))
     feeds = random_feeds(ins, batch=n, seed=seed)
     so = ort.SessionOptions()
