@@ -157,11 +157,14 @@ def index_hint(message: str, specs: Sequence[TensorSpec], examples=None) -> str:
         return ""
     from retool.inputs import DEFAULT_INT_HIGH
 
+    def fed(s):
+        return f"{s.value_range[0]}..{s.value_range[1]}" if s.value_range else f"0..{DEFAULT_INT_HIGH - 1}"
+
     s = ints[0]
-    fed = f"{s.value_range[0]}..{s.value_range[1]}" if s.value_range else f"0..{DEFAULT_INT_HIGH - 1}"
+    got = ", ".join(f"{i.name} got values {fed(i)}" for i in ints)  # any of them may be the one out of range
     dims = ",".join("?" if d is None else str(d) for d in s.shape)
-    return (f"; this is probably the random integer inputs ({s.name} got values {fed}): give real ones with "
-            f"--example-inputs FILE.npz, or the valid range in --input, e.g. {s.name}:{s.dtype}:{dims}:0..N")
+    return (f"; this is probably the random integer inputs ({got}): give real ones with "
+            f"--example-inputs FILE.npz, or each valid range in --input, e.g. {s.name}:{s.dtype}:{dims}:0..N")
 
 
 def rename_dims(path, specs: Sequence[TensorSpec]) -> dict[str, str]:

@@ -68,3 +68,14 @@ def test_example_inputs_get_no_hint():
     assert "random integer inputs" in index_hint("IndexError: index out of range in self", spec)
     assert index_hint("IndexError: index out of range in self", spec, examples={"ids": np.zeros(1)}) == ""
     assert index_hint("shape mismatch", spec) == ""
+
+
+def test_the_index_hint_names_every_random_integer_input():
+    from retool.input_ranges import index_hint
+    from retool.types import TensorSpec
+
+    specs = (TensorSpec("input_ids", "int64", ("batch", "seq"), value_range=(0, 99)),
+             TensorSpec("token_type_ids", "int64", ("batch", "seq")), TensorSpec("x", "float32", (1,)))
+    hint = index_hint("IndexError: index out of range in self", specs)
+    assert "input_ids got values 0..99" in hint and "token_type_ids got values 0.." in hint and "x got" not in hint
+    assert index_hint("IndexError: index out of range", specs, examples={"input_ids": None}) == ""
