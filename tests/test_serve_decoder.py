@@ -180,3 +180,20 @@ def test_a_decoder_published_without_samples_is_still_checked_against_onnxruntim
 def test_gpt2_with_full_attention_heads_generates_through_triton(repo, server):
     g = _check(repo, server, "gpt2")["models"][0]["generation"]
     assert g["passed"] and all(p["agreement"] == p["steps"] == 224 for p in g["protocols"])
+
+
+def test_a_stored_reference_of_another_vocabulary_is_one_clear_line(repo):
+    """The served file's vocabulary differs from the reference stored at publish: a ValidationFailed
+    naming both sizes, not a shape error from deep in the comparison."""
+    from retool.errors import ValidationFailed
+    from retool.publish import open_repo
+    from retool.serve import decoder
+
+    r = open_repo(str(repo["repo"]))
+    man = r.manifest("lm-int4", 1)
+    with np.load(repo["repo"] / "lm-int4" / "1" / "samples.npz") as z:
+        data = {k: (z[k][..., :VOCAB - 8] if k.startswith("gen/ref.") and k.endswith(".logits") else z[k])
+                for k in z.files}
+    with pytest.raises(ValidationFailed, match=rf"vocabulary of {VOCAB}, the reference stored at publish "
+                                                rf"{VOCAB - 8}.*repo verify"):
+        decoder.check(None, r, "lm-int4", 1, man, {}, data, ())

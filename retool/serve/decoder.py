@@ -250,6 +250,13 @@ def check(sess, repo, name: str, version: int, manifest: dict, cfg: dict, data: 
     batch = _allows_batch(cfg)
     local = run_cases(ort_step(osess), layout, prompts, n, batch)
     del osess
+    vocabs = {int(r["logits"].shape[-1]) for r in st["refs"] or ()}
+    if vocabs and vocabs != {int(layout.vocab)}:  # a changed file: say so rather than fail on shapes
+        from retool.errors import ValidationFailed
+
+        raise ValidationFailed(f"{name} v{version}: the served {fname} has a vocabulary of {layout.vocab}, the "
+                              f"reference stored at publish {sorted(vocabs)[0]}: the file changed after publish "
+                              f"(run retool repo verify {getattr(repo, 'url', 'REPO')} {name})")
     gate = entry.get("gate") or {}
     out: dict[str, Any] = {
         "new_tokens": n, "prompt_lengths": [int(p.shape[1]) for p in prompts], "cases": list(local),
