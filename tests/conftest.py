@@ -1,6 +1,7 @@
 """Shared test fixtures: models are built at test time from fixtures/, with seeds."""
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from dataclasses import dataclass
@@ -14,15 +15,16 @@ if str(ROOT) not in sys.path:  # so `fixtures.*` imports like it does for a user
     sys.path.insert(0, str(ROOT))
 
 
-def pytest_collection_finish(session):
-    """Move everything imported while collecting (torch, tensorflow, onnx ...) out of the collector's reach.
+@pytest.fixture(scope="module", autouse=True)
+def _freeze_the_long_lived_heap():
+    """At each module's start, move what is alive (torch, tensorflow, transformers, onnxscript's
+    torchlib, session fixtures ...) out of the cyclic collector's reach.
 
-    Those objects live for the whole session, yet every full collection walks them again: the TF
-    converter collects before each of tf2onnx's ~24 optimizer passes (to bound peak memory), and
-    over this heap each pass cost 0.4-1 s, so a tiny Keras model took 13-16 s to convert instead
-    of 0.5-0.9 s. Garbage made by the tests themselves is still collected as before."""
-    import gc
-
+    Those objects live on, yet every full collection walks them again: the TF converter collects
+    before each of tf2onnx's ~24 optimizer passes (to bound peak memory), and over this heap each
+    pass cost 0.4-1 s, so a tiny Keras model took 10-17 s to convert instead of 0.5-3 s. After a
+    full collection what is left is alive; frozen objects are still freed by reference counting,
+    only cycles among them wait. Garbage the tests make is collected as before."""
     gc.collect()
     gc.freeze()
 
