@@ -29,6 +29,13 @@ def _freeze_the_long_lived_heap():
     gc.freeze()
 
 
+def pytest_sessionfinish(session, exitstatus):
+    # hand the frozen objects back, so interpreter shutdown collects them (else nanobind-based
+    # modules such as onnxsim report "leaked instances" at exit)
+    gc.unfreeze()
+    gc.collect()
+
+
 @dataclass
 class CliResult:
     code: int
