@@ -1,6 +1,7 @@
 """Shared test fixtures: models are built at test time from fixtures/, with seeds."""
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from dataclasses import dataclass
@@ -12,6 +13,27 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # so `fixtures.*` imports like it does for a user in the repo root
     sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _freeze_the_long_lived_heap():
+    """At each module's start, move what is alive (torch, tensorflow, transformers, onnxscript's
+    torchlib, session fixtures ...) out of the cyclic collector's reach.
+
+    Those objects live on, yet every full collection walks them again: the TF converter collects
+    before each of tf2onnx's ~24 optimizer passes (to bound peak memory), and over this heap each
+    pass cost 0.4-1 s, so a tiny Keras model took 10-17 s to convert instead of 0.5-3 s. After a
+    full collection what is left is alive; frozen objects are still freed by reference counting,
+    only cycles among them wait. Garbage the tests make is collected as before."""
+    gc.collect()
+    gc.freeze()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # hand the frozen objects back, so interpreter shutdown collects them (else nanobind-based
+    # modules such as onnxsim report "leaked instances" at exit)
+    gc.unfreeze()
+    gc.collect()
 
 
 @dataclass

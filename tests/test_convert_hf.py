@@ -38,6 +38,7 @@ def _text_feeds(vocab, batch=3, seq=11, types=True, seed=5):
     return feeds
 
 
+@pytest.mark.slow
 def test_bert_folder_feature_extraction(tmp_path, cli):
     import torch
     from transformers import AutoModel

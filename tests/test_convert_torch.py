@@ -213,6 +213,7 @@ def test_unwritable_output_path(cli, tmp_path):
         ro.chmod(0o700)
 
 
+@pytest.mark.slow
 def test_cli_as_a_new_user_in_a_fresh_process(tmp_path):
     out = tmp_path / "cnn.onnx"
     proc = run_retool("convert", "fixtures.torch_models:cnn", "-o", out)

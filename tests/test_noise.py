@@ -38,6 +38,7 @@ def test_q_and_json_work_before_and_after_the_subcommand(tmp_path, cli):
     assert r.code == 0 and json.loads(r.out)["stage"] == "validate" and "•" not in r.err
 
 
+@pytest.mark.slow
 def test_pipeline_workers_print_whole_lines_and_start_one_at_a_time(tmp_path):
     from fixtures import onnx_models
 
