@@ -224,12 +224,14 @@ def _frozen_heap():
     of a 17 s convert of a small Keras CNN. The passes' own graph copies are still collected."""
     import gc
 
+    already = gc.get_freeze_count() > 0  # the caller froze its heap: leave that as it chose
     gc.collect()
     gc.freeze()
     try:
         yield
     finally:
-        gc.unfreeze()
+        if not already:
+            gc.unfreeze()
 
 
 def _fresh_node_protos() -> None:
