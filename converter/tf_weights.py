@@ -10,6 +10,7 @@ memory is then the source model plus the largest single tensor.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def freeze_small(concrete, variables=(), min_elements: int | None = None):
     by_handle = {}
     for v in list(variables) + list(concrete.graph.variables):
         v = v if isinstance(v, tf.Variable) else getattr(v, "value", v)  # a Keras variable wraps a tf.Variable
-        with _suppress():
+        with contextlib.suppress(AttributeError, ValueError, TypeError):  # a variable without a handle
             by_handle[id(v.handle)] = v
     apart: dict[str, object] = {}
     for external, internal in concrete.graph.captures:
@@ -116,12 +117,6 @@ def _aliases(graph_def, placeholders: set[str]) -> dict[str, tuple[set[str], boo
                     bad = True
         out[p] = (names, bad)
     return out
-
-
-def _suppress():
-    import contextlib
-
-    return contextlib.suppress(AttributeError, ValueError, TypeError)
 
 
 def _initializer_names(apart: dict[str, object]) -> dict[str, str]:
