@@ -16,6 +16,7 @@ published model's greedy tokens at publish; ``gen/ref.{i}.tokens`` / ``gen/ref.{
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -44,11 +45,6 @@ def run_cases(step, layout: CacheLayout, prompts: Sequence[np.ndarray], n_new: i
         if batch or ids.shape[0] == 1:
             out[name] = {**decode(step, layout, ids, mask, n_new), "ids": ids, "mask": mask}
     return out
-
-
-def _layout_dict(layout: CacheLayout) -> dict:
-    return {"layers": layout.layers, "kv_heads": layout.kv_heads, "head_dim": layout.head_dim,
-            "vocab": layout.vocab, "dtype": layout.dtype}
 
 
 def _gate_for(model_path, report: dict | None) -> dict:
@@ -91,15 +87,16 @@ def build(model_path, reference=None, report: dict | None = None, seed: int = 0)
     arrays: dict[str, np.ndarray] = {f"{PREFIX}prompt.{i}": p for i, p in enumerate(prompts)}
     arrays.update({f"{PREFIX}out.{c}.tokens": r["tokens"] for c, r in own.items()})
     gen: dict[str, Any] = {"new_tokens": n, "seed": seed, "prompt_lengths": [int(p.shape[1]) for p in prompts],
-                           "cases": list(own), "layout": _layout_dict(layout), "gate": _gate_for(model_path, report),
+                           "cases": list(own), "layout": dataclasses.asdict(layout), "gate": _gate_for(model_path, report),
                            "expected": "greedy tokens of the published model.onnx in onnxruntime at publish time"}
     entry: dict[str, Any] = {"kind": "generation", "generation": gen}
     reference = Path(reference) if reference else report_reference(report)
     if reference is not None and reference.is_file() and reference.resolve() != model_path.resolve():
         try:
             rsess = make_session(reference, threads=1)
-            if layout_from_session(rsess) != layout:
-                raise ValueError(f"its cache layout {_layout_dict(layout_from_session(rsess))} differs")
+            ref_layout = layout_from_session(rsess)
+            if ref_layout != layout:
+                raise ValueError(f"its cache layout {dataclasses.asdict(ref_layout)} differs")
             step = ort_step(rsess)
             for i, p in enumerate(prompts):
                 r = decode(step, layout, p, np.ones_like(p), n)
