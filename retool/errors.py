@@ -91,6 +91,12 @@ class ModelLoadError(PublishError):
     kind = "model-load"
 
 
+class UnsafePath(PublishError):
+    """Repository content names a path outside its root (absolute, '..', empty segments, a symlink out)."""
+
+    kind = "unsafe-path"
+
+
 class ServingError(RetoolError):
     """The inference server could not start or died; the message carries its log's reason."""
 

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from retool.errors import UsageError
+from retool.errors import UnsafePath, UsageError
 
 _CHUNK = 1 << 20
 
@@ -30,6 +30,38 @@ def sha256_file(path) -> str:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def safe_key(key: str, *, where: str = "", allow_root: bool = False) -> str:
+    """``key`` as a '/'-joined relative name, or UnsafePath: no absolute part, empty segment, '.', '..',
+    backslash or NUL. The lexical half of :func:`inside`; object-store keys have no file system to resolve."""
+    text = str(key)
+    if text == "" and allow_root:
+        return text
+    segs = text.split("/")
+    why = ("is absolute" if text.startswith("/") else
+           "has an empty segment ('//' or a trailing '/')" if "" in segs else
+           "has a '.' or '..' segment" if any(s in (".", "..") for s in segs) else
+           "has a backslash or NUL" if ("\\" in text or "\x00" in text) else "")
+    if why:
+        raise UnsafePath(f"{where or 'repository'}: refused the entry {text!r}: it {why}, so it could name a file "
+                         f"outside the repository; remove it (retool never writes such names)")
+    return text
+
+
+def inside(root, rel: str, *, where: str = "", allow_root: bool = True) -> Path:
+    """The one way a path is made from repository content (a bucket key, a manifest's file list, a model
+    name): ``root / rel`` resolved, refused (UnsafePath) unless it stays under ``root``, symlinks included."""
+    base = Path(root).resolve()
+    key = safe_key(rel, where=where or str(base), allow_root=allow_root)
+    if not key:
+        return base
+    p = base.joinpath(*key.split("/"))
+    real = p.resolve()
+    if real != base and base not in real.parents:
+        raise UnsafePath(f"{where or base}: refused the entry {key!r}: it resolves to {real}, outside {base} "
+                         f"(a symlink that leaves the repository); remove the link")
+    return p
 
 
 def check_output_path(path) -> Path:
@@ -98,8 +130,8 @@ def move_onnx(src: Path, dst: Path) -> tuple[str, ...]:
     src, dst = Path(src), Path(dst)
     extra = external_data_files(src)
     try:
-        for name in extra:
-            os.replace(src.parent / name, dst.parent / name)
+        for name in extra:  # names come from the model file: content, so kept inside both folders
+            os.replace(inside(src.parent, name, allow_root=False), inside(dst.parent, name, allow_root=False))
         os.replace(src, dst)
     except OSError as exc:
         raise UsageError(f"{dst}: could not be written ({exc.strerror or exc}); choose another output") from None

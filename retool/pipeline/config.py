@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from retool.errors import UsageError
+from retool.publish.names import check_model_name
 
 PUBLISH_WHEN = ("gates-pass", "always", "never")
 REFERENCES = ("fp32", "source")
@@ -246,6 +247,10 @@ def parse_config(data: Any, src: str = "<config>", loc: _Located | None = None,
     repo_default = doc.get("repository")
     models, names = [], set()
     for i, m in enumerate(doc["models"]):
+        try:  # the name becomes a folder under --out and a model in the repository
+            check_model_name(m["name"])
+        except UsageError as exc:
+            raise UsageError(f"{src}:{loc.lines.get(('models', i, 'name'), '?')}: models[{i}].name: {exc}") from None
         if m["name"] in names:
             raise UsageError(f"{src}:{loc.lines.get(('models', i, 'name'), '?')}: models[{i}].name: "
                              f"'{m['name']}' is used twice; model names must be unique")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from retool.deps import require
+from retool.fsutil import inside
 
 
 class WorkerDied(Exception):
@@ -124,7 +125,7 @@ class RayEngine:
         except (self.ray.exceptions.WorkerCrashedError, self.ray.exceptions.NodeDiedError) as exc:
             raise WorkerDied(str(exc).splitlines()[0]) from None
         for rel, data in files.items():
-            p = Path(self.out_dir) / rel
+            p = inside(self.out_dir, rel)  # names come back from a worker: keep them under --out
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_bytes(data)
         return result

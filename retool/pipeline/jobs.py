@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from retool.errors import RetoolError
+from retool.fsutil import inside
 from retool.pipeline.config import ModelConfig, TargetConfig
 
 
@@ -66,7 +67,7 @@ def convert_job(model: ModelConfig, base_dir: str, out_dir: str, seed: int = 0) 
     t0 = time.perf_counter()
     base = Path(base_dir)
     _importable(model.source, base)  # `package.module:factory` sources resolve like `python -m`, from the file
-    out = Path(out_dir) / model.name / "fp32.onnx"
+    out = inside(out_dir, f"{model.name}/fp32.onnx")
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
         _maybe_fault(model.name, "convert")
@@ -94,7 +95,7 @@ def target_job(model: ModelConfig, target: TargetConfig, fp32_path: str, base_di
     console.info(f"• {model.name}/{target.name}: target started")
     t0 = time.perf_counter()
     base = Path(base_dir)
-    tdir = Path(out_dir) / model.name / target.name
+    tdir = inside(out_dir, f"{model.name}/{target.name}")
     tdir.mkdir(parents=True, exist_ok=True)
     out = tdir / "model.onnx"
     result: dict[str, Any] = {"target": target.name}

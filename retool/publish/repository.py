@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from retool.errors import PublishError, UsageError
+from retool.errors import PublishError, UnsafePath, UsageError
 from retool.publish import regression
 from retool.publish.config import DEFAULT_MAX_BATCH, batchable, build_config, parse_with_triton_schema
 from retool.publish.manifest import build_manifest, publisher
@@ -369,12 +369,21 @@ class Repository:
             if rel not in present:
                 out.append(Finding(name, version, loc(f"{base}/{rel}"), "missing"))
                 continue
-            digest = self.storage.sha256(f"{base}/{rel}")
+            try:
+                digest = self.storage.sha256(f"{base}/{rel}")
+            except UnsafePath as exc:
+                out.append(Finding(name, version, loc(base), "unsafe-path", str(exc)))
+                continue
             if digest != meta.get("sha256"):
                 out.append(Finding(name, version, loc(f"{base}/{rel}"), "changed",
                                    f"sha256 {digest[:12]}… but the manifest says {str(meta.get('sha256'))[:12]}…"))
         for rel in sorted(present - set(listed)):
-            out.append(Finding(name, version, loc(f"{base}/{rel}"), "added", "not in the manifest"))
+            try:
+                where = loc(f"{base}/{rel}")
+            except UnsafePath as exc:
+                out.append(Finding(name, version, loc(base), "unsafe-path", str(exc)))
+                continue
+            out.append(Finding(name, version, where, "added", "not in the manifest"))
         return out
 
     def verify(self, name: str | None = None) -> tuple[list[Finding], int]:
@@ -383,7 +392,12 @@ class Repository:
         findings: list[Finding] = []
         checked = 0
         for n in names:
-            kids = self.storage.listdir(n)
+            try:
+                kids = self.storage.listdir(n)
+                self.storage.files(n)
+            except UnsafePath as exc:
+                findings.append(Finding(n, None, self.url, "unsafe-path", str(exc)))
+                continue
             versions = sorted(int(k) for k in kids if k.isdigit() and int(k) > 0)
             for v in versions:
                 findings += self.verify_version(n, v)
@@ -486,7 +500,7 @@ def _load_artifact(artifact) -> ModelArtifact:
 
 def _artifact_files(art: ModelArtifact) -> dict[str, Path]:
     """Repository name -> local file; external data first, the model last (commit order)."""
-    from retool.fsutil import external_data_files
+    from retool.fsutil import external_data_files, inside
 
     out: dict[str, Path] = {}
     try:
@@ -495,11 +509,14 @@ def _artifact_files(art: ModelArtifact) -> dict[str, Path]:
         raise UsageError(f"{art.path}: not a readable ONNX model ({type(exc).__name__}); "
                          f"convert it first with 'retool convert'") from None
     for rel in extra:
-        parts = Path(rel).parts
-        if Path(rel).is_absolute() or ".." in parts or rel in (MODEL_FILE, MANIFEST):
+        try:
+            src = inside(art.path.parent, rel, where=str(art.path), allow_root=False)
+        except UnsafePath:
+            src = None
+        if src is None or rel in (MODEL_FILE, MANIFEST):
             raise PublishError(f"{art.path}: external data location {rel!r} cannot be published (absolute, '..', "
-                               f"or a reserved name); re-save the model with data beside it")
-        src = art.path.parent / rel
+                               f"outside the model's folder, or a reserved name); re-save the model with data "
+                               f"beside it")
         if not src.is_file():
             raise UsageError(f"{art.path}: its external data file {src} is missing; keep it beside the model")
         out[Path(rel).as_posix()] = src

@@ -105,7 +105,9 @@ class LocalStorage(Storage):
         self.url = str(self.root)
 
     def _p(self, key: str) -> Path:
-        return self.root / key if key else self.root
+        from retool.fsutil import inside
+
+        return inside(self.root, key, where=self.url)
 
     def root_exists(self) -> bool:
         return self.root.is_dir()
@@ -131,8 +133,15 @@ class LocalStorage(Storage):
         return sorted(x.name for x in p.iterdir()) if p.is_dir() else []
 
     def files(self, key):
+        from retool.fsutil import inside
+
         p = self._p(key)
-        return sorted(str(f.relative_to(p).as_posix()) for f in p.rglob("*") if f.is_file()) if p.is_dir() else []
+        if not p.is_dir():
+            return []
+        rels = sorted(str(f.relative_to(p).as_posix()) for f in p.rglob("*") if f.is_file())
+        for rel in rels:  # a symlinked file that leaves the repository is refused, not followed
+            inside(p, rel, where=self.url)
+        return rels
 
     def sha256(self, key):
         from retool.fsutil import sha256_file
@@ -292,7 +301,9 @@ class FsspecStorage(Storage):
         self.protocol = url.split("://", 1)[0]
 
     def _p(self, key: str) -> str:
-        return f"{self.root}/{key}" if key else self.root
+        from retool.fsutil import safe_key
+
+        return f"{self.root}/{safe_key(key, where=self.url)}" if key else self.root
 
     def location(self, key):
         return f"{self.url}/{key}" if key else self.url
@@ -340,7 +351,12 @@ class FsspecStorage(Storage):
             found = self.fs.find(self._p(key))
         except FileNotFoundError:
             return []
-        return sorted(f[len(base):] for f in found if f.startswith(base))
+        from retool.fsutil import safe_key
+
+        rels = sorted(f[len(base):] for f in found if f.startswith(base))
+        for rel in rels:  # 'lin//tmp/x' lists as '/tmp/x': refused here, before any caller joins it
+            safe_key(rel, where=self.location(key))
+        return rels
 
     @_remote()
     def sha256(self, key):

@@ -23,6 +23,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from retool.fsutil import inside
+
 from retool.validators.generation import (DEFAULT_NEW_TOKENS, CacheLayout, cache_step, cases, compare_steps,
                                           decode, is_decoder_graph, layout_from_session, make_prompts, ort_step,
                                           quantized_gate, summarize)
@@ -126,13 +128,13 @@ def _version_folder(repo, name: str, version: int) -> Iterator[Path]:
     """The published version folder on this machine (a local repository's own, else a temporary copy)."""
     root = getattr(repo.storage, "root", None)
     if root is not None:
-        yield Path(root) / name / str(version)
+        yield inside(root, f"{name}/{version}", where=repo.url)
         return
     with tempfile.TemporaryDirectory(prefix="retool-check-") as tmp:
         base = f"{name}/{version}"
         for rel in repo.storage.files(base):
             if rel.endswith(".onnx") or not rel.endswith((".json", ".npz")):
-                target = Path(tmp) / rel
+                target = inside(tmp, rel, where=repo.storage.location(base))
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(repo.storage.read_bytes(f"{base}/{rel}"))
         yield Path(tmp)

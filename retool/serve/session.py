@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 from retool.errors import ModelLoadError, UsageError
+from retool.fsutil import inside
 from retool.serve.client import Control, grpc_url_from
 from retool.serve.server import TritonServer, log_errors
 
@@ -75,14 +76,19 @@ def local_copy(repo_url: str) -> Path:
     dest = cache_dir() / "repos" / hashlib.sha256(repo_url.encode()).hexdigest()[:16]
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    for name in repo.models():
-        for rel in repo.storage.files(name):
-            if rel.startswith(".") or "/." in rel:
-                continue  # staging and claims are retool's bookkeeping, not Triton's
-            target = tmp / name / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(repo.storage.read_bytes(f"{name}/{rel}"))
-    tmp.mkdir(parents=True, exist_ok=True)
+    tmp.mkdir(parents=True)
+    try:
+        for name in repo.models():
+            for rel in repo.storage.files(name):
+                # checked before anything is skipped or written: a key such as 'lin//tmp/x' is refused
+                target = inside(tmp, f"{name}/{rel}", where=repo.storage.location(name))
+                if any(seg.startswith(".") for seg in rel.split("/")):
+                    continue  # staging and claims are retool's bookkeeping, not Triton's
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(repo.storage.read_bytes(f"{name}/{rel}"))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     return dest
