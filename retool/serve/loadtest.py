@@ -84,19 +84,22 @@ def parse_csv(path: Path, mode: str) -> list[LoadPoint]:
 
 def run_point(model: str, grpc_url: str, *, concurrency: int | None = None, rate: float | None = None,
               input_data: Path | None = None, window_ms: int = DEFAULT_WINDOW_MS, timeout: float = 180.0,
-              version: int | None = None) -> LoadPoint:
+              version: int | None = None, distribution: str = "constant") -> LoadPoint:
     """One perf_analyzer measurement over gRPC. When the windows disagree (a busy machine) it is
-    measured again with a looser stability bound and marked unstable, rather than dropped."""
+    measured again with a looser stability bound and marked unstable, rather than dropped.
+    ``distribution`` (rate mode): "constant" intervals, or "poisson" arrivals as real traffic has."""
     try:
-        return _run_point(model, grpc_url, concurrency, rate, input_data, window_ms, timeout, version, STABILITY_PCT)
+        return _run_point(model, grpc_url, concurrency, rate, input_data, window_ms, timeout, version, STABILITY_PCT,
+                          distribution)
     except _Unstable:
         pass
     try:
         p = _run_point(model, grpc_url, concurrency, rate, input_data, window_ms, timeout, version,
-                       LOOSE_STABILITY_PCT)
+                       LOOSE_STABILITY_PCT, distribution)
     except _Unstable:
         # a machine this busy gives no stable windows at all: take three windows as they come, flagged
-        p = _run_point(model, grpc_url, concurrency, rate, input_data, window_ms, timeout, version, ANY_PCT)
+        p = _run_point(model, grpc_url, concurrency, rate, input_data, window_ms, timeout, version, ANY_PCT,
+                       distribution)
     return LoadPoint(**{**p.to_dict(), "stable": False})
 
 
@@ -104,7 +107,8 @@ class _Unstable(Exception):
     pass
 
 
-def _run_point(model, grpc_url, concurrency, rate, input_data, window_ms, timeout, version, stability) -> LoadPoint:
+def _run_point(model, grpc_url, concurrency, rate, input_data, window_ms, timeout, version, stability,
+               distribution="constant") -> LoadPoint:
     mode = "rate" if rate else "concurrency"
     with tempfile.TemporaryDirectory(prefix="retool-pa-") as tmp:
         csv_path = Path(tmp) / "pa.csv"
@@ -116,7 +120,7 @@ def _run_point(model, grpc_url, concurrency, rate, input_data, window_ms, timeou
         if input_data:
             cmd += ["--input-data", str(input_data)]
         if rate:
-            cmd += ["--request-rate-range", f"{float(rate):g}"]
+            cmd += ["--request-rate-range", f"{float(rate):g}", "--request-distribution", distribution]
         else:
             cmd += ["--concurrency-range", str(int(concurrency or 1))]
         try:
