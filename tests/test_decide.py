@@ -1,0 +1,104 @@
+"""The one decision rule (retool.speed.decide*): synthetic timing series only, no real timing."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+
+from retool import speed
+
+
+def series(center: float, spread: float, n: int, seed: int) -> list[float]:
+    return list(np.random.default_rng(seed).normal(center, spread, n).clip(min=1e-3))
+
+
+def test_a_clear_speedup_passes_with_its_interval_and_rule():
+    d = speed.decide_ratio(series(2.0, 0.1, 60, 1), series(1.0, 0.05, 60, 2), 1.2)
+    assert d.outcome == speed.PASS and d.passed
+    assert d.interval[0] >= 1.2 and d.interval[0] <= d.estimate <= d.interval[1]
+    assert d.rule == "95% paired bootstrap CI of the median ratio, 2000 resamples" and d.samples == 60
+    assert d.text.startswith(f"{d.estimate:.2f}× (95% CI ") and d.text.endswith(">= 1.2×: pass")
+    blob = json.loads(json.dumps(d.to_dict()))
+    assert blob["outcome"] == "pass" and len(blob["interval"]) == 2 and blob["rule"] == d.rule
+
+
+def test_a_clear_slowdown_fails():
+    d = speed.decide_ratio(series(1.0, 0.05, 60, 1), series(2.0, 0.1, 60, 2), 1.0)
+    assert d.outcome == speed.FAIL and d.interval[1] < 1.0
+
+
+def test_an_interval_straddling_the_threshold_is_undecided_not_pass():
+    # a median ratio of about 1.25 above a 1.2 gate, but the rounds are too noisy to say so
+    ref = series(1.25, 0.6, 12, 3)
+    d = speed.decide_ratio(ref, series(1.0, 0.5, 12, 4), 1.2)
+    assert d.outcome == speed.UNDECIDED and not d.passed
+    assert d.interval[0] < 1.2 < d.interval[1]
+    assert speed.resolve(d, "fail").outcome == "fail" and "undecided" in speed.resolve(d, "fail").note
+    assert speed.resolve(d, "pass").outcome == "pass"
+
+
+def test_lower_is_better_for_latency_budgets():
+    fast = series(10.0, 0.5, 200, 5)
+    assert speed.decide_sample(fast, 20.0, stat="p99").outcome == speed.PASS
+    assert speed.decide_sample(fast, 5.0, stat="p99").outcome == speed.FAIL
+    est, lo, hi = speed.sample_interval(fast, stat="p99")
+    assert lo <= est <= hi and speed.decide_sample(fast, est, stat="p99").outcome == speed.UNDECIDED
+
+
+def test_the_same_samples_give_the_same_answer():
+    a, b = series(1.1, 0.3, 40, 6), series(1.0, 0.3, 40, 7)
+    assert speed.paired_ratio_interval(a, b) == speed.paired_ratio_interval(a, b)
+    assert speed.paired_ratio_interval(a, b, seed=1) != speed.paired_ratio_interval(a, b)
+
+
+def test_too_few_rounds_give_no_interval_and_stay_undecided():
+    est, lo, hi = speed.paired_ratio_interval([10.0, 10.0], [1.0, 1.0])
+    assert est == 10.0 and lo == 0.0 and math.isinf(hi)
+    d = speed.decide(est, lo, hi, 1.2)
+    assert d.outcome == speed.UNDECIDED and "no 95% CI" in d.text
+
+
+def test_more_samples_resolve_an_undecided_comparison():
+    rng = np.random.default_rng(8)
+
+    def rounds(n):  # the candidate is truly 1.3x faster; each round is noisy
+        c = rng.normal(1.0, 0.35, n).clip(min=0.05)
+        return list(c * 1.3 * rng.normal(1.0, 0.25, n).clip(min=0.05)), list(c)
+
+    first = rounds(6)
+    assert speed.decide_ratio(*first, 1.1).outcome == speed.UNDECIDED
+    calls = []
+    t = [0.0]
+
+    def more():
+        calls.append(1)
+        t[0] += 1.0  # a fake clock: one "second" per batch of rounds
+        return rounds(20)
+
+    d = speed.decide_until(more, first, 1.1, time_budget_s=30, clock=lambda: t[0])
+    assert d.outcome == speed.PASS and calls and d.samples > 6 and d.extra_s > 0 and not d.note
+
+
+def test_a_budget_that_runs_out_leaves_it_undecided_and_says_so():
+    t = [0.0]
+
+    def more():  # truly equal: no amount of measuring puts the interval above 1.0
+        t[0] += 1.0
+        return [1.0, 1.1, 0.9], [1.1, 0.9, 1.0]
+
+    d = speed.decide_until(more, ([1.0, 1.2, 0.8, 1.0], [1.0, 0.9, 1.1, 1.0]), 1.0 + 1e-9,
+                           time_budget_s=3, clock=lambda: t[0])
+    assert d.outcome == speed.UNDECIDED and "still undecided" in d.note and d.extra_s == 3
+    zero = speed.decide_until(more, ([1.0, 1.2, 0.8, 1.0], [1.0, 0.9, 1.1, 1.0]), 1.0 + 1e-9, time_budget_s=0)
+    assert zero.outcome == speed.UNDECIDED and zero.extra_s == 0 and "no time budget" in zero.note
+
+
+def test_ties_within_the_noise_keep_the_higher_precision():
+    fp32 = series(0.504, 0.06, 40, 9)
+    ch = speed.choose_fastest({"cpu": fp32, "int8": series(0.500, 0.06, 40, 10),
+                               "int8-w": series(0.51, 0.06, 40, 11)}, ["cpu", "int8", "int8-w"])
+    assert ch.name == "cpu" and set(ch.tied) == {"int8", "int8-w"}
+    assert "higher precision" in ch.reason and "tied within the noise" in ch.reason
+    fast = speed.choose_fastest({"cpu": fp32, "int8": [x / 1.8 for x in fp32]}, ["cpu", "int8"])
+    assert fast.name == "int8" and "decidedly faster" in fast.reason and fast.decisions["int8"].passed
