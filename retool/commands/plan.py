@@ -85,3 +85,7 @@ def plan_cmd(repo_url, name, budget_p99_ms, rate, profile, price_per_hour, curre
         click.echo(f"plan: {out / 'plan.json'}")
     if not result.get("chosen"):
         raise ValidationFailed(pl.verdict(result))
+    if result["chosen"]["confirmation"].get("outcome") == "fail":
+        raise ValidationFailed(f"{pl.verdict(result)}; but the confirmation runs missed the budget "
+                               f"({result['chosen']['confirmation']['decision']['text']}): lower --headroom or "
+                               f"rerun on a quiet machine")

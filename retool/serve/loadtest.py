@@ -156,6 +156,26 @@ def sweep(model: str, grpc_url: str, *, concurrency: Sequence[int] = (1, 2, 4, 8
     return points
 
 
+def band(value: float, stable: bool = True) -> tuple[float, float]:
+    """What one perf_analyzer figure is known to within: its windows agreed within the stability bound
+    (STABILITY_PCT, or LOOSE_STABILITY_PCT for a point marked unstable). The serving decisions' interval."""
+    s = (STABILITY_PCT if stable else LOOSE_STABILITY_PCT) / 100
+    return value / (1 + s), value * (1 + s)
+
+
+def compare(a: LoadPoint, b: LoadPoint, by: str):
+    """The decision rule on ``a`` against ``b``: pass when a is better beyond the noise, by "throughput"
+    (higher is better) or "p99_ms" (lower is better)."""
+    from retool.speed import decide
+
+    (alo, ahi), (blo, bhi) = band(getattr(a, by), a.stable), band(getattr(b, by), b.stable)
+    if by == "throughput":
+        return decide(a.throughput / b.throughput, alo / bhi, ahi / blo, 1.0, higher_is_better=True,
+                      rule="throughput ratio, each within the stability bound of its windows", samples=2)
+    return decide(b.p99_ms / a.p99_ms, blo / ahi, bhi / alo, 1.0, higher_is_better=True,
+                  rule="p99 ratio (other/this), each within the stability bound of its windows", samples=2)
+
+
 def best_within(points: Sequence[LoadPoint], budget_ms: float | None) -> LoadPoint | None:
     """The highest-throughput point whose p99 meets the budget (any point without a budget)."""
     ok = [p for p in points if budget_ms is None or p.p99_ms <= budget_ms]

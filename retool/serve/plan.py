@@ -84,10 +84,12 @@ class Candidate:
     at_planned: Any = None  # LoadPoint at the planned per-replica rate (realtime comparison)
     error: str | None = None
     over_ms: float | None = None  # when nothing met the budget: the best p99's excess
+    cores: int | None = None  # of the replica: ORT's default thread count spelt out in labels
 
     @property
     def label(self) -> str:
-        return f"{self.variant.model} v{self.variant.version}: {config_label(self.config)}"
+        return f"{self.variant.model} v{self.variant.version}: {config_label(self.config, self.cores)}"
+
 
     def replicas(self, inp: PlanInputs) -> int | None:
         if not self.sustainable:
@@ -96,7 +98,9 @@ class Candidate:
 
     def to_dict(self, inp: PlanInputs) -> dict:
         return {"model": self.variant.model, "version": self.variant.version, "variant": self.variant.variant,
-                "config": self.config.to_dict(), "label": config_label(self.config), "error": self.error,
+                "config": self.config.to_dict(), "label": config_label(self.config, inp.cores_per_replica),
+                "key": self.label,
+                "error": self.error,
                 "sustainable_rate": _interval(self.sustainable), "replicas": self.replicas(inp),
                 "over_budget_ms": self.over_ms, "probe": [p.to_dict() for p in self.probe],
                 "points": [p.to_dict() for p in self.points],
@@ -113,7 +117,11 @@ def config_label(cfg: ServingConfig, cores: int | None = None) -> str:
 def _interval(br) -> dict | None:
     if not br:
         return None
-    return {"value": round(br[0], 3), "interval": [round(br[0], 3), round(br[1], 3)]}
+    return {"value": _sig(br[0]), "interval": [_sig(br[0]), _sig(br[1])]}
+
+
+def _sig(x: float, digits: int = 4) -> float:
+    return float(f"{x:.{digits}g}")
 
 
 # ---- the family ----------------------------------------------------------------------------------------------
@@ -193,12 +201,6 @@ def probe_rate(cand: Candidate, inp: PlanInputs) -> float:
 
 
 # ---- choosing --------------------------------------------------------------------------------------------------
-def _p99_band(p) -> tuple[float, float]:
-    """A single perf_analyzer p99 is known to within the stability bound its windows met."""
-    s = (lt.STABILITY_PCT if p.stable else lt.LOOSE_STABILITY_PCT) / 100
-    return p.p99_ms / (1 + s), p.p99_ms * (1 + s)
-
-
 def _safe_order(c: Candidate) -> tuple:
     """Tie-break, safest first: the published configuration, higher precision, fewer instances, no batching."""
     return (c.config != c.variant.published, _PRECISION_ORDER.get(c.variant.precision, 5), c.config.instance_count,
@@ -210,11 +212,7 @@ def better(a: Candidate, b: Candidate, inp: PlanInputs):
     from retool.speed import decide
 
     if inp.profile == "realtime" and a.at_planned is not None and b.at_planned is not None:
-        (alo, ahi), (blo, bhi) = _p99_band(a.at_planned), _p99_band(b.at_planned)
-        est = b.at_planned.p99_ms / a.at_planned.p99_ms
-        return decide(est, blo / ahi, bhi / alo, 1.0, higher_is_better=True,
-                      rule="p99 at the planned per-replica rate, each within the stability bound of its windows",
-                      samples=2)
+        return lt.compare(a.at_planned, b.at_planned, "p99_ms")
     (alo, ahi), (blo, bhi) = a.sustainable, b.sustainable
     return decide(alo / blo, alo / bhi, ahi / blo, 1.0, higher_is_better=True,
                   rule="sustainable rate: the bracket between the highest rate that met the budget and the next "
@@ -222,33 +220,41 @@ def better(a: Candidate, b: Candidate, inp: PlanInputs):
 
 
 def choose(cands: Sequence[Candidate], inp: PlanInputs) -> tuple[list[Candidate], list[dict]]:
-    """Feasible candidates ranked best first (with the reason each lost to the one above), cheapest first."""
+    """Feasible candidates ranked best first, with the reason each ranks below the one above it.
+
+    throughput: the fewest replicas, then the highest sustainable rate; realtime: the lowest p99 at
+    the candidate's planned per-replica rate, then the fewest replicas. A candidate moves ahead only
+    when the decision rule says it is better beyond the noise; otherwise the cheaper and safer stays."""
     from retool.speed import PASS
 
     feasible = [c for c in cands if c.sustainable]
     if not feasible:
         return [], []
-    fewest = min(c.replicas(inp) for c in feasible)
-    cheapest = sorted((c for c in feasible if c.replicas(inp) == fewest), key=_safe_order)
-    # best beyond the noise wins; within the noise the safer (earlier) one stays ahead
+    start = sorted(feasible, key=lambda c: (c.replicas(inp), _safe_order(c)))
+    if inp.profile == "throughput":
+        fewest = start[0].replicas(inp)
+        contest, rest = [c for c in start if c.replicas(inp) == fewest], [c for c in start if c.replicas(inp) != fewest]
+    else:
+        contest, rest = [c for c in start if c.at_planned is not None], [c for c in start if c.at_planned is None]
     ranked: list[Candidate] = []
-    for c in cheapest:
+    for c in contest:
         pos = len(ranked)
         while pos > 0 and better(c, ranked[pos - 1], inp).outcome == PASS:
             pos -= 1
         ranked.insert(pos, c)
+    what = "p99 at its planned per-replica rate" if inp.profile == "realtime" else "sustainable rate"
     notes = []
     for hi, lo in zip(ranked, ranked[1:]):
         d = better(hi, lo, inp)
-        what = "p99 at the planned rate" if inp.profile == "realtime" else "sustainable rate"
-        notes.append({"model": lo.variant.model, "label": lo.label,
-                      "why": (f"{what} worse beyond the noise ({d.text})" if d.outcome == PASS else
-                              f"tied within noise on {what} ({d.text}); the safer choice was kept "
-                              f"(published configuration, higher precision, fewer instances)")})
-    rest = sorted((c for c in feasible if c.replicas(inp) != fewest), key=lambda c: (c.replicas(inp), _safe_order(c)))
+        if d.outcome == PASS:
+            why = f"{what} worse beyond the noise ({d.text})"
+        else:
+            why = (f"tied within noise on {what} ({d.text}); kept: the cheaper, then the safer (published "
+                   f"configuration, higher precision, fewer instances)")
+        notes.append({"model": lo.variant.model, "label": lo.label, "why": why})
     for c in rest:
         notes.append({"model": c.variant.model, "label": c.label,
-                      "why": f"needs {c.replicas(inp)} replicas against {fewest}"})
+                      "why": f"needs {c.replicas(inp)} replicas against {ranked[0].replicas(inp)}"})
     return ranked + rest, notes
 
 
@@ -336,8 +342,7 @@ def build(repo_url: str, name: str, variants: list[Variant], dups: list[dict], c
         "planned_rate_per_replica": round(inp.rate / n, 3),
         "confirmation": {"rate": probe_rate(ch, inp), "runs": len(p), "p50_ms": med("p50_ms"), "p99_ms": med("p99_ms"),
                          "p99_range_ms": rng("p99_ms"), "queue_ms": med("queue_ms"), "compute_ms": med("compute_ms"),
-                         "throughput": med("throughput"),
-                         "met": bool(p) and max(x.p99_ms for x in p) <= inp.budget_p99_ms},
+                         "throughput": med("throughput"), **_confirmed(p, inp)},
         "p50_ms": med("p50_ms"), "p99_ms": med("p99_ms"), "queue_ms": med("queue_ms"), "compute_ms": med("compute_ms"),
         "resources": {"cpu": cpu, "memory_bytes": memory_request(ch.variant.model_bytes, peak_rss),
                       "model_bytes": ch.variant.model_bytes, "peak_rss_bytes": peak_rss},
@@ -353,6 +358,16 @@ def build(repo_url: str, name: str, variants: list[Variant], dups: list[dict], c
         out["runner_up"] = {**notes[0], "replicas": ranked[1].replicas(inp)}
     out["ranking"] = notes
     return out
+
+
+def _confirmed(points: list, inp: PlanInputs) -> dict:
+    """The confirmation runs' p99s against the budget, through the decision rule."""
+    from retool.speed import decide_sample
+
+    if not points:
+        return {"outcome": "undecided", "decision": None}
+    d = decide_sample([p.p99_ms for p in points], inp.budget_p99_ms, higher_is_better=False)
+    return {"outcome": d.outcome, "decision": d.to_dict()}
 
 
 def verdict(plan: dict) -> str:
@@ -393,7 +408,7 @@ def markdown(plan: dict) -> str:
     for c in plan.get("candidates", ()):
         sr = c.get("sustainable_rate")
         rate = f"{sr['interval'][0]:g}–{sr['interval'][1]:g}" if sr else "—"
-        label = f"{c['model']} v{c['version']}: {c['label']}"
+        label = c.get("key") or f"{c['model']} v{c['version']}: {c['label']}"
         if chosen and c["model"] == chosen["model"] and c["config"] == chosen["config"]:
             outcome = "**chosen**"
         else:
@@ -412,7 +427,8 @@ def markdown(plan: dict) -> str:
                          f"p50 {conf['p50_ms']:.2f} ms, p99 {conf['p99_ms']:.2f} ms (range "
                          f"{conf['p99_range_ms'][0]:.2f}–{conf['p99_range_ms'][1]:.2f}), of which queue "
                          f"{conf['queue_ms']:.2f} ms and compute {conf['compute_ms']:.2f} ms on the server"
-                         + ("" if conf.get("met") else " — **a confirmation run missed the budget**") + ".")
+                         + {"pass": "", "fail": " — **the confirmation missed the budget**"}.get(
+                             conf.get("outcome"), " — the confirmation is within the noise of the budget") + ".")
         if chosen.get("cost_per_million"):
             c, m = chosen["cost_per_million"], chosen["cost_per_month"]
             lines.append(f"Cost: {c['value']:.4g} {cur} per million inferences (range {c['interval'][0]:.4g}–"

@@ -26,12 +26,15 @@ def measure(sess, repo, cand: Candidate, inp: PlanInputs, data_file) -> None:
         conc = [1, max(2, 2 * cand.config.instance_count)]
         cand.probe = lt.sweep(v.model, sess.grpc_url, concurrency=conc, input_data=data_file,
                               window_ms=inp.window_ms, stop_above_ms=inp.budget_p99_ms, version=v.version)
+        if cand.probe[0].p99_ms > inp.budget_p99_ms:  # over budget with one request in flight: no rate helps
+            cand.over_ms = cand.probe[0].p99_ms - inp.budget_p99_ms
+            return
         capacity = max(p.throughput for p in cand.probe)
-        failed_at = capacity
+        failed_at, ceiling = capacity, capacity
         for f in RATE_STEPS:
-            rate = round(capacity * f, 1)
-            if rate <= 0:
-                break
+            rate = round(min(capacity * f, ceiling), 1)
+            if rate <= 0 or (cand.points and rate >= cand.points[-1].load):
+                continue
             p = lt.run_point(v.model, sess.grpc_url, rate=rate, input_data=data_file, window_ms=inp.window_ms,
                              version=v.version, distribution="poisson")
             cand.points.append(p)
@@ -39,6 +42,8 @@ def measure(sess, repo, cand: Candidate, inp: PlanInputs, data_file) -> None:
                 cand.sustainable = (rate, failed_at)
                 return
             failed_at = rate
+            if p.throughput < 0.95 * rate:  # overloaded: go below what it did sustain
+                ceiling = 0.9 * p.throughput
         best = min(cand.probe + cand.points, key=lambda p: p.p99_ms)
         cand.over_ms = best.p99_ms - inp.budget_p99_ms
     except RetoolError as exc:  # a configuration Triton refuses is a rejected candidate, not the end
@@ -91,7 +96,7 @@ def run(repo_url: str, name: str, inp: PlanInputs, *, confirm_runs: int = 3) -> 
     repo = open_repo(repo_url)
     variants, dups = family(repo, name)
     todo = [v for v in variants if v.readiness_passed is not False]
-    cands = [Candidate(v, c) for v in todo for c in configs_for(v, inp)]
+    cands = [Candidate(v, c, cores=inp.cores_per_replica) for v in todo for c in configs_for(v, inp)]
     with tempfile.TemporaryDirectory(prefix="retool-plan-") as tmp, _replica_session(repo_url, inp.cores_per_replica) as sess:
         data: dict[str, Any] = {}
         for v in todo:
@@ -105,14 +110,10 @@ def run(repo_url: str, name: str, inp: PlanInputs, *, confirm_runs: int = 3) -> 
         for i, c in enumerate(cands, 1):
             with console.step(f"{c.variant.model}: plan {i}/{len(cands)}: {config_label(c.config, inp.cores_per_replica)}"):
                 measure(sess, repo, c, inp, data.get(c.variant.model))
-        feasible = [c for c in cands if c.sustainable]
-        if inp.profile == "realtime" and feasible:
-            fewest = min(c.replicas(inp) for c in feasible)
-            for c in feasible:
-                if c.replicas(inp) == fewest:
-                    with console.step(f"{c.variant.model}: p99 at the planned rate: {c.config.label}"):
-                        c.at_planned = measure_at(sess, repo, c, probe_rate(c, inp), inp,
-                                                  data.get(c.variant.model))[0]
+        if inp.profile == "realtime":  # each at the load it would carry in its own deployment
+            for c in (c for c in cands if c.sustainable):
+                with console.step(f"{c.variant.model}: p99 at {probe_rate(c, inp):g} req/s: {c.config.label}"):
+                    c.at_planned = measure_at(sess, repo, c, probe_rate(c, inp), inp, data.get(c.variant.model))[0]
         ranked, notes = choose(cands, inp)
         confirm = []
         if ranked:

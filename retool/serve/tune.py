@@ -17,7 +17,9 @@ from retool import console
 from retool.serve import loadtest as lt
 from retool.serve.profile import ServingConfig
 
-DEFAULT = ServingConfig(1, None, False)  # what publish writes without a profile: 1 instance, no batching
+#: the space's first point when nothing is published: 1 instance, ORT's threads, no batching. Once a
+#: model is published, its own configuration (from_config of its config.pbtxt) is "the default".
+DEFAULT = ServingConfig(1, None, False)
 SPACES = ("small", "quick", "full")
 
 
@@ -36,11 +38,11 @@ def instance_thread_pairs(n_cores: int) -> list[tuple[int, int]]:
     return sorted(pairs, key=lambda p: (p[0], p[1]))
 
 
-def space(name: str, max_batch_size: int, n_cores: int) -> list[ServingConfig]:
-    """The configurations to measure, the default first."""
+def space(name: str, max_batch_size: int, n_cores: int, default: ServingConfig = DEFAULT) -> list[ServingConfig]:
+    """The configurations to measure, ``default`` (what is published) first."""
     pairs = instance_thread_pairs(n_cores)
     batching = max_batch_size > 1
-    out = [DEFAULT]
+    out = [default]
     if name == "small":  # the default against one batching guess: for demos
         out.append(ServingConfig(1, n_cores, True, 500) if batching else ServingConfig(1, n_cores, False))
     elif name == "quick":
@@ -140,7 +142,7 @@ def tune(sess, repo, name: str, *, budget_ms: float | None, rate: float | None =
     if configs == "published":  # measure what is published, as it is
         todo = [published]
     else:
-        todo = list(configs) if configs else space(space_name, mbs, n_cores)
+        todo = list(configs) if configs else space(space_name, mbs, n_cores, published)
     man = repo.manifest(name, v)
     import tempfile
     from pathlib import Path
@@ -178,21 +180,31 @@ def tune(sess, repo, name: str, *, budget_ms: float | None, rate: float | None =
                 except Exception:  # noqa: BLE001 - best effort on someone else's server
                     console.warn(f"could not reload {name} with its published config on {sess.http_url}")
     return report(name, v, measured, budget_ms, rate, cost_per_hour, n_cores, window_ms,
-                  time.perf_counter() - t0, sess.backend_note)
+                  time.perf_counter() - t0, sess.backend_note, published)
 
 
 def report(name, version, measured: list[Measured], budget_ms, rate, cost_per_hour, n_cores, window_ms, seconds,
-           note) -> dict:
+           note, published: ServingConfig = DEFAULT) -> dict:
     kept = [m for m in measured if m.best is not None]
     if rate:
         chosen = min(kept, key=lambda m: m.best.p99_ms) if kept else None
     else:
         chosen = max(kept, key=lambda m: m.best.throughput) if kept else None
-    default = next((m for m in measured if m.config == DEFAULT), None)
+    default = next((m for m in measured if m.config == published), None)
+    decision = challenger = None
+    if chosen is not None and default is not None and default.best is not None and chosen is not default:
+        # the published configuration stays unless the new best beats it beyond the noise
+        decision = lt.compare(chosen.best, default.best, "p99_ms" if rate else "throughput")
+        challenger = chosen
+        if decision.outcome != "pass":
+            chosen = default
     out: dict[str, Any] = {
         "model": name, "version": version, "budget_p99_ms": budget_ms, "rate": rate, "cores": n_cores,
         "window_ms": window_ms, "seconds": round(seconds, 1), "server": note,
         "configs": [m.to_dict() for m in measured], "chosen": None, "met": chosen is not None,
+        "published": published.to_dict(), "decision": decision.to_dict() if decision else None,
+        "kept_published": chosen is default and decision is not None,
+        "challenger": challenger.config.label if challenger is not None else None,
     }
     if chosen is not None:
         b = chosen.best
@@ -234,14 +246,12 @@ def verdict(rep: dict) -> str:
         txt = (f"{rep['model']}: {ch['label']}: {p['throughput']:.0f} infer/s, p99 {p['p99_ms']:.2f} ms {at}"
                + (f" (budget p99 <= {budget:g} ms)" if budget is not None else "")
                + ("" if p.get("stable", True) else " [unstable windows: a busy machine]"))
-        ratio = ch.get("throughput_vs_default")
-        if ratio and ch["label"] != (rep.get("default") or {}).get("label"):
-            # one measurement each, windows stable within STABILITY_PCT: smaller gaps are noise
-            if 1 / (1 + lt.STABILITY_PCT / 100) < ratio < 1 + lt.STABILITY_PCT / 100:
-                txt += "; no measurable difference from the default's throughput within the budget"
-            else:
-                txt += (f"; {ratio:.2f}x the default's throughput within the budget (one measurement each, "
-                        f"windows within {lt.STABILITY_PCT}%)")
+        dec = rep.get("decision")
+        if dec and rep.get("kept_published"):
+            txt += (f"; kept the published configuration: {rep.get('challenger')} is not better beyond the noise "
+                    f"({dec['text']})")
+        elif dec:
+            txt += f"; better than the published configuration beyond the noise ({dec['text']})"
         elif budget is not None and rep.get("default") and not (rep["default"] or {}).get("point"):
             txt += "; the default configuration does not meet the budget"
         if ch.get("cost_per_million") is not None:
