@@ -227,9 +227,15 @@ def _convert_loaded(model: SourceModel, request: ConvertRequest, out: Path, veri
                 f"{request.source_label}: parity check failed for "
                 f"{', '.join(c.name for c in report.failed_checks)}; {out} was not written "
                 f"(report: {side})", report=report)
-        move_onnx(staged, out)
-    if write_report:
-        atomic_write_text(side, report.to_json())
+        # the report first: a failed write (a full disk) then leaves no new model at -o
+        if write_report:
+            atomic_write_text(side, report.to_json())
+        try:
+            move_onnx(staged, out)
+        except BaseException:
+            if write_report:
+                side.unlink(missing_ok=True)
+            raise
     return art, report
 
 
