@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
 import re
 import time
 from functools import partial
@@ -89,7 +91,7 @@ def convert(source: Any, output, *, framework: str = "auto", weights=None,
     out = check_output_path(output)
     if weights is not None and not Path(weights).exists():
         raise UsageError(f"{weights}: weights file not found")
-    specs = tuple(s if isinstance(s, TensorSpec) else parse_specs([s])[0] for s in inputs)
+    specs = parse_specs(inputs)
     examples = load_npz(example_inputs) if isinstance(example_inputs, (str, Path)) else example_inputs
     if opset is not None and not 7 <= int(opset) <= 25:
         raise UsageError(f"--opset {opset}: choose an opset between 7 and 25 (tf2onnx supports 13-18, torch.onnx 18 and up)")
@@ -117,6 +119,9 @@ def convert(source: Any, output, *, framework: str = "auto", weights=None,
         return _convert_loaded(model, request, out, verify,
                                tolerance if isinstance(tolerance, Tolerance) or tolerance is None else Tolerance(**tolerance),
                                timings, write_report)
+    except OSError as exc:  # writing the staged copy (a full disk ...); anything else is a bug
+        _raise_if_output_failed(exc, out)
+        raise
     finally:
         model.close()
 
@@ -149,9 +154,10 @@ def _convert_loaded(model: SourceModel, request: ConvertRequest, out: Path, veri
         with console.step("exporting to ONNX"):
             try:
                 result = model.export(staged, request.opset)
-            except RetoolError:
-                raise
             except Exception as exc:  # exporters raise anything; the first line says what
+                _raise_if_output_failed(exc, out)
+                if isinstance(exc, RetoolError):
+                    raise
                 raise ConversionError(f"{request.source_label}: export to ONNX failed: {_first_line(exc)}"
                                       f"{_index_hint(exc, model.input_specs, request)}") from exc
         timings["export_s"] = time.perf_counter() - t0
@@ -221,10 +227,35 @@ def _convert_loaded(model: SourceModel, request: ConvertRequest, out: Path, veri
                 f"{request.source_label}: parity check failed for "
                 f"{', '.join(c.name for c in report.failed_checks)}; {out} was not written "
                 f"(report: {side})", report=report)
-        move_onnx(staged, out)
-    if write_report:
-        atomic_write_text(side, report.to_json())
+        # the report first: a failed write (a full disk) then leaves no new model at -o
+        if write_report:
+            atomic_write_text(side, report.to_json())
+        try:
+            move_onnx(staged, out)
+        except BaseException:
+            if write_report:
+                side.unlink(missing_ok=True)
+            raise
     return art, report
+
+
+#: a write at the output failed for want of space or permission: the output is the problem, not the source
+_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+def _raise_if_output_failed(exc: BaseException, out: Path) -> None:
+    """UsageError naming ``out`` when ``exc`` (or what it wraps) is a full or read-only file system."""
+    seen, why = set(), None
+    while exc is not None and id(exc) not in seen and why is None:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _OUTPUT_ERRNOS:
+            why = exc.strerror
+        elif isinstance(exc, ConversionError):  # converters that try several exporters keep only the text
+            why = next((os.strerror(e) for e in _OUTPUT_ERRNOS if f"[Errno {e}] {os.strerror(e)}" in str(exc)), None)
+        exc = exc.__cause__ or exc.__context__
+    if why:
+        raise UsageError(f"{out}: could not be written ({why}); free space or choose another -o; "
+                         f"nothing was written there") from None
 
 
 def _raise_if_broken(checks: list[CheckResult], request: ConvertRequest) -> None:

@@ -100,8 +100,10 @@ def main(argv=None) -> int:
     except click.exceptions.Abort:
         click.echo("retool: aborted", err=True)
         return 130
-    except click.ClickException as exc:
-        exc.show()
+    except click.ClickException as exc:  # one line, like every other usage error
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if isinstance(exc, click.UsageError) and ctx else ""
+        click.echo(f"retool: error: {' '.join(exc.format_message().split())}{hint}", err=True)
         return 2
     except click.exceptions.Exit as exc:
         return exc.exit_code

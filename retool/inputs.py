@@ -19,16 +19,18 @@ DEFAULT_DYNAMIC_DIM = 7
 VERIFY_BATCH_SIZES = (1, 4)
 
 
-def parse_specs(texts: Sequence[str]) -> tuple[TensorSpec, ...]:
+def parse_specs(texts: Sequence[str | TensorSpec]) -> tuple[TensorSpec, ...]:
+    """``--input`` texts (or TensorSpecs, kept) as specs; a name given twice is refused."""
     specs = []
     for t in texts:
         try:
-            specs.append(TensorSpec.parse(t))
+            specs.append(t if isinstance(t, TensorSpec) else TensorSpec.parse(t))
         except ValueError as exc:
             raise UsageError(f"--input: {exc}") from None
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
-        raise UsageError(f"--input: the same input name is given twice: {names}")
+        dup = next(n for n in names if names.count(n) > 1)
+        raise UsageError(f"--input {dup}: this input is given more than once ({names}); give each input once")
     return tuple(specs)
 
 

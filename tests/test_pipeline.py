@@ -139,7 +139,7 @@ def test_fail_fast_stops_the_other_models(tmp_path, sources, cli):
     (lambda d: d["defaults"]["validation"].update(batch_size=[1]), "did you mean 'batch_sizes'?"),
     (lambda d: d["models"][1].pop("source"), "missing required key 'source'"),
     (lambda d: d["models"][1].update(targets=[{"name": "cpu", "gates": {"max_p99_ms": "fast"}}]),
-     "expected int/float"),
+     "fast is not a number; expected a number > 0"),
     (lambda d: d["defaults"]["publish"].update(when="sometimes"), "not one of gates-pass, always, never"),
 ])
 def test_pipeline_file_errors_name_file_line_and_field(tmp_path, sources, cli, mutate, needle):

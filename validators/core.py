@@ -72,7 +72,7 @@ def validate(candidate, reference=None, *, batch_sizes: Sequence[int] = (1,), la
         _check_report_dir(report_dir)
     _check_providers(providers)
 
-    given = tuple(s if isinstance(s, TensorSpec) else parse_specs([s])[0] for s in inputs)
+    given = parse_specs(inputs)
     specs = _merge_specs(art.inputs, given)
     examples = load_npz(example_inputs) if isinstance(example_inputs, (str, Path)) else example_inputs
     if examples is not None:

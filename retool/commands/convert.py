@@ -3,22 +3,23 @@ from __future__ import annotations
 
 import click
 
-from retool.commands.common import converter_options, emit_report, source_options
+from retool.commands.common import (COSINE, NEW_TOKENS, OPSET, SEED, TOLERANCE, converter_options, emit_report,
+                                    source_options)
 
 
 @click.command("convert")
 @click.argument("source")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the ONNX model.")
-@click.option("--opset", type=int, help="ONNX opset (tf2onnx: 13-18; torch dynamo exporter: 18+).")
+@click.option("--opset", type=OPSET, help="ONNX opset (tf2onnx: 13-18; torch dynamo exporter: 18+).")
 @click.option("--no-verify", is_flag=True, help="Skip the parity check against the source framework.")
-@click.option("--atol", type=float, help="Absolute tolerance for parity (default by precision).")
-@click.option("--rtol", type=float, help="Relative tolerance for parity.")
-@click.option("--min-cosine", type=float, help="Minimum cosine similarity per output.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random verification inputs.")
+@click.option("--atol", type=TOLERANCE, help="Absolute tolerance for parity (default by precision).")
+@click.option("--rtol", type=TOLERANCE, help="Relative tolerance for parity.")
+@click.option("--min-cosine", type=COSINE, help="Minimum cosine similarity per output.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the random verification inputs.")
 @source_options
 @click.option("--task", help="Hugging Face folder: feature-extraction, sequence-classification, "
                              "image-classification or text-generation (default: from config.json's architectures).")
-@click.option("--new-tokens", type=int, help="text-generation: greedy tokens compared in the parity check (default 32).")
+@click.option("--new-tokens", type=NEW_TOKENS, help="text-generation: greedy tokens compared in the parity check (default 32).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 def convert_cmd(source, output, framework, weights, inputs, example_inputs, opset, trust_remote_code, no_verify,
                 atol, rtol, min_cosine, seed, signature, output_names, inputs_as_nchw, custom_objects,

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import click
 
-from retool.commands.common import emit_report
+from retool.commands.common import (COSINE, FRACTION, PERCENTILE, SAMPLES, SEED, THREADS, TOLERANCE, Number,
+                                    emit_report)
 
 
 @click.command("optimize")
@@ -14,9 +15,9 @@ from retool.commands.common import emit_report
               "of .npy/.npz, or a folder of images. Without it, seeded random data (with a warning).")
 @click.option("--calibration-method", type=click.Choice(["minmax", "entropy", "percentile"]), default=None,
               help="How activation ranges are chosen (default minmax; cpu-auto tries all three).")
-@click.option("--percentile", type=float, metavar="P", help="Percentile calibration's percentile, e.g. 99.99 "
+@click.option("--percentile", type=PERCENTILE, metavar="P", help="Percentile calibration's percentile, e.g. 99.99 "
               "(implies --calibration-method percentile; ORT's default 99.999).")
-@click.option("--calibration-samples", type=click.IntRange(1), metavar="N",
+@click.option("--calibration-samples", type=SAMPLES, metavar="N",
               help="Use at most N calibration samples (default 512); the report says how many were used.")
 @click.option("--accuracy", metavar="GOAL", help="Accuracy goal on held-out samples, e.g. 'top1>=0.97,cos>=0.999': "
               "keeps the fastest artifact that meets it (nodes fall back to fp32 as needed); exit 6 if none does.")
@@ -24,11 +25,11 @@ from retool.commands.common import emit_report
               "scale=1/255;color=rgb' (default: the model's size, /255, RGB).")
 @click.option("--tolerance", metavar="KEY=VAL,...", help="Override the target's parity tolerance, e.g. "
               "'min_cosine=0.995,min_top1=0.98' (keys: atol, rtol, min_cosine, min_top1; 'none' disables one).")
-@click.option("--accuracy-budget", type=click.IntRange(0, 20), default=None,
+@click.option("--accuracy-budget", type=Number(int, 0, 20), default=None,
               help="Retries of the accuracy-aware fallback (default 4; 0 = no fallback).")
-@click.option("--threads", type=click.IntRange(1, 256), help="Threads for the latency measurement (default min(4, cores)).")
+@click.option("--threads", type=THREADS, help="Threads for the latency measurement (default min(4, cores)).")
 @click.option("--no-measure", is_flag=True, help="Skip the latency measurement.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of random calibration/held-out data.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of random calibration/held-out data.")
 @click.option("--tune-for", default="here", show_default=True, metavar="CPU",
               help="The CPU the int8 choices are made for: here, x86-avx2, x86-avx512, x86-vnni, arm64-dotprod, "
                    "or a cpuinfo file. The report says when it differs from this CPU.")
@@ -99,6 +100,10 @@ def summary(report) -> str:
     return "\n".join(lines)
 
 
+#: the range of each tolerance key, shared with the pipeline file
+TOLERANCE_KEYS = {"atol": TOLERANCE, "rtol": TOLERANCE, "min_cosine": COSINE, "min_top1": FRACTION}
+
+
 def parse_tolerance(text: str | None) -> dict | None:
     from retool.errors import UsageError
 
@@ -111,10 +116,7 @@ def parse_tolerance(text: str | None) -> dict | None:
         if key not in ("atol", "rtol", "min_cosine", "min_top1") or not sep:
             raise UsageError(f"--tolerance {text!r}: expected KEY=VALUE pairs with keys atol, rtol, min_cosine, "
                              f"min_top1, e.g. 'min_cosine=0.995,min_top1=0.98'")
-        try:
-            out[key] = None if val.strip().lower() in ("none", "off") else float(val)
-        except ValueError:
-            raise UsageError(f"--tolerance {text!r}: {val!r} is not a number") from None
+        out[key] = None if val.strip().lower() in ("none", "off") else TOLERANCE_KEYS[key].check(val, f"--tolerance {key}")
     return out
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from retool.commands.common import WORKERS
+
 
 @click.command("run")
 @click.argument("pipeline_file", type=click.Path(dir_okay=False))
@@ -11,7 +13,7 @@ import click
 @click.option("--out", default="retool-out", show_default=True, help="Output folder: artifacts, reports, summary.md.")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True)
 @click.option("--ray-address", help="Address of an existing Ray cluster (ray.init(address=...)).")
-@click.option("--workers", type=int, default=1, show_default=True, help="Parallel jobs (model x target).")
+@click.option("--workers", type=WORKERS, default=1, show_default=True, help="Parallel jobs (model x target).")
 @click.option("--fail-fast", is_flag=True, help="Stop everything at the first failure.")
 @click.option("--no-cache", is_flag=True, help="Re-run every step even if its inputs did not change.")
 @click.option("--json", "as_json", is_flag=True, help="Print summary.json instead of summary.md.")

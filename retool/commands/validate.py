@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import click
 
-from retool.commands.common import converter_options, emit_report, parse_csv_ints, source_options
+from retool.commands.common import (BATCH_SIZE, COSINE, MILLISECONDS, RUNS, SEED, SIZE_MB, SPEEDUP, THREADS,
+                                    TIME_BUDGET_S, TOLERANCE, converter_options, emit_report, parse_csv_ints,
+                                    source_options)
 
 
 @click.command("validate")
@@ -13,26 +15,26 @@ from retool.commands.common import converter_options, emit_report, parse_csv_int
 @click.option("--latency", is_flag=True, help="Measure latency (also on when a latency or speedup gate is set).")
 @click.option("--batch-sizes", default="1", show_default=True, metavar="1,8,32",
               help="Batch sizes for parity and latency (parity also runs at 4 when only 1 is given and the batch is dynamic).")
-@click.option("--threads", type=int, help="Intra-op threads for every variant (default: the CPUs this process may use).")
-@click.option("--runs", type=int, help="At least this many timed runs per batch size (with at least 1 s of "
+@click.option("--threads", type=THREADS, help="Intra-op threads for every variant (default: the CPUs this process may use).")
+@click.option("--runs", type=RUNS, help="At least this many timed runs per batch size (with at least 1 s of "
               "timing too, unless --time-budget says otherwise; --time-budget 0: exactly --runs).")
-@click.option("--time-budget", "time_budget_s", type=float,
+@click.option("--time-budget", "time_budget_s", type=TIME_BUDGET_S,
               help="At least this many seconds of timing per batch size, all variants together (default 2).")
 @click.option("--gates", "gates_file", type=click.Path(dir_okay=False), help="YAML file of budgets (see docs/validate.md).")
-@click.option("--max-p99-ms", type=float, help="Gate: p99 latency budget in ms at every measured batch size.")
-@click.option("--min-speedup", type=float, help="Gate: minimum reference p50 / candidate p50.")
-@click.option("--max-size-mb", type=float, help="Gate: maximum model size in MB (10^6 bytes, with external data).")
+@click.option("--max-p99-ms", type=MILLISECONDS, help="Gate: p99 latency budget in ms at every measured batch size.")
+@click.option("--min-speedup", type=SPEEDUP, help="Gate: minimum reference p50 / candidate p50.")
+@click.option("--max-size-mb", type=SIZE_MB, help="Gate: maximum model size in MB (10^6 bytes, with external data).")
 @click.option("--allow-slower", is_flag=True, help="Switch off the default gate that fails a quantized candidate "
               "slower than the reference beyond the noise (the report says it was switched off).")
-@click.option("--atol", type=float, help="Parity: absolute tolerance for every output.")
-@click.option("--rtol", type=float, help="Parity: relative tolerance for every output.")
-@click.option("--min-cosine", type=float, help="Parity: minimum cosine similarity for every output.")
+@click.option("--atol", type=TOLERANCE, help="Parity: absolute tolerance for every output.")
+@click.option("--rtol", type=TOLERANCE, help="Parity: relative tolerance for every output.")
+@click.option("--min-cosine", type=COSINE, help="Parity: minimum cosine similarity for every output.")
 @click.option("--report-dir", type=click.Path(file_okay=False), help="Write report.json, report.md and report.html here.")
 @source_options
 @click.option("--provider", "providers", multiple=True, metavar="NAME",
               help="onnxruntime execution provider for the candidate and an ONNX reference, in order "
                    "(default CPUExecutionProvider). Repeatable.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the random inputs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of the table.")
 def validate_cmd(candidate, reference, latency, batch_sizes, threads, runs, time_budget_s, gates_file, max_p99_ms,
                  min_speedup, max_size_mb, allow_slower, atol, rtol, min_cosine, report_dir, framework, weights, inputs,
@@ -50,7 +52,7 @@ def validate_cmd(candidate, reference, latency, batch_sizes, threads, runs, time
     from retool.validators.core import GATE_HEADERS, gate_rows, summary_text, validate
     from retool.validators.gates import load_gates
 
-    sizes = parse_csv_ints(batch_sizes, "--batch-sizes") or [1]
+    sizes = parse_csv_ints(batch_sizes, "--batch-sizes", BATCH_SIZE) or [1]
     gates = load_gates(gates_file)
     tol_flags = {k: v for k, v in {"atol": atol, "rtol": rtol, "min_cosine": min_cosine}.items() if v is not None}
     parity = dict(gates.parity)

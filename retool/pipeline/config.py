@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from retool.commands.common import (BATCH_SIZE, CONCURRENCY, COSINE, COST_PER_HOUR, FRACTION, MILLISECONDS, OPSET,
+                                    PERCENTILE, RATE, RUNS, SAMPLES, SIZE_MB, SPEEDUP, THREADS, TIME_BUDGET_S,
+                                    TOLERANCE as TOL, WINDOW_MS, Number)
 from retool.errors import UsageError
 from retool.publish.names import check_model_name
 
@@ -42,29 +45,30 @@ class MapOf:
     value: Any
 
 
-NUM = (int, float)
-TOLERANCE = Obj({"atol": (NUM, False), "rtol": (NUM, False), "min_cosine": (NUM, False),
-                 "min_top1": (NUM, False)})
-GATES = Obj({"max_p99_ms": (NUM, False), "min_speedup": (NUM, False), "max_size_mb": (NUM, False),
+#: numbers are retool.commands.common.Number ranges: the flags and this file accept the same values
+TOLERANCE = Obj({"atol": (TOL, False), "rtol": (TOL, False), "min_cosine": (COSINE, False),
+                 "min_top1": (FRACTION, False)})
+GATES = Obj({"max_p99_ms": (MILLISECONDS, False), "min_speedup": (SPEEDUP, False), "max_size_mb": (SIZE_MB, False),
              "parity": (MapOf(TOLERANCE), False), "not_slower": (bool, False)})
 CALIBRATION = Obj({"data": (str, False), "method": (OneOf(("minmax", "entropy", "percentile")), False),
-                   "preprocess": (str, False), "percentile": (NUM, False), "samples": (int, False)},
+                   "preprocess": (str, False), "percentile": (PERCENTILE, False), "samples": (SAMPLES, False)},
                   shorthand="data")
 PUBLISH = Obj({"when": (OneOf(PUBLISH_WHEN), False), "alias": (str, False), "repository": (str, False),
                "name": (str, False), "force": (bool, False)})
 #: after publish: load in a real Triton (check), load-test, and pick the config for a p99 budget (its own gate)
-SERVE = Obj({"check": (bool, False), "load": (bool, False), "budget_p99_ms": (NUM, False), "rate": (NUM, False),
-             "cost_per_hour": (NUM, False), "space": (OneOf(("small", "quick", "full")), False),
-             "concurrency": (ListOf(int), False), "window_ms": (int, False), "url": (str, False)})
+SERVE = Obj({"check": (bool, False), "load": (bool, False), "budget_p99_ms": (MILLISECONDS, False),
+             "rate": (RATE, False), "cost_per_hour": (COST_PER_HOUR, False),
+             "space": (OneOf(("small", "quick", "full")), False), "concurrency": (ListOf(CONCURRENCY), False),
+             "window_ms": (WINDOW_MS, False), "url": (str, False)})
 TARGET = Obj({"name": (str, True), "tolerance": (TOLERANCE, False), "gates": (GATES, False),
               "calibration": (CALIBRATION, False), "publish": (PUBLISH, False),
               "accuracy": (str, False), "serve": (SERVE, False)}, shorthand="name")
-VALIDATION = Obj({"batch_sizes": (ListOf(int), False), "threads": (int, False), "latency": (bool, False),
-                  "reference": (OneOf(REFERENCES), False), "runs": (int, False),
-                  "min_time_s": (NUM, False)})
+VALIDATION = Obj({"batch_sizes": (ListOf(BATCH_SIZE), False), "threads": (THREADS, False),
+                  "latency": (bool, False), "reference": (OneOf(REFERENCES), False), "runs": (RUNS, False),
+                  "min_time_s": (TIME_BUDGET_S, False)})
 MODEL = Obj({
     "name": (str, True), "source": (str, True), "framework": (str, False), "weights": (str, False),
-    "inputs": (ListOf(str), False), "example_inputs": (str, False), "opset": (int, False),
+    "inputs": (ListOf(str), False), "example_inputs": (str, False), "opset": (OPSET, False),
     "options": (MapOf(object), False), "trust_remote_code": (bool, False),
     "targets": (ListOf(TARGET), False), "calibration": (CALIBRATION, False), "gates": (GATES, False),
     "validation": (VALIDATION, False), "publish": (PUBLISH, False), "repository": (str, False),
@@ -124,6 +128,41 @@ class _Located:
         self.lines: dict[tuple, int] = {}
 
 
+#: a pipeline file is a few kilobytes; these bound what a hostile or broken one can cost
+MAX_BYTES = 1 << 20
+MAX_DEPTH = 64
+
+
+class _Refused(Exception):
+    def __init__(self, mark, message: str):
+        super().__init__(message)
+        self.mark, self.message = mark, message
+
+
+def _strict_loader(text: str):
+    """A SafeLoader that refuses aliases (a cycle, or a billion laughs) and nesting deeper than MAX_DEPTH."""
+    import yaml
+
+    class Strict(yaml.SafeLoader):
+        depth = 0
+
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                ev = self.peek_event()
+                raise _Refused(ev.start_mark, f"alias '*{ev.anchor}' is not allowed in a pipeline file; "
+                                              "write the value out")
+            self.depth += 1
+            try:
+                if self.depth > MAX_DEPTH:
+                    raise _Refused(self.peek_event().start_mark,
+                                   f"nested more than {MAX_DEPTH} levels deep; a pipeline file needs a few")
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+    return Strict(text)
+
+
 def _construct(node, path: tuple, loc: _Located):
     import yaml
 
@@ -131,7 +170,13 @@ def _construct(node, path: tuple, loc: _Located):
     if isinstance(node, yaml.MappingNode):
         out = {}
         for k, v in node.value:
+            if not isinstance(k, yaml.ScalarNode):
+                kind = "list" if isinstance(k, yaml.SequenceNode) else "mapping"
+                raise _Refused(k.start_mark, f"{_fmt_path(path)}: a {kind} cannot be a key; keys are names")
             key = k.value
+            if key in out:
+                raise _Refused(k.start_mark, f"{_fmt_path(path + (key,))}: duplicate key '{key}' (first at line "
+                                             f"{loc.lines[path + (key,)]}); keep one")
             out[key] = _construct(v, path + (key,), loc)
             loc.lines[path + (key,)] = k.start_mark.line + 1  # the key's line, not its value's
         return out
@@ -146,6 +191,8 @@ def _scalar(node):
     loader = yaml.SafeLoader("")
     try:
         return loader.construct_object(node, deep=True)
+    except (ValueError, TypeError, OverflowError) as exc:  # e.g. '!!int abc'
+        raise _Refused(node.start_mark, f"cannot read {node.value!r} as {node.tag} ({exc})") from None
     finally:
         loader.dispose()
 
@@ -154,21 +201,34 @@ def load_yaml(path: Path) -> tuple[Any, _Located]:
     import yaml
 
     try:
-        text = path.read_text()
+        with open(path, "rb") as f:
+            raw = f.read(MAX_BYTES + 1)
     except FileNotFoundError:
         raise UsageError(f"{path}: pipeline file not found") from None
     except OSError as exc:
         raise UsageError(f"{path}: cannot read pipeline file ({exc.strerror})") from None
+    if len(raw) > MAX_BYTES:
+        raise UsageError(f"{path}: pipeline file is larger than {MAX_BYTES // 1024} KiB; is it the right file?")
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise UsageError(f"{path}:{line}: not UTF-8 text (byte {raw[exc.start]:#04x}); save the file as UTF-8") from None
+    loader = _strict_loader(text)
+    loc = _Located()
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            raise UsageError(f"{path}: the pipeline file is empty; it needs at least 'models:'")
+        return _construct(node, (), loc), loc
+    except _Refused as exc:
+        raise UsageError(f"{path}:{exc.mark.line + 1}: {exc.message}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark else ""
-        raise UsageError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
-    loc = _Located()
-    if node is None:
-        raise UsageError(f"{path}: the pipeline file is empty; it needs at least 'models:'")
-    return _construct(node, (), loc), loc
+        raise UsageError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
+    finally:
+        loader.dispose()
 
 
 def _fmt_path(path: tuple) -> str:
@@ -179,14 +239,17 @@ def _fmt_path(path: tuple) -> str:
 
 
 def _check(value, schema, path: tuple, loc: _Located, src: str):
-    def fail(msg, at=path):
+    def where(at) -> str:
         line = None
         probe = at
         while probe and line is None:
             line = loc.lines.get(probe)
             probe = probe[:-1]
         line = line or loc.lines.get((), 1)
-        raise UsageError(f"{src}:{line}: {_fmt_path(at)}: {msg}")
+        return f"{src}:{line}: {_fmt_path(at)}"
+
+    def fail(msg, at=path):
+        raise UsageError(f"{where(at)}: {msg}")
 
     if isinstance(schema, Obj):
         if isinstance(value, str) and schema.shorthand:
@@ -218,6 +281,8 @@ def _check(value, schema, path: tuple, loc: _Located, src: str):
             tip = f"; did you mean '{hint[0]}'?" if hint else ""
             fail(f"'{value}' is not one of {', '.join(map(str, schema.values))}{tip}")
         return value
+    if isinstance(schema, Number):
+        return schema.check(value, where(path))
     if schema is object:
         return value
     types = schema if isinstance(schema, tuple) else (schema,)

@@ -95,6 +95,32 @@ def _rebase(obj, old: str, new: str):
     return obj
 
 
+#: seconds to wait for a TCP answer at --ray-address; Ray itself retries a closed port for minutes
+RAY_CONNECT_TIMEOUT_S = 10.0
+
+
+def _probe_ray_address(address: str, timeout: float = RAY_CONNECT_TIMEOUT_S) -> None:
+    """UsageError (one line) unless something accepts a connection at ``address`` (host:port or ray://host:port)."""
+    import socket
+
+    from retool.errors import UsageError
+
+    text = address.strip()
+    if text in ("auto", "local"):  # Ray finds (or starts) the local cluster itself
+        return
+    host, sep, port = text.split("://", 1)[-1].rstrip("/").rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise UsageError(f"--ray-address {address}: expected host:port, ray://host:port or auto")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        why = exc.strerror or str(exc) or type(exc).__name__
+        raise UsageError(f"--ray-address {address}: no Ray cluster answers at {host}:{port} ({why}); start one "
+                         f"with 'ray start --head' or fix the address") from None
+
+
 class RayEngine:
     """Each model x target is a Ray task. Files travel through the object store, so the
     cluster's workers need no access to this machine's output folder."""
@@ -105,9 +131,19 @@ class RayEngine:
         ray = require("ray", "ray", "run pipelines on a Ray cluster")
         self.ray = ray
         if not ray.is_initialized():
+            if address:
+                _probe_ray_address(address)
             kwargs = {"address": address} if address else {"num_cpus": workers or None}
-            ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False,
-                     **{k: v for k, v in kwargs.items() if v is not None})
+            try:
+                ray.init(ignore_reinit_error=True, include_dashboard=False, log_to_driver=False,
+                         **{k: v for k, v in kwargs.items() if v is not None})
+            except (ConnectionError, TimeoutError) as exc:  # something answers there, but not Ray's GCS
+                if not address:
+                    raise
+                from retool.errors import UsageError, first_line
+
+                raise UsageError(f"--ray-address {address}: not a Ray cluster, or it did not answer "
+                                 f"({first_line(exc, 200)}); check the address ('ray status' on the head)") from None
         # Ray retries a task whose worker died once by itself; a second death is reported.
         self._remote = ray.remote(max_retries=1)(_ray_call)
         self.out_dir = out_dir

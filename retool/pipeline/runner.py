@@ -73,10 +73,40 @@ def run(config, *, out: str | Path = "retool-out", only: str | None = None, engi
     roots = {r for r in (package_root(m.source, cfg.base_dir) for m in models) if r}
     # `module:factory` sources resolve like `python -m`, and from the pipeline file's folder (or a parent)
     ensure_importable(*sorted(roots), cfg.base_dir, Path.cwd())
-    out_dir = Path(out).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if engine == "ray" and ray_address:  # a wrong address fails before --out is created
+        from retool.pipeline.engines import _probe_ray_address
+
+        _probe_ray_address(ray_address)
+    out_dir = _output_folder(out)
     cache = StepCache(out_dir / ".cache", enabled=use_cache)
     return _Scheduler(cfg, models, out_dir, cache, engine, workers, ray_address, fail_fast, seed).run()
+
+
+def _output_folder(out) -> Path:
+    """``--out`` resolved, created and proven writable, or one UsageError naming it (nothing left behind)."""
+    import os
+    import shutil
+    import tempfile
+
+    out_dir = Path(out).expanduser().resolve()
+    new = out_dir  # the topmost folder this call creates, removed again if the folder is unusable
+    while not new.parent.exists() and new.parent != new:
+        new = new.parent
+    blocker = next((p for p in (out_dir, *out_dir.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        what = "is a file" if blocker == out_dir else f"is inside {blocker}, which is a file"
+        raise UsageError(f"--out {out}: {what}, not a folder; choose a folder for the pipeline's outputs")
+    created = not new.exists()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".retool-probe-", dir=out_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        if created:
+            shutil.rmtree(new, ignore_errors=True)
+        raise UsageError(f"--out {out}: cannot write there ({exc.strerror or exc}); choose another --out") from None
+    return out_dir
 
 
 def _latest_version(repo, name: str) -> tuple[int, str] | None:
