@@ -75,7 +75,8 @@ def test_bad_plan_input_is_one_line_exit_2_and_writes_nothing(family_repo, tmp_p
     opts = {"--budget-p99-ms": "10", "--rate": "100", **override}
     r = cli("plan", family_repo, "fam-fp32", *[x for kv in opts.items() for x in kv], "--out", tmp_path / "p")
     assert r.code == 2, r.err
-    assert what in r.err and len(r.err.strip().splitlines()) == 1
+    flag, value = what.split(" ")
+    assert flag in r.err and value in r.err and len(r.err.strip().splitlines()) == 1
     assert not (tmp_path / "p").exists()
 
 

@@ -121,6 +121,9 @@ RATE = Number(float, 0, None, min_open=True)
 COST_PER_HOUR = Number(float, 0)
 CONCURRENCY = Number(int, 1, 4096)
 WINDOW_MS = Number(int, 1, 3_600_000)
+#: the serving plan: one replica's share of its sustainable rate, and its cores
+HEADROOM = Number(float, 0, 1, min_open=True)
+CORES = Number(int, 1, 4096)
 
 
 def parse_csv_numbers(text: str | None, flag: str, number: Number) -> list | None:

@@ -2,42 +2,31 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import click
 
-
-def _check(value, flag: str, *, low: float = 0.0, high: float = math.inf, low_open: bool = True):
-    from retool.errors import UsageError
-
-    if value is None:
-        return None
-    ok = math.isfinite(value) and (value > low if low_open else value >= low) and value <= high
-    if not ok:
-        rng = f"{'>' if low_open else '>='} {low:g}" + ("" if high == math.inf else f" and <= {high:g}")
-        raise UsageError(f"{flag} {value}: expected a finite number {rng}")
-    return value
+from retool.commands.common import CORES, COST_PER_HOUR, HEADROOM, MILLISECONDS, RATE, Number
 
 
 @click.command("plan")
 @click.argument("repo_url", metavar="REPO")
 @click.argument("name")
-@click.option("--budget-p99-ms", type=float, required=True, help="The application's latency budget: client p99, "
+@click.option("--budget-p99-ms", type=MILLISECONDS, required=True, help="The application's latency budget: client p99, "
                                                                  "queue time included.")
-@click.option("--rate", type=float, required=True, help="Peak traffic the deployment must hold, requests/s.")
+@click.option("--rate", type=RATE, required=True, help="Peak traffic the deployment must hold, requests/s.")
 @click.option("--profile", type=click.Choice(["realtime", "throughput"]), default="realtime", show_default=True,
               help="realtime: the lowest p99 that holds the rate; throughput: the highest rate per replica, "
                    "batch sizes included.")
-@click.option("--price-per-hour", type=float, help="Price of one replica's machine per hour.")
+@click.option("--price-per-hour", type=COST_PER_HOUR, help="Price of one replica's machine per hour.")
 @click.option("--currency", default="USD", show_default=True, help="Currency of --price-per-hour.")
-@click.option("--cores-per-replica", type=int, help="Cores of one replica (default: this machine's); the server "
+@click.option("--cores-per-replica", type=CORES, help="Cores of one replica (default: this machine's); the server "
                                                     "is pinned to them while measuring.")
-@click.option("--headroom", type=float, default=0.7, show_default=True,
+@click.option("--headroom", type=HEADROOM, default=0.7, show_default=True,
               help="Fraction of a replica's sustainable rate the plan may use (the rest absorbs bursts).")
 @click.option("--space", type=click.Choice(["small", "quick", "full"]), default="small", show_default=True,
               help="How many configurations each variant is measured with.")
-@click.option("--window-ms", type=int, default=1000, show_default=True, help="perf_analyzer measurement window.")
+@click.option("--window-ms", type=Number(int, 200, 60000), default=1000, show_default=True, help="perf_analyzer measurement window.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Folder for plan.json and plan.md "
                                                                           "(default: plan-NAME).")
 @click.option("--json", "as_json", is_flag=True)
@@ -53,15 +42,9 @@ def plan_cmd(repo_url, name, budget_p99_ms, rate, profile, price_per_hour, curre
     from retool.serve.tune import cores
     from retool.types import jsonable
 
-    _check(budget_p99_ms, "--budget-p99-ms", high=3.6e6)
-    _check(rate, "--rate", high=1e9)
-    _check(price_per_hour, "--price-per-hour", low_open=False, high=1e6)
-    _check(headroom, "--headroom", high=1.0)
-    if window_ms < 200 or window_ms > 60000:
-        raise UsageError(f"--window-ms {window_ms}: between 200 and 60000 ms")
     here = cores()
     c = here if cores_per_replica is None else cores_per_replica
-    if c < 1 or c > here:
+    if c > here:
         raise UsageError(f"--cores-per-replica {c}: between 1 and this machine's {here} cores (a replica is "
                          f"measured here, pinned to its cores); run the plan on a machine of the replica's size")
     if not currency or not currency.replace("-", "").isalnum() or len(currency) > 8:

@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from retool.commands.common import (BATCH_SIZE, CONCURRENCY, COSINE, COST_PER_HOUR, FRACTION, MILLISECONDS, OPSET,
+from retool.commands.common import (BATCH_SIZE, CONCURRENCY, CORES, COSINE, COST_PER_HOUR, FRACTION, HEADROOM,
+                                    MILLISECONDS, OPSET,
                                     PERCENTILE, RATE, RUNS, SAMPLES, SIZE_MB, SPEEDUP, THREADS, TIME_BUDGET_S,
                                     TOLERANCE as TOL, WINDOW_MS, Number)
 from retool.errors import UsageError
@@ -63,6 +64,11 @@ SERVE = Obj({"check": (bool, False), "load": (bool, False), "budget_p99_ms": (MI
 TARGET = Obj({"name": (str, True), "tolerance": (TOLERANCE, False), "gates": (GATES, False),
               "calibration": (CALIBRATION, False), "publish": (PUBLISH, False),
               "accuracy": (str, False), "serve": (SERVE, False)}, shorthand="name")
+#: after serve: the serving plan for the model's family (retool plan), its own gate
+PLAN = Obj({"budget_p99_ms": (MILLISECONDS, True), "rate": (RATE, True),
+            "profile": (OneOf(("realtime", "throughput")), False), "price_per_hour": (COST_PER_HOUR, False),
+            "currency": (str, False), "cores_per_replica": (CORES, False), "headroom": (HEADROOM, False),
+            "space": (OneOf(("small", "quick", "full")), False), "window_ms": (WINDOW_MS, False)})
 VALIDATION = Obj({"batch_sizes": (ListOf(BATCH_SIZE), False), "threads": (THREADS, False),
                   "latency": (bool, False), "reference": (OneOf(REFERENCES), False), "runs": (RUNS, False),
                   "min_time_s": (TIME_BUDGET_S, False)})
@@ -72,7 +78,7 @@ MODEL = Obj({
     "options": (MapOf(object), False), "trust_remote_code": (bool, False),
     "targets": (ListOf(TARGET), False), "calibration": (CALIBRATION, False), "gates": (GATES, False),
     "validation": (VALIDATION, False), "publish": (PUBLISH, False), "repository": (str, False),
-    "serve": (SERVE, False),
+    "serve": (SERVE, False), "plan": (PLAN, False),
 })
 DEFAULTS = Obj({"targets": (ListOf(TARGET), False), "calibration": (CALIBRATION, False),
                 "gates": (GATES, False), "validation": (VALIDATION, False), "publish": (PUBLISH, False),
@@ -108,6 +114,7 @@ class ModelConfig:
     targets: tuple[TargetConfig, ...] = ()
     validation: Mapping[str, Any] = field(default_factory=dict)
     repository: str | None = None
+    plan: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -357,6 +364,7 @@ def parse_config(data: Any, src: str = "<config>", loc: _Located | None = None,
             bool(m.get("trust_remote_code", False)), tuple(targets),
             _merge(defaults.get("validation"), m.get("validation")),
             m.get("repository") or (targets[0].publish.get("repository") if targets else None) or repo_default,
+            plan=dict(m.get("plan") or {}),
         ))
     return PipelineConfig(tuple(models), None, base_dir)
 

@@ -345,7 +345,7 @@ class _Scheduler:
 
     # -- reporting -----------------------------------------------------------------------------
     def _finish(self, seconds: float) -> RunResult:
-        from retool.pipeline.serve_step import serve_published, summary_section
+        from retool.pipeline.serve_step import plan_models, plan_section, serve_published, summary_section
         from retool.pipeline.summary import render_summary
 
         outcomes = []
@@ -354,14 +354,17 @@ class _Scheduler:
                 outcomes.append(self.outcomes.get((m.name, t.name),
                                                   TargetOutcome(m.name, t.name, "skipped", 0, "not run")))
         outcomes = serve_published(self.models, outcomes, self.out_dir)  # after every job: the CPUs are free
-        codes = [o.code for o in outcomes] + [c.get("code", 0) for c in self.converts.values()]
+        plans = plan_models(self.models, outcomes, self.out_dir)
+        codes = ([o.code for o in outcomes] + [c.get("code", 0) for c in self.converts.values()]
+                 + [p["code"] for p in plans])
         code = worst_code(codes)
         summary = {"created": now_iso(), "seconds": round(seconds, 2), "exit_code": code,
                    "engine": self.engine_name, "workers": self.workers, "converts": self.converts,
-                   "targets": [dataclasses.asdict(o) for o in outcomes]}
+                   "targets": [dataclasses.asdict(o) for o in outcomes], "plans": plans}
         sj = self.out_dir / "summary.json"
         sm = self.out_dir / "summary.md"
         atomic_write_text(sj, json.dumps(jsonable(summary), indent=2))
         atomic_write_text(sm, render_summary(self.models, self.converts, outcomes, code, seconds,
-                                                   self.engine_name, self.workers) + summary_section(outcomes))
+                                                   self.engine_name, self.workers) + summary_section(outcomes)
+                          + plan_section(plans))
         return RunResult(tuple(outcomes), self.converts, code, self.out_dir, sm, sj)

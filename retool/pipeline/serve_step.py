@@ -164,3 +164,62 @@ def summary_section(outcomes: Sequence) -> str:
     if note:
         lines += ["", f"Server: {note}."]
     return "\n".join(lines) + "\n"
+
+
+def plan_models(models: Sequence, outcomes: Sequence, out_dir: Path) -> list[dict]:
+    """The serving plan of each model with a ``plan:`` section, over its published family (after serve)."""
+    from retool.fsutil import atomic_write_text, inside
+    from retool.serve import plan as pl
+    from retool.serve.planner import run
+    from retool.serve.tune import cores
+    from retool.types import jsonable
+
+    out = []
+    for m in models:
+        if not m.plan:
+            continue
+        pub = next((o.published for o in outcomes if o.model == m.name and (o.published or {}).get("status") == "ok"),
+                   None)
+        res: dict[str, Any] = {"model": m.name, "status": "ok", "code": 0, "message": ""}
+        out.append(res)
+        if pub is None:
+            res.update(status="skipped", message="no target of this model was published")
+            continue
+        p = dict(m.plan)
+        inp = pl.PlanInputs(float(p["budget_p99_ms"]), float(p["rate"]), p.get("price_per_hour"),
+                            str(p.get("currency") or "USD").upper(), min(int(p.get("cores_per_replica") or cores()),
+                                                                           cores()),
+                            float(p.get("headroom", 0.7)), p.get("profile", "realtime"), int(p.get("window_ms", 1000)),
+                            p.get("space", "small"))
+        console.info(f"• {m.name}: serving plan for p99 <= {inp.budget_p99_ms:g} ms at {inp.rate:g} req/s")
+        t0 = time.perf_counter()
+        try:
+            plan = run(pub["repository"], pub["name"], inp)
+        except RetoolError as exc:
+            res.update(status="failed", code=exc.exit_code, message=str(exc), seconds=round(time.perf_counter() - t0, 2))
+            continue
+        folder = inside(out_dir, f"{m.name}/plan")
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / "plan.json", json.dumps(jsonable(plan), indent=2) + "\n")
+        atomic_write_text(folder / "plan.md", pl.markdown(plan) + "\n")
+        res.update(plan=str(folder / "plan.json"), verdict=pl.verdict(plan), seconds=round(time.perf_counter() - t0, 2),
+                   chosen=plan.get("chosen"), inputs=plan["inputs"])
+        if not plan.get("chosen"):
+            res.update(status="failed", code=6, message=pl.verdict(plan))
+        elif plan["chosen"]["confirmation"].get("outcome") == "fail":
+            res.update(status="failed", code=6, message=pl.verdict(plan) + "; the confirmation runs missed the budget")
+    return out
+
+
+def plan_section(plans: Sequence[Mapping]) -> str:
+    """summary.md's serving-plan lines: one per model with a plan."""
+    if not plans:
+        return ""
+    lines = ["", "## Serving plan", ""]
+    for r in plans:
+        if r["status"] == "skipped":
+            lines.append(f"- {r['model']}: no plan ({r['message']})")
+            continue
+        mark = "✅" if r["status"] == "ok" else "❌"
+        lines.append(f"- {mark} {r.get('verdict') or r['message']}" + (f" ([plan]({r['plan']}))" if r.get("plan") else ""))
+    return "\n".join(lines) + "\n"
