@@ -20,6 +20,7 @@ COMMANDS = {
     "run": "retool.commands.run:run_cmd",
     "serve": "retool.commands.serve:serve_cmd",
     "loadtest": "retool.commands.loadtest:loadtest_cmd",
+    "deploy": "retool.commands.deploy:deploy_group",
 }
 
 _HELP = {
@@ -32,6 +33,7 @@ _HELP = {
     "run": "Run a retool.yaml pipeline: convert, optimise, validate, publish.",
     "serve": "Serve a model repository in a real local Triton until Ctrl-C.",
     "loadtest": "Load-test a served model with perf_analyzer; pick the config for a p99 budget.",
+    "deploy": "Deploy a serving plan: KServe or plain Kubernetes manifests, a Model Analyzer config.",
 }
 
 
