@@ -111,7 +111,7 @@ class Plan:
     def target_rps(self) -> int:
         """Per-replica autoscaling target: the sustainable rate x headroom, rounded down (KServe's
         scaleTarget is an integer; down keeps the p99 the plan measured)."""
-        return max(1, math.floor(self.sustainable_rate * self.headroom + 1e-9))
+        return max(1, math.floor(round(self.sustainable_rate * self.headroom, 6)))  # 180 x 0.7 is 125.999...
 
 
 def load_plan(path) -> Plan:
