@@ -120,9 +120,19 @@ def test_raw_manifests_pass_kubernetes_validate_and_carry_the_plans_figures(tmp_
     assert hpa["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"] == docs["service.yaml"]["metadata"]["name"]
 
 
-def test_raw_with_a_local_repository_serves_it_from_a_volume(tmp_path, cli):
+def published_repo(tmp_path, **kw) -> Path:
+    """A local repository holding the plan's model, cnn-cpu-int8 v1 (a tiny seeded linear model)."""
+    from fixtures.onnx_tiny import linear
+    from retool.publish import publish
+
     repo = tmp_path / "repo"
-    repo.mkdir()
+    publish(linear(tmp_path / "m.onnx"), repo, "cnn-cpu-int8", max_regression="off", **kw)
+    (tmp_path / "m.onnx").unlink()
+    return repo
+
+
+def test_raw_with_a_local_repository_serves_it_from_a_volume(tmp_path, cli):
+    repo = published_repo(tmp_path, max_batch_size=8)
     r = cli("deploy", "kserve", repo, "cnn", "--raw", "--plan", write_plan(tmp_path, example_plan(str(repo))),
             "-o", tmp_path / "k8s", "--pvc", "triton-models")
     assert r.code == 0, r.err
@@ -132,8 +142,7 @@ def test_raw_with_a_local_repository_serves_it_from_a_volume(tmp_path, cli):
 
 
 def test_a_local_repository_needs_storage_uri_for_kserve(tmp_path, cli):
-    repo = tmp_path / "repo"
-    repo.mkdir()
+    repo = published_repo(tmp_path, max_batch_size=8)
     plan = write_plan(tmp_path, example_plan(str(repo)))
     r = cli("deploy", "kserve", repo, "cnn", "--plan", plan, "-o", tmp_path / "k8s")
     assert r.code == 2 and "--storage-uri" in r.err and len(r.err.strip().splitlines()) == 1
@@ -143,6 +152,20 @@ def test_a_local_repository_needs_storage_uri_for_kserve(tmp_path, cli):
     assert r.code == 0, r.err
     isvc = checks.check_kserve(read_all(tmp_path / "k8s")["inferenceservice.yaml"])
     assert isvc.spec.predictor.model.storage_uri == "s3://bucket/copy"
+    # published without the plan's configuration: deployed, and said so
+    assert "differs from the plan" in r.err and "max_queue_delay_microseconds 100 (plan 500)" in r.err
+
+
+def test_a_local_repository_must_hold_the_plans_model_and_version(tmp_path, cli):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = cli("deploy", "kserve", empty, "cnn", "--raw", "--plan", write_plan(tmp_path, example_plan(str(empty))),
+            "-o", tmp_path / "k8s")
+    assert r.code == 2 and "no model 'cnn-cpu-int8'" in r.err and not (tmp_path / "k8s").exists()
+    repo = published_repo(tmp_path)
+    r = cli("deploy", "kserve", repo, "cnn", "--raw", "--plan", write_plan(tmp_path, example_plan(str(repo), version=2)),
+            "-o", tmp_path / "k8s")
+    assert r.code == 2 and "no version 2" in r.err and not (tmp_path / "k8s").exists()
 
 
 def _drop(doc, dotted):
@@ -220,13 +243,11 @@ def test_the_checks_refuse_what_the_schemas_refuse():
 
 
 def test_model_analyzer_config_around_the_chosen_point_with_input_data_from_samples(tmp_path, cli):
-    from fixtures.onnx_tiny import linear
     from retool.deploy import model_analyzer as ma
-    from retool.publish import open_repo, publish
+    from retool.publish import open_repo
     from retool.serve import samples
 
-    repo = tmp_path / "repo"
-    publish(linear(tmp_path / "m.onnx"), repo, "cnn-cpu-int8", max_batch_size=8, max_regression="off")
+    repo = published_repo(tmp_path, max_batch_size=8)
     plan = example_plan(str(repo))
     r = cli("deploy", "model-analyzer", repo, "cnn", "--plan", write_plan(tmp_path, plan), "-o", tmp_path / "ma")
     assert r.code == 0, r.err
@@ -248,11 +269,7 @@ def test_model_analyzer_config_around_the_chosen_point_with_input_data_from_samp
 
 
 def test_model_analyzer_refuses_a_version_that_is_not_published(tmp_path, cli):
-    from fixtures.onnx_tiny import linear
-    from retool.publish import publish
-
-    repo = tmp_path / "repo"
-    publish(linear(tmp_path / "m.onnx"), repo, "cnn-cpu-int8", max_regression="off")
+    repo = published_repo(tmp_path)
     r = cli("deploy", "model-analyzer", repo, "cnn", "--plan", write_plan(tmp_path, example_plan(str(repo), version=3)),
             "-o", tmp_path / "ma")
     assert r.code == 2 and "no version 3" in r.err and not (tmp_path / "ma").exists()

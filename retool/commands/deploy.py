@@ -92,10 +92,13 @@ def kserve_cmd(repo_url, name, plan_path, out_dir, force, as_json, raw, storage_
                              "storage initializer (its credentials: a ServiceAccount, see docs/deploy.md)")
         docs = mod.manifests(plan, repo_url, obj, storage=storage_uri, namespace=namespace,
                              runtime_image=runtime_image, max_replicas=max_replicas)
+    warnings = common.published_check(repo_url, plan)
     for doc in docs.values():  # refuse to write anything that does not validate
         checks.check(doc, kube_version)
     files = {fn: yaml.safe_dump(doc, sort_keys=False) for fn, doc in docs.items()}
     written = common.write_folder(Path(out_dir), files, force)
+    for w in warnings:
+        click.echo(w, err=True)
     summary = {
         "files": [str(p) for p in written], "model": plan.model, "version": plan.chosen["version"],
         "replicas": {"min": plan.replicas, "max": common.max_replicas(plan.replicas, max_replicas)},
@@ -104,6 +107,7 @@ def kserve_cmd(repo_url, name, plan_path, out_dir, force, as_json, raw, storage_
         "resources": common.resources(plan)["requests"],
         "validated": {"kubernetes": kube_version, "kserve": not raw},
         "infer": f"/v2/models/{plan.model}/infer",
+        "warnings": warnings,
         "notes": [f"apply: kubectl apply -f {out_dir}  (then see docs/deploy.md for the checks)"],
     }
     _emit(summary, as_json)

@@ -122,3 +122,65 @@ def write_folder(out: Path, files: dict[str, str | bytes], force: bool) -> list[
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     return [out / rel for rel in files]
+
+
+def published_check(repo_url: str, plan) -> list[str]:
+    """For a local REPO: the plan's model and version must be published (UsageError otherwise); returns
+    warnings where the repository would not serve what the plan measured (another version served,
+    config.pbtxt differing from the plan's configuration). A remote REPO is not contacted here."""
+    if is_remote(repo_url):
+        return [f"note: {repo_url} was not read here; the cluster must find {plan.model} v{plan.chosen['version']} "
+                f"there, configured as the plan says"]
+    from retool.publish import open_repo
+
+    repo = open_repo(repo_url)
+    if plan.model not in repo.models():
+        raise UsageError(f"{repo_url}: no model {plan.model!r} (the plan's choice); publish it there or pass the "
+                         f"repository the plan was made on")
+    versions = repo.versions(plan.model)
+    v = int(plan.chosen["version"])
+    if v not in versions:
+        raise UsageError(f"{repo_url}: {plan.model} has no version {v} (the plan's; published: "
+                         f"{', '.join(map(str, versions)) or 'none'}); plan again on this repository")
+    cfg = _config(repo, plan.model)
+    if cfg is None:
+        return []
+    warnings = []
+    policy = cfg.get("version_policy") or {}
+    served = ([int(x) for x in policy["specific"].get("versions", [])] if "specific" in policy
+              else versions if "all" in policy else versions[-1:])
+    if v not in served:
+        warnings.append(f"warning: config.pbtxt serves version(s) {served}, not the plan's v{v}; promote v{v} "
+                        f"or plan on the served version")
+    want = plan.chosen["config"]
+    got = {
+        "instance_count": sum(int(g.get("count", 1)) for g in cfg.get("instance_group", [])) or 1,
+        "intra_op_thread_count": int(((cfg.get("parameters") or {}).get("intra_op_thread_count") or {})
+                                     .get("string_value") or 0) or None,
+        "dynamic_batching": "dynamic_batching" in cfg,
+        "max_batch_size": int(cfg.get("max_batch_size") or 0),
+    }
+    if got["dynamic_batching"] and want.get("max_queue_delay_microseconds") is not None:
+        got["max_queue_delay_microseconds"] = int(cfg["dynamic_batching"].get("max_queue_delay_microseconds") or 0)
+    planned = {**{k: want.get(k) for k in got if k != "max_batch_size"}, "max_batch_size": plan.chosen["max_batch_size"]}
+    diff = [f"{k} {'unset' if got[k] is None else got[k]} (plan {planned[k]})" for k in got if planned.get(k) is not None and got[k] != planned[k]]
+    if diff:
+        warnings.append(f"warning: {plan.model}/config.pbtxt differs from the plan: {', '.join(diff)}; the plan's "
+                        f"replica count and p99 hold for the plan's configuration: apply it before deploying")
+    return warnings
+
+
+def _config(repo, name: str) -> dict | None:
+    try:
+        from google.protobuf import json_format, text_format
+        from tritonclient.grpc import model_config_pb2
+    except ImportError:
+        return None
+    text = repo.config_text(name)
+    if text is None:
+        return None
+    try:
+        msg = text_format.Parse(text, model_config_pb2.ModelConfig())
+    except text_format.ParseError as exc:
+        raise UsageError(f"{repo.url}: {name}/config.pbtxt does not parse ({exc}); run retool repo verify") from None
+    return json_format.MessageToDict(msg, preserving_proto_field_name=True)

@@ -29,7 +29,12 @@ def model_repository(repo: str, storage: str | None) -> str | None:
             raise UsageError(f"--storage-uri {storage}: tritonserver reads only {', '.join(TRITON_SCHEMES)} "
                              f"repositories itself; give one of those, or leave it out to serve from a volume")
         return storage.rstrip("/")
-    return str(repo).rstrip("/") if common.is_remote(repo) else None
+    if not common.is_remote(repo):
+        return None
+    if not str(repo).startswith(TRITON_SCHEMES):
+        raise UsageError(f"{repo}: tritonserver reads only {', '.join(TRITON_SCHEMES)} repositories itself; "
+                         f"copy it to one (or to a volume: a local REPO with --pvc)")
+    return str(repo).rstrip("/")
 
 
 def deployment(plan, name: str, repo: str, *, storage: str | None = None, image: str = common.TRITON_IMAGE,
