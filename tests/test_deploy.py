@@ -84,7 +84,7 @@ def test_kserve_inference_service_validates_and_carries_the_plans_figures(tmp_pa
 def test_a_cpu_runtime_image_adds_a_validated_serving_runtime(tmp_path, cli):
     r = cli("deploy", "kserve", S3, "cnn-cpu-int8", "--plan", write_plan(tmp_path, example_plan()),
             "-o", tmp_path / "k8s", "--runtime-image", "registry.example/triton-cpu:24.10", "--namespace", "ml",
-            "--name", "cnn-serving")
+            "--name", "cnn-serving", "--service-account", "s3-reader")
     assert r.code == 0, r.err
     docs = read_all(tmp_path / "k8s")
     rt = checks.check_kserve(docs["servingruntime.yaml"])
@@ -94,6 +94,7 @@ def test_a_cpu_runtime_image_adds_a_validated_serving_runtime(tmp_path, cli):
     isvc = checks.check_kserve(docs["inferenceservice.yaml"])
     assert isvc.spec.predictor.model.runtime == rt.metadata["name"] == "cnn-serving-triton"
     assert isvc.metadata["namespace"] == rt.metadata["namespace"] == "ml"
+    assert isvc.spec.predictor.service_account_name == "s3-reader"
 
 
 def test_raw_manifests_pass_kubernetes_validate_and_carry_the_plans_figures(tmp_path, cli):
@@ -202,6 +203,12 @@ def test_missing_plan_file_and_mismatched_name_or_repo_exit_2(tmp_path, cli):
     r = cli("deploy", "kserve", "s3://other/triton", "cnn", "--plan", plan, "-o", tmp_path / "k8s")
     assert r.code == 2 and "not s3://other/triton" in r.err
     assert not (tmp_path / "k8s").exists()
+
+
+def test_an_unknown_kubernetes_version_exits_2(tmp_path, cli):
+    r = cli("deploy", "kserve", S3, "cnn", "--plan", write_plan(tmp_path, example_plan()), "-o", tmp_path / "k8s",
+            "--kube-version", "9.99")
+    assert r.code == 2 and "--kube-version" in r.err and not (tmp_path / "k8s").exists()
 
 
 def test_a_non_empty_output_needs_force_and_is_then_replaced_whole(tmp_path, cli):

@@ -59,6 +59,8 @@ def deploy_group():
 @click.option("--namespace", help="metadata.namespace of every object (default: none; kubectl's current one).")
 @click.option("--runtime-image", help="KServe: write a ServingRuntime for this CPU Triton image and use it "
                                       "instead of the cluster's kserve-tritonserver.")
+@click.option("--service-account", help="KServe: the ServiceAccount whose Secret holds the S3 credentials "
+                                        "KServe's storage initializer uses.")
 @click.option("--image", help="--raw: the tritonserver image (default: Triton 2.51, NGC 24.10).")
 @click.option("--pvc", help="--raw with a local REPO: the PersistentVolumeClaim holding it (default NAME-models).")
 @click.option("--s3-secret", help="--raw: a Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (and "
@@ -67,7 +69,7 @@ def deploy_group():
 @click.option("--kube-version", default="1.30", show_default=True,
               help="Kubernetes version whose schemas the manifests are validated against.")
 def kserve_cmd(repo_url, name, plan_path, out_dir, force, as_json, raw, storage_uri, resource, namespace,
-               runtime_image, image, pvc, s3_secret, max_replicas, kube_version):
+               runtime_image, service_account, image, pvc, s3_secret, max_replicas, kube_version):
     """Write an InferenceService (or, with --raw, plain manifests) serving the plan's choice to -o."""
     import yaml
 
@@ -76,12 +78,14 @@ def kserve_cmd(repo_url, name, plan_path, out_dir, force, as_json, raw, storage_
 
     common.check_out(Path(out_dir).expanduser(), force)
     plan = _load(repo_url, name, plan_path)
+    kube_version = checks.kube_version(kube_version)
     obj = common.resource_name(resource or name, "--name" if resource else "NAME")
     if raw:
         from retool.deploy import raw as mod
 
-        if runtime_image:
-            raise UsageError("--runtime-image is for KServe; with --raw give the Triton image with --image")
+        if runtime_image or service_account:
+            raise UsageError("--runtime-image and --service-account are for KServe; with --raw give the Triton "
+                             "image with --image and S3 credentials with --s3-secret")
         docs = mod.manifests(plan, repo_url, obj, storage=storage_uri, image=image, pvc=pvc, s3_secret=s3_secret,
                              namespace=namespace, max_replicas=max_replicas)
     else:
@@ -89,9 +93,9 @@ def kserve_cmd(repo_url, name, plan_path, out_dir, force, as_json, raw, storage_
 
         if image or pvc or s3_secret:
             raise UsageError("--image, --pvc and --s3-secret are for --raw; KServe reads storageUri with its own "
-                             "storage initializer (its credentials: a ServiceAccount, see docs/deploy.md)")
+                             "storage initializer (credentials: --service-account, see docs/deploy.md)")
         docs = mod.manifests(plan, repo_url, obj, storage=storage_uri, namespace=namespace,
-                             runtime_image=runtime_image, max_replicas=max_replicas)
+                             runtime_image=runtime_image, max_replicas=max_replicas, service_account=service_account)
     warnings = common.published_check(repo_url, plan)
     for doc in docs.values():  # refuse to write anything that does not validate
         checks.check(doc, kube_version)

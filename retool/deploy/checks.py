@@ -69,6 +69,27 @@ def _kv():
     return kubernetes_validate, utils
 
 
+def _mm(v: str) -> tuple[int, int]:
+    major, minor = str(v).lstrip("v").split(".")[:2]
+    return int(major), int(minor)
+
+
+def kube_version(text: str) -> str:
+    """--kube-version as MAJOR.MINOR, one kubernetes-validate has schemas for (UsageError otherwise)."""
+    from retool.errors import UsageError
+
+    _, utils = _kv()
+    known = sorted({_mm(v) for v in utils.all_versions()})
+    try:
+        want = _mm(text)
+    except ValueError:
+        want = None
+    if want is None or not known[0] <= want <= known[-1]:
+        raise UsageError(f"--kube-version {text!r}: give MAJOR.MINOR between {known[0][0]}.{known[0][1]} and "
+                         f"{known[-1][0]}.{known[-1][1]} (the schemas kubernetes-validate has)")
+    return f"{want[0]}.{want[1]}"
+
+
 def _fail(where: str, msg: str) -> ValidationFailed:
     return ValidationFailed(f"{where}: {msg} (a retool bug or a bad flag value: nothing was written)")
 
@@ -89,7 +110,7 @@ def _definition_validator(type_name: str, version: str):
         if not m:
             return None
         candidates = [f"{m[2].lower()}-{m[1].lower()}", f"{m[2].lower()}-meta-{m[1].lower()}"]
-    ver = [v for v in utils.all_versions() if utils.major_minor(v) <= version][-1]
+    ver = [v for v in utils.all_versions() if _mm(v) <= _mm(version)][-1]
     folder = f"kubernetes-json-schema/v{ver}-local-strict"
     for name in candidates:
         try:

@@ -57,15 +57,17 @@ def serving_runtime(name: str, image: str, namespace: str | None) -> dict:
 
 
 def inference_service(plan, name: str, uri: str, *, namespace: str | None = None, runtime: str = RUNTIME,
-                      max_replicas: int | None = None) -> dict:
+                      max_replicas: int | None = None, service_account: str | None = None) -> dict:
     meta = {"name": name, "labels": labels(plan),
             "annotations": {"retool/plan": plan.path.name, "retool/serves": f"{plan.model} v{plan.chosen['version']}",
                             "retool/infer-path": f"/v2/models/{plan.model}/infer"}}
     if namespace:
         meta["namespace"] = namespace
+    predictor = {"serviceAccountName": service_account} if service_account else {}
     return {
         "apiVersion": API, "kind": "InferenceService", "metadata": meta,
         "spec": {"predictor": {
+            **predictor,
             "minReplicas": plan.replicas,
             "maxReplicas": common.max_replicas(plan.replicas, max_replicas),
             "scaleMetric": "rps",
@@ -83,7 +85,8 @@ def inference_service(plan, name: str, uri: str, *, namespace: str | None = None
 
 
 def manifests(plan, repo: str, name: str, *, storage: str | None = None, namespace: str | None = None,
-              runtime_image: str | None = None, max_replicas: int | None = None) -> dict[str, dict]:
+              runtime_image: str | None = None, max_replicas: int | None = None,
+              service_account: str | None = None) -> dict[str, dict]:
     """file name -> manifest."""
     uri = storage_uri(repo, storage)
     out = {}
@@ -92,5 +95,5 @@ def manifests(plan, repo: str, name: str, *, storage: str | None = None, namespa
         runtime = f"{name}-triton"
         out["servingruntime.yaml"] = serving_runtime(runtime, runtime_image, namespace)
     out["inferenceservice.yaml"] = inference_service(plan, name, uri, namespace=namespace, runtime=runtime,
-                                                     max_replicas=max_replicas)
+                                                     max_replicas=max_replicas, service_account=service_account)
     return out
