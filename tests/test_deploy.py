@@ -102,8 +102,10 @@ def test_raw_manifests_pass_kubernetes_validate_and_carry_the_plans_figures(tmp_
 
     plan = example_plan(replicas=3, sustainable_rate={"value": 55.5, "interval": [50.0, 60.0]})
     r = cli("deploy", "kserve", S3, "cnn", "--raw", "--plan", write_plan(tmp_path, plan), "-o", tmp_path / "k8s",
-            "--s3-secret", "aws-creds", "--max-replicas", "10")
+            "--s3-secret", "aws-creds", "--max-replicas", "10", "--json")
     assert r.code == 0, r.err
+    summary = json.loads(r.out)
+    assert summary["replicas"] == {"min": 3, "max": 10} and summary["autoscaling"]["target_per_replica"] == 38
     docs = read_all(tmp_path / "k8s")
     assert sorted(docs) == ["deployment.yaml", "hpa.yaml", "service.yaml"]
     for doc in docs.values():
@@ -303,3 +305,38 @@ def test_missing_checkers_exit_3_naming_the_extra(tmp_path, hide, extra_hint):
     if extra_hint:
         assert extra_hint in proc.stderr
     assert not (tmp_path / "k8s").exists()
+
+
+def test_model_analyzer_on_an_s3_repository_needs_a_local_copy(tmp_path, cli, monkeypatch):
+    pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    import boto3
+
+    from fixtures.onnx_tiny import linear
+    from retool.publish import publish
+
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        for k, v in {"AWS_ACCESS_KEY_ID": "t", "AWS_SECRET_ACCESS_KEY": "t", "AWS_DEFAULT_REGION": "us-east-1",
+                     "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
+            monkeypatch.setenv(k, v)
+        boto3.client("s3").create_bucket(Bucket="models")
+        url = "s3://models/triton"
+        publish(linear(tmp_path / "m.onnx"), url, "cnn-cpu-int8", max_batch_size=4, max_regression="off")
+        plan = write_plan(tmp_path, example_plan(url, max_batch_size=4))
+        r = cli("deploy", "model-analyzer", url, "cnn", "--plan", plan, "-o", tmp_path / "ma")
+        assert r.code == 2 and "--local-repository" in r.err and not (tmp_path / "ma").exists()
+        local = tmp_path / "copy"
+        (local / "cnn-cpu-int8").mkdir(parents=True)  # what `aws s3 sync` would bring down
+        r = cli("deploy", "model-analyzer", url, "cnn", "--plan", plan, "-o", tmp_path / "ma",
+                "--local-repository", local, "--json")
+        assert r.code == 0, r.err
+        assert len(json.loads(r.out)["files"]) == 2
+        cfg = yaml.safe_load((tmp_path / "ma" / "config.yaml").read_text())
+        assert cfg["model_repository"] == str(local.resolve())
+        rows = json.loads((tmp_path / "ma" / "input-data.json").read_text())["data"]
+        assert len(rows) == 4 and rows[0]["x"]["shape"] == [4]  # the samples stored in S3, one row each
+    finally:
+        server.stop()
