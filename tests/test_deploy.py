@@ -20,24 +20,9 @@ S3 = "s3://models-prod/triton"
 
 
 def example_plan(repository: str = S3, **chosen) -> dict:
-    """A serving plan as `retool plan` writes it (contract version 1)."""
-    plan = {
-        "kind": "retool-serving-plan", "version": 1, "repository": repository, "family": "cnn",
-        "inputs": {"budget_p99_ms": 50.0, "rate": 400.0, "price_per_hour": 0.4, "currency": "USD",
-                   "cores_per_replica": 2, "headroom": 0.7, "profile": "realtime"},
-        "chosen": {"model": "cnn-cpu-int8", "version": 1, "variant": "cpu-int8",
-                   "config": {"instance_count": 1, "intra_op_thread_count": 2, "dynamic_batching": True,
-                              "max_queue_delay_microseconds": 500, "preferred_batch_size": []},
-                   "max_batch_size": 8,
-                   "sustainable_rate": {"value": 180.0, "interval": [170.0, 190.0]},
-                   "p50_ms": 4.1, "p99_ms": 9.8, "queue_ms": 1.2, "compute_ms": 3.0, "replicas": 4,
-                   "resources": {"cpu": 2, "memory_bytes": 536870912, "model_bytes": 1200000,
-                                 "peak_rss_bytes": 400000000},
-                   "cost_per_million": {"value": 0.62, "interval": [0.58, 0.65]},
-                   "cost_per_month": {"value": 1168.0, "interval": [1168.0, 1168.0]}},
-        "runner_up": {"model": "cnn-cpu", "why": "fp32 sustains 76/s per replica: 8 replicas, 2.0x the cost"},
-        "rejected": [{"model": "cnn-cpu-fp16", "reason": "over budget by 31.2 ms (p99 81.2 ms at 126/s)"}],
-    }
+    """A serving plan as `retool plan` writes it (contract version 1): examples/plan.example.json."""
+    plan = json.loads((ROOT / "examples" / "plan.example.json").read_text())
+    plan["repository"] = repository
     plan["chosen"].update(chosen)
     return plan
 
@@ -56,7 +41,9 @@ def test_the_example_plan_file_is_a_valid_plan():
     from retool.deploy.plan import load_plan
 
     plan = load_plan(ROOT / "examples" / "plan.example.json")
-    assert plan.doc == example_plan() and plan.target_rps == 126
+    assert plan.replicas == 4 and plan.target_rps == 126 and plan.memory_bytes == 512 << 20
+    # replicas = ceil(rate / (sustainable x headroom)), as retool plan computes them
+    assert plan.replicas == math.ceil(plan.doc["inputs"]["rate"] / (plan.sustainable_rate * plan.headroom))
 
 
 def test_kserve_inference_service_validates_and_carries_the_plans_figures(tmp_path, cli):
@@ -187,6 +174,9 @@ def _drop(doc, dotted):
     (lambda p: json.dumps({**p, "chosen": {**p["chosen"], "replicas": 0}}), "'chosen.replicas' is 0"),
     (lambda p: json.dumps({**p, "chosen": {**p["chosen"], "sustainable_rate": {"value": "fast"}}}),
      "'chosen.sustainable_rate.value'"),
+    (lambda p: json.dumps({**p, "met": False, "chosen": None, "closest": {"label": "1 inst x 1 thr",
+                                                                         "over_budget_ms": 3.5}}),
+     "met no budget"),
 ])
 def test_a_bad_plan_exits_2_naming_file_and_key(tmp_path, cli, mutate, needle):
     bad = tmp_path / "plan.json"

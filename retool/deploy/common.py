@@ -162,7 +162,9 @@ def published_check(repo_url: str, plan) -> list[str]:
     }
     if got["dynamic_batching"] and want.get("max_queue_delay_microseconds") is not None:
         got["max_queue_delay_microseconds"] = int(cfg["dynamic_batching"].get("max_queue_delay_microseconds") or 0)
-    planned = {**{k: want.get(k) for k in got if k != "max_batch_size"}, "max_batch_size": plan.chosen["max_batch_size"]}
+    mbs = int(plan.chosen["max_batch_size"])
+    planned = {**{k: want.get(k) for k in got}, "max_batch_size": mbs,
+               "dynamic_batching": bool(want.get("dynamic_batching")) and mbs > 1}  # Triton batches only then
     diff = [f"{k} {'unset' if got[k] is None else got[k]} (plan {planned[k]})" for k in got if planned.get(k) is not None and got[k] != planned[k]]
     if diff:
         warnings.append(f"warning: {plan.model}/config.pbtxt differs from the plan: {', '.join(diff)}; the plan's "

@@ -26,11 +26,10 @@ REQUIRED = {
     "chosen.model": "str",
     "chosen.version": "int",
     "chosen.config.instance_count": "int",
-    "chosen.config.intra_op_thread_count": "int",
+    "chosen.config.intra_op_thread_count": "int?",  # null: ORT's default, one thread per core
     "chosen.config.dynamic_batching": "bool",
     "chosen.max_batch_size": "int0",
     "chosen.sustainable_rate.value": "num",
-    "chosen.p99_ms": "num",
     "chosen.replicas": "int",
     "chosen.resources.cpu": "num",
     "chosen.resources.memory_bytes": "int",
@@ -47,6 +46,8 @@ def _get(doc: Any, dotted: str) -> Any:
 
 
 def _type_ok(v: Any, kind: str) -> bool:
+    if kind.endswith("?"):
+        return v is None or _type_ok(v, kind[:-1])
     if kind == "str":
         return isinstance(v, str) and bool(v.strip())
     if kind == "bool":
@@ -60,7 +61,7 @@ def _type_ok(v: Any, kind: str) -> bool:
     return v > 0  # "num"
 
 
-_WHAT = {"str": "a non-empty string", "bool": "true or false", "int": "a whole number >= 1",
+_WHAT = {"int?": "null or a whole number >= 1", "str": "a non-empty string", "bool": "true or false", "int": "a whole number >= 1",
          "int0": "a whole number >= 0", "num": "a finite number > 0"}
 
 
@@ -117,7 +118,7 @@ class Plan:
 def load_plan(path) -> Plan:
     """Parse and check ``path``; UsageError (exit 2) naming the file and the key on any problem."""
     p = Path(path)
-    fix = "write it with `retool plan REPO NAME --budget-p99-ms B --rate R --out plan.json`"
+    fix = "write it with `retool plan REPO NAME --budget-p99-ms B --rate R` (it writes plan-NAME/plan.json)"
     try:
         text = p.read_text()
     except FileNotFoundError:
@@ -134,10 +135,18 @@ def load_plan(path) -> Plan:
     if doc.get("version") not in VERSIONS:
         raise UsageError(f"{p}: serving plan version {doc.get('version')!r} is not one this retool reads "
                          f"({', '.join(map(str, VERSIONS))}); rewrite it with this retool's `retool plan`")
+    if doc.get("chosen", {}) is None:  # retool plan writes chosen: null when nothing meets the budget
+        closest = doc.get("closest") or {}
+        miss = (f" (closest: {closest.get('label')}, over by {closest.get('over_budget_ms')} ms)"
+                if closest else "")
+        raise UsageError(f"{p}: this plan met no budget, so there is nothing to deploy{miss}; plan again with a "
+                         f"looser --budget-p99-ms or a lower --rate")
     for key, kind in REQUIRED.items():
         try:
             v = _get(doc, key)
         except KeyError:
+            if kind.endswith("?"):
+                continue
             raise UsageError(f"{p}: missing key '{key}' in the serving plan; {fix}") from None
         if not _type_ok(v, kind):
             raise UsageError(f"{p}: key '{key}' is {v!r}, expected {_WHAT[kind]}; {fix}")
