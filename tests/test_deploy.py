@@ -146,6 +146,13 @@ def test_a_local_repository_needs_storage_uri_for_kserve(tmp_path, cli):
     assert "differs from the plan" in r.err and "max_queue_delay_microseconds 100 (plan 500)" in r.err
 
 
+def test_an_unset_thread_count_is_flagged_for_pods(tmp_path, cli):
+    plan = example_plan(config={"instance_count": 1, "intra_op_thread_count": None, "dynamic_batching": False})
+    r = cli("deploy", "kserve", S3, "cnn", "--plan", write_plan(tmp_path, plan), "-o", tmp_path / "k8s", "--json")
+    assert r.code == 0, r.err
+    assert "intra_op_thread_count" in r.err and any("set it to 2" in w for w in json.loads(r.out)["warnings"])
+
+
 def test_a_local_repository_must_hold_the_plans_model_and_version(tmp_path, cli):
     empty = tmp_path / "empty"
     empty.mkdir()

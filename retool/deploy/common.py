@@ -128,8 +128,13 @@ def published_check(repo_url: str, plan) -> list[str]:
     """For a local REPO: the plan's model and version must be published (UsageError otherwise); returns
     warnings where the repository would not serve what the plan measured (another version served,
     config.pbtxt differing from the plan's configuration). A remote REPO is not contacted here."""
+    threads = []
+    if plan.chosen["config"].get("intra_op_thread_count") is None:
+        threads = [f"warning: the plan leaves intra_op_thread_count to ONNX Runtime's default, one thread per core "
+                   f"it sees; in a pod that is the node's cores, not the {cpu_quantity(plan.cpu)}-CPU limit: set it "
+                   f"to {max(1, int(plan.cpu))} in {plan.model}/config.pbtxt before deploying"]
     if is_remote(repo_url):
-        return [f"note: {repo_url} was not read here; the cluster must find {plan.model} v{plan.chosen['version']} "
+        return threads + [f"note: {repo_url} was not read here; the cluster must find {plan.model} v{plan.chosen['version']} "
                 f"there, configured as the plan says"]
     from retool.publish import open_repo
 
@@ -144,8 +149,8 @@ def published_check(repo_url: str, plan) -> list[str]:
                          f"{', '.join(map(str, versions)) or 'none'}); plan again on this repository")
     cfg = _config(repo, plan.model)
     if cfg is None:
-        return []
-    warnings = []
+        return threads
+    warnings = threads
     policy = cfg.get("version_policy") or {}
     served = ([int(x) for x in policy["specific"].get("versions", [])] if "specific" in policy
               else versions if "all" in policy else versions[-1:])
