@@ -15,8 +15,8 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev,ray]'
-	$(PY) -m pip install -q --no-deps $(SERVE_NODEPS)
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,ray,deploy]'
+	$(PY) -m pip install -q --no-deps $(SERVE_NODEPS) kserve==0.21.0
 	@# perf_analyzer links libb64.so.0d (Debian libb64-0d)
 	@test -e /usr/lib/x86_64-linux-gnu/libb64.so.0d || ldconfig -p | grep -q libb64.so.0d || \
 	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then apt-get update -qq && apt-get install -y -qq libb64-0d; \

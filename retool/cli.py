@@ -21,6 +21,7 @@ COMMANDS = {
     "serve": "retool.commands.serve:serve_cmd",
     "loadtest": "retool.commands.loadtest:loadtest_cmd",
     "plan": "retool.commands.plan:plan_cmd",
+    "deploy": "retool.commands.deploy:deploy_group",
 }
 
 _HELP = {
@@ -34,6 +35,7 @@ _HELP = {
     "serve": "Serve a model repository in a real local Triton until Ctrl-C.",
     "loadtest": "Load-test a served model with perf_analyzer; pick the config for a p99 budget.",
     "plan": "Plan serving for a p99 budget and a rate: variant, config, replicas, cost.",
+    "deploy": "Deploy a serving plan: KServe or plain Kubernetes manifests, a Model Analyzer config.",
 }
 
 

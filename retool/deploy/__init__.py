@@ -1,0 +1,1 @@
+"""Deploy a serving plan: KServe InferenceService, plain Kubernetes, Model Analyzer hand-off."""
