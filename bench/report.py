@@ -103,6 +103,7 @@ def pipeline(d: dict) -> str:
 
 
 from bench.sec_serving import render as serving  # noqa: E402,F401  (the "serving" section's table)
+from bench.sec_plan import render as plan  # noqa: E402,F401  (the "plan" section's lines)
 from bench.sec_peers import render_table as peers  # noqa: E402,F401  (globals() lookup by section name)
 from bench.sec_decoder import render_decoder as decoder  # noqa: E402,F401  (section "decoder")
 

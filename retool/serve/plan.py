@@ -142,14 +142,14 @@ def family(repo, name: str) -> tuple[list[Variant], list[dict]]:
         return (vs[-1], repo.manifest(model, vs[-1])) if vs else (None, None)
 
     _, own = latest(name)
-    source = (own.get("provenance") or {}).get("source_sha256")
+    source = _source_key(own)
     models = [name] + sorted(m for m in repo.models() if m != name)
     out: list[Variant] = []
     dup: list[dict] = []
     seen: dict[str, str] = {}
     for m in models:
         v, man = latest(m)
-        if man is None or (m != name and (not source or (man.get("provenance") or {}).get("source_sha256") != source)):
+        if man is None or (m != name and (not source or _source_key(man) != source)):
             continue
         art = man.get("artifact") or {}
         sha = str(art.get("sha256") or (man.get("files") or {}).get("model.onnx", {}).get("sha256"))
@@ -165,6 +165,14 @@ def family(repo, name: str) -> tuple[list[Variant], list[dict]]:
                            str(art.get("precision") or "fp32"), sha, size, int(cfg.get("max_batch_size") or 0),
                            from_config(cfg), (man.get("readiness") or {}).get("passed")))
     return out, dup
+
+
+def _source_key(manifest: dict) -> str | None:
+    """What makes variants one family: the source's sha256; for a source without one (a Python factory),
+    the first step's output (the fp32 ONNX every target was made from)."""
+    prov = manifest.get("provenance") or {}
+    chain = prov.get("chain") or [{}]
+    return prov.get("source_sha256") or chain[0].get("output_sha256") or None
 
 
 def configs_for(variant: Variant, inp: PlanInputs) -> list[ServingConfig]:

@@ -1,0 +1,140 @@
+"""Bench section ``plan``: the serving plan on a ResNet-18-sized family (fp32 and cpu-int8 from one source).
+
+Three figures (issue 20), each with its spread:
+
+- **served / in-process**: the plan's choice, its sustainable rate within the budget (the bracket the
+  plan measured) over in-process onnxruntime's throughput of the same artifact at its best batch, same
+  threads, same run (median of rounds, with min-max). Goal >= 0.9; the stand-in Python backend's cost is
+  part of the figure and is reported, not hidden.
+- **stability**: two plans in a row on the unchanged repository choose the same variant and configuration,
+  or report the two as tied within noise.
+- **replica check**: a separate perf_analyzer run at the planned per-replica rate (Poisson arrivals, three
+  runs) meets the budget.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from bench.sec_serving import _prepare
+
+BUDGET_P99_MS = 60.0
+RATE = 100.0
+GOAL = 0.9
+
+
+def _inprocess(model: Path, threads: int, feeds_one: dict, rounds: int, seconds: float = 1.5) -> dict:
+    """Inferences/s of onnxruntime in this process, best batch of 1/2/4/8, median over rounds."""
+    import numpy as np
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    s = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+    best: dict = {}
+    for b in (1, 2, 4, 8):
+        feeds = {k: np.repeat(v[:1], b, axis=0) for k, v in feeds_one.items()}
+        s.run(None, feeds)
+        per = []
+        for _ in range(rounds):
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds:
+                s.run(None, feeds)
+                n += b
+            per.append(n / (time.perf_counter() - t0))
+        per.sort()
+        if not best or per[len(per) // 2] > best["median"]:
+            best = {"batch": b, "median": per[len(per) // 2], "min": per[0], "max": per[-1], "rounds": rounds}
+    return best
+
+
+def plan(settings: dict, work: Path) -> dict:
+    try:
+        from retool.publish import open_repo
+        from retool.serve import loadtest as lt
+        from retool.serve import samples as smp
+        from retool.serve.plan import PlanInputs
+        from retool.serve.planner import _replica_session, run
+        from retool.serve.tune import cores
+    except ImportError as exc:
+        return {"status": "skipped", "reason": f"retool[serve] not installed: {exc}"}
+    quick = settings.get("quick")
+    prep = _prepare(work)
+    if prep["status"] != "ok":
+        return prep
+    repo_url = prep["repo"]
+    n = cores()
+    inp = PlanInputs(BUDGET_P99_MS, RATE, 0.10, "USD", n, 0.7, "realtime", 600 if quick else 1000, "small")
+    out: dict = {"budget_p99_ms": BUDGET_P99_MS, "rate": RATE, "goal_served_vs_inprocess": GOAL,
+                 "cores": n, "loadavg_before": round(os.getloadavg()[0], 2)}
+    plans = [run(repo_url, "resnet18-fp32", inp) for _ in range(2)]
+    out["plans"] = [{"chosen": (p.get("chosen") or {}).get("model"), "label": (p.get("chosen") or {}).get("label"),
+                     "sustainable_rate": (p.get("chosen") or {}).get("sustainable_rate"),
+                     "replicas": (p.get("chosen") or {}).get("replicas"), "ranking": p.get("ranking"),
+                     "seconds": p.get("seconds")} for p in plans]
+    a, b = (p.get("chosen") or {} for p in plans)
+    same = (a.get("model"), a.get("config")) == (b.get("model"), b.get("config"))
+    tied = any("tied within noise" in r["why"] for p in plans for r in (p.get("ranking") or ())
+               if {a.get("label"), b.get("label")} & {r["label"].split(": ", 1)[-1]})
+    out["stability"] = "same choice" if same else ("tied within noise (reported)" if tied else "FLIPPED")
+    ch = plans[-1].get("chosen")
+    if not ch:
+        return {**out, "status": "budget not met", "closest": plans[-1].get("closest")}
+    repo = open_repo(repo_url)
+    man = repo.manifest(ch["model"], ch["version"])
+    ins = smp.load(repo.storage.read_bytes(f"{ch['model']}/{ch['version']}/{man['samples']['file']}"))["in"]
+    local = Path(repo.storage.location(f"{ch['model']}/{ch['version']}/model.onnx"))
+    threads = ch["config"].get("intra_op_thread_count") or n
+    inproc = _inprocess(local, threads, ins, 1 if quick else 3)
+    lo, hi = ch["sustainable_rate"]["interval"]
+    out["inprocess"] = {**inproc, "threads": threads}
+    out["served_vs_inprocess"] = {"value": round(lo / inproc["median"], 3),
+                                  "interval": [round(lo / inproc["max"], 3), round(hi / inproc["min"], 3)]}
+    out["meets_goal"] = out["served_vs_inprocess"]["interval"][0] >= GOAL
+    # replica check: a fresh server, the planned per-replica rate, three Poisson runs
+    from retool.serve.plan import Candidate, family, probe_rate
+    from retool.serve.planner import measure_at
+    from retool.serve.profile import ServingConfig
+
+    variant = next(v for v in family(repo, ch["model"])[0] if v.model == ch["model"])
+    cand = Candidate(variant, ServingConfig.from_dict(ch["config"]), sustainable=(lo, hi), cores=n)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp, _replica_session(repo_url, n) as sess:
+        data = lt.input_data_file(ins, Path(tmp), batched=variant.max_batch_size > 0)
+        pts = measure_at(sess, repo, cand, probe_rate(cand, inp), inp, data, runs=3)
+    p99s = [p.p99_ms for p in pts]
+    from retool.speed import decide_sample
+
+    d = decide_sample(p99s, BUDGET_P99_MS, higher_is_better=False)
+    out["replica_check"] = {"rate": probe_rate(cand, inp), "p99_ms": p99s, "outcome": d.outcome, "decision": d.to_dict()}
+    out["loadavg_after"] = round(os.getloadavg()[0], 2)
+    return out
+
+
+def render(d: dict) -> str:
+    if d.get("status") not in (None, "ok"):
+        return f"plan: {d.get('status')}: {d.get('reason') or d.get('closest')}"
+    s = d.get("served_vs_inprocess") or {}
+    rc = d.get("replica_check") or {}
+    lines = [f"budget p99 <= {d['budget_p99_ms']:g} ms at {d['rate']:g} req/s on {d['cores']} core(s); load "
+             f"{d.get('loadavg_before')} -> {d.get('loadavg_after')}",
+             f"choice: {d['plans'][-1]['chosen']} {d['plans'][-1]['label']}; stability over 2 plans: {d['stability']}",
+             f"served/in-process: {s.get('value')} [{(s.get('interval') or ['-', '-'])[0]}-"
+             f"{(s.get('interval') or ['-', '-'])[1]}] (goal >= {d['goal_served_vs_inprocess']}; in-process best batch "
+             f"{(d.get('inprocess') or {}).get('batch')} at {(d.get('inprocess') or {}).get('median', 0):.0f}/s)",
+             f"replica check at {rc.get('rate')} req/s: p99 {rc.get('p99_ms')} ms: {rc.get('outcome')}"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python bench/sec_plan.py WORKDIR [--quick]
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    res = plan({"quick": "--quick" in sys.argv}, Path(sys.argv[1]))
+    print(json.dumps(res, indent=1))
+    print(render(res))
