@@ -108,10 +108,8 @@ class Candidate:
 
 
 def config_label(cfg: ServingConfig, cores: int | None = None) -> str:
-    """The label with the thread count spelt out: ORT's default is one thread per core of the replica."""
-    if cfg.intra_op_thread_count is None and cores:
-        return replace(cfg, intra_op_thread_count=cores).label.replace(" thr", " thr (ORT default)", 1)
-    return cfg.label
+    """The label with ORT's default thread count spelt out for a replica of ``cores`` cores."""
+    return cfg.label_for(cores)
 
 
 def _interval(br) -> dict | None:

@@ -27,8 +27,16 @@ class ServingConfig:
 
     @property
     def label(self) -> str:
-        thr = "default" if self.intra_op_thread_count is None else str(self.intra_op_thread_count)
-        txt = f"{self.instance_count} inst x {thr} thr"
+        return self.label_for()
+
+    def label_for(self, cores: int | None = None) -> str:
+        """The label; ORT's default thread count is spelt out as one thread per core (of ``cores``, or of
+        the cores this process may use, which a server started from it inherits)."""
+        import os
+
+        n = cores or len(os.sched_getaffinity(0))
+        thr = f"{n} thr (ORT default)" if self.intra_op_thread_count is None else f"{self.intra_op_thread_count} thr"
+        txt = f"{self.instance_count} inst x {thr}"
         if self.dynamic_batching:
             pref = f", pref {'/'.join(map(str, self.preferred_batch_size))}" if self.preferred_batch_size else ""
             txt += f", batching {self.max_queue_delay_microseconds} us{pref}"
