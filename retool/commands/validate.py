@@ -24,6 +24,11 @@ from retool.commands.common import converter_options, emit_report, parse_csv_int
 @click.option("--max-size-mb", type=float, help="Gate: maximum model size in MB (10^6 bytes, with external data).")
 @click.option("--allow-slower", is_flag=True, help="Switch off the default gate that fails a quantized candidate "
               "slower than the reference beyond the noise (the report says it was switched off).")
+@click.option("--undecided", type=click.Choice(["pass", "fail"]), help="A latency gate whose confidence interval "
+              "still straddles its threshold counts as this (default: fail for --min-speedup/--max-p99-ms, pass for "
+              "not-slower; docs/validate.md).")
+@click.option("--decide-budget", "decide_budget_s", type=float, metavar="SECONDS", help="Extra timing per batch "
+              "size while a latency gate is undecided (default 5; 0: none).")
 @click.option("--atol", type=float, help="Parity: absolute tolerance for every output.")
 @click.option("--rtol", type=float, help="Parity: relative tolerance for every output.")
 @click.option("--min-cosine", type=float, help="Parity: minimum cosine similarity for every output.")
@@ -35,7 +40,7 @@ from retool.commands.common import converter_options, emit_report, parse_csv_int
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random inputs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of the table.")
 def validate_cmd(candidate, reference, latency, batch_sizes, threads, runs, time_budget_s, gates_file, max_p99_ms,
-                 min_speedup, max_size_mb, allow_slower, atol, rtol, min_cosine, report_dir, framework, weights, inputs,
+                 min_speedup, max_size_mb, allow_slower, undecided, decide_budget_s, atol, rtol, min_cosine, report_dir, framework, weights, inputs,
                  example_inputs, trust_remote_code, signature, output_names, inputs_as_nchw, custom_objects,
                  static_batch, fold_batchnorm, providers, seed, as_json):
     """Is CANDIDATE (an ONNX model) ready for production?
@@ -57,7 +62,8 @@ def validate_cmd(candidate, reference, latency, batch_sizes, threads, runs, time
     if tol_flags:
         parity["*"] = {**parity.get("*", {}), **tol_flags}
     gates = gates.merged(max_p99_ms=max_p99_ms, min_speedup=min_speedup, max_size_mb=max_size_mb, parity=parity,
-                         not_slower=False if allow_slower else None)
+                         not_slower=False if allow_slower else None, undecided=undecided,
+                         decide_budget_s=decide_budget_s)
     options = converter_options(signature, output_names, inputs_as_nchw, custom_objects, static_batch,
                                 fold_batchnorm)
     report = validate(candidate, reference, batch_sizes=sizes, latency=latency, threads=threads, gates=gates,
