@@ -50,8 +50,11 @@ def validate(candidate, reference=None, *, batch_sizes: Sequence[int] = (1,), la
     from retool.validators import latency as lat
     from retool.validators.parity import tolerance_for
 
+    from retool import machine
+
     t_start = time.perf_counter()
     started = now_iso()
+    m_since = machine.now()
     cand_path = Path(candidate)
     if not cand_path.is_file():
         raise UsageError(f"{cand_path}: candidate model not found; give the ONNX file to validate")
@@ -96,6 +99,7 @@ def validate(candidate, reference=None, *, batch_sizes: Sequence[int] = (1,), la
         "latency": {"measured": measure, "plan": plan.to_dict() if measure else None,
                     "candidate": {}, "reference": {}, "speedup": {}, "speedup_stats": {}},
         "providers": None, "gates": [], "gate_config": gates.to_dict(), "environment": _environment(),
+        "_machine_since": m_since,
     }
     from retool.fsutil import file_size
 
@@ -196,6 +200,11 @@ def validate(candidate, reference=None, *, batch_sizes: Sequence[int] = (1,), la
 
 
 def _finish(art, checks, data, warnings, gates, report_dir, started, t_start, size_bytes) -> Report:
+    from retool import machine
+
+    data["machine"] = machine.during(data.pop("_machine_since", None))
+    if data["latency"].get("measured") and data["machine"]["busy"]:
+        warnings.append(machine.describe(data["machine"]))
     data["gates"] = [{"name": c.name, "value": c.value, "threshold": c.threshold, "passed": bool(c.passed),
                       "message": c.message} for c in checks if c.severity == "gate"]
     seconds = round(time.perf_counter() - t_start, 3)
@@ -444,7 +453,10 @@ def summary_rows(report: Report) -> list[list[str]]:
         cs, rs = lat["candidate"][key], lat.get("reference", {}).get(key)
         g = gates.get(f"latency:p99@batch{key}")
         where = " (on CPU, not the target's hardware)" if lat.get("off_target") else ""
-        rows.append([f"latency p50 / p99 ms{where}", key, f"{_g(cs['p50_ms'])} / {_g(cs['p99_ms'])}",
+        busy = " (busy machine)" if (d.get("machine") or {}).get("busy") else ""
+        rows.append([f"latency p50 / p99 ms{where}{busy}", key, f"{_g(cs['p50_ms'])} / {_g(cs['p99_ms'])}"
+                     + (f" (thread CPU p50 {_g(cs['cpu_p50_ms'])})" if "cpu_p50_ms" in cs and d.get("threads") == 1
+                        else ""),
                      f"{_g(rs['p50_ms'])} / {_g(rs['p99_ms'])}" if rs else "",
                      f"p99 <= {g.threshold:g}" if g else "", _result(g)])
         rows.append(["throughput /s (from p50)", key, f"{cs['throughput_per_s']:.0f}",
@@ -500,6 +512,10 @@ def summary_text(report: Report) -> str:
     off = (d.get("latency") or {}).get("off_target")
     if off:
         lines.append(f"latency: {off}")
+    if (d.get("latency") or {}).get("measured") and d.get("machine"):
+        from retool.machine import describe
+
+        lines.append(f"machine while timing: {describe(d['machine'])}")
     return "\n".join(lines)
 
 

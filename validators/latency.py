@@ -90,8 +90,11 @@ def measure_interleaved(variants: Mapping[str, Callable[[], object]], plan: Plan
     start = time.perf_counter()
     gc_was_on = gc.isenabled()
     gc.disable()  # like timeit: a collection in one variant's run would be charged to it
+    from retool import machine
+
     try:
-        _rounds(variants, names, plan, samples, clock, start, cpu)
+        with machine.watch("timing"):
+            _rounds(variants, names, plan, samples, clock, start, cpu)
     finally:
         if gc_was_on:
             gc.enable()

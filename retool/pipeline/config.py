@@ -46,7 +46,7 @@ NUM = (int, float)
 TOLERANCE = Obj({"atol": (NUM, False), "rtol": (NUM, False), "min_cosine": (NUM, False),
                  "min_top1": (NUM, False)})
 GATES = Obj({"max_p99_ms": (NUM, False), "min_speedup": (NUM, False), "max_size_mb": (NUM, False),
-             "parity": (MapOf(TOLERANCE), False), "not_slower": (bool, False)})
+             "parity": (MapOf(TOLERANCE), False), "not_slower": (bool, False), "undecided": (OneOf(("pass", "fail")), False), "decide_budget_s": (NUM, False)})
 CALIBRATION = Obj({"data": (str, False), "method": (OneOf(("minmax", "entropy", "percentile")), False),
                    "preprocess": (str, False), "percentile": (NUM, False), "samples": (int, False)},
                   shorthand="data")

@@ -323,7 +323,9 @@ class _Scheduler:
             for t in m.targets:
                 outcomes.append(self.outcomes.get((m.name, t.name),
                                                   TargetOutcome(m.name, t.name, "skipped", 0, "not run")))
+        t_serve = time.perf_counter()
         outcomes = serve_published(self.models, outcomes, self.out_dir)  # after every job: the CPUs are free
+        seconds += time.perf_counter() - t_serve  # the run's time includes serving
         codes = [o.code for o in outcomes] + [c.get("code", 0) for c in self.converts.values()]
         code = worst_code(codes)
         summary = {"created": now_iso(), "seconds": round(seconds, 2), "exit_code": code,
