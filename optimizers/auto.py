@@ -117,15 +117,17 @@ def _measure_and_pick(ctx, passing, lab):
     threads = lat["threads"]
     chosen, slow, choice = pick(passing, latency.judged(samples, threads), lab)
     t0, extra = time.monotonic(), 0.0
-    while choice.tied and time.monotonic() - t0 < budget:
-        with console.step(f"{', '.join(choice.tied)} tied with {choice.name} within the noise: timing more"):
-            _, more = latency.measure(models, ctx.heldout[0], threads=threads, with_samples=True,
-                                      budget_s=min(2.0, budget), warmup=2)
-        for kind in ("wall", "cpu"):
-            for k, v in more[kind].items():
-                samples[kind][k].extend(v)
-        chosen, slow, choice = pick(passing, latency.judged(samples, threads), lab)
-        extra = time.monotonic() - t0
+    if choice.tied and budget > 0:
+        with console.step(f"{', '.join(choice.tied)} tied with {choice.name} within the noise: timing more "
+                          f"(up to {budget:g} s)"):
+            while choice.tied and time.monotonic() - t0 < budget:
+                _, more = latency.measure(models, ctx.heldout[0], threads=threads, with_samples=True,
+                                          budget_s=min(2.0, budget), warmup=2)
+                for kind in ("wall", "cpu"):
+                    for k, v in more[kind].items():
+                        samples[kind][k].extend(v)
+                chosen, slow, choice = pick(passing, latency.judged(samples, threads), lab)
+                extra = time.monotonic() - t0
     if extra:
         lat = latency.summarize_times(samples["wall"], samples["cpu"], threads)
     lat["extra_timing_s"] = round(extra, 3)
