@@ -109,3 +109,24 @@ def short_description(m: dict) -> str:
     return (f"{m.get('cpu_model')}, {m.get('cpus_usable')} cores, "
             f"{mem / 2**30:.0f} GiB RAM" if mem else f"{m.get('cpu_model')}, {m.get('cpus_usable')} cores") + (
         f", {'/'.join(flags)}" if flags else "") + f"; onnxruntime {v.get('onnxruntime')}, torch {v.get('torch')}"
+
+
+def section_start():
+    """Start watching a section (retool.machine): pass the result to :func:`section_machine`."""
+    from retool import machine
+
+    return machine.Block(machine._readers).start()
+
+
+def section_machine(info: dict, block) -> dict:
+    """A section's ``machine``: the CPU, plus load, steal, other processes' CPU share during the
+    section, and ``busy`` with the advice when the machine was busier than its cores."""
+    from retool import machine
+
+    during = block.end()
+    static = machine.static_info()
+    busy = machine.busy(during.get("loadavg"), during["cores"], during.get("others_cpu_pct"))
+    return {**{k: info.get(k) for k in ("cpu_model", "cpus_usable", "mem_total_bytes")},
+            "isa": static["isa"], "governor": static["governor"], "loadavg": during.get("loadavg"),
+            "steal_pct": during.get("steal_pct"), "others_cpu_pct": during.get("others_cpu_pct"),
+            "busy": busy, "advice": machine.ADVICE if busy else None}

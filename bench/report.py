@@ -131,6 +131,10 @@ def main(argv=None) -> int:
           f"{m.get('cpu_model')}, {m.get('cpus_usable')} cores, commit {m.get('git_commit')}, {data.get('wall_s')} s")
     for name, sec in (data.get("sections") or {}).items():
         print(f"\n== {name}\n{render(name, sec)}")
+        if (sec.get("machine") or {}).get("busy"):
+            from retool.machine import describe
+
+            print(describe(sec["machine"]))
     return 0
 
 

@@ -26,7 +26,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import sections  # noqa: E402
-from bench.machine import machine_info, short_description  # noqa: E402
+from bench.machine import machine_info, section_machine, section_start, short_description  # noqa: E402
 from bench.models import MODELS  # noqa: E402
 from bench.report import render  # noqa: E402
 
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     try:
         for name in chosen:
             t0 = time.perf_counter()
-            load0 = os.getloadavg()[0]
+            load0, watch = os.getloadavg()[0], section_start()
             print(f"\n== {name}", flush=True)
             try:
                 data = getattr(sections, name)(settings, work / name)
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
             data["section_wall_s"] = round(time.perf_counter() - t0, 2)
             # 1-minute load average before and after: a busy machine explains noisy figures.
             data["loadavg_1m"] = {"start": round(load0, 2), "end": round(os.getloadavg()[0], 2)}
-            data["machine"] = {k: machine[k] for k in ("cpu_model", "cpus_usable", "mem_total_bytes")}
+            data["machine"] = section_machine(machine, watch)  # CPU, load, steal, others' share, busy
             result["sections"][name] = data
             write_result(result, path)
             print(render(name, data), flush=True)

@@ -69,8 +69,8 @@ def search(build: Callable[[Sequence[str], object], Path], evaluate: Callable[[P
         new = ranked[:step]
         excluded = excluded + [n for n, _ in new]
         step *= 2
-        console.info(f"  {label}tolerance not met; keeping {len(excluded)} node(s) in float: "
-                     f"{', '.join(n for n, _ in new)}")
+        console.info(f"  {label}tolerance not met; keeping {len(excluded)} node(s) in float "
+                     f"({len(new)} new): {', '.join(excluded)}")
         path = build(excluded, attempt)
         passed, checks = evaluate(path)
         attempts.append(_attempt(attempt, excluded, new, passed, checks))

@@ -47,24 +47,24 @@ def choose(profile, ctx):
     passing = [c for c in built if c.passed]
     lab = lambda c: labels[id(c)]  # noqa: E731
     by_name = {r["target"]: r for r in rows}
+    for c in built:
+        by_name[lab(c)]["precision"] = c.precision
+        by_name[lab(c)]["size_mb"] = _size_mb(c.path)
     lat = None
+    choice = None
     if passing:
-        from retool.optimizers import latency
-
-        models = {"fp32": ctx.src, **{lab(c): c.path for c in passing}}
-        with console.step(f"measuring {len(passing)} candidate(s) against fp32 (batch 1, {ctx.threads} threads)"):
-            lat = latency.measure(models, ctx.heldout[0], threads=ctx.threads)
+        lat, chosen, slow, choice = _measure_and_pick(ctx, passing, lab)
         fp32 = lat["variants"]["fp32"]["p50_ms"]
         for c in passing:
             v = lat["variants"][lab(c)]
-            by_name[lab(c)].update(p50_ms=v["p50_ms"], ratio=round(v["p50_ms"] / fp32, 4) if fp32 else None,
+            by_name[lab(c)].update(p50_ms=v["p50_ms"], p50_ci_ms=v.get("p50_ci_ms"),
+                                   ratio=round(v["p50_ms"] / fp32, 4) if fp32 else None,
                                    ratio_vs_fp32=v.get("ratio_vs_fp32"))
-        chosen, slow = pick(passing, lat["variants"], lab)
         for c in slow:
             by_name[lab(c)]["slower_than_fp32"] = True
-        why = (f"{lab(chosen)} is the fastest candidate that meets its tolerance "
-               f"({lat['variants'][lab(chosen)]['p50_ms']:.3f} ms vs fp32 {fp32:.3f} ms at batch 1, "
-               f"{lat['threads']} threads)")
+        basis = "the calling thread's CPU time" if lat["threads"] == 1 else "wall time"
+        why = (f"{choice.reason} (p50 {lat['variants'][lab(chosen)]['p50_ms']:.3f} ms vs fp32 {fp32:.3f} ms at "
+               f"batch 1, {lat['threads']} thread(s); decided on {basis})")
         if chosen in slow:
             why += "; it is SLOWER than fp32, but no float candidate passed"
     else:
@@ -76,19 +76,99 @@ def choose(profile, ctx):
             r["reason"] = "chosen: " + why
         elif not c.passed:
             r["reason"] = "misses its tolerance: " + "; ".join(x.message for x in c.checks if not x.passed)[:300]
+        elif r.get("slower_than_fp32"):
+            r["reason"] = "slower than fp32"
+        elif choice is not None and lab(c) in choice.tied:
+            r["reason"] = f"tied with {lab(chosen)} within the noise: the higher precision is kept"
         else:
-            r["reason"] = (("slower than fp32" if r.get("slower_than_fp32") else f"slower than {lab(chosen)}")
-                           if lat else f"{lab(chosen)} came first")
+            r["reason"] = f"not decidedly faster than {lab(chosen)}" if lat else f"{lab(chosen)} came first"
+    console.info("cpu-auto candidates:\n" + console.table(TABLE_HEADERS, table_rows(rows, lab(chosen))))
     console.info(f"cpu-auto: {why}")
     return chosen, {"candidates": rows, "chosen": chosen.target, "chosen_variant": lab(chosen), "why": why,
-                    "latency": lat}
+                    "latency": lat, "decision": choice.to_dict() if choice else None}
 
 
-def pick(passing: list, variants: dict, label) -> tuple[object, list]:
-    """The fastest passing candidate, never an int8 one slower than fp32 beyond the noise while a
-    float one passes. Returns (chosen, the candidates rejected as slower than fp32)."""
-    from retool.optimizers.latency import slower_than_fp32
+#: extra seconds of timing while candidates are tied within the noise
+DECIDE_BUDGET_S = 5.0
+_RANK = {"fp32": 0, "fp16": 1, "bf16": 1}
+TABLE_HEADERS = ["candidate", "precision", "p50 ms (95% CI)", "speed-up vs fp32", "size MB", "parity", "result"]
 
-    slow = [c for c in passing if c.precision != "fp32" and slower_than_fp32(variants[label(c)])]
+
+def _size_mb(path) -> float | None:
+    try:
+        from retool.fsutil import file_size
+
+        return round(file_size(path, ()) / 1e6, 4)
+    except OSError:
+        return None
+
+
+def _measure_and_pick(ctx, passing, lab):
+    """Time the passing candidates with fp32; while the pick is tied within the noise, time more
+    (up to ``DECIDE_BUDGET_S``, or ``ctx.decide_budget_s``), then keep the higher precision."""
+    import time
+
+    from retool.optimizers import latency
+
+    models = {"fp32": ctx.src, **{lab(c): c.path for c in passing}}
+    budget = float(getattr(ctx, "decide_budget_s", None) or DECIDE_BUDGET_S)
+    with console.step(f"measuring {len(passing)} candidate(s) against fp32 (batch 1, {ctx.threads} threads)"):
+        lat, samples = latency.measure(models, ctx.heldout[0], threads=ctx.threads, with_samples=True)
+    threads = lat["threads"]
+    chosen, slow, choice = pick(passing, latency.judged(samples, threads), lab)
+    t0, extra = time.monotonic(), 0.0
+    if choice.tied and budget > 0:
+        with console.step(f"{', '.join(choice.tied)} tied with {choice.name} within the noise: timing more "
+                          f"(up to {budget:g} s)"):
+            while choice.tied and time.monotonic() - t0 < budget:
+                _, more = latency.measure(models, ctx.heldout[0], threads=threads, with_samples=True,
+                                          budget_s=min(2.0, budget), warmup=2)
+                for kind in ("wall", "cpu"):
+                    for k, v in more[kind].items():
+                        samples[kind][k].extend(v)
+                chosen, slow, choice = pick(passing, latency.judged(samples, threads), lab)
+                extra = time.monotonic() - t0
+    if extra:
+        lat = latency.summarize_times(samples["wall"], samples["cpu"], threads)
+    lat["extra_timing_s"] = round(extra, 3)
+    return lat, chosen, slow, choice
+
+
+def pick(passing: list, times: dict, label):
+    """The fastest passing candidate by the one rule (retool.speed.choose_fastest) on paired
+    per-round times (``times``: label -> ms per round, with "fp32"): a lower precision wins only
+    when decidedly faster; ties keep the higher precision. Never an int8 one slower than fp32
+    beyond the noise while a float one passes. Returns (chosen, rejected as slower, Choice)."""
+    from retool import speed
+    from retool.validators.decide_gates import NOT_SLOWER_THRESHOLD
+
+    slow = [c for c in passing if c.precision != "fp32" and "fp32" in times
+            and speed.decide_ratio(times["fp32"], times[label(c)], NOT_SLOWER_THRESHOLD).outcome == speed.FAIL]
     keep = [c for c in passing if c not in slow] or passing
-    return min(keep, key=lambda c: variants[label(c)]["p50_ms"]), slow
+    order = sorted(keep, key=lambda c: _RANK.get(c.precision, 2))  # stable: build order within a precision
+    choice = speed.choose_fastest({label(c): times[label(c)] for c in order}, [label(c) for c in order])
+    chosen = next(c for c in order if label(c) == choice.name)
+    return chosen, slow, choice
+
+
+def table_rows(rows: list[dict], chosen: str) -> list[list]:
+    """The candidate table cpu-auto prints: latency with its interval, size, parity, and the outcome."""
+    out = []
+    for r in rows:
+        ci = r.get("p50_ci_ms")
+        lat = f"{r['p50_ms']:.3f} ({ci[0]:.3f}–{ci[1]:.3f})" if r.get("p50_ms") is not None and ci else ""
+        dec = (r.get("ratio_vs_fp32") or {}).get("decision")
+        vs = ""
+        if dec:
+            from retool.speed import format_decision
+
+            vs = format_decision(dec)
+        par = r.get("parity") or {}
+        cos = [v.get("cosine") for v in par.values() if isinstance(v, dict) and v.get("cosine") is not None]
+        top = [v.get("top1") for v in par.values() if isinstance(v, dict) and v.get("top1") is not None]
+        ptxt = ", ".join(([f"cos {min(cos):.5f}"] if cos else []) + ([f"top1 {min(top):.3f}"] if top else []))
+        result = ("chosen" if r["target"] == chosen else "not built" if not r.get("built") else
+                  "misses tolerance" if not r.get("passed") else (r.get("reason") or "").split(":")[0])
+        out.append([r["target"], r.get("precision", ""), lat, vs,
+                    f"{r['size_mb']:.3f}" if r.get("size_mb") is not None else "", ptxt, result])
+    return out

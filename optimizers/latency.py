@@ -16,25 +16,52 @@ def default_threads() -> int:
 
 
 def measure(models: Mapping[str, object], feeds: Mapping[str, np.ndarray], threads: int | None = None,
-            warmup: int = 5, min_rounds: int = 10, max_rounds: int = 5000, budget_s: float = 2.0) -> dict:
-    """Median latency (ms) of each model on ``feeds``; one run of each per round so drift hits all alike."""
+            warmup: int = 5, min_rounds: int = 10, max_rounds: int = 5000, budget_s: float = 2.0,
+            with_samples: bool = False):
+    """Median latency (ms) of each model on ``feeds``; one run of each per round so drift hits all alike.
+
+    Each variant's ``ratio_vs_fp32`` carries ``decision``: the one rule (retool.speed) on "not slower
+    than fp32". ``with_samples``: also return the per-round times (wall, and at 1 thread the
+    calling thread's CPU time, which decisions use then): ``(out, {"wall": ..., "cpu": ...})``.
+    """
     from retool.runtime import make_session, run_session
     from retool.validators.latency import Plan, measure_interleaved
 
     threads = threads or default_threads()
     sessions = {k: make_session(p, threads=threads) for k, p in models.items()}
     plan = Plan(runs=None, time_budget_s=budget_s, warmup=warmup, min_runs=min_rounds, max_runs=max_rounds)
-    times = measure_interleaved({k: (lambda s=s: run_session(s, feeds)) for k, s in sessions.items()}, plan)
+    times, cpu = measure_interleaved({k: (lambda s=s: run_session(s, feeds)) for k, s in sessions.items()}, plan,
+                                     cpu_times=True)
+    out = summarize_times(times, cpu, threads)
+    return (out, {"wall": times, "cpu": cpu}) if with_samples else out
+
+
+def judged(samples: Mapping[str, Mapping[str, list]], threads: int) -> Mapping[str, list]:
+    """The series decisions use: thread CPU time at 1 thread (load-robust), wall time otherwise."""
+    return samples["cpu"] if threads == 1 and samples.get("cpu") else samples["wall"]
+
+
+def summarize_times(times: Mapping[str, list], cpu: Mapping[str, list] | None, threads: int) -> dict:
+    """The figures of :func:`measure` from per-round times (ms)."""
+    from retool import speed
+    from retool.validators.decide_gates import NOT_SLOWER_THRESHOLD
+
+    basis = cpu if threads == 1 and cpu else times
     out = {"threads": threads, "batch": 1, "rounds": len(next(iter(times.values()))), "spinning": False,
            "variants": {}}
     for k, ts in times.items():
         a = np.asarray(ts)
+        est, lo, hi = speed.sample_interval(ts)
         out["variants"][k] = {"p50_ms": round(float(np.median(a)), 4), "p90_ms": round(float(np.percentile(a, 90)), 4),
-                              "min_ms": round(float(a.min()), 4)}
+                              "min_ms": round(float(a.min()), 4), "p50_ci_ms": [round(lo, 4), round(hi, 4)]}
+        if cpu and cpu.get(k):
+            out["variants"][k]["cpu_p50_ms"] = round(float(np.median(cpu[k])), 4)
         if "fp32" in times and k != "fp32":  # paired per-round ratios: their spread says what is noise
             r = a / np.asarray(times["fp32"])
             out["variants"][k]["ratio_vs_fp32"] = {q: round(float(np.percentile(r, p)), 4)
                                                    for q, p in (("p25", 25), ("p50", 50), ("p75", 75))}
+            d = speed.decide_ratio(basis["fp32"], basis[k], NOT_SLOWER_THRESHOLD)
+            out["variants"][k]["ratio_vs_fp32"]["decision"] = d.to_dict()
     if "fp32" in times:  # each variant's speed-up over fp32, with the spread of the paired rounds
         from retool.speed import paired
 
@@ -43,9 +70,13 @@ def measure(models: Mapping[str, object], feeds: Mapping[str, np.ndarray], threa
 
 
 def slower_than_fp32(variant: dict) -> bool:
-    """Slower beyond the noise: even the lower quartile of the paired ratios is above 1."""
+    """Slower beyond the noise: the not-slower decision (retool.speed) failed, i.e. the whole
+    interval of the fp32/candidate speed-up is below 1/(1 + 2 %)."""
     r = variant.get("ratio_vs_fp32")
-    return bool(r) and r["p25"] > 1.0
+    if not r:
+        return False
+    d = r.get("decision")
+    return d["outcome"] == "fail" if d else r["p25"] > 1.0
 
 
 #: ONNX metadata key the serving configuration reads (Triton's intra_op_thread_count).
@@ -64,15 +95,35 @@ def thread_sweep(fp32_path, cand_path, feeds, budget_s: float = 1.0) -> dict:
 
     At small sizes more threads can be slower (a 4-layer BERT ran slower in int8 at 2 threads than at 1):
     the best count is a property of the artifact, so it is measured and handed to serving."""
+    from retool import speed
+
     counts = sorted({1, all_threads()})
     out: dict = {"measured": {}, "key": THREADS_KEY}
+    wall = {}
     for t in counts:
-        m = measure({"fp32": fp32_path, "candidate": cand_path}, feeds, threads=t, budget_s=budget_s)
+        m, times = measure({"fp32": fp32_path, "candidate": cand_path}, feeds, threads=t, budget_s=budget_s,
+                           with_samples=True)
+        wall[str(t)] = times["wall"]["candidate"]
         c = m["variants"]["candidate"]
         out["measured"][str(t)] = {"candidate_p50_ms": c["p50_ms"], "fp32_p50_ms": m["variants"]["fp32"]["p50_ms"],
                                    "ratio_vs_fp32": c.get("ratio_vs_fp32"), "rounds": m["rounds"]}
-    best = min(counts, key=lambda t: out["measured"][str(t)]["candidate_p50_ms"])
+    # the runs at 1 and at n threads are not paired rounds: each count's p50 gets its own interval,
+    # and more threads win only when their whole interval is below 1 thread's (ties keep fewer threads,
+    # which leaves cores to concurrent requests)
+    best, why = counts[0], f"{counts[0]} thread(s): the only count measured"
+    for t in counts[1:]:
+        _, lo1, hi1 = speed.sample_interval(wall[str(counts[0])])
+        est, lo, hi = speed.sample_interval(wall[str(t)])
+        d = speed.decide(est, lo, hi, lo1, higher_is_better=False, rule=speed.rule_text("sample"),
+                         samples=len(wall[str(t)]), unit="ms")
+        out["measured"][str(t)]["decision_vs_1"] = d.to_dict()
+        if d.passed and hi < lo1:
+            best, why = t, f"{t} threads decidedly faster than 1 (p50 CI {lo:.3f}–{hi:.3f} ms vs {lo1:.3f}–{hi1:.3f} ms)"
+        else:
+            why = (f"1 thread kept: {t} threads not decidedly faster (p50 CI {lo:.3f}–{hi:.3f} ms vs "
+                   f"{lo1:.3f}–{hi1:.3f} ms); a tie keeps fewer threads")
     out["best_intra_op_threads"] = best
+    out["why"] = why
     return out
 
 

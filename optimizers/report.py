@@ -65,8 +65,13 @@ def build_report(art, profile, cand, ctx, tol, lat, auto_data, staged, out, dige
     if ctx.goal is not None:
         data["accuracy_goal"] = {**ctx.goal.to_dict(), "met": bool(cand.passed), "heldout_samples": len(ctx.heldout),
                                  "best_reached": best_attempt(cand.attempts, cand.checks)}
+    from retool import machine
     from retool.optimizers import hardware
 
+    # the timed blocks of this stage: those that started within its ``seconds``
+    data["machine"] = machine.during(machine.now() - seconds)
+    if lat and data["machine"]["busy"]:
+        ctx.warnings.append(machine.describe(data["machine"]))
     mismatch = hardware.mismatch(cand.profile or profile, ctx.cpu, ctx.here)
     data["hardware"] = {"here": ctx.here.to_dict(), "tuned_for": ctx.cpu.to_dict(), "choices": list(cand.notes),
                         "mismatch": mismatch}

@@ -93,7 +93,7 @@ def stats(value: float, iqr: Sequence[float] | None, rounds: int | None = None) 
 
 
 def format_speedup(value: float | None, iqr: Sequence[float] | None = None, verdict_: str | None = None,
-                   *, spread: bool = True) -> str:
+                   *, spread: bool = True, label: str = "IQR") -> str:
     """"1.32× faster (IQR 1.28–1.36)", "0.75× (slower; IQR 0.72–0.78)", "no measurable difference (1.01×, ...)".
 
     ``verdict_`` defaults to :func:`verdict` of ``value`` and ``iqr``; ``spread=False`` leaves the IQR out.
@@ -103,12 +103,27 @@ def format_speedup(value: float | None, iqr: Sequence[float] | None = None, verd
     if not math.isfinite(value):
         return "n/a (candidate time 0)"
     v = verdict_ or verdict(value, iqr)
-    sp = f"IQR {iqr[0]:.2f}–{iqr[1]:.2f}" if (spread and iqr and None not in iqr) else ""
+    sp = f"{label} {_fmt(iqr[0])}–{_fmt(iqr[1])}" if (spread and iqr and None not in iqr) else ""
     if v == NONE:
         return f"no measurable difference ({value:.2f}×" + (f", {sp})" if sp else ")")
     if v == SLOWER:
         return f"{value:.2f}× (slower" + (f"; {sp})" if sp else ")")
     return f"{value:.2f}× faster" + (f" ({sp})" if sp else "")
+
+
+def format_decision(d: "Decision | Mapping") -> str:
+    """A speed-up decision in the speed-up wording, with its confidence interval:
+    "1.32× faster (95% CI 1.28–1.36)", "no measurable difference (1.02×, 95% CI 0.97–1.08)"."""
+    if isinstance(d, Mapping):
+        est, (lo, hi), conf = d["estimate"], d["interval"], d.get("confidence", CONFIDENCE)
+        lo = float(lo) if lo is not None else math.nan
+        hi = float(hi) if hi is not None else math.nan
+        est = float(est)
+    else:
+        est, (lo, hi), conf = d.estimate, d.interval, d.confidence
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return format_speedup(est, None, NONE) + f" (no {conf * 100:g}% CI)"
+    return format_speedup(est, [lo, hi], label=f"{conf * 100:g}% CI")
 
 
 def format_entry(entry: Mapping | float | None, *, spread: bool = True) -> str:

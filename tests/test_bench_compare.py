@@ -62,7 +62,7 @@ def test_interleaved_rotates_and_respects_rounds():
     assert len(s["x"]) == 7
 
 
-def _metric(median, better="lower", unit="s", spread=0.01):
+def _metric(median, better="lower", unit="s", spread=0.001):
     return {"median": median, "p25": median - spread, "p75": median + spread, "n": 5, "unit": unit, "better": better}
 
 
@@ -82,7 +82,7 @@ def results(tmp_path):
            }}
     new = copy.deepcopy(old)
     s = new["sections"]
-    s["cold_start"]["commands"]["retool --help"]["wall"] = _metric(0.112)  # 12 % slower: flagged
+    s["cold_start"]["commands"]["retool --help"]["wall"] = _metric(0.115)  # 15 % slower: flagged
     s["models"]["models"]["cnn"]["convert"]["wall"] = _metric(10.8)  # 8 % slower: within threshold
     s["models"]["models"]["cnn"]["convert"]["peak_rss_mib"] = _metric(300.0, unit="MiB")  # better
     t = s["models"]["models"]["cnn"]["targets"]["targets"]["cpu-int8"]
@@ -107,6 +107,21 @@ def test_compare_flags_each_regression_over_threshold(results):
     assert only_old == ["large_model.stages.convert_onnx.rss_over_model_size"] and only_new == []
     # a stricter threshold catches the 8 % one too
     assert "models.models.cnn.convert.wall" in {c.path for c in cmp.regressions(changes, 0.05)}
+
+
+def test_a_change_inside_the_noise_is_undecided_not_a_regression(tmp_path, capsys):
+    """12 % slower by the medians, but with an IQR of 20 % over 5 runs the intervals say nothing."""
+    def run(median):
+        return {"machine": {}, "settings": {}, "sections": {"s": {"status": "ok", "wall": _metric(median, spread=0.01)}}}
+    old, new = tmp_path / "o.json", tmp_path / "n.json"
+    old.write_text(json.dumps(run(0.100)))
+    new.write_text(json.dumps(run(0.112)))
+    [c] = cmp.compare(run(0.100), run(0.112))[0]
+    d = c.decision()
+    assert c.worse_by == pytest.approx(0.12) and d.outcome == "undecided" and c.interval[0] < 0.10 < c.interval[1]
+    assert cmp.regressions([c]) == [] and cmp.regressions([c], undecided="fail") == [c]
+    assert cmp.main([str(old), str(new)]) == 0 and "UNDECIDED" in capsys.readouterr().out
+    assert cmp.main([str(old), str(new), "--undecided", "fail"]) == 1
 
 
 def test_compare_cli_exit_codes(results, tmp_path, capsys):
@@ -149,6 +164,7 @@ def test_run_writes_result_with_machine_and_table(tmp_path):
     assert data["machine"]["cpus_usable"] >= 1 and data["machine"]["versions"]["onnxruntime"]
     sec = data["sections"]["cold_start"]
     assert sec["status"] == "ok" and sec["machine"]["cpu_model"] == data["machine"]["cpu_model"]
+    assert {"loadavg", "steal_pct", "others_cpu_pct", "busy", "isa", "governor"} <= set(sec["machine"])
     wall = sec["commands"]["retool convert --help"]["wall"]
     assert wall["n"] == 3 and wall["min"] <= wall["median"] <= wall["max"]
     assert "retool convert --help" in r.stdout and str(files[0]) in r.stdout
@@ -182,6 +198,6 @@ def test_peers_section_table_renders():
 
     d = {"status": "ok", "models": {"cnn": {"status": "ok", "latency": {"1": {}, "2": {}}, "retool_over_peer": {},
                                             "variants": {"peer": {"top1": 0.9, "cosine": 0.99, "size_vs_fp32": 0.26,
-                                                                  "vs_fp32": {"1": _metric(0.5, unit="x")}}}}}}
+                                                                  "vs_fp32": {"1": _metric(0.5, unit="x", spread=0.01)}}}}}}
     table = render("peers", d)
     assert "peer" in table and "0.900" in table and "0.50 [0.49-0.51]" in table

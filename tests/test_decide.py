@@ -5,6 +5,7 @@ import json
 import math
 
 import numpy as np
+import pytest
 
 from retool import speed
 
@@ -102,3 +103,66 @@ def test_ties_within_the_noise_keep_the_higher_precision():
     assert "higher precision" in ch.reason and "tied within the noise" in ch.reason
     fast = speed.choose_fastest({"cpu": fp32, "int8": [x / 1.8 for x in fp32]}, ["cpu", "int8"])
     assert fast.name == "int8" and "decidedly faster" in fast.reason and fast.decisions["int8"].passed
+
+
+def _noisy_latency(ref_center: float, n: int = 12) -> dict:
+    """A validate report's latency block at batch 1 whose paired samples straddle a 1.2x gate."""
+    ref, cand = series(ref_center, 0.6, n, 3), series(1.0, 0.5, n, 4)
+    from retool.validators.latency import summarize
+
+    return {"candidate": {"1": summarize(cand, 1)}, "reference": {"1": summarize(ref, 1)}, "speedup": {},
+            "speedup_stats": {"1": speed.paired(ref, cand)}}
+
+
+def test_a_min_speedup_gate_over_a_straddling_interval_is_undecided_and_not_pass():
+    from retool.validators.gates import Gates, gate_checks
+
+    lat = _noisy_latency(1.25)
+    [c] = gate_checks(Gates(min_speedup=1.2), size_mb=1.0, latency=lat)
+    assert c.name == "speedup@batch1" and not c.passed and c.details["outcome"] == "undecided"
+    assert c.details["decision"]["outcome"] == "fail" and "--min-speedup counts it as fail" in c.message
+    assert "95% CI" in c.message and c.details["decision"]["rule"].startswith("95% paired bootstrap")
+    [ok] = gate_checks(Gates(min_speedup=1.2, undecided="pass"), size_mb=1.0, latency=lat)
+    assert ok.passed and ok.details["outcome"] == "undecided"
+
+
+def test_not_slower_passes_an_undecided_tie_and_fails_a_clear_slowdown():
+    from retool.validators.gates import Gates
+    from retool.validators.speed_gate import not_slower_checks
+
+    [tie] = not_slower_checks(Gates(), "int8", _noisy_latency(1.0))
+    assert tie.passed and tie.details["outcome"] == "undecided" and "counts it as pass" in tie.message
+    [strict] = not_slower_checks(Gates(undecided={"not_slower": "fail"}), "int8", _noisy_latency(1.0))
+    assert not strict.passed
+    [slow] = not_slower_checks(Gates(), "int8", _noisy_latency(0.3, n=40))
+    assert not slow.passed and slow.details["outcome"] == "fail" and "slower" in slow.message
+
+
+def test_undecided_gates_measure_more_within_the_budget_then_stop():
+    from retool.validators import decide_gates as dg
+    from retool.validators.gates import Gates
+
+    t = [0.0]
+
+    def tick():
+        t[0] += 0.01
+        return t[0]
+
+    samples = {"candidate": [1.0, 1.5, 0.6, 1.2], "reference": [1.1, 1.0, 1.4, 0.7]}
+    variants = {"candidate": lambda: None, "reference": lambda: None}
+    ds, extra = dg.measure_until_decided(1, samples, variants, Gates(min_speedup=1.5), False, 0.0, clock=tick)
+    d = ds["speedup@batch1"]
+    assert d.undecided and extra == 0 and len(samples["candidate"]) == 4 and "no time budget" in d.note
+    ds, extra = dg.measure_until_decided(1, samples, variants, Gates(min_speedup=1.5), False, 0.015, clock=tick)
+    d = ds["speedup@batch1"]  # judged again on the longer series (its outcome is the no-ops' timing: not asserted)
+    assert len(samples["candidate"]) > 4 and d.samples == len(samples["candidate"]) and extra > 0
+
+
+def test_gate_yaml_takes_undecided_and_its_budget():
+    from retool.errors import UsageError
+    from retool.validators.gates import load_gates
+
+    g = load_gates({"min_speedup": 1.2, "undecided": {"min_speedup": "pass"}, "decide_budget_s": 3})
+    assert g.undecided == {"min_speedup": "pass"} and g.decide_budget_s == 3.0
+    with pytest.raises(UsageError, match="undecided must be pass or fail"):
+        load_gates({"undecided": "maybe"})

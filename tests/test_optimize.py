@@ -85,7 +85,8 @@ def test_cpu_auto_measures_candidates_and_says_why(transformer_onnx, tmp_path):
     assert measured, auto
     chosen = next(r for r in auto["candidates"] if r["target"] == auto["chosen"])
     assert chosen["passed"] and chosen["reason"].startswith("chosen")
-    assert min(r["p50_ms"] for r in measured if r["passed"]) == chosen["p50_ms"]
+    # the fastest by median, unless a faster one was inside the noise (then the higher precision stays)
+    assert min(r["p50_ms"] for r in measured if r["passed"]) == chosen["p50_ms"] or "higher precision" in auto["why"]
     assert report.data["latency"]["speedup"] > 0
 
 

@@ -131,25 +131,59 @@ def test_goal_in_pipeline_yaml_is_checked_before_work(tmp_path):
         load_config(p)
 
 
-def test_cpu_auto_never_keeps_int8_slower_than_fp32():
-    """The choice rule on measured figures: a slower int8 loses to fp32 even if its median looks better."""
+def _rounds(center, n=40, seed=0, spread=0.05):
+    """Synthetic per-round ms: each round shares a load factor (what pairing cancels) plus own noise."""
+    rng = np.random.default_rng(seed)
+    return list(center * rng.normal(1.0, spread, n).clip(min=0.5))
+
+
+def _cands():
     from types import SimpleNamespace
 
+    return [SimpleNamespace(target=t, precision=p) for t, p in
+            (("cpu", "fp32"), ("cpu-int8", "int8"), ("cpu-int8-dynamic", "int8"))]
+
+
+def test_cpu_auto_never_keeps_int8_slower_than_fp32():
+    """The choice rule on synthetic timings: a clearly slower int8 is rejected while fp32 passes."""
     from retool.optimizers.auto import pick
 
-    fp, q8, dyn = (SimpleNamespace(target=t, precision=p) for t, p in
-                   (("cpu", "fp32"), ("cpu-int8", "int8"), ("cpu-int8-dynamic", "int8")))
+    fp, q8, dyn = _cands()
     lab = lambda c: c.target  # noqa: E731
-    noisy_slow = {"p50_ms": 0.9, "ratio_vs_fp32": {"p25": 1.05, "p50": 1.2, "p75": 1.4}}
-    variants = {"cpu": {"p50_ms": 1.0, "ratio_vs_fp32": {"p25": 0.98, "p50": 1.0, "p75": 1.02}},
-                "cpu-int8": noisy_slow, "cpu-int8-dynamic": {"p50_ms": 1.1, "ratio_vs_fp32": {"p25": 0.9, "p50": 1.0,
-                                                                                              "p75": 1.1}}}
-    chosen, slow = pick([fp, q8, dyn], variants, lab)
+    times = {"fp32": _rounds(1.0, seed=1), "cpu": _rounds(1.0, seed=2), "cpu-int8": _rounds(1.6, seed=3),
+             "cpu-int8-dynamic": _rounds(1.0, seed=4)}
+    chosen, slow, choice = pick([fp, q8, dyn], times, lab)
     assert chosen is fp and slow == [q8]
-    variants["cpu-int8"] = {"p50_ms": 0.5, "ratio_vs_fp32": {"p25": 0.45, "p50": 0.5, "p75": 0.55}}
-    assert pick([fp, q8, dyn], variants, lab) == (q8, [])
+    times["cpu-int8"] = _rounds(0.5, seed=3)  # decidedly faster: it wins
+    chosen, slow, choice = pick([fp, q8, dyn], times, lab)
+    assert chosen is q8 and slow == [] and "decidedly faster" in choice.reason
     # only int8 passed and it is slower: kept, and reported as slower (the caller warns)
-    assert pick([q8], {"cpu-int8": noisy_slow}, lab) == (q8, [q8])
+    times["cpu-int8"] = _rounds(1.6, seed=3)
+    chosen, slow, _ = pick([q8], times, lab)
+    assert chosen is q8 and slow == [q8]
+
+
+def test_cpu_auto_keeps_the_higher_precision_when_tied_within_the_noise():
+    """The issue's case: cpu 0.504 ms, int8 0.542 and 0.556 ms with overlapping ranges; and int8
+    a hair faster by its median but inside the noise: fp32 stays, and the reason says so."""
+    from retool.optimizers.auto import TABLE_HEADERS, pick, table_rows
+
+    fp, q8, dyn = _cands()
+    lab = lambda c: c.target  # noqa: E731
+    times = {"fp32": _rounds(0.504, 12, 1, 0.3), "cpu": _rounds(0.504, 12, 2, 0.3),
+             "cpu-int8": _rounds(0.49, 12, 3, 0.3), "cpu-int8-dynamic": _rounds(0.556, 12, 4, 0.3)}
+    assert np.median(times["cpu-int8"]) < np.median(times["cpu"])  # the median alone would pick int8
+    chosen, slow, choice = pick([q8, fp, dyn], times, lab)
+    assert chosen is fp and not slow and "cpu-int8" in choice.tied
+    assert "higher precision wins a tie" in choice.reason and "tied within the noise" in choice.reason
+    rows = [{"target": "cpu", "built": True, "passed": True, "precision": "fp32", "p50_ms": 0.504,
+             "p50_ci_ms": [0.45, 0.56], "size_mb": 1.0, "parity": {"p": {"cosine": 1.0}}},
+            {"target": "cpu-int8", "built": True, "passed": True, "precision": "int8", "p50_ms": 0.49,
+             "p50_ci_ms": [0.41, 0.6], "size_mb": 0.3, "parity": {"p": {"cosine": 0.999}},
+             "reason": "tied with cpu within the noise: the higher precision is kept"}]
+    table = table_rows(rows, "cpu")
+    assert len(TABLE_HEADERS) == len(table[0]) and table[0][-1] == "chosen"
+    assert table[1][2] == "0.490 (0.410–0.600)" and table[1][-1].startswith("tied with cpu")
 
 
 @pytest.mark.slow

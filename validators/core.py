@@ -50,8 +50,11 @@ def validate(candidate, reference=None, *, batch_sizes: Sequence[int] = (1,), la
     from retool.validators import latency as lat
     from retool.validators.parity import tolerance_for
 
+    from retool import machine
+
     t_start = time.perf_counter()
     started = now_iso()
+    m_since = machine.now()
     cand_path = Path(candidate)
     if not cand_path.is_file():
         raise UsageError(f"{cand_path}: candidate model not found; give the ONNX file to validate")
@@ -96,6 +99,7 @@ def validate(candidate, reference=None, *, batch_sizes: Sequence[int] = (1,), la
         "latency": {"measured": measure, "plan": plan.to_dict() if measure else None,
                     "candidate": {}, "reference": {}, "speedup": {}, "speedup_stats": {}},
         "providers": None, "gates": [], "gate_config": gates.to_dict(), "environment": _environment(),
+        "_machine_since": m_since,
     }
     from retool.fsutil import file_size
 
@@ -159,7 +163,8 @@ def validate(candidate, reference=None, *, batch_sizes: Sequence[int] = (1,), la
                 if b not in feeds_by_batch:
                     continue
                 with console.step(f"timing batch {b} ({threads} threads)"):
-                    _latency_at(b, feeds_by_batch[b], sess, ref, plan, data)
+                    _latency_at(b, feeds_by_batch[b], sess, ref, plan, data, gates,
+                                not_slower=ref is not None and speed_gate_applies(gates, art.precision))
         from retool.input_ranges import dims_used
 
         data["dynamic_dims"] = dims_used(specs, list(feeds_by_batch.values()))
@@ -195,6 +200,11 @@ def validate(candidate, reference=None, *, batch_sizes: Sequence[int] = (1,), la
 
 
 def _finish(art, checks, data, warnings, gates, report_dir, started, t_start, size_bytes) -> Report:
+    from retool import machine
+
+    data["machine"] = machine.during(data.pop("_machine_since", None))
+    if data["latency"].get("measured") and data["machine"]["busy"]:
+        warnings.append(machine.describe(data["machine"]))
     data["gates"] = [{"name": c.name, "value": c.value, "threshold": c.threshold, "passed": bool(c.passed),
                       "message": c.message} for c in checks if c.severity == "gate"]
     seconds = round(time.perf_counter() - t_start, 3)
@@ -268,15 +278,26 @@ def _consistency_at(b, feeds, cand, sess, out_names, tols, checks, data) -> None
             "cosine": chk.details.get("cosine"), "message": chk.message}
 
 
-def _latency_at(b, feeds, sess, ref, plan, data) -> None:
+def _latency_at(b, feeds, sess, ref, plan, data, gates=None, not_slower=False) -> None:
     from retool.validators import latency as lat
 
     variants = {"candidate": (lambda s=sess, f=feeds: s.run(None, f))}
     if ref is not None:
         variants["reference"] = ref.runner(feeds)
-    samples = lat.measure_interleaved(variants, plan)
+    samples, cpu = lat.measure_interleaved(variants, plan, cpu_times=True)
+    if gates is not None:  # undecided latency gates get more rounds (validators/decide_gates.py)
+        from retool.validators import decide_gates as dg
+
+        # at 1 thread ORT runs on this thread: its CPU time is the load-robust figure (not for a source
+        # framework reference, which may hand work to threads of its own)
+        robust = data["threads"] == 1 and (ref is None or ref.kind == "onnx")
+        ds, extra = dg.measure_until_decided(b, samples, variants, gates, not_slower, dg.budget_s(gates, plan),
+                                             cpu=cpu, use_cpu=robust)
+        if ds:
+            data["latency"].setdefault("decisions", {})[str(b)] = {n: d.to_dict() for n, d in ds.items()}
+            data["latency"].setdefault("extra_timing_s", {})[str(b)] = extra
     for name, s in samples.items():
-        data["latency"][name][str(b)] = lat.summarize(s, b)
+        data["latency"][name][str(b)] = lat.summarize(s, b, cpu_ms=cpu.get(name))
     if ref is not None:
         entry = lat.paired_speedup(samples["reference"], samples["candidate"])
         data["latency"]["speedup"][str(b)] = entry["speedup"]
@@ -432,7 +453,10 @@ def summary_rows(report: Report) -> list[list[str]]:
         cs, rs = lat["candidate"][key], lat.get("reference", {}).get(key)
         g = gates.get(f"latency:p99@batch{key}")
         where = " (on CPU, not the target's hardware)" if lat.get("off_target") else ""
-        rows.append([f"latency p50 / p99 ms{where}", key, f"{_g(cs['p50_ms'])} / {_g(cs['p99_ms'])}",
+        busy = " (busy machine)" if (d.get("machine") or {}).get("busy") else ""
+        rows.append([f"latency p50 / p99 ms{where}{busy}", key, f"{_g(cs['p50_ms'])} / {_g(cs['p99_ms'])}"
+                     + (f" (thread CPU p50 {_g(cs['cpu_p50_ms'])})" if "cpu_p50_ms" in cs and d.get("threads") == 1
+                        else ""),
                      f"{_g(rs['p50_ms'])} / {_g(rs['p99_ms'])}" if rs else "",
                      f"p99 <= {g.threshold:g}" if g else "", _result(g)])
         rows.append(["throughput /s (from p50)", key, f"{cs['throughput_per_s']:.0f}",
@@ -444,9 +468,14 @@ def summary_rows(report: Report) -> list[list[str]]:
             from retool.speed import format_entry
 
             thr = " and ".join(t for t in ((f">= {g.threshold:g}×" if g else ""), ("not slower" if ns else "")) if t)
-            res = _result(g) if not ns else ("FAIL" if (not ns.passed or (g and not g.passed)) else "PASS")
-            rows.append(["speed-up (ref p50 / cand p50)", key, format_entry(sp) if sp is not None else "n/a", "",
-                         thr, res])
+            res = _result(g) if not ns else ("FAIL" if (not ns.passed or (g and not g.passed)) else _result(g or ns))
+            dec = ((g or ns).details or {}).get("decision") if (g or ns) else None
+            value = format_entry(sp) if sp is not None else "n/a"
+            if dec:  # the interval the gate decided on, not the IQR, so the cell and the result agree
+                from retool.speed import format_decision
+
+                value = format_decision(dec)
+            rows.append(["speed-up (ref p50 / cand p50)", key, value, "", thr, res])
     for name, g in gates.items():  # speedup gates at unmeasured batch sizes
         if (name.startswith("speedup@") or name.startswith("latency:")) and g.value is None:
             rows.append([name, name.partition("@batch")[2], "not measured", "", _g(g.threshold), _result(g)])
@@ -483,13 +512,18 @@ def summary_text(report: Report) -> str:
     off = (d.get("latency") or {}).get("off_target")
     if off:
         lines.append(f"latency: {off}")
+    if (d.get("latency") or {}).get("measured") and d.get("machine"):
+        from retool.machine import describe
+
+        lines.append(f"machine while timing: {describe(d['machine'])}")
     return "\n".join(lines)
 
 
 def _result(c: CheckResult | None) -> str:
     if c is None:
         return "-"
-    return "PASS" if c.passed else "FAIL"
+    res = "PASS" if c.passed else "FAIL"
+    return f"undecided: {res}" if (c.details or {}).get("outcome") == "undecided" else res
 
 
 def _g(v) -> str:

@@ -9,7 +9,13 @@ not_slower: true          # quantized candidates: not slower than the reference 
 parity:                   # tolerances per output; "*" applies to every output
   "*":    {atol: 1.0e-4, rtol: 1.0e-3, min_cosine: 0.9999}
   logits: {atol: null, min_cosine: 0.99, min_top1: 0.98}   # null switches a limit off
+undecided: fail           # a latency gate whose interval straddles its threshold, after decide_budget_s:
+                          # pass or fail; or per gate {min_speedup: fail, max_p99_ms: fail, not_slower: pass}
+                          # (those are the defaults; validators/decide_gates.py says why)
+decide_budget_s: 5        # extra seconds of timing per batch size while a latency gate is undecided
 ```
+
+Latency gates are decided on confidence intervals (retool.speed, validators/decide_gates.py).
 """
 from __future__ import annotations
 
@@ -24,7 +30,8 @@ from retool.types import CheckResult
 from retool.validators.parity import Tolerance
 
 _TOL_KEYS = {f.name for f in dataclasses.fields(Tolerance)}
-_KEYS = ("max_p99_ms", "min_speedup", "max_size_mb", "parity", "not_slower")
+_KEYS = ("max_p99_ms", "min_speedup", "max_size_mb", "parity", "not_slower", "undecided", "decide_budget_s")
+_UNDECIDED_KINDS = ("min_speedup", "max_p99_ms", "not_slower")
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,11 @@ class Gates:
     parity: Mapping[str, Mapping[str, float | None]] = field(default_factory=dict)
     #: None: on for quantized candidates (validators/speed_gate.py); True/False: on/off for any candidate
     not_slower: bool | None = None
+    #: "pass"/"fail" for every latency gate, or gate kind -> "pass"/"fail"; None: the defaults
+    #: (validators/decide_gates.py: fail for min_speedup and max_p99_ms, pass for not_slower)
+    undecided: str | Mapping[str, str] | None = None
+    #: extra seconds of timing per batch size while a latency gate is undecided; None: the default
+    decide_budget_s: float | None = None
 
     def __hash__(self):  # holds mappings
         return hash(repr(self.to_dict()))
@@ -64,7 +76,9 @@ class Gates:
 
         return {"max_p99_ms": plain(self.max_p99_ms), "min_speedup": plain(self.min_speedup),
                 "max_size_mb": self.max_size_mb, "parity": {k: dict(v) for k, v in self.parity.items()},
-                "not_slower": self.not_slower}
+                "not_slower": self.not_slower,
+                "undecided": dict(self.undecided) if isinstance(self.undecided, Mapping) else self.undecided,
+                "decide_budget_s": self.decide_budget_s}
 
 
 def load_gates(source: "str | Path | Mapping | Gates | None") -> Gates:
@@ -100,7 +114,25 @@ def load_gates(source: "str | Path | Mapping | Gates | None") -> Gates:
         max_size_mb=_number(data.get("max_size_mb"), "max_size_mb", where),
         parity=_parity(data.get("parity"), where),
         not_slower=_flag(data.get("not_slower"), "not_slower", where),
+        undecided=_undecided(data.get("undecided"), where),
+        decide_budget_s=_number(data.get("decide_budget_s"), "decide_budget_s", where),
     )
+
+
+def _undecided(v, where: str):
+    def one(x, key):
+        if x not in ("pass", "fail"):
+            raise UsageError(f"{where}: {key} must be pass or fail, got {x!r}")
+        return x
+
+    if v is None:
+        return None
+    if isinstance(v, Mapping):
+        bad = sorted(set(map(str, v)) - set(_UNDECIDED_KINDS))
+        if bad:
+            raise UsageError(f"{where}: undecided: unknown gate(s) {bad}; known: {', '.join(_UNDECIDED_KINDS)}")
+        return {str(k): one(x, f"undecided.{k}") for k, x in v.items()}
+    return one(v, "undecided")
 
 
 def _flag(v, key: str, where: str) -> bool | None:
@@ -166,34 +198,58 @@ def gate_checks(gates: Gates, *, size_mb: float, latency: Mapping[str, Any] | No
         checks.append(CheckResult("size", ok, size_mb, gates.max_size_mb,
                                   "" if ok else f"{size_mb:.2f} MB > {gates.max_size_mb:g} MB",
                                   {"unit": "MB", "op": "<="}))
-    cand = (latency or {}).get("candidate", {})
-    for key, stats in cand.items():
+    checks += latency_gate_checks(gates, latency)
+    return checks
+
+
+def latency_gate_checks(gates: Gates, latency: Mapping[str, Any] | None) -> list[CheckResult]:
+    """p99 and speed-up gates, each a decision on an interval (validators/decide_gates.py)."""
+    lat = latency or {}
+    cand = lat.get("candidate", {})
+    checks = []
+    for key in sorted(cand, key=int):
         batch = int(key)
-        limit = _for_batch(gates.max_p99_ms, batch)
-        if limit is not None:
-            v = stats["p99_ms"]
-            checks.append(CheckResult(f"latency:p99@batch{batch}", v <= limit, v, limit,
-                                      "" if v <= limit else f"p99 {v:.3f} ms > {limit:g} ms",
-                                      {"unit": "ms", "op": "<="}))
+        for name, d in _decisions(gates, lat, batch).items():
+            if name.startswith("not-slower@"):
+                continue
+            checks.append(_check(name, d, gates))
     if isinstance(gates.max_p99_ms, Mapping):
         for batch in sorted(set(gates.max_p99_ms) - {int(k) for k in cand}):
             checks.append(CheckResult(f"latency:p99@batch{batch}", False, None, gates.max_p99_ms[batch],
                                       f"batch {batch} was not measured; add it to --batch-sizes",
                                       {"unit": "ms", "op": "<="}))
-    speed = (latency or {}).get("speedup", {})
     if gates.min_speedup is not None:
         wanted = (sorted(gates.min_speedup) if isinstance(gates.min_speedup, Mapping)
                   else sorted(int(k) for k in cand))
+        have = {c.name for c in checks}
         for batch in wanted:
             limit = _for_batch(gates.min_speedup, batch)
-            if limit is None:
+            if limit is None or f"speedup@batch{batch}" in have:
                 continue
-            v = speed.get(str(batch))
-            if v is None:
-                checks.append(CheckResult(f"speedup@batch{batch}", False, None, limit,
-                                          "no reference latency at this batch size; give --reference and --batch-sizes",
-                                          {"unit": "x", "op": ">="}))
-                continue
-            checks.append(CheckResult(f"speedup@batch{batch}", v >= limit, v, limit,
-                                      "" if v >= limit else f"{v:.2f}x < {limit:g}x", {"unit": "x", "op": ">="}))
+            checks.append(CheckResult(f"speedup@batch{batch}", False, None, limit,
+                                      "no reference latency at this batch size; give --reference and --batch-sizes",
+                                      {"unit": "x", "op": ">="}))
     return checks
+
+
+def _decisions(gates: Gates, lat: Mapping, batch: int) -> dict:
+    """The stored decisions at ``batch``, or (decoder reports) ones judged on the kept samples."""
+    from retool.validators import decide_gates as dg
+
+    stored = (lat.get("decisions") or {}).get(str(batch))
+    if stored is not None:
+        return {n: dg.from_stored(d) for n, d in stored.items()}
+    samples = {k: (lat.get(k) or {}).get(str(batch), {}).get("samples_ms") for k in ("candidate", "reference")}
+    return dg.decisions_at(batch, {k: v for k, v in samples.items() if v}, gates, not_slower=False)
+
+
+def _check(name: str, d, gates: Gates) -> CheckResult:
+    from retool.validators import decide_gates as dg
+
+    final = dg.resolved(name, d, gates)
+    unit = "ms" if name.startswith("latency:") else "x"
+    op = "<=" if name.startswith("latency:") else ">=" if name.startswith("speedup@") else "not slower"
+    msg = "" if d.outcome == "pass" else final.text
+    return CheckResult(name, final.outcome == "pass", round(d.estimate, 6), d.threshold, msg,
+                       {"unit": unit, "op": op, "outcome": d.outcome, "decision": final.to_dict(),
+                        "interval": d.to_dict()["interval"]})

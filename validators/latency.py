@@ -73,26 +73,36 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def measure_interleaved(variants: Mapping[str, Callable[[], object]], plan: Plan) -> dict[str, list[float]]:
-    """Milliseconds per run for each variant, measured in alternating rounds."""
+def measure_interleaved(variants: Mapping[str, Callable[[], object]], plan: Plan, *, cpu_times: bool = False):
+    """Milliseconds per run for each variant, measured in alternating rounds.
+
+    ``cpu_times``: also the calling thread's CPU time per run (``time.thread_time_ns``), returned as
+    ``(wall, cpu)``. At 1 intra-op thread ORT runs on the calling thread, so that figure barely moves
+    when other processes take the CPU (being descheduled costs wall time, not thread CPU time).
+    """
     names = list(variants)
     for _ in range(plan.warmup):
         for n in names:
             variants[n]()
     samples: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] | None = {n: [] for n in names} if cpu_times else None
     clock = time.perf_counter_ns
     start = time.perf_counter()
     gc_was_on = gc.isenabled()
     gc.disable()  # like timeit: a collection in one variant's run would be charged to it
+    from retool import machine
+
     try:
-        _rounds(variants, names, plan, samples, clock, start)
+        with machine.watch("timing"):
+            _rounds(variants, names, plan, samples, clock, start, cpu)
     finally:
         if gc_was_on:
             gc.enable()
-    return samples
+    return (samples, cpu) if cpu_times else samples
 
 
-def _rounds(variants, names, plan, samples, clock, start) -> None:
+def _rounds(variants, names, plan, samples, clock, start, cpu=None) -> None:
+    tclock = time.thread_time_ns
     rounds = 0
     while True:
         if plan.runs is not None:
@@ -103,15 +113,23 @@ def _rounds(variants, names, plan, samples, clock, start) -> None:
         order = names if rounds % 2 == 0 else names[::-1]
         for n in order:
             fn = variants[n]
-            t0 = clock()
-            fn()
-            samples[n].append((clock() - t0) / 1e6)
+            if cpu is None:
+                t0 = clock()
+                fn()
+                samples[n].append((clock() - t0) / 1e6)
+            else:
+                c0, t0 = tclock(), clock()
+                fn()
+                t1, c1 = clock(), tclock()
+                samples[n].append((t1 - t0) / 1e6)
+                cpu[n].append((c1 - c0) / 1e6)
         rounds += 1
 
 
-def summarize(samples_ms, batch: int, keep: int = MAX_SAMPLES_KEPT) -> dict:
+def summarize(samples_ms, batch: int, keep: int = MAX_SAMPLES_KEPT, cpu_ms=None) -> dict:
     """p50/p90/p99/mean/std in ms and items per second (from the median, which one slow run
-    cannot move); ``samples_ms`` evenly thinned to ``keep``."""
+    cannot move); ``samples_ms`` evenly thinned to ``keep``. ``cpu_ms`` (the calling thread's CPU
+    time per run) adds ``cpu_p50_ms``: at 1 intra-op thread, a figure a busy machine barely moves."""
     a = np.asarray(samples_ms, dtype=np.float64)
     mean = float(a.mean())
     p50 = float(np.percentile(a, 50))
@@ -123,6 +141,7 @@ def summarize(samples_ms, batch: int, keep: int = MAX_SAMPLES_KEPT) -> dict:
         "throughput_per_s": float(batch * 1000.0 / p50) if p50 > 0 else math.inf,
         "runs": int(a.size), "batch": int(batch),
         "samples_ms": [round(float(x), 4) for x in kept],
+        **({"cpu_p50_ms": float(np.percentile(np.asarray(cpu_ms, dtype=np.float64), 50))} if cpu_ms else {}),
     }
 
 

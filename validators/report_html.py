@@ -243,8 +243,13 @@ def render_html(report: Report) -> str:
     if sp:
         from retool.speed import format_entry
 
+        from retool.speed import format_decision
+
+        decided = {c.name.partition("@batch")[2]: c.details["decision"] for c in report.checks
+                   if c.name.startswith(("speedup@", "not-slower@")) and (c.details or {}).get("decision")}
         for b, v in sorted(sp.items(), key=lambda t: int(t[0])):
-            cards.append((f"speed-up at batch {b} (ref p50 / cand p50)", format_entry(v)))
+            cards.append((f"speed-up at batch {b} (ref p50 / cand p50)",
+                          format_decision(decided[b]) if b in decided else format_entry(v)))
     if lat.get("off_target"):
         cards.append(("latency", lat["off_target"]))
     failed = report.failed_checks
@@ -254,6 +259,11 @@ def render_html(report: Report) -> str:
     chk = d.get("checked") or {}
     if chk.get("not_checked"):
         body.append(f'<p><b>Not checked:</b> {_e("; ".join(chk["not_checked"]))}</p>')
+    if lat.get("measured") and d.get("machine"):
+        from retool.machine import describe
+
+        cls = ' class="busy"' if d["machine"].get("busy") else ""
+        body.append(f'<p{cls}><b>Machine while timing:</b> {_e(describe(d["machine"]))}</p>')
     body.append("<h2>Summary</h2>" + _table(SUMMARY_HEADERS, summary_rows(report), result_col=5))
     if lat.get("candidate"):
         where = f' {_e(lat["off_target"])}.' if lat.get("off_target") else ""

@@ -38,6 +38,11 @@ def render_markdown(report: Report) -> str:
         parts += [f"**Not checked:** {'; '.join(chk['not_checked'])}", ""]
     if (d.get("latency") or {}).get("off_target"):
         parts += [f"**Latency:** {d['latency']['off_target']}", ""]
+    if (d.get("latency") or {}).get("measured") and d.get("machine"):
+        from retool.machine import describe
+
+        icon = "⚠️ " if d["machine"].get("busy") else ""
+        parts += [f"**Machine while timing:** {icon}{describe(d['machine'])}", ""]
     parts += [_md_table(SUMMARY_HEADERS, summary_rows(report)), ""]
     rows = gate_rows(report)
     if rows:

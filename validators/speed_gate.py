@@ -2,8 +2,9 @@
 
 Quantization can make a model slower (quantize/dequantize overhead on small or
 thin models), and a slower int8 model must not be published as "ok". The gate
-runs at every measured batch size; "slower" means the speed-up's paired IQR lies
-entirely below 1 (see retool.speed). Gates(not_slower=False) switches it off,
+runs at every measured batch size; "slower" means the speed-up's 95 % paired
+bootstrap interval lies entirely below 1/(1 + 2 %) (retool.speed, validators/decide_gates.py);
+an interval that straddles it is undecided, which passes unless --undecided fail. Gates(not_slower=False) switches it off,
 and the report says so.
 
 Latency measured on a CPU says nothing about a target built for other hardware
@@ -51,19 +52,34 @@ def applies(gates, precision: str | None) -> bool:
 
 
 def not_slower_checks(gates, precision: str | None, latency: Mapping[str, Any] | None) -> list[CheckResult]:
-    from retool.speed import SLOWER, format_entry
+    from retool.validators import decide_gates as dg
 
     lat = latency or {}
     if not applies(gates, precision) or lat.get("off_target"):
         return []
     out = []
-    for b, entry in sorted((lat.get("speedup_stats") or {}).items(), key=lambda t: int(t[0])):
-        slower = entry.get("verdict") == SLOWER
+    for b in sorted((lat.get("speedup_stats") or {}), key=int):
+        stored = ((lat.get("decisions") or {}).get(str(b)) or {}).get(f"not-slower@batch{b}")
+        if stored is not None:
+            d = dg.from_stored(stored)
+        else:  # a decoder report: judged on the kept samples
+            s = {k: ((lat.get(k) or {}).get(str(b)) or {}).get("samples_ms") for k in ("candidate", "reference")}
+            if not (s["candidate"] and s["reference"]):
+                continue
+            d = dg.decisions_at(int(b), s, gates, not_slower=True)[f"not-slower@batch{b}"]
+        final = dg.resolved(f"not-slower@batch{b}", d, gates)
+        ok = final.outcome == "pass"
+        msg = ""
+        if not ok:
+            msg = (f"{final.text}: slower than the reference at batch {b}; keep the fp32 model, or switch this "
+                   f"gate off with not_slower: false (--allow-slower)")
+        elif d.outcome == "undecided":
+            msg = final.text
         out.append(CheckResult(
-            f"not-slower@batch{b}", not slower, entry.get("speedup"), 1.0,
-            (f"{format_entry(entry)} than the reference at batch {b}; keep the fp32 model, or switch this "
-             f"gate off with not_slower: false (--allow-slower)") if slower else "",
-            {"unit": "x", "op": "not slower", "iqr": entry.get("iqr"), "verdict": entry.get("verdict")}))
+            f"not-slower@batch{b}", ok, round(d.estimate, 6), round(d.threshold, 6), msg,
+            {"unit": "x", "op": "not slower", "iqr": (lat["speedup_stats"][b] or {}).get("iqr"),
+             "verdict": (lat["speedup_stats"][b] or {}).get("verdict"), "outcome": d.outcome,
+             "decision": final.to_dict(), "interval": d.to_dict()["interval"]}))
     return out
 
 

@@ -26,6 +26,11 @@ from retool.commands.common import (BATCH_SIZE, COSINE, MILLISECONDS, RUNS, SEED
 @click.option("--max-size-mb", type=SIZE_MB, help="Gate: maximum model size in MB (10^6 bytes, with external data).")
 @click.option("--allow-slower", is_flag=True, help="Switch off the default gate that fails a quantized candidate "
               "slower than the reference beyond the noise (the report says it was switched off).")
+@click.option("--undecided", type=click.Choice(["pass", "fail"]), help="A latency gate whose confidence interval "
+              "still straddles its threshold counts as this (default: fail for --min-speedup/--max-p99-ms, pass for "
+              "not-slower; docs/validate.md).")
+@click.option("--decide-budget", "decide_budget_s", type=TIME_BUDGET_S, metavar="SECONDS", help="Extra timing per batch "
+              "size while a latency gate is undecided (default 5; 0: none).")
 @click.option("--atol", type=TOLERANCE, help="Parity: absolute tolerance for every output.")
 @click.option("--rtol", type=TOLERANCE, help="Parity: relative tolerance for every output.")
 @click.option("--min-cosine", type=COSINE, help="Parity: minimum cosine similarity for every output.")
@@ -37,7 +42,7 @@ from retool.commands.common import (BATCH_SIZE, COSINE, MILLISECONDS, RUNS, SEED
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the random inputs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of the table.")
 def validate_cmd(candidate, reference, latency, batch_sizes, threads, runs, time_budget_s, gates_file, max_p99_ms,
-                 min_speedup, max_size_mb, allow_slower, atol, rtol, min_cosine, report_dir, framework, weights, inputs,
+                 min_speedup, max_size_mb, allow_slower, undecided, decide_budget_s, atol, rtol, min_cosine, report_dir, framework, weights, inputs,
                  example_inputs, trust_remote_code, signature, output_names, inputs_as_nchw, custom_objects,
                  static_batch, fold_batchnorm, providers, seed, as_json):
     """Is CANDIDATE (an ONNX model) ready for production?
@@ -59,7 +64,8 @@ def validate_cmd(candidate, reference, latency, batch_sizes, threads, runs, time
     if tol_flags:
         parity["*"] = {**parity.get("*", {}), **tol_flags}
     gates = gates.merged(max_p99_ms=max_p99_ms, min_speedup=min_speedup, max_size_mb=max_size_mb, parity=parity,
-                         not_slower=False if allow_slower else None)
+                         not_slower=False if allow_slower else None, undecided=undecided,
+                         decide_budget_s=decide_budget_s)
     options = converter_options(signature, output_names, inputs_as_nchw, custom_objects, static_batch,
                                 fold_batchnorm)
     report = validate(candidate, reference, batch_sizes=sizes, latency=latency, threads=threads, gates=gates,

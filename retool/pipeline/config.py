@@ -50,7 +50,8 @@ class MapOf:
 TOLERANCE = Obj({"atol": (TOL, False), "rtol": (TOL, False), "min_cosine": (COSINE, False),
                  "min_top1": (FRACTION, False)})
 GATES = Obj({"max_p99_ms": (MILLISECONDS, False), "min_speedup": (SPEEDUP, False), "max_size_mb": (SIZE_MB, False),
-             "parity": (MapOf(TOLERANCE), False), "not_slower": (bool, False)})
+             "parity": (MapOf(TOLERANCE), False), "not_slower": (bool, False),
+             "undecided": (OneOf(("pass", "fail")), False), "decide_budget_s": (TIME_BUDGET_S, False)})
 CALIBRATION = Obj({"data": (str, False), "method": (OneOf(("minmax", "entropy", "percentile")), False),
                    "preprocess": (str, False), "percentile": (PERCENTILE, False), "samples": (SAMPLES, False)},
                   shorthand="data")

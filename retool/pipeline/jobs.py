@@ -161,9 +161,22 @@ def _summary_numbers(report) -> dict:
     batch = w[0] if w else next(iter(sorted(cand, key=int)), None)
     at = cand.get(batch, {}) if batch is not None else {}
     entry = w[1] if w else None
-    return {"p50_ms": at.get("p50_ms"), "p99_ms": at.get("p99_ms"), "batch": int(batch) if batch else None,
+    return {"decision": _gate_decision(report, batch), "machine_busy": bool((data.get("machine") or {}).get("busy")),
+            "p50_ms": at.get("p50_ms"), "p99_ms": at.get("p99_ms"), "batch": int(batch) if batch else None,
             "batches": len(cand),
             "speedup": entry.get("speedup") if isinstance(entry, dict) else entry,
             "speedup_stats": entry if isinstance(entry, dict) else None,
             "off_target": lat.get("off_target"),
             "size_mb": data.get("size_mb")}
+
+
+def _gate_decision(report, batch) -> dict | None:
+    """The speed-up or not-slower gate's decision at ``batch`` (interval, outcome), for the summary."""
+    if batch is None:
+        return None
+    for c in getattr(report, "checks", ()):
+        if c.severity == "gate" and c.name in (f"speedup@batch{batch}", f"not-slower@batch{batch}"):
+            d = (c.details or {}).get("decision")
+            if d:
+                return {**d, "gate": c.name.split("@")[0], "raw_outcome": (c.details or {}).get("outcome")}
+    return None

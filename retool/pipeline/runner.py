@@ -353,8 +353,10 @@ class _Scheduler:
             for t in m.targets:
                 outcomes.append(self.outcomes.get((m.name, t.name),
                                                   TargetOutcome(m.name, t.name, "skipped", 0, "not run")))
+        t_serve = time.perf_counter()
         outcomes = serve_published(self.models, outcomes, self.out_dir)  # after every job: the CPUs are free
         plans = plan_models(self.models, outcomes, self.out_dir)
+        seconds += time.perf_counter() - t_serve  # the run's time includes serving and the plans
         codes = ([o.code for o in outcomes] + [c.get("code", 0) for c in self.converts.values()]
                  + [p["code"] for p in plans])
         code = worst_code(codes)
