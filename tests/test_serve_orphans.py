@@ -149,3 +149,22 @@ def test_a_start_removes_folders_of_dead_retools_only(repo):
         for d in (dead, mine):
             if d.exists():
                 d.rmdir()
+
+
+@pytest.mark.slow
+def test_perf_analyzer_dies_with_retool_even_while_the_server_lives(repo):
+    from retool.serve.session import open_session
+
+    with open_session(str(repo)) as sess:
+        sess.load("lin")
+        code = ("import sys; from retool.serve import loadtest as lt; "
+                "lt.run_point('lin', sys.argv[1], concurrency=1, window_ms=20000)")
+        p = subprocess.Popen([sys.executable, "-c", code, sess.grpc_url], cwd=ROOT)
+        try:
+            kids = _wait_for(p.pid, {"perf_analyzer"}, 60)
+            os.kill(p.pid, signal.SIGKILL)
+            p.wait(30)
+            assert not _wait_gone(kids, 10), kids
+            assert sess.server.alive()  # it was not the server going away that ended it
+        finally:
+            _kill(p)
