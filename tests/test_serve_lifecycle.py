@@ -34,6 +34,7 @@ def test_stop_leaves_neither_the_server_nor_its_python_stubs(repo):
         assert kids, "a loaded python-backend model runs in a stub process"
     assert sess.server.proc.returncode == 0  # SIGINT: Triton's own orderly shutdown
     assert _gone([pid, *kids])
+    assert not sess.server.log_path.parent.exists()  # its /tmp/retool-triton-* folder goes with it
 
 
 def test_exception_inside_the_session_still_stops_the_server(repo):
@@ -90,7 +91,8 @@ def test_nonexistent_repository_is_one_line_exit_2(tmp_path, cmd):
     assert len(r.stderr.strip().splitlines()) == 1 and "no model repository here" in r.stderr
 
 
-def test_retool_serve_prints_urls_and_stops_on_ctrl_c(repo):
+@pytest.mark.parametrize("sigint_ignored", [False, True], ids=["interactive", "nohup"])
+def test_retool_serve_prints_urls_and_stops_on_ctrl_c(repo, sigint_ignored):
     import os
     import signal
     import subprocess
@@ -98,8 +100,10 @@ def test_retool_serve_prints_urls_and_stops_on_ctrl_c(repo):
     import time
     import urllib.request
 
+    # nohup, CI and `&` in a non-interactive shell hand SIGINT down as ignored
+    pre = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
     p = subprocess.Popen([sys.executable, "-m", "retool", "serve", str(repo)], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True, preexec_fn=pre)
     try:
         url = None
         deadline = time.time() + 120
@@ -115,6 +119,10 @@ def test_retool_serve_prints_urls_and_stops_on_ctrl_c(repo):
         p.send_signal(signal.SIGINT)
         assert p.wait(60) == 0  # Ctrl-C is how `retool serve` is meant to end
     finally:
-        if p.poll() is None:
+        if p.poll() is None:  # retool's watchdog then stops the server and its stubs
             os.kill(p.pid, signal.SIGKILL)
+            p.wait(30)
+            deadline = time.time() + 20
+            while not _gone(server_pids) and time.time() < deadline:
+                time.sleep(0.2)
     assert _gone(server_pids)

@@ -50,7 +50,8 @@ def loadtest_cmd(repo_url, name, url, grpc_url, concurrency, rate, budget_p99_ms
     from retool.errors import UsageError, ValidationFailed
     from retool.publish import open_repo
     from retool.serve import plot
-    from retool.serve.server import install_signal_handlers
+    from retool.serve.client import check_url
+    from retool.serve.server import install_signal_handlers, positive_seconds
     from retool.serve.session import open_session
     from retool.serve.tune import measurement, tune, verdict
     from retool.types import jsonable
@@ -63,6 +64,9 @@ def loadtest_cmd(repo_url, name, url, grpc_url, concurrency, rate, budget_p99_ms
         raise UsageError("--rate with --budget-p99-ms takes one rate (the load the budget must hold at)")
     if window_ms < 200:
         raise UsageError(f"--window-ms {window_ms}: at least 200 ms, or the percentiles mean little")
+    timeout = positive_seconds(timeout, "--timeout")
+    if url:
+        check_url(url)
     install_signal_handlers()
     repo = open_repo(repo_url)
     name = repo._require_model(name)

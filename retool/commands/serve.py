@@ -34,8 +34,10 @@ def repo_check(repo_url, name, version, url, grpc_url, timeout, startup_timeout,
     """
     from retool.errors import RetoolError
     from retool.serve.check import check, render, to_json
-    from retool.serve.server import install_signal_handlers
+    from retool.serve.server import install_signal_handlers, positive_seconds
 
+    timeout = positive_seconds(timeout, "--timeout")
+    startup_timeout = positive_seconds(startup_timeout, "--startup-timeout")
     install_signal_handlers()
     try:
         report = check(repo_url, name, _version(version), url=url, grpc_url=grpc_url, timeout=timeout,
@@ -60,10 +62,19 @@ def serve_cmd(repo_url, models, http_port, grpc_port, host, timeout, startup_tim
     import time
 
     from retool import console
+    from retool.errors import ServingError
     from retool.publish import open_repo
-    from retool.serve.server import install_signal_handlers
+    from retool.publish.names import check_model_name
+    from retool.serve.server import check_host, check_port, install_signal_handlers, positive_seconds
     from retool.serve.session import open_session
 
+    timeout = positive_seconds(timeout, "--timeout")
+    startup_timeout = positive_seconds(startup_timeout, "--startup-timeout")
+    for port, flag in ((http_port, "--http-port"), (grpc_port, "--grpc-port")):
+        if port is not None:
+            check_port(port, check_host(host), flag)
+    for m in models:
+        check_model_name(m)
     install_signal_handlers()
     names = list(models) or open_repo(repo_url).models()
     with open_session(repo_url, http_port=http_port, grpc_port=grpc_port, host=host,
@@ -71,19 +82,19 @@ def serve_cmd(repo_url, models, http_port, grpc_port, host, timeout, startup_tim
         for n in names:
             with console.step(f"loading {n}"):
                 sess.load(n, timeout=timeout)
-        click.echo(f"Triton (pid {sess.server.pid}) serves {len(names)} model(s) from {sess.repository}")
-        click.echo(f"  HTTP  {sess.http_url}   (e.g. curl {sess.http_url}/v2/models/{names[0] if names else 'NAME'})")
-        click.echo(f"  gRPC  {sess.grpc_url}")
-        click.echo(f"  log   {sess.server.log_path}")
-        click.echo(f"  note  {sess.backend_note}")
-        click.echo("Ctrl-C stops it.", err=True)
-        try:
+        try:  # from the first line printed on, Ctrl-C is the normal end
+            click.echo(f"Triton (pid {sess.server.pid}) serves {len(names)} model(s) from {sess.repository}")
+            click.echo(f"  HTTP  {sess.http_url}   (e.g. curl {sess.http_url}/v2/models/{names[0] if names else 'NAME'})")
+            click.echo(f"  gRPC  {sess.grpc_url}")
+            click.echo(f"  log   {sess.server.log_path}")
+            click.echo(f"  note  {sess.backend_note}")
+            click.echo("Ctrl-C stops it.", err=True)
             while sess.server.alive():
                 time.sleep(0.5)
         except KeyboardInterrupt:
             click.echo("stopping Triton …", err=True)
             return
-    from retool.errors import ServingError
-
-    raise ServingError(f"tritonserver (pid {sess.server.pid}) exited with code {sess.server.proc.returncode}; "
-                       f"log: {sess.server.log_path}")
+        # read now: the log's folder goes away with the server
+        died = ServingError(f"tritonserver (pid {sess.server.pid}) exited with code {sess.server.proc.returncode}: "
+                            f"{sess.server.reason()}")
+    raise died

@@ -6,11 +6,8 @@ and gRPC at batch 1 and at max_batch_size, and compares with the outputs stored 
 """
 from __future__ import annotations
 
-import io
 import json
 from typing import Any
-
-import numpy as np
 
 from retool.errors import ModelLoadError, UsageError, ValidationFailed
 from retool.serve import samples as smp
@@ -22,16 +19,13 @@ PROTOCOLS = ("http", "grpc")
 
 def _override_version(repo, name: str, version: int) -> dict | None:
     """config.pbtxt as JSON with version_policy pinned to ``version`` (for a version not served)."""
-    from google.protobuf import json_format, text_format
-    from tritonclient.grpc import model_config_pb2
+    from retool.serve.session import published_config
 
-    text = repo.config_text(name)
-    if text is None:
+    if repo.config_text(name) is None:
         return None
-    cfg = text_format.Parse(text, model_config_pb2.ModelConfig())
-    cfg.version_policy.Clear()
-    cfg.version_policy.specific.versions.append(int(version))
-    return json_format.MessageToDict(cfg, preserving_proto_field_name=True)
+    cfg = published_config(repo, name)
+    cfg["version_policy"] = {"specific": {"versions": [str(int(version))]}}
+    return cfg
 
 
 def completed_config(cfg: dict) -> dict:
@@ -77,8 +71,7 @@ def check_one(sess: Session, repo, name: str, version: int | None = None, timeou
     if decoder.is_decoder(man):  # random feeds do not fit a cache graph: a greedy generation, step by step
         data = None
         if entry and entry.get("file") and entry.get("kind") == "generation":
-            with np.load(io.BytesIO(repo.storage.read_bytes(f"{name}/{v}/{entry['file']}")), allow_pickle=False) as z:
-                data = {k: np.asarray(z[k]) for k in z.files}
+            data = smp.read_published(repo, name, v, entry, split=False)
         out["generation"] = decoder.check(sess, repo, name, v, man, cfg, data, protocols)
         out["passed"] = bool(ready and out["generation"]["passed"])
         return out
@@ -86,7 +79,7 @@ def check_one(sess: Session, repo, name: str, version: int | None = None, timeou
         why = (entry or {}).get("error") or "published before retool stored samples"
         out["note"] = f"no samples.npz in this version ({why}): parity not checked"
         return out
-    data = smp.load(repo.storage.read_bytes(f"{name}/{v}/{entry.get('file', smp.SAMPLES_FILE)}"))
+    data = smp.read_published(repo, name, v, entry)
     mbs = int(cfg.get("max_batch_size") or 0)
     rows = next(iter(data["in"].values())).shape[0] if data["in"] and mbs > 0 else 1
     batches = sorted({1, min(mbs, rows)}) if mbs > 0 else [None]

@@ -18,19 +18,37 @@ def normalise_url(url: str) -> str:
     return url if "://" in url else f"http://{url}"
 
 
+def check_url(url: str, flag: str = "--url") -> str:
+    """An HTTP(S) URL with a host and, if any, a numeric port: else one line, exit 2 (not a traceback)."""
+    from urllib.parse import urlsplit
+
+    full = normalise_url(str(url))
+    try:
+        parts = urlsplit(full)
+        port = parts.port  # ValueError for ':abc' or out of range
+    except ValueError as exc:
+        raise UsageError(f"{flag} {url}: not a valid URL ({exc}); give one such as http://localhost:8000") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"{flag} {url}: give an http:// URL with a host, such as http://localhost:8000")
+    if port == 0:
+        raise UsageError(f"{flag} {url}: port 0 is not a port a server listens on; give one such as 8000")
+    return full
+
+
 class Control:
     """The HTTP control endpoints of one server."""
 
     def __init__(self, http_url: str, timeout: float = 120.0):
-        self.url = normalise_url(http_url)
+        self.url = check_url(http_url)
         self.timeout = timeout
 
     def _call(self, method: str, path: str, body: Mapping | None = None, timeout: float | None = None):
         data = json.dumps(body).encode() if body is not None else (b"" if method == "POST" else None)
+        timeout = self.timeout if timeout is None else timeout  # an explicit 0 is not 'the default'
         req = urllib.request.Request(self.url + path, data=data, method=method,
                                      headers={"Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(req, timeout=timeout or self.timeout) as r:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
                 raw = r.read()
                 return r.status, (json.loads(raw) if raw else {})
         except urllib.error.HTTPError as exc:
@@ -41,7 +59,7 @@ class Control:
                 return exc.code, {"error": raw.decode(errors="replace")}
         except (TimeoutError, urllib.error.URLError) as exc:
             if isinstance(exc, TimeoutError) or isinstance(getattr(exc, "reason", None), TimeoutError):
-                raise ServingTimeout(f"{self.url}{path}: no answer within {timeout or self.timeout:g} s") from None
+                raise ServingTimeout(f"{self.url}{path}: no answer within {timeout:g} s") from None
             raise ServingError(f"{self.url}: cannot reach Triton ({getattr(exc, 'reason', exc)}); is the server "
                                f"running?") from None
         except (ConnectionError, OSError) as exc:
@@ -66,10 +84,11 @@ class Control:
     def load(self, name: str, config: str | None = None, timeout: float | None = None) -> None:
         """Explicit model control (the call returns once loaded); ModelLoadError with Triton's reason."""
         body = {"parameters": {"config": config}} if config else {}
+        timeout = self.timeout if timeout is None else timeout
         try:
             code, out = self._call("POST", f"/v2/repository/models/{name}/load", body, timeout=timeout)
         except ServingTimeout:
-            raise ServingTimeout(f"model {name!r} was not ready on {self.url} within {timeout or self.timeout:g} s; "
+            raise ServingTimeout(f"model {name!r} was not ready on {self.url} within {timeout:g} s; "
                                  f"raise --timeout or look at the server log") from None
         if code != 200:
             raise ModelLoadError(str(out.get("error", out)))
@@ -167,8 +186,10 @@ def infer(protocol: str, url: str, name: str, inputs: Mapping[str, np.ndarray], 
 def grpc_url_from(http_url: str, grpc_url: str | None) -> str:
     """The gRPC address for an existing server: given, or the HTTP host with Triton's default port 8001."""
     if grpc_url:
-        return grpc_url.split("://", 1)[-1]
-    host = normalise_url(http_url).split("://", 1)[1].split("/")[0].rsplit(":", 1)[0]
-    if not host:
-        raise UsageError(f"--url {http_url}: cannot tell the host")
-    return f"{host}:8001"
+        addr = grpc_url.split("://", 1)[-1]
+        check_url(addr, "--grpc-url")
+        return addr
+    from urllib.parse import urlsplit
+
+    host = urlsplit(check_url(http_url)).hostname
+    return f"[{host}]:8001" if ":" in host else f"{host}:8001"

@@ -19,6 +19,7 @@ import numpy as np
 
 from retool.errors import ServingError
 from retool.serve.home import perf_analyzer, perf_env
+from retool.serve.server import die_with_parent
 
 #: a window long enough for a few hundred requests on a small CPU model, short enough to sweep
 DEFAULT_WINDOW_MS = 1500
@@ -124,7 +125,9 @@ def _run_point(model, grpc_url, concurrency, rate, input_data, window_ms, timeou
         else:
             cmd += ["--concurrency-range", str(int(concurrency or 1))]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=perf_env())
+            # dies with retool: a kill -9 must not leave it loading a server
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=perf_env(),
+                                  preexec_fn=die_with_parent())
         except subprocess.TimeoutExpired:
             raise ServingError(f"perf_analyzer on {model} ran past {timeout:.0f} s") from None
         if proc.returncode != 0 or not csv_path.exists():

@@ -13,6 +13,33 @@ from typing import Any, Mapping
 from retool.errors import UsageError
 
 PROFILE_KIND = "retool-serving-profile"
+#: bounds a config.pbtxt can hold and a CPU can use (Triton's fields are int32/uint64)
+MAX_INSTANCES = 1024
+MAX_THREADS = 1024
+MAX_QUEUE_DELAY_US = 10**9
+_COUNT = {"type": "integer", "minimum": 1}
+PROFILE_SCHEMA = {
+    "type": "object",
+    "required": ["kind", "config"],
+    "properties": {
+        "kind": {"const": PROFILE_KIND},
+        "version": {"type": "integer"},
+        "model": {"type": ["string", "null"]},
+        "config": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "instance_count": {**_COUNT, "maximum": MAX_INSTANCES},
+                "intra_op_thread_count": {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_THREADS},
+                "dynamic_batching": {"type": "boolean"},
+                "max_queue_delay_microseconds": {"type": "integer", "minimum": 0, "maximum": MAX_QUEUE_DELAY_US},
+                "preferred_batch_size": {"type": "array", "maxItems": 64,
+                                         "items": {**_COUNT, "maximum": 2**31 - 1}},
+            },
+        },
+        "measurement": {"type": ["object", "null"]},
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -102,18 +129,38 @@ def load_profile(src) -> ServingProfile:
                              f"X --profile-out FILE")
         try:
             data = json.loads(p.read_text())
-        except ValueError as exc:
+        except (ValueError, OSError) as exc:  # UnicodeDecodeError is a ValueError
             raise UsageError(f"{p}: not a serving profile (bad JSON: {exc})") from None
-    if data.get("kind") != PROFILE_KIND or not isinstance(data.get("config"), Mapping):
-        raise UsageError(f"{where}: not a serving profile (no kind {PROFILE_KIND!r} and config); write one with "
-                         f"retool loadtest --budget-p99-ms X --profile-out FILE")
-    try:
-        cfg = ServingConfig.from_dict(data["config"])
-    except (TypeError, ValueError) as exc:
-        raise UsageError(f"{where}: bad config in serving profile ({exc})") from None
-    if cfg.instance_count < 1 or (cfg.intra_op_thread_count is not None and cfg.intra_op_thread_count < 1):
-        raise UsageError(f"{where}: instance_count and intra_op_thread_count must be at least 1")
+    check_schema(data, where)
+    cfg = ServingConfig.from_dict({k: (int(v) if isinstance(v, float) else v) for k, v in data["config"].items()})
     return ServingProfile(str(data.get("model") or ""), cfg, dict(data.get("measurement") or {}))
+
+
+def check_schema(data, where: str) -> None:
+    """One line naming the file and the first bad field (UsageError, exit 2)."""
+    try:
+        import jsonschema
+    except ImportError:
+        from retool.errors import MissingDependency
+
+        raise MissingDependency("jsonschema", "serve", "check a serving profile") from None
+    if not isinstance(data, Mapping) or data.get("kind") != PROFILE_KIND:
+        raise UsageError(f"{where}: not a serving profile (a JSON object with kind {PROFILE_KIND!r} and config); "
+                         f"write one with retool loadtest --budget-p99-ms X --profile-out FILE")
+    err = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(PROFILE_SCHEMA).iter_errors(data))
+    if err is None:
+        return
+    field = ".".join(str(x) for x in err.absolute_path) or "(top level)"
+    if err.validator == "additionalProperties":
+        known = list(err.schema.get("properties", {}))
+        extra = sorted(k for k in err.instance if k not in known)
+        field = f"{field}.{extra[0]}" if extra else field
+        what = f"unknown field (known: {', '.join(known)})"
+    else:
+        got = json.dumps(err.instance)
+        what = f"{got if len(got) <= 40 else got[:37] + '...'}: {err.message.split(' is ', 1)[-1][:120]}"
+    raise UsageError(f"{where}: {field}: {what}; fix the field or write a new profile with retool loadtest "
+                     f"--budget-p99-ms X --profile-out FILE")
 
 
 def serving_settings(model_path, profile, max_batch_size: int, name: str | None = None) -> dict:

@@ -86,6 +86,30 @@ def load(data: bytes) -> dict[str, dict[str, np.ndarray]]:
     return out
 
 
+def read_published(repo, name: str, version: int, entry: Mapping | None = None, split: bool = True) -> dict:
+    """The samples stored in a published version, loaded; a missing or damaged file is one line, exit 7.
+
+    ``split``: {"in", "out", "ref"} as :func:`load` gives; else the npz's arrays by key."""
+    from retool.errors import PublishError
+
+    key = f"{name}/{version}/{(entry or {}).get('file') or SAMPLES_FILE}"
+    where = repo.storage.location(key)
+    fix = "republish this version, or run retool repo verify to see what else changed"
+    try:
+        data = repo.storage.read_bytes(key)
+    except FileNotFoundError:
+        raise PublishError(f"{where}: the manifest lists this samples file but it is missing; {fix}") from None
+    except OSError as exc:
+        raise PublishError(f"{where}: cannot read the samples file ({exc.strerror or exc}); {fix}") from None
+    try:
+        if split:
+            return load(data)
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            return {k: np.asarray(z[k]) for k in z.files}
+    except Exception as exc:  # np.load: BadZipFile, ValueError, EOFError, OSError ... on a damaged file
+        raise PublishError(f"{where}: damaged samples file ({type(exc).__name__}: {str(exc)[:120]}); {fix}") from None
+
+
 def compare(got: Mapping[str, np.ndarray], want: Mapping[str, np.ndarray], atol: float = 1e-4,
             rtol: float = 1e-3) -> dict:
     """Max abs difference, min cosine and pass/fail (allclose) over the outputs both sides have."""

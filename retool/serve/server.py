@@ -3,17 +3,26 @@
 Explicit model control (models load on request), free ports on 127.0.0.1, readiness with a
 timeout, stop by PID with SIGINT and --exit-timeout-secs, then SIGKILL of its process group.
 A server that dies gives the reason from its own log.
+
+Even a ``kill -9`` of retool leaves nothing: the server gets PR_SET_PDEATHSIG, and a watchdog
+process holding a pipe from retool kills the server's process group (its python stubs survive
+a SIGKILLed server) and removes its temporary folder when that pipe closes without a word.
 """
 from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
+import math
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Sequence
@@ -26,6 +35,71 @@ _LIVE: "set[TritonServer]" = set()
 _LOG_LINE = re.compile(r"^([EWI])\d{4} [\d:.]+ +\d+ [^\]]+\] ?(.*)$")
 
 
+_TMP_PREFIX = "retool-triton-"
+_STOPPED = b"stopped"
+#: run by a separate interpreter: it outlives a SIGKILLed retool just long enough to clean up
+_WATCHDOG = """
+import os, shutil, signal, sys
+for s in (signal.SIGINT, signal.SIGHUP):
+    signal.signal(s, signal.SIG_IGN)
+pgid, folder, said = int(sys.argv[1]), sys.argv[2], b""
+while True:
+    try:
+        chunk = os.read(0, 64)
+    except InterruptedError:
+        continue
+    if not chunk:
+        break
+    said += chunk
+if b"stopped" not in said:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:
+        pass
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
+"""
+
+
+def die_with_parent() -> "callable | None":
+    """A preexec_fn that makes the child get SIGKILL when retool dies (Linux PR_SET_PDEATHSIG).
+
+    The signal follows the *thread* that forked: only armed from the main thread, which lives as
+    long as retool does. None where prctl is not available."""
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def arm() -> None:
+        prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # retool died between fork and prctl
+            os._exit(1)
+
+    return arm
+
+
+def check_host(host: str) -> str:
+    """--host must be an IPv4 address (or name) of this machine: say so, not that a port is in use."""
+    try:
+        addr = socket.getaddrinfo(host, 0, socket.AF_INET, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)[0][4][0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise UsageError(f"--host {host}: not an IPv4 address or known host name ({getattr(exc, 'strerror', exc)}); "
+                         f"give one of this machine's addresses such as 127.0.0.1 or 0.0.0.0") from None
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((addr, 0))
+        except OSError as exc:
+            raise UsageError(f"--host {host}: not an address of this machine ({exc.strerror}); give one of its "
+                             f"addresses such as 127.0.0.1, or 0.0.0.0 for all") from None
+    return host
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -33,14 +107,52 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def check_port(port: int, host: str = "127.0.0.1", flag: str = "--http-port") -> int:
-    """A port the user named must be free: say which is taken rather than let Triton die on it."""
+    """A port the user named must be valid and free: say which is taken rather than let Triton die on it."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise UsageError(f"{flag} {port}: a port is a whole number from 1 to 65535; pick one or leave {flag} out "
+                         f"to use a free one")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         try:
-            s.bind((host, int(port)))
+            s.bind((host, port))
         except OSError as exc:
-            raise UsageError(f"{flag} {port}: port {port} on {host} is in use ({exc.strerror}); pick another "
+            if exc.errno == errno.EADDRINUSE:
+                raise UsageError(f"{flag} {port}: port {port} on {host} is in use ({exc.strerror}); pick another "
+                                 f"or leave {flag} out to use a free one") from None
+            raise UsageError(f"{flag} {port}: cannot listen on {host}:{port} ({exc.strerror}); pick another port "
                              f"or leave {flag} out to use a free one") from None
-    return int(port)
+    return port
+
+
+def positive_seconds(value, flag: str) -> float:
+    """A timeout is a finite number of seconds above 0 (0 never means 'the default')."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = float("nan")
+    if not math.isfinite(v) or v <= 0:
+        raise UsageError(f"{flag} {value}: a timeout is a number of seconds above 0, such as 120")
+    return v
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_dirs() -> list[Path]:
+    """Remove the temporary folders of servers whose retool is gone (a kill -9 that even the watchdog missed)."""
+    gone = []
+    for d in Path(tempfile.gettempdir()).glob(f"{_TMP_PREFIX}*"):
+        m = re.fullmatch(rf"{_TMP_PREFIX}(\d+)-[^-]+", d.name)
+        if m and d.is_dir() and not d.is_symlink() and not _alive(int(m.group(1))):
+            shutil.rmtree(d, ignore_errors=True)
+            gone.append(d)
+    return gone
 
 
 def log_errors(text: str, model: str | None = None, limit: int = 3) -> list[str]:
@@ -71,16 +183,20 @@ class TritonServer:
         if not self.repository.is_dir():
             raise UsageError(f"{repository}: no model repository here (not a folder); check the path or "
                              f"publish to it first")
-        self.host = host
-        self.http_port = check_port(http_port, host, "--http-port") if http_port else None
-        self.grpc_port = check_port(grpc_port, host, "--grpc-port") if grpc_port else None
+        self.host = check_host(host)
+        self.http_port = check_port(http_port, host, "--http-port") if http_port is not None else None
+        self.grpc_port = check_port(grpc_port, host, "--grpc-port") if grpc_port is not None else None
         self.load, self.model_control = tuple(load), model_control
-        self.startup_timeout, self.exit_timeout = float(startup_timeout), int(exit_timeout)
+        self.startup_timeout = positive_seconds(startup_timeout, "--startup-timeout")
+        self.exit_timeout = int(exit_timeout)
         self._log_dir = Path(log_dir) if log_dir else None
         self.extra_args = tuple(extra_args)
         self.proc: subprocess.Popen | None = None
         self.log_path: Path | None = None
         self._log_fh = None
+        self._tmp_dir: Path | None = None  # ours to remove when the server stops
+        self._watchdog: subprocess.Popen | None = None
+        self._watch_fd: int | None = None
 
     # -- addresses -----------------------------------------------------------------------------
     @property
@@ -109,7 +225,11 @@ class TritonServer:
         home = ensure_home()
         self.http_port = self.http_port or free_port(self.host)
         self.grpc_port = self.grpc_port or free_port(self.host)
-        log_dir = self._log_dir or Path(tempfile.mkdtemp(prefix="retool-triton-"))
+        clean_stale_dirs()
+        if self._log_dir is None:  # the owner's pid in the name: a later start can tell a dead one
+            self._tmp_dir = log_dir = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{os.getpid()}-"))
+        else:
+            log_dir = self._log_dir
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / f"tritonserver-{self.http_port}.log"
         cmd = [str(home.server), f"--model-repository={self.repository}",
@@ -121,8 +241,10 @@ class TritonServer:
         self._log_fh = open(self.log_path, "wb")
         # its own session: a Ctrl-C in the terminal reaches retool, which stops the server in order
         self.proc = subprocess.Popen(cmd, stdout=self._log_fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=server_env(), start_new_session=True, cwd=str(log_dir))
+                                     env=server_env(), start_new_session=True, cwd=str(log_dir),
+                                     preexec_fn=die_with_parent())
         _LIVE.add(self)
+        self._start_watchdog()
         try:
             self.wait_live(self.startup_timeout)
         except BaseException:
@@ -130,11 +252,40 @@ class TritonServer:
             raise
         return self
 
+    def _start_watchdog(self) -> None:
+        """A process that kills the server's group (tritonserver and its python stubs) if retool dies."""
+        rfd, wfd = os.pipe()  # both non-inheritable: only the watchdog's stdin holds the read end
+        try:
+            self._watchdog = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _WATCHDOG, str(self.proc.pid), str(self._tmp_dir or "")],
+                stdin=rfd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                cwd="/")
+        except OSError:  # PDEATHSIG still covers the server itself
+            os.close(wfd)
+            wfd = None
+        finally:
+            os.close(rfd)
+        self._watch_fd = wfd
+
+    def _end_watchdog(self) -> None:
+        if self._watch_fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(self._watch_fd, _STOPPED)
+            os.close(self._watch_fd)
+            self._watch_fd = None
+        if self._watchdog is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._watchdog.wait(10)
+            self._watchdog = None
+
+    def reason(self) -> str:
+        """Why the server failed, from its log (read before the log goes away with the server)."""
+        text = self.log_text()
+        reasons = log_errors(text) or [ln.strip() for ln in text.splitlines() if ln.strip()][-2:]
+        return "; ".join(reasons) or "no message in its log"
+
     def _died(self) -> ServingError:
-        reasons = log_errors(self.log_text()) or [ln.strip() for ln in self.log_text().splitlines() if ln.strip()][-2:]
-        why = "; ".join(reasons) or "no message in its log"
-        return ServingError(f"tritonserver exited with code {self.proc.returncode} at start-up: {why} "
-                            f"(log: {self.log_path})")
+        return ServingError(f"tritonserver exited with code {self.proc.returncode} at start-up: {self.reason()}")
 
     def wait_live(self, timeout: float) -> None:
         import urllib.error
@@ -151,8 +302,8 @@ class TritonServer:
             except (urllib.error.URLError, ConnectionError, OSError):
                 pass
             if time.monotonic() > deadline:
-                raise ServingTimeout(f"tritonserver did not answer on {self.http_url} within {timeout:.0f} s "
-                                     f"(log: {self.log_path}); raise --startup-timeout on a busy machine")
+                raise ServingTimeout(f"tritonserver did not answer on {self.http_url} within {timeout:g} s "
+                                     f"(its log: {self.reason()[:300]}); raise --startup-timeout on a busy machine")
             time.sleep(0.2)
 
     def alive(self) -> bool:
@@ -177,6 +328,10 @@ class TritonServer:
         if self._log_fh:
             self._log_fh.close()
             self._log_fh = None
+        self._end_watchdog()
+        if self._tmp_dir is not None:
+            shutil.rmtree(self._tmp_dir, ignore_errors=True)
+            self._tmp_dir = None
         _LIVE.discard(self)
         return proc.returncode
 
@@ -201,7 +356,13 @@ def _on_term(signum, frame):  # SIGTERM ends retool like Ctrl-C: servers stop in
 
 
 def install_signal_handlers() -> None:
-    """For commands that run a server: SIGTERM and SIGHUP unwind like Ctrl-C, so the server stops."""
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        with contextlib.suppress(ValueError, OSError):  # not the main thread
-            signal.signal(sig, _on_term)
+    """For commands that run a server: Ctrl-C, SIGTERM and SIGHUP unwind, so the server stops.
+
+    SIGINT is set even when inherited as ignored (nohup, CI, ``&`` from a non-interactive shell),
+    or such a ``retool serve`` could not be stopped with it. An ignored SIGHUP stays ignored: that
+    is what nohup asks for."""
+    with contextlib.suppress(ValueError, OSError):  # not the main thread
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, _on_term)
+        if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+            signal.signal(signal.SIGHUP, _on_term)

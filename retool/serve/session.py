@@ -53,6 +53,22 @@ class Session:
         return f"Triton refused to load {name!r}: {tidy_reason(text)}"
 
 
+def published_config(repo, name: str) -> dict:
+    """config.pbtxt of ``name`` as JSON ({} when there is none); one line, exit 7, when it does not parse."""
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from retool.errors import PublishError
+
+    try:
+        text = repo.config_text(name)
+        msg = text_format.Parse(text or "", model_config_pb2.ModelConfig())
+    except (text_format.ParseError, UnicodeDecodeError) as exc:
+        raise PublishError(f"{repo.storage.location(name + '/config.pbtxt')}: damaged config ({exc}); republish "
+                           f"the model, or run retool repo verify") from None
+    return json_format.MessageToDict(msg, preserving_proto_field_name=True)
+
+
 def tidy_reason(text: str) -> str:
     """One readable line: no python stack of the backend, no exception class, no trailing ';'."""
     text = re.sub(r"\s+At:\s+.*$", "", text, flags=re.S)

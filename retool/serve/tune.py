@@ -127,15 +127,12 @@ def tune(sess, repo, name: str, *, budget_ms: float | None, rate: float | None =
          timeout: float = 120.0) -> dict:
     """Measure each configuration; returns the report (JSON-ready). ``configs`` replaces the space
     ("published": only the configuration in the repository, loaded as it is)."""
-    from google.protobuf import json_format, text_format
-    from tritonclient.grpc import model_config_pb2
-
     from retool.serve import samples as smp
+    from retool.serve.session import published_config
 
     versions = repo.versions(name)
     v = versions[-1]
-    base = json_format.MessageToDict(text_format.Parse(repo.config_text(name) or "", model_config_pb2.ModelConfig()),
-                                     preserving_proto_field_name=True)
+    base = published_config(repo, name)
     mbs = int(base.get("max_batch_size") or 0)
     n_cores = cores()
     published = from_config(base)
@@ -148,11 +145,12 @@ def tune(sess, repo, name: str, *, budget_ms: float | None, rate: float | None =
     from pathlib import Path
 
     measured: list[Measured] = []
+    failed: list = []  # the RetoolError of each configuration that could not be measured
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="retool-load-") as tmp:
         data_file = None
         if (man.get("samples") or {}).get("file"):
-            data = smp.load(repo.storage.read_bytes(f"{name}/{v}/{man['samples'].get('file', smp.SAMPLES_FILE)}"))
+            data = smp.read_published(repo, name, v, man["samples"])
             data_file = lt.input_data_file(data["in"], Path(tmp), batched=mbs > 0)
         try:
             for cfg in todo:
@@ -172,6 +170,7 @@ def tune(sess, repo, name: str, *, budget_ms: float | None, rate: float | None =
                         if not isinstance(exc, RetoolError):
                             raise
                         m.error = str(exc)
+                        failed.append(exc)
                 _pick(m, budget_ms, rate)
         finally:
             if sess.server is None:  # an existing server goes back to the published config
@@ -179,8 +178,21 @@ def tune(sess, repo, name: str, *, budget_ms: float | None, rate: float | None =
                     sess.load(name, timeout=timeout)
                 except Exception:  # noqa: BLE001 - best effort on someone else's server
                     console.warn(f"could not reload {name} with its published config on {sess.http_url}")
+    if failed and len(failed) == len(measured):
+        raise nothing_measured(name, failed)
     return report(name, v, measured, budget_ms, rate, cost_per_hour, n_cores, window_ms,
                   time.perf_counter() - t0, sess.backend_note, published)
+
+
+def nothing_measured(name: str, errors: list):
+    """Every configuration failed: its error (7 when Triton refused the model, else 8/9 ...), with the count."""
+    from retool.errors import ModelLoadError
+
+    err = next((e for e in errors if isinstance(e, ModelLoadError)), errors[0])
+    n = len(errors)
+    err.message = (f"{name}: nothing measured ({n} of {n} configuration{'s' if n > 1 else ''} failed): "
+                   f"{err.message}")
+    return err
 
 
 def report(name, version, measured: list[Measured], budget_ms, rate, cost_per_hour, n_cores, window_ms, seconds,
