@@ -6,6 +6,8 @@ Layout (what Triton reads, plus retool's hidden bookkeeping)::
     <repo>/<name>/<N>/model.onnx        (+ its external data files)
     <repo>/<name>/<N>/manifest.json     hashes, provenance, readiness report, publisher
     <repo>/<name>/aliases.json          production / staging ... -> version, with history
+    <repo>/<name>/serving.json          serving profiles applied after publish (retool repo configure)
+    <repo>/<name>/history.json          the index: sha256 of config and manifests, aliases, every change
 """
 from __future__ import annotations
 
@@ -15,10 +17,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from retool.errors import PublishError, UnsafePath, UsageError
-from retool.publish import regression
+from retool.publish import index, regression
 from retool.publish.config import DEFAULT_MAX_BATCH, batchable, build_config, parse_with_triton_schema
 from retool.publish.manifest import build_manifest, publisher
-from retool.publish.names import check_alias, check_model_name, check_version
+from retool.publish.names import (ascii_digits, check_alias, check_instances, check_max_batch_size, check_model_name,
+                                  check_version, version_of)
 from retool.publish.storage import MANIFEST, MODEL_FILE, Storage, open_storage
 from retool.types import CheckResult, ModelArtifact, Report, now_iso
 
@@ -38,6 +41,8 @@ class PublishResult:
     regression: tuple[CheckResult, ...] = ()
     #: the file was identical to the latest version, so no new version was made
     unchanged: bool = False
+    #: a serving profile applied to an unchanged version (a config revision): the history entry
+    configured: Mapping[str, Any] | None = None
 
     @property
     def path(self) -> str:
@@ -88,7 +93,7 @@ class Repository:
             if entry.startswith("."):
                 continue
             kids = self.storage.listdir(entry)
-            if CONFIG in kids or any(k.isdigit() for k in kids):
+            if CONFIG in kids or any(ascii_digits(k) for k in kids):
                 out.append(entry)
         return out
 
@@ -103,8 +108,17 @@ class Repository:
     def versions(self, name: str) -> list[int]:
         """Committed versions (their manifest exists), ascending."""
         kids = self.storage.listdir(name)
-        return sorted(int(k) for k in kids if k.isdigit() and int(k) > 0
+        return sorted(v for k in kids if (v := version_of(k)) is not None and not self.storage.is_link(f"{name}/{k}")
                       and self.storage.exists(f"{name}/{k}/{MANIFEST}"))
+
+    def _version_folders(self, name: str) -> dict[str, str]:
+        """Entries named with ASCII digits -> 'ok', 'non-canonical' ('01', '0') or 'symlink'."""
+        out = {}
+        for k in self.storage.listdir(name):
+            if ascii_digits(k):
+                out[k] = ("symlink" if self.storage.is_link(f"{name}/{k}") else
+                          "ok" if version_of(k) is not None else "non-canonical")
+        return out
 
     def manifest(self, name: str, version: int) -> dict:
         try:
@@ -150,8 +164,9 @@ class Repository:
         alias = check_alias(alias) if alias else None
         requested = None if str(version).strip().lower() == "auto" else check_version(version)
         limits = regression.parse_spec(max_regression)
-        if int(instance_count) < 1:
-            raise UsageError(f"--instances {instance_count}: Triton needs at least one model instance")
+        check_instances(instance_count)
+        if max_batch_size is not None:
+            check_max_batch_size(max_batch_size)
         art = _load_artifact(artifact)
         rep, rep_source = _load_report(report, art)
         base_reasons: list[str] = []
@@ -180,7 +195,10 @@ class Repository:
         new_size = sum(p.stat().st_size for p in files.values())  # the model's size, not its samples
         rep_dict = rep.to_dict() if rep is not None else None
         triton = {"max_batch_size": _max_batch(art, rep, max_batch_size), "instance_count": int(instance_count)}
+        if serving_profile is not None:  # what publish writes without a profile: the default, kept
+            triton["default"] = {**triton, **serving_settings(art.path, None, triton["max_batch_size"], name)}
         triton.update(serving_settings(art.path, serving_profile, triton["max_batch_size"], name))
+        check_instances(triton["instance_count"], f"{serving_profile or 'serving profile'}: instance_count")
         who = {**publisher(), "at": now_iso()}
         tmp_samples = tempfile.TemporaryDirectory(prefix="retool-samples-")
         samples_entry = None
@@ -208,15 +226,21 @@ class Repository:
         try:
             with store.lock(name):
                 store.clean_stale(name)
+                self._recover(name)
                 for _ in range(10000):
                     committed = self.versions(name)
                     if committed and requested is None and not republish:
                         latest = self.manifest(name, committed[-1])
                         if _same_files(latest.get("files"), info):
+                            revised = None
+                            if serving_profile is not None:  # a config revision, not a new version
+                                revised = self._configure_locked(name, committed[-1], serving_profile)
                             if alias:
                                 self._move_alias(name, alias, committed[-1])
+                                self._commit_state(name, index.event("promote", alias=alias,
+                                                                     version=committed[-1]))
                             return PublishResult(name, committed[-1], store.location(f"{name}/{committed[-1]}"),
-                                                 latest, False, (), unchanged=True)
+                                                 latest, False, (), unchanged=True, configured=revised)
                     baselines = {}
                     if committed:
                         baselines["latest"] = committed[-1]
@@ -245,7 +269,8 @@ class Repository:
                         report_matches=matches, forced=bool(reasons), forced_reasons=reasons, regression=checks,
                         limits=limits.to_dict(), baselines=baselines, triton=triton, published=who,
                         samples=samples_entry)
-                    if store.commit(staged, v, (json.dumps(manifest, indent=2) + "\n").encode()):
+                    mbytes = (json.dumps(manifest, indent=2) + "\n").encode()
+                    if self._commit_version(name, staged, v, manifest, mbytes, first=not committed):
                         break
                     if requested is not None:
                         raise PublishError(f"{store.location(f'{name}/{v}')}: version {v} was just taken by "
@@ -254,25 +279,86 @@ class Repository:
                     raise PublishError(f"{store.location(name)}: could not claim a version; retry")
                 if alias:
                     self._move_alias(name, alias, v)
-                self.write_config(name)
+                self._commit_state(name, None)
         finally:
             store.discard(staged)
             tmp_samples.cleanup()
         return PublishResult(name, v, store.location(f"{name}/{v}"), manifest, bool(reasons), tuple(checks))
 
-    def write_config(self, name: str) -> str | None:
-        """(Re)write config.pbtxt: the served versions are the aliased ones, or the latest when none."""
+    def _commit_version(self, name: str, staged, v: int, manifest: dict, mbytes: bytes, *, first: bool) -> bool:
+        """Make version ``v`` visible, recorded as pending in the index first, so that a publisher killed
+        at any point leaves a state verify accepts and the next writer finishes (:meth:`_recover`)."""
+        from retool.fsutil import sha256_bytes
+
+        idx = self._index(name)
+        idx["pending"] = index.event("publish", version=v, manifest_sha256=sha256_bytes(mbytes))
+        index.write(self, name, idx)
+        if first:  # the config is in place before the version: a reader never sees a version without one
+            text = self.render_config(name, extra=(v, manifest))
+            if text is not None:
+                self.storage.write_bytes(f"{name}/{CONFIG}", text.encode())
+        if self.storage.commit(staged, v, mbytes):
+            return True
+        idx.pop("pending", None)  # lost the race for v: nothing of ours is visible
+        index.write(self, name, idx)
+        return False
+
+    def _index(self, name: str) -> dict:
+        idx = index.read(self, name)
+        return idx if idx is not None else index.adopt(self, name)
+
+    def _recover(self, name: str) -> None:
+        """Finish what a killed writer left pending (under the lock)."""
+        idx = index.read(self, name)
+        if idx and idx.get("pending"):
+            self._commit_state(name, None)
+
+    def _commit_state(self, name: str, event: dict | None) -> str | None:
+        """Rewrite config.pbtxt from the repository, then the index: its sha256, the aliases, a version
+        left pending (added with the manifest hash taken at publish) and ``event`` in the history."""
+        from retool.fsutil import sha256_bytes
+
+        text = self.write_config(name)
+        idx = self._index(name)
+        pending = idx.pop("pending", None)
+        if pending and pending.get("version") in self.versions(name):
+            v = pending["version"]
+            idx["versions"][str(v)] = pending.get("manifest_sha256") or index.manifest_sha(self, name, v)
+            idx["history"].append({**pending, "config_sha256": sha256_bytes(text.encode()) if text else None,
+                                   "completed": index.event("complete")["at"]})
+        idx["aliases"] = index.alias_map(self.aliases(name))
+        idx["config_sha256"] = sha256_bytes(text.encode()) if text is not None else idx.get("config_sha256")
+        if event:
+            idx["history"].append({**event, "config_sha256": idx["config_sha256"]})
+        index.write(self, name, idx)
+        return text
+
+    def render_config(self, name: str, extra: tuple[int, Mapping] | None = None) -> str | None:
+        """config.pbtxt as retool writes it: the served versions are the aliased ones, or the latest
+        when none. ``extra``: (version, manifest) of a version about to be committed."""
         committed = self.versions(name)
+        if extra is not None:
+            committed = sorted({*committed, extra[0]})
         if not committed:
             return None
         served = sorted({int(a["version"]) for a in self.aliases(name).values() if int(a["version"]) in committed})
         shown = max(served) if served else committed[-1]
-        m = self.manifest(name, shown)
-        t = {**(m.get("triton") or {}), **self.serving_profiles(name).get(str(shown), {})}
-        text = build_config(name, m["artifact"], served_versions=served or None,
+        m = extra[1] if extra is not None and extra[0] == shown else self.manifest(name, shown)
+        t = self.effective_settings(name, shown, m)
+        return build_config(name, m["artifact"], served_versions=served or None,
                             max_batch_size=t.get("max_batch_size"), instance_count=t.get("instance_count", 1),
                             dynamic_batching=t.get("dynamic_batching", True), parameters=t.get("parameters"))
-        self.storage.write_bytes(f"{name}/{CONFIG}", text.encode())
+
+    def effective_settings(self, name: str, version: int, manifest: Mapping | None = None) -> dict:
+        """The Triton settings ``version`` is served with: the manifest's, then a profile applied later."""
+        m = manifest if manifest is not None else self.manifest(name, version)
+        return {**(m.get("triton") or {}), **self.serving_profiles(name).get(str(version), {})}
+
+    def write_config(self, name: str) -> str | None:
+        """(Re)write config.pbtxt (see :meth:`render_config`); callers then record it in the index."""
+        text = self.render_config(name)
+        if text is not None:
+            self.storage.write_bytes(f"{name}/{CONFIG}", text.encode())
         return text
 
     def serving_profiles(self, name: str) -> dict:
@@ -285,20 +371,72 @@ class Repository:
                                f"run the serve step again") from None
 
     def set_serving_profile(self, name: str, version: int, profile) -> str | None:
-        """Serve ``version`` with a profile measured after it was published (the manifest stays as
-        published; the profile and its measurement are kept in NAME/serving.json). Returns the config."""
-        from retool.serve.profile import serving_settings
+        """Serve ``version`` with a profile measured after it was published. Returns the config."""
+        self.configure(name, profile, version)
+        return self.config_text(name)
+
+    def configure(self, name: str, profile, version=None) -> dict:
+        """A config revision: serve ``version`` (default: the one config.pbtxt describes) with ``profile``
+        without a new version. The manifest stays as published; the profile goes into NAME/serving.json,
+        config.pbtxt is rewritten atomically, and the old and new settings, the profile's measurement,
+        the time and the user go into the model's history. Returns that history entry."""
+        name = self._require_model(name)
+        with self.storage.lock(name):
+            self.storage.clean_stale(name)
+            self._recover(name)
+            committed = self.versions(name)
+            if version is None:
+                if not committed:
+                    raise UsageError(f"{self.storage.location(name)}: no published version to configure")
+                served = [v for v in index.alias_map(self.aliases(name)).values() if v in committed]
+                version = max(served) if served else committed[-1]
+            return self._configure_locked(name, check_version(version), profile)
+
+    def _configure_locked(self, name: str, version: int, profile) -> dict:
+        from retool.serve.profile import load_profile, serving_settings
+
+        if version not in self.versions(name):
+            have = ", ".join(map(str, self.versions(name))) or "none"
+            raise UsageError(f"{self.storage.location(name)}: no version {version} to apply a serving profile to "
+                             f"(versions: {have})")
+        where = profile if isinstance(profile, (str, Path)) else "serving profile"
+        prof = load_profile(profile)
+        old = self.effective_settings(name, version)
+        mbs = int(old.get("max_batch_size") or 0)
+        new = {**serving_settings(None, prof, mbs, name), "applied": now_iso(), "by": publisher()["user"]}
+        check_instances(new.get("instance_count"), f"{where}: instance_count")
+        allp = self.serving_profiles(name)
+        allp[str(version)] = new
+        self.storage.write_json(f"{name}/{SERVING}", {"versions": allp})
+        keep = ("max_batch_size", "instance_count", "dynamic_batching", "parameters")
+        entry = index.event("configure", version=version,
+                            old={k: old.get(k) for k in keep if k in old},
+                            new={k: v for k, v in {**old, **new}.items() if k in keep},
+                            measurement=dict(prof.measurement), profile_model=prof.model or None)
+        self._commit_state(name, entry)
+        return entry
+
+    def serving_config(self, name: str):
+        """The configuration config.pbtxt serves now, as a ServingConfig (None without a config)."""
+        from retool.serve.tune import from_config
+
+        text = self.config_text(name)
+        return None if text is None else from_config(config_json(text))
+
+    def default_serving_config(self, name: str, version=None):
+        """What publish writes for ``version`` (default: the latest) without a serving profile: THE
+        default that every comparison uses, whatever profile is applied now."""
+        from retool.serve.tune import from_config
 
         name = self._require_model(name)
-        if version not in self.versions(name):
-            raise UsageError(f"{self.storage.location(name)}: no version {version} to apply a serving profile to")
-        mbs = int((self.manifest(name, version).get("triton") or {}).get("max_batch_size") or 0)
-        settings = {**serving_settings(None, profile, mbs, name), "applied": now_iso(), "by": publisher()["user"]}
-        with self.storage.lock(name):
-            allp = self.serving_profiles(name)
-            allp[str(version)] = settings
-            self.storage.write_json(f"{name}/{SERVING}", {"versions": allp})
-            return self.write_config(name)
+        v = check_version(version) if version is not None else self.versions(name)[-1]
+        m = self.manifest(name, v)
+        t = dict(m.get("triton") or {})
+        t = dict(t.get("default") or t) if "serving_profile" in t or "default" in t else t
+        text = build_config(name, m["artifact"], max_batch_size=t.get("max_batch_size"),
+                            instance_count=t.get("instance_count", 1), dynamic_batching=True,
+                            parameters=t.get("parameters"))
+        return from_config(config_json(text))
 
     # ---- aliases ------------------------------------------------------------------------------------
     def _move_alias(self, name: str, alias: str, version: int, *, rollback: bool = False) -> dict:
@@ -328,14 +466,16 @@ class Repository:
             raise PublishError(f"{self.storage.location(f'{name}/{v}')}: refusing to promote a damaged version "
                                f"({bad[0].path}: {bad[0].problem}); run retool repo verify")
         with self.storage.lock(name):
+            self._recover(name)
             out = self._move_alias(name, alias, v)
-            self.write_config(name)
+            self._commit_state(name, index.event("promote", alias=alias, version=v, previous=out["previous"]))
         return out
 
     def rollback(self, name: str, alias: str) -> dict:
         name = self._require_model(name)
         alias = check_alias(alias)
         with self.storage.lock(name):
+            self._recover(name)
             entry = self.aliases(name).get(alias)
             if not entry:
                 raise UsageError(f"{self.storage.location(name)}: no alias {alias!r} to roll back; promote first")
@@ -348,7 +488,7 @@ class Repository:
                                    f"{alias!r} is missing or damaged; promote a version explicitly")
             out = self._move_alias(name, alias, target, rollback=True)
             out["previous"] = entry["version"]
-            self.write_config(name)
+            self._commit_state(name, index.event("rollback", alias=alias, version=target, previous=entry["version"]))
         return out
 
     # ---- checking ----------------------------------------------------------------------------------------
@@ -393,16 +533,17 @@ class Repository:
         checked = 0
         for n in names:
             try:
-                kids = self.storage.listdir(n)
+                folders = self._version_folders(n)
                 self.storage.files(n)
             except UnsafePath as exc:
                 findings.append(Finding(n, None, self.url, "unsafe-path", str(exc)))
                 continue
-            versions = sorted(int(k) for k in kids if k.isdigit() and int(k) > 0)
+            versions = sorted(int(k) for k, kind in folders.items() if kind == "ok")
             for v in versions:
                 findings += self.verify_version(n, v)
                 checked += len(self.storage.files(f"{n}/{v}"))
             committed = self.versions(n)
+            findings += index.check(self, n, folders, committed)
             text = self.config_text(n)
             if text is None and committed:
                 findings.append(Finding(n, None, self.storage.location(f"{n}/{CONFIG}"), "missing",
@@ -465,6 +606,15 @@ def _facts(m: Mapping) -> dict[str, Any]:
     out["published at"] = pub.get("at")
     out["retool version"] = m.get("retool_version")
     return out
+
+
+def config_json(text: str) -> dict:
+    """A config.pbtxt as JSON (Triton's schema), the form retool.serve.tune.from_config reads."""
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2
+
+    return json_format.MessageToDict(text_format.Parse(text, model_config_pb2.ModelConfig()),
+                                     preserving_proto_field_name=True)
 
 
 def _same_files(published, new) -> bool:
@@ -555,9 +705,7 @@ def _max_batch(art: ModelArtifact, rep: Report | None, explicit: int | None) -> 
     if not batchable(ins, outs):
         return 0
     if explicit is not None:
-        if int(explicit) < 0:
-            raise UsageError(f"--max-batch-size {explicit}: must be 0 (no batching) or more")
-        return int(explicit)
+        return check_max_batch_size(explicit)
     # serve no larger batches than the report proved correct
     data = (rep.data or {}) if rep is not None else {}
     for key in ("parity_batch_sizes", "batch_sizes"):  # validate's: the batch sizes parity was proven at
