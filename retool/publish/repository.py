@@ -298,6 +298,7 @@ class Repository:
             if text is not None:
                 self.storage.write_bytes(f"{name}/{CONFIG}", text.encode())
         if self.storage.commit(staged, v, mbytes):
+            _test_pause()
             return True
         idx.pop("pending", None)  # lost the race for v: nothing of ours is visible
         index.write(self, name, idx)
@@ -415,6 +416,10 @@ class Repository:
                             measurement=dict(prof.measurement), profile_model=prof.model or None)
         self._commit_state(name, entry)
         return entry
+
+    def history(self, name: str) -> list[dict]:
+        idx = index.read(self, self._require_model(name))
+        return list((idx or {}).get("history") or ())
 
     def serving_config(self, name: str):
         """The configuration config.pbtxt serves now, as a ServingConfig (None without a config)."""
@@ -606,6 +611,16 @@ def _facts(m: Mapping) -> dict[str, Any]:
     out["published at"] = pub.get("at")
     out["retool version"] = m.get("retool_version")
     return out
+
+
+def _test_pause() -> None:
+    """Test hook: seconds to sleep between a version's rename and the config and index writes (kill -9)."""
+    import os
+    import time
+
+    delay = os.environ.get("RETOOL_TEST_COMMIT_DELAY_S")
+    if delay:
+        time.sleep(float(delay))
 
 
 def config_json(text: str) -> dict:
