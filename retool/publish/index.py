@@ -62,9 +62,10 @@ def adopt(repo: "Repository", name: str) -> dict:
     idx["aliases"] = alias_map(repo.aliases(name))
     text = repo.config_text(name)
     idx["config_sha256"] = sha256_bytes(text.encode()) if text is not None else None
-    who = publisher()
-    idx["history"].append({"event": "adopted", "at": now_iso(), "by": who["user"], "host": who["host"],
-                           "note": "index started from the repository as found"})
+    if idx["versions"] or text is not None:  # a model from before the index, not a first publish
+        who = publisher()
+        idx["history"].append({"event": "adopted", "at": now_iso(), "by": who["user"], "host": who["host"],
+                               "note": "index started from the repository as found"})
     return idx
 
 
