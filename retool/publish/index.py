@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 from retool.errors import PublishError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from retool.publish.repository import Finding, Repository
+    from retool.publish.checks import Finding
+    from retool.publish.repository import Repository
 
 INDEX = "history.json"
 KIND = "retool-model-index"
@@ -76,7 +77,8 @@ def check(repo: "Repository", name: str, folders: dict[str, str], committed: lis
     'non-canonical' or 'symlink'."""
     from retool.fsutil import sha256_bytes
     from retool.publish.config import parse_with_triton_schema
-    from retool.publish.repository import ALIASES, CONFIG, Finding
+    from retool.publish.checks import Finding
+    from retool.publish.revision import ALIASES, CONFIG
 
     loc = repo.storage.location
     out: list[Finding] = []

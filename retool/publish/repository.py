@@ -18,17 +18,16 @@ from typing import Any, Mapping
 
 from retool.errors import PublishError, UnsafePath, UsageError
 from retool.publish import index, regression
-from retool.publish.config import DEFAULT_MAX_BATCH, batchable, build_config, parse_with_triton_schema
+from retool.publish.config import DEFAULT_MAX_BATCH, batchable
 from retool.publish.manifest import build_manifest, publisher
 from retool.publish.names import (ascii_digits, check_alias, check_instances, check_max_batch_size, check_model_name,
                                   check_version, version_of)
+from retool.publish.checks import Checks, Finding
+from retool.publish.revision import ALIASES, CONFIG, SERVING, ServingState, config_json
 from retool.publish.storage import MANIFEST, MODEL_FILE, Storage, open_storage
 from retool.types import CheckResult, ModelArtifact, Report, now_iso
 
-CONFIG = "config.pbtxt"
-ALIASES = "aliases.json"
-#: serving profiles measured after publish (retool run's serve step): version -> triton settings
-SERVING = "serving.json"
+__all__ = ["ALIASES", "CONFIG", "SERVING", "Finding", "PublishResult", "Repository", "config_json", "open_repo"]
 
 
 @dataclass(frozen=True)
@@ -57,26 +56,11 @@ class PublishResult:
                        "files": self.manifest.get("files"), "published": self.manifest.get("published")})
 
 
-@dataclass(frozen=True)
-class Finding:
-    """One thing wrong in a repository, found by verify."""
-
-    model: str
-    version: int | None
-    path: str
-    problem: str  # changed | added | missing | incomplete | bad-manifest | bad-config | bad-alias
-    detail: str = ""
-
-    def to_dict(self) -> dict:
-        return {"model": self.model, "version": self.version, "path": self.path, "problem": self.problem,
-                "detail": self.detail}
-
-
 def open_repo(url, storage_options: Mapping | None = None) -> "Repository":
     return Repository(open_storage(str(url), storage_options))
 
 
-class Repository:
+class Repository(ServingState, Checks):
     def __init__(self, storage: Storage):
         self.storage = storage
         self.url = storage.url
@@ -304,145 +288,6 @@ class Repository:
         index.write(self, name, idx)
         return False
 
-    def _index(self, name: str) -> dict:
-        idx = index.read(self, name)
-        return idx if idx is not None else index.adopt(self, name)
-
-    def _recover(self, name: str) -> None:
-        """Finish what a killed writer left pending (under the lock)."""
-        idx = index.read(self, name)
-        if idx and idx.get("pending"):
-            self._commit_state(name, None)
-
-    def _commit_state(self, name: str, event: dict | None) -> str | None:
-        """Rewrite config.pbtxt from the repository, then the index: its sha256, the aliases, a version
-        left pending (added with the manifest hash taken at publish) and ``event`` in the history."""
-        from retool.fsutil import sha256_bytes
-
-        text = self.write_config(name)
-        idx = self._index(name)
-        pending = idx.pop("pending", None)
-        if pending and pending.get("version") in self.versions(name):
-            v = pending["version"]
-            idx["versions"][str(v)] = pending.get("manifest_sha256") or index.manifest_sha(self, name, v)
-            idx["history"].append({**pending, "config_sha256": sha256_bytes(text.encode()) if text else None,
-                                   "completed": index.event("complete")["at"]})
-        idx["aliases"] = index.alias_map(self.aliases(name))
-        idx["config_sha256"] = sha256_bytes(text.encode()) if text is not None else idx.get("config_sha256")
-        if event:
-            idx["history"].append({**event, "config_sha256": idx["config_sha256"]})
-        index.write(self, name, idx)
-        return text
-
-    def render_config(self, name: str, extra: tuple[int, Mapping] | None = None) -> str | None:
-        """config.pbtxt as retool writes it: the served versions are the aliased ones, or the latest
-        when none. ``extra``: (version, manifest) of a version about to be committed."""
-        committed = self.versions(name)
-        if extra is not None:
-            committed = sorted({*committed, extra[0]})
-        if not committed:
-            return None
-        served = sorted({int(a["version"]) for a in self.aliases(name).values() if int(a["version"]) in committed})
-        shown = max(served) if served else committed[-1]
-        m = extra[1] if extra is not None and extra[0] == shown else self.manifest(name, shown)
-        t = self.effective_settings(name, shown, m)
-        return build_config(name, m["artifact"], served_versions=served or None,
-                            max_batch_size=t.get("max_batch_size"), instance_count=t.get("instance_count", 1),
-                            dynamic_batching=t.get("dynamic_batching", True), parameters=t.get("parameters"))
-
-    def effective_settings(self, name: str, version: int, manifest: Mapping | None = None) -> dict:
-        """The Triton settings ``version`` is served with: the manifest's, then a profile applied later."""
-        m = manifest if manifest is not None else self.manifest(name, version)
-        return {**(m.get("triton") or {}), **self.serving_profiles(name).get(str(version), {})}
-
-    def write_config(self, name: str) -> str | None:
-        """(Re)write config.pbtxt (see :meth:`render_config`); callers then record it in the index."""
-        text = self.render_config(name)
-        if text is not None:
-            self.storage.write_bytes(f"{name}/{CONFIG}", text.encode())
-        return text
-
-    def serving_profiles(self, name: str) -> dict:
-        try:
-            return dict(self.storage.read_json(f"{name}/{SERVING}").get("versions", {}))
-        except FileNotFoundError:
-            return {}
-        except ValueError as exc:
-            raise PublishError(f"{self.storage.location(f'{name}/{SERVING}')}: damaged ({exc}); delete it and "
-                               f"run the serve step again") from None
-
-    def set_serving_profile(self, name: str, version: int, profile) -> str | None:
-        """Serve ``version`` with a profile measured after it was published. Returns the config."""
-        self.configure(name, profile, version)
-        return self.config_text(name)
-
-    def configure(self, name: str, profile, version=None) -> dict:
-        """A config revision: serve ``version`` (default: the one config.pbtxt describes) with ``profile``
-        without a new version. The manifest stays as published; the profile goes into NAME/serving.json,
-        config.pbtxt is rewritten atomically, and the old and new settings, the profile's measurement,
-        the time and the user go into the model's history. Returns that history entry."""
-        name = self._require_model(name)
-        with self.storage.lock(name):
-            self.storage.clean_stale(name)
-            self._recover(name)
-            committed = self.versions(name)
-            if version is None:
-                if not committed:
-                    raise UsageError(f"{self.storage.location(name)}: no published version to configure")
-                served = [v for v in index.alias_map(self.aliases(name)).values() if v in committed]
-                version = max(served) if served else committed[-1]
-            return self._configure_locked(name, check_version(version), profile)
-
-    def _configure_locked(self, name: str, version: int, profile) -> dict:
-        from retool.serve.profile import load_profile, serving_settings
-
-        if version not in self.versions(name):
-            have = ", ".join(map(str, self.versions(name))) or "none"
-            raise UsageError(f"{self.storage.location(name)}: no version {version} to apply a serving profile to "
-                             f"(versions: {have})")
-        where = profile if isinstance(profile, (str, Path)) else "serving profile"
-        prof = load_profile(profile)
-        old = self.effective_settings(name, version)
-        mbs = int(old.get("max_batch_size") or 0)
-        new = {**serving_settings(None, prof, mbs, name), "applied": now_iso(), "by": publisher()["user"]}
-        check_instances(new.get("instance_count"), f"{where}: instance_count")
-        allp = self.serving_profiles(name)
-        allp[str(version)] = new
-        self.storage.write_json(f"{name}/{SERVING}", {"versions": allp})
-        keep = ("max_batch_size", "instance_count", "dynamic_batching", "parameters")
-        entry = index.event("configure", version=version,
-                            old={k: old.get(k) for k in keep if k in old},
-                            new={k: v for k, v in {**old, **new}.items() if k in keep},
-                            measurement=dict(prof.measurement), profile_model=prof.model or None)
-        self._commit_state(name, entry)
-        return entry
-
-    def history(self, name: str) -> list[dict]:
-        idx = index.read(self, self._require_model(name))
-        return list((idx or {}).get("history") or ())
-
-    def serving_config(self, name: str):
-        """The configuration config.pbtxt serves now, as a ServingConfig (None without a config)."""
-        from retool.serve.tune import from_config
-
-        text = self.config_text(name)
-        return None if text is None else from_config(config_json(text))
-
-    def default_serving_config(self, name: str, version=None):
-        """What publish writes for ``version`` (default: the latest) without a serving profile: THE
-        default that every comparison uses, whatever profile is applied now."""
-        from retool.serve.tune import from_config
-
-        name = self._require_model(name)
-        v = check_version(version) if version is not None else self.versions(name)[-1]
-        m = self.manifest(name, v)
-        t = dict(m.get("triton") or {})
-        t = dict(t.get("default") or t) if "serving_profile" in t or "default" in t else t
-        text = build_config(name, m["artifact"], max_batch_size=t.get("max_batch_size"),
-                            instance_count=t.get("instance_count", 1), dynamic_batching=True,
-                            parameters=t.get("parameters"))
-        return from_config(config_json(text))
-
     # ---- aliases ------------------------------------------------------------------------------------
     def _move_alias(self, name: str, alias: str, version: int, *, rollback: bool = False) -> dict:
         als = self.aliases(name)
@@ -496,123 +341,6 @@ class Repository:
             self._commit_state(name, index.event("rollback", alias=alias, version=target, previous=entry["version"]))
         return out
 
-    # ---- checking ----------------------------------------------------------------------------------------
-    def verify_version(self, name: str, version: int) -> list[Finding]:
-        base = f"{name}/{version}"
-        loc = self.storage.location
-        try:
-            m = self.storage.read_json(f"{base}/{MANIFEST}")
-            listed = dict(m["files"])
-        except FileNotFoundError:
-            return [Finding(name, version, loc(base), "incomplete",
-                            "no manifest.json: left by an interrupted publish, or not published by retool")]
-        except (ValueError, KeyError, TypeError) as exc:
-            return [Finding(name, version, loc(f"{base}/{MANIFEST}"), "bad-manifest", str(exc))]
-        out = []
-        present = set(self.storage.files(base)) - {MANIFEST}
-        for rel, meta in sorted(listed.items()):
-            if rel not in present:
-                out.append(Finding(name, version, loc(f"{base}/{rel}"), "missing"))
-                continue
-            try:
-                digest = self.storage.sha256(f"{base}/{rel}")
-            except UnsafePath as exc:
-                out.append(Finding(name, version, loc(base), "unsafe-path", str(exc)))
-                continue
-            if digest != meta.get("sha256"):
-                out.append(Finding(name, version, loc(f"{base}/{rel}"), "changed",
-                                   f"sha256 {digest[:12]}… but the manifest says {str(meta.get('sha256'))[:12]}…"))
-        for rel in sorted(present - set(listed)):
-            try:
-                where = loc(f"{base}/{rel}")
-            except UnsafePath as exc:
-                out.append(Finding(name, version, loc(base), "unsafe-path", str(exc)))
-                continue
-            out.append(Finding(name, version, where, "added", "not in the manifest"))
-        return out
-
-    def verify(self, name: str | None = None) -> tuple[list[Finding], int]:
-        """Recompute every hash. Returns (findings, number of files checked)."""
-        names = [self._require_model(name)] if name else self.models()
-        findings: list[Finding] = []
-        checked = 0
-        for n in names:
-            try:
-                folders = self._version_folders(n)
-                self.storage.files(n)
-            except UnsafePath as exc:
-                findings.append(Finding(n, None, self.url, "unsafe-path", str(exc)))
-                continue
-            versions = sorted(int(k) for k, kind in folders.items() if kind == "ok")
-            for v in versions:
-                findings += self.verify_version(n, v)
-                checked += len(self.storage.files(f"{n}/{v}"))
-            committed = self.versions(n)
-            findings += index.check(self, n, folders, committed)
-            text = self.config_text(n)
-            if text is None and committed:
-                findings.append(Finding(n, None, self.storage.location(f"{n}/{CONFIG}"), "missing",
-                                        "no config.pbtxt; promote or publish again to regenerate it"))
-            elif text is not None:
-                try:
-                    cfg = parse_with_triton_schema(text)
-                except Exception as exc:  # protobuf's ParseError, with the line and column
-                    findings.append(Finding(n, None, self.storage.location(f"{n}/{CONFIG}"), "bad-config",
-                                            f"does not parse with Triton's schema: {exc}"))
-                else:
-                    if cfg is not None and cfg.name != n:
-                        findings.append(Finding(n, None, self.storage.location(f"{n}/{CONFIG}"), "bad-config",
-                                                f"name {cfg.name!r} differs from the folder name"))
-            try:
-                als = self.aliases(n)
-            except PublishError as exc:
-                findings.append(Finding(n, None, self.storage.location(f"{n}/{ALIASES}"), "bad-alias", str(exc)))
-                als = {}
-            for a, entry in sorted(als.items()):
-                if int(entry.get("version", -1)) not in committed:
-                    findings.append(Finding(n, None, self.storage.location(f"{n}/{ALIASES}"), "bad-alias",
-                                            f"{a} points at version {entry.get('version')}, which does not exist"))
-        return findings, checked
-
-    def diff(self, name: str, v1, v2) -> list[tuple[str, Any, Any]]:
-        """Fields that differ between two versions: (field, value in v1, value in v2)."""
-        name = self._require_model(name)
-        a, b = self.manifest(name, check_version(v1)), self.manifest(name, check_version(v2))
-        fa, fb = _facts(a), _facts(b)
-        return [(k, fa.get(k), fb.get(k)) for k in dict.fromkeys([*fa, *fb]) if fa.get(k) != fb.get(k)]
-
-
-def _facts(m: Mapping) -> dict[str, Any]:
-    """The comparable facts of one manifest, flattened."""
-    art = m.get("artifact") or {}
-    prov = m.get("provenance") or {}
-    rep = m.get("report")
-    out: dict[str, Any] = {}
-    for rel, f in sorted((m.get("files") or {}).items()):
-        out[f"file {rel} sha256"] = f.get("sha256")
-        out[f"file {rel} size"] = f.get("size")
-    out["size total"] = sum(int(f.get("size", 0)) for f in (m.get("files") or {}).values())
-    for k in ("format", "opset", "precision", "target"):
-        out[k] = art.get(k)
-    out["inputs"] = ", ".join(f"{t['name']}:{t.get('dtype')}:{t.get('shape')}" for t in art.get("inputs", ()))
-    out["outputs"] = ", ".join(f"{t['name']}:{t.get('dtype')}:{t.get('shape')}" for t in art.get("outputs", ()))
-    out["source sha256"] = prov.get("source_sha256")
-    out["provenance"] = " > ".join(f"{p.get('stage')}({p.get('tool')})" for p in prov.get("chain", ()))
-    for lib, ver in sorted((prov.get("versions") or {}).items()):
-        out[f"version {lib}"] = ver
-    out["calibration"] = json.dumps(prov.get("calibration"), sort_keys=True) if prov.get("calibration") else None
-    for k, val in regression.latency_metrics(rep).items():
-        out[f"latency {k}"] = val
-    out["parity min cosine"] = regression.min_cosine(rep)
-    out["readiness passed"] = (m.get("readiness") or {}).get("passed")
-    out["forced"] = m.get("forced")
-    pub = m.get("published") or {}
-    out["published by"] = f"{pub.get('user')}@{pub.get('host')}"
-    out["published at"] = pub.get("at")
-    out["retool version"] = m.get("retool_version")
-    return out
-
-
 def _test_pause() -> None:
     """Test hook: seconds to sleep between a version's rename and the config and index writes (kill -9)."""
     import os
@@ -621,15 +349,6 @@ def _test_pause() -> None:
     delay = os.environ.get("RETOOL_TEST_COMMIT_DELAY_S")
     if delay:
         time.sleep(float(delay))
-
-
-def config_json(text: str) -> dict:
-    """A config.pbtxt as JSON (Triton's schema), the form retool.serve.tune.from_config reads."""
-    from google.protobuf import json_format, text_format
-    from tritonclient.grpc import model_config_pb2
-
-    return json_format.MessageToDict(text_format.Parse(text, model_config_pb2.ModelConfig()),
-                                     preserving_proto_field_name=True)
 
 
 def _same_files(published, new) -> bool:
