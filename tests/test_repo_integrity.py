@@ -242,9 +242,10 @@ def test_an_alias_moved_to_another_existing_version_is_caught(published):
 
 
 def test_copied_version_folders_are_caught(published):
-    shutil.copytree(published / "m" / "1", published / "m" / "01")
-    assert problems(published) == [("bad-version-folder", None)]
-    shutil.rmtree(published / "m" / "01")
+    for odd in ("01", "1.bak", " +2", "99999999999999999999"):  # Triton's stoll reads each as a version
+        shutil.copytree(published / "m" / "1", published / "m" / odd)
+        assert problems(published) == [("bad-version-folder", None)], odd
+        shutil.rmtree(published / "m" / odd)
     shutil.copytree(published / "m" / "1", published / "m" / "3")  # canonical, with its manifest
     assert problems(published) == [("added", 3)]
 

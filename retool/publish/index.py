@@ -89,7 +89,8 @@ def check(repo: "Repository", name: str, folders: dict[str, str], committed: lis
                                "remove the link"))
         elif kind == "non-canonical":
             out.append(Finding(name, None, loc(f"{name}/{k}"), "bad-version-folder",
-                               f"{k!r} is not a canonical version number (Triton reads it as {int(k)}); remove it"))
+                               f"{k!r} is not a canonical version number, yet Triton reads it as one (or fails "
+                               f"on it); remove or rename it"))
     try:
         idx = read(repo, name)
     except PublishError as exc:

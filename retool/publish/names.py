@@ -53,6 +53,13 @@ def version_of(folder: str) -> int | None:
     return v if v <= MAX_VERSION else None
 
 
+def triton_reads_as_version(folder: str) -> bool:
+    """Triton turns a version folder's name into a number with std::stoll, which skips leading blanks and
+    a sign and stops at the first non-digit: '01', '1.bak' and ' +1' all become version 1 there, and a
+    number beyond int64 throws and fails the whole repository."""
+    return re.match(r"[ \t\n\v\f\r]*[+-]?[0-9]", str(folder), flags=re.ASCII) is not None
+
+
 def check_version(version) -> int:
     """A Triton version folder: a positive integer within int64."""
     text = str(version).strip()

@@ -21,7 +21,7 @@ from retool.publish import index, regression
 from retool.publish.config import DEFAULT_MAX_BATCH, batchable
 from retool.publish.manifest import build_manifest, publisher
 from retool.publish.names import (ascii_digits, check_alias, check_instances, check_max_batch_size, check_model_name,
-                                  check_version, version_of)
+                                  check_version, triton_reads_as_version, version_of)
 from retool.publish.checks import Checks, Finding
 from retool.publish.revision import ALIASES, CONFIG, SERVING, ServingState, config_json
 from retool.publish.storage import MANIFEST, MODEL_FILE, Storage, open_storage
@@ -96,10 +96,10 @@ class Repository(ServingState, Checks):
                       and self.storage.exists(f"{name}/{k}/{MANIFEST}"))
 
     def _version_folders(self, name: str) -> dict[str, str]:
-        """Entries named with ASCII digits -> 'ok', 'non-canonical' ('01', '0') or 'symlink'."""
+        """Entries Triton would read as a version -> 'ok', 'non-canonical' ('01', '1.bak') or 'symlink'."""
         out = {}
         for k in self.storage.listdir(name):
-            if ascii_digits(k):
+            if triton_reads_as_version(k):
                 out[k] = ("symlink" if self.storage.is_link(f"{name}/{k}") else
                           "ok" if version_of(k) is not None else "non-canonical")
         return out
