@@ -281,3 +281,11 @@ def test_non_ascii_digit_folders_do_not_crash_anything(published, tiny, cli):
     assert r.code == 0, r.err
     assert open_repo(published).versions("m") == [1, 2, 3]
     assert problems(published) == []
+
+
+def test_damaged_aliases_and_manifests_are_findings_not_crashes(published, cli):
+    (published / "m" / "aliases.json").write_text("{not json")
+    assert ("bad-alias", None) in problems(published)
+    (published / "m" / "2" / "manifest.json").write_text("{not json")
+    r = cli("repo", "verify", published)
+    assert r.code == 7 and "Traceback" not in r.err

@@ -98,7 +98,12 @@ class ServingState:
         without a new version. The manifest stays as published; the profile goes into NAME/serving.json,
         config.pbtxt is rewritten atomically, and the old and new settings, the profile's measurement,
         the time and the user go into the model's history. Returns that history entry."""
+        from retool.serve.profile import load_profile
+
         name = self._require_model(name)
+        where = profile if isinstance(profile, (str, Path)) else "serving profile"
+        prof = load_profile(profile)  # bad input is refused before anything is locked or written
+        version = None if version is None else check_version(version)
         with self.storage.lock(name):
             self.storage.clean_stale(name)
             self._recover(name)
@@ -108,16 +113,16 @@ class ServingState:
                     raise UsageError(f"{self.storage.location(name)}: no published version to configure")
                 served = [v for v in index.alias_map(self.aliases(name)).values() if v in committed]
                 version = max(served) if served else committed[-1]
-            return self._configure_locked(name, check_version(version), profile)
+            return self._configure_locked(name, version, prof, where)
 
-    def _configure_locked(self, name: str, version: int, profile) -> dict:
+    def _configure_locked(self, name: str, version: int, profile, where=None) -> dict:
         from retool.serve.profile import load_profile, serving_settings
 
         if version not in self.versions(name):
             have = ", ".join(map(str, self.versions(name))) or "none"
             raise UsageError(f"{self.storage.location(name)}: no version {version} to apply a serving profile to "
                              f"(versions: {have})")
-        where = profile if isinstance(profile, (str, Path)) else "serving profile"
+        where = where or (profile if isinstance(profile, (str, Path)) else "serving profile")
         prof = load_profile(profile)
         old = self.effective_settings(name, version)
         mbs = int(old.get("max_batch_size") or 0)
