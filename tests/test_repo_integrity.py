@@ -289,3 +289,27 @@ def test_damaged_aliases_and_manifests_are_findings_not_crashes(published, cli):
     (published / "m" / "2" / "manifest.json").write_text("{not json")
     r = cli("repo", "verify", published)
     assert r.code == 7 and "Traceback" not in r.err
+
+
+@pytest.mark.slow
+def test_kill_9_at_random_points_of_publish_leaves_verify_clean(tmp_path, tiny):
+    import random
+
+    repo = tmp_path / "repo"
+    rng = random.Random(7)
+    env = {**os.environ, "RETOOL_TEST_STAGE_DELAY_S": "0.2", "RETOOL_TEST_COMMIT_DELAY_S": "0.3"}
+    for i in range(8):
+        model = linear(tmp_path / "src" / f"k{i}.onnx", seed=10 + i, external_data_mb=0.1)
+        p = subprocess.Popen([sys.executable, "-m", "retool", "-q", "publish", str(model), "--repo", str(repo),
+                              "--name", "m", "--alias", "staging"], cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        time.sleep(rng.uniform(0.8, 3.0))  # past the imports: staging, the rename, the config, the index
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        if (repo / "m").exists():
+            assert problems(repo) == [], i
+    publish(tiny, repo, "m", alias="staging")  # the next writer finishes whatever was left
+    assert problems(repo) == []
+    idx = json.loads((repo / "m" / "history.json").read_text())
+    assert "pending" not in idx and sorted(map(int, idx["versions"])) == open_repo(repo).versions("m")
+    assert not [p for p in (repo / "m").iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]
