@@ -5,6 +5,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -64,6 +65,22 @@ def inside(root, rel: str, *, where: str = "", allow_root: bool = True) -> Path:
     return p
 
 
+def _refuse_special(p: Path) -> None:
+    """A device, FIFO or socket at the output is never replaced (``-o /dev/null`` as root would break the
+    system); a symlink is judged by what it points at."""
+    try:
+        mode = os.stat(p).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:  # ELOOP, EACCES: cannot tell what it is, so do not write there
+        raise UsageError(f"{p}: cannot inspect the output ({exc.strerror or exc}); choose another -o") from None
+    if not stat.S_ISREG(mode):
+        what = ("a directory" if stat.S_ISDIR(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                else "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a regular file")
+        raise UsageError(f"{p}: the output exists and is {what}, not a regular file; retool never replaces it; "
+                         f"choose a file name such as model.onnx")
+
+
 def check_output_path(path) -> Path:
     """Fail early, before expensive work, if ``path`` cannot be written."""
     p = Path(path).expanduser()
@@ -74,6 +91,7 @@ def check_output_path(path) -> Path:
         raise UsageError(f"{p}: output folder {parent} does not exist; create it or choose another -o")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"{p}: output folder {parent} is not writable; choose another -o")
+    _refuse_special(p)
     if p.exists() and not os.access(p, os.W_OK):
         raise UsageError(f"{p}: output file exists and is not writable; choose another -o")
     if not p.suffix and not p.exists():
@@ -129,6 +147,9 @@ def move_onnx(src: Path, dst: Path) -> tuple[str, ...]:
     """
     src, dst = Path(src), Path(dst)
     extra = external_data_files(src)
+    _refuse_special(dst)  # checked again here: the output may have changed during the work
+    for name in extra:
+        _refuse_special(inside(dst.parent, name, allow_root=False))
     try:
         for name in extra:  # names come from the model file: content, so kept inside both folders
             os.replace(inside(src.parent, name, allow_root=False), inside(dst.parent, name, allow_root=False))

@@ -50,9 +50,14 @@ def publish_cmd(artifact, repo_url, name, version, report, force, republish, max
                   republish=republish, serving_profile=serving_profile)
     if res.unchanged:
         moved = f"; alias {alias} -> version {res.version}" if alias else ""
+        if res.configured:
+            what = (f"; serving configuration revised ({_settings_line(res.configured)}), config.pbtxt rewritten "
+                    f"and recorded in the model's history")
+        else:
+            what = " (pass --republish to make one)"
         emit_report(res.to_report(), as_json,
                     f"unchanged: {artifact} is identical to {res.name} version {res.version} at {res.url}; no new "
-                    f"version made{moved} (pass --republish to make one)")
+                    f"version made{moved}{what}")
         return
     rows = [[c.name, c.passed if c.severity == "gate" else "info", c.message] for c in res.regression]
     human = (console.table(["check", "result", "note"], rows) + "\n\n" if rows else "")
@@ -62,7 +67,7 @@ def publish_cmd(artifact, repo_url, name, version, report, force, republish, max
 
 @click.group("repo")
 def repo_group():
-    """Inspect and operate a model repository: list, show, verify, diff, promote, rollback."""
+    """Inspect and operate a model repository: list, show, verify, diff, promote, rollback, configure."""
 
 
 @repo_group.command("list")
@@ -195,6 +200,55 @@ def repo_promote(url, name, version, alias, as_json):
     if as_json:
         return _echo_json(out)
     click.echo(f"{name}: {alias} -> {out['version']} (was {out['previous'] if out['previous'] is not None else 'unset'})")
+
+
+def _settings_line(entry) -> str:
+    def fmt(t):
+        db = t.get("dynamic_batching")
+        thr = (t.get("parameters") or {}).get("intra_op_thread_count") or "default"
+        batching = ("no batching" if db is False else f"batching {db.get('max_queue_delay_microseconds')} us"
+                    if isinstance(db, dict) else "batching 100 us")
+        return f"{t.get('instance_count', 1)} inst x {thr} thr, {batching}"
+    return f"{fmt(entry.get('old') or {})} -> {fmt(entry.get('new') or {})}"
+
+
+@repo_group.command("configure")
+@click.argument("url")
+@click.argument("name")
+@click.option("--profile", "profile", required=True, type=click.Path(dir_okay=False),
+              help="A serving profile from retool loadtest --budget-p99-ms ... --profile-out FILE.")
+@click.option("--version", default=None, help="The version to configure (default: the one config.pbtxt serves).")
+@click.option("--json", "as_json", is_flag=True)
+def repo_configure(url, name, profile, version, as_json):
+    """A config revision: serve a published version with PROFILE's instances, threads and batching.
+
+    Rewrites NAME/config.pbtxt atomically without a new version, and records the old and new settings,
+    the profile's measurement, the time and the user in NAME/history.json (repo verify keeps passing)."""
+    from retool.publish import open_repo
+
+    entry = open_repo(url).configure(name, profile, version)
+    if as_json:
+        return _echo_json(entry)
+    click.echo(f"{name} version {entry['version']}: {_settings_line(entry)} (config.pbtxt rewritten; recorded "
+               f"in history.json)")
+
+
+@repo_group.command("history")
+@click.argument("url")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+def repo_history(url, name, as_json):
+    """Every change retool made to NAME: publish, promote, rollback, configure."""
+    from retool.publish import open_repo
+
+    repo = open_repo(url)
+    name = repo._require_model(name)
+    events = repo.history(name)
+    if as_json:
+        return _echo_json({"name": name, "history": events})
+    for e in events:
+        extra = " ".join(f"{k}={e[k]}" for k in ("version", "alias", "previous") if e.get(k) is not None)
+        click.echo(f"{e.get('at')} {e.get('event')} {extra} by {e.get('by')}@{e.get('host')}")
 
 
 @repo_group.command("rollback")

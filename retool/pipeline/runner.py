@@ -135,6 +135,8 @@ class _Scheduler:
         self.outcomes: dict[tuple[str, str], TargetOutcome] = {}
         self.keys: dict[tuple[str, str], str] = {}
         self.opt_keys: dict[tuple[str, str], str] = {}
+        #: (model, repository, model sha256) -> what publish answered: one artifact, one published name
+        self.by_bytes: dict[tuple[str, str, str], dict] = {}
 
     def _engine(self):
         from retool.pipeline.engines import LocalEngine, RayEngine
@@ -330,18 +332,26 @@ class _Scheduler:
         name = rules.get("name") or f"{m.name}-{t.name}"  # one repository model per target
         repo_url = repo if "://" in repo else str((Path(self.base) / repo).resolve())
         opt = stages["optimize"]
+        same = self.by_bytes.get((m.name, repo_url, opt["sha256"]))
+        if same and same["name"] != name:  # e.g. cpu-auto chose cpu: point at it, no second copy
+            return {"status": "same", "repository": repo_url, "name": same["name"], "version": same["version"],
+                    "same_as": same["target"],
+                    "message": f"same file as {same['name']} v{same['version']} (not published twice)"}
         try:
             latest = _latest_version(open_repo(repo_url), name)
             if latest and latest[1] == opt["sha256"]:  # a re-run publishes nothing new
-                return {"status": "ok", "repository": repo_url, "name": name, "version": latest[0],
-                        "alias": rules.get("alias"), "note": "already published"}
-            res = publish(opt["path"], repo_url, name, report=val.get("report"),
-                          force=force, alias=rules.get("alias"),
-                          samples_reference=self.converts.get(m.name, {}).get("path"))  # fp32 outputs for serve checks
+                out = {"status": "ok", "repository": repo_url, "name": name, "version": latest[0],
+                       "alias": rules.get("alias"), "note": "already published"}
+            else:
+                res = publish(opt["path"], repo_url, name, report=val.get("report"),
+                              force=force, alias=rules.get("alias"),
+                              samples_reference=self.converts.get(m.name, {}).get("path"))  # fp32 outputs for checks
+                out = {"status": "ok", "repository": repo_url, "name": name, "version": res.version,
+                       "alias": rules.get("alias")}
         except RetoolError as exc:
             return {"status": "failed", "code": exc.exit_code, "message": str(exc)}
-        return {"status": "ok", "repository": repo_url, "name": name, "version": res.version,
-                "alias": rules.get("alias")}
+        self.by_bytes.setdefault((m.name, repo_url, opt["sha256"]), {**out, "target": t.name})
+        return out
 
     # -- reporting -----------------------------------------------------------------------------
     def _finish(self, seconds: float) -> RunResult:

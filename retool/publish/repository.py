@@ -6,6 +6,8 @@ Layout (what Triton reads, plus retool's hidden bookkeeping)::
     <repo>/<name>/<N>/model.onnx        (+ its external data files)
     <repo>/<name>/<N>/manifest.json     hashes, provenance, readiness report, publisher
     <repo>/<name>/aliases.json          production / staging ... -> version, with history
+    <repo>/<name>/serving.json          serving profiles applied after publish (retool repo configure)
+    <repo>/<name>/history.json          the index: sha256 of config and manifests, aliases, every change
 """
 from __future__ import annotations
 
@@ -15,17 +17,17 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from retool.errors import PublishError, UnsafePath, UsageError
-from retool.publish import regression
-from retool.publish.config import DEFAULT_MAX_BATCH, batchable, build_config, parse_with_triton_schema
+from retool.publish import index, regression
+from retool.publish.config import DEFAULT_MAX_BATCH, batchable
 from retool.publish.manifest import build_manifest, publisher
-from retool.publish.names import check_alias, check_model_name, check_version
+from retool.publish.names import (ascii_digits, check_alias, check_instances, check_max_batch_size, check_model_name,
+                                  check_version, triton_reads_as_version, version_of)
+from retool.publish.checks import Checks, Finding
+from retool.publish.revision import ALIASES, CONFIG, SERVING, ServingState, config_json
 from retool.publish.storage import MANIFEST, MODEL_FILE, Storage, open_storage
 from retool.types import CheckResult, ModelArtifact, Report, now_iso
 
-CONFIG = "config.pbtxt"
-ALIASES = "aliases.json"
-#: serving profiles measured after publish (retool run's serve step): version -> triton settings
-SERVING = "serving.json"
+__all__ = ["ALIASES", "CONFIG", "SERVING", "Finding", "PublishResult", "Repository", "config_json", "open_repo"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,8 @@ class PublishResult:
     regression: tuple[CheckResult, ...] = ()
     #: the file was identical to the latest version, so no new version was made
     unchanged: bool = False
+    #: a serving profile applied to an unchanged version (a config revision): the history entry
+    configured: Mapping[str, Any] | None = None
 
     @property
     def path(self) -> str:
@@ -52,26 +56,11 @@ class PublishResult:
                        "files": self.manifest.get("files"), "published": self.manifest.get("published")})
 
 
-@dataclass(frozen=True)
-class Finding:
-    """One thing wrong in a repository, found by verify."""
-
-    model: str
-    version: int | None
-    path: str
-    problem: str  # changed | added | missing | incomplete | bad-manifest | bad-config | bad-alias
-    detail: str = ""
-
-    def to_dict(self) -> dict:
-        return {"model": self.model, "version": self.version, "path": self.path, "problem": self.problem,
-                "detail": self.detail}
-
-
 def open_repo(url, storage_options: Mapping | None = None) -> "Repository":
     return Repository(open_storage(str(url), storage_options))
 
 
-class Repository:
+class Repository(ServingState, Checks):
     def __init__(self, storage: Storage):
         self.storage = storage
         self.url = storage.url
@@ -88,7 +77,7 @@ class Repository:
             if entry.startswith("."):
                 continue
             kids = self.storage.listdir(entry)
-            if CONFIG in kids or any(k.isdigit() for k in kids):
+            if CONFIG in kids or any(ascii_digits(k) for k in kids):
                 out.append(entry)
         return out
 
@@ -103,8 +92,17 @@ class Repository:
     def versions(self, name: str) -> list[int]:
         """Committed versions (their manifest exists), ascending."""
         kids = self.storage.listdir(name)
-        return sorted(int(k) for k in kids if k.isdigit() and int(k) > 0
+        return sorted(v for k in kids if (v := version_of(k)) is not None and not self.storage.is_link(f"{name}/{k}")
                       and self.storage.exists(f"{name}/{k}/{MANIFEST}"))
+
+    def _version_folders(self, name: str) -> dict[str, str]:
+        """Entries Triton would read as a version -> 'ok', 'non-canonical' ('01', '1.bak') or 'symlink'."""
+        out = {}
+        for k in self.storage.listdir(name):
+            if triton_reads_as_version(k):
+                out[k] = ("symlink" if self.storage.is_link(f"{name}/{k}") else
+                          "ok" if version_of(k) is not None else "non-canonical")
+        return out
 
     def manifest(self, name: str, version: int) -> dict:
         try:
@@ -150,8 +148,9 @@ class Repository:
         alias = check_alias(alias) if alias else None
         requested = None if str(version).strip().lower() == "auto" else check_version(version)
         limits = regression.parse_spec(max_regression)
-        if int(instance_count) < 1:
-            raise UsageError(f"--instances {instance_count}: Triton needs at least one model instance")
+        check_instances(instance_count)
+        if max_batch_size is not None:
+            check_max_batch_size(max_batch_size)
         art = _load_artifact(artifact)
         rep, rep_source = _load_report(report, art)
         base_reasons: list[str] = []
@@ -180,7 +179,10 @@ class Repository:
         new_size = sum(p.stat().st_size for p in files.values())  # the model's size, not its samples
         rep_dict = rep.to_dict() if rep is not None else None
         triton = {"max_batch_size": _max_batch(art, rep, max_batch_size), "instance_count": int(instance_count)}
+        if serving_profile is not None:  # what publish writes without a profile: the default, kept
+            triton["default"] = {**triton, **serving_settings(art.path, None, triton["max_batch_size"], name)}
         triton.update(serving_settings(art.path, serving_profile, triton["max_batch_size"], name))
+        check_instances(triton["instance_count"], f"{serving_profile or 'serving profile'}: instance_count")
         who = {**publisher(), "at": now_iso()}
         tmp_samples = tempfile.TemporaryDirectory(prefix="retool-samples-")
         samples_entry = None
@@ -208,15 +210,21 @@ class Repository:
         try:
             with store.lock(name):
                 store.clean_stale(name)
+                self._recover(name)
                 for _ in range(10000):
                     committed = self.versions(name)
                     if committed and requested is None and not republish:
                         latest = self.manifest(name, committed[-1])
                         if _same_files(latest.get("files"), info):
+                            revised = None
+                            if serving_profile is not None:  # a config revision, not a new version
+                                revised = self._configure_locked(name, committed[-1], serving_profile)
                             if alias:
                                 self._move_alias(name, alias, committed[-1])
+                                self._commit_state(name, index.event("promote", alias=alias,
+                                                                     version=committed[-1]))
                             return PublishResult(name, committed[-1], store.location(f"{name}/{committed[-1]}"),
-                                                 latest, False, (), unchanged=True)
+                                                 latest, False, (), unchanged=True, configured=revised)
                     baselines = {}
                     if committed:
                         baselines["latest"] = committed[-1]
@@ -245,7 +253,8 @@ class Repository:
                         report_matches=matches, forced=bool(reasons), forced_reasons=reasons, regression=checks,
                         limits=limits.to_dict(), baselines=baselines, triton=triton, published=who,
                         samples=samples_entry)
-                    if store.commit(staged, v, (json.dumps(manifest, indent=2) + "\n").encode()):
+                    mbytes = (json.dumps(manifest, indent=2) + "\n").encode()
+                    if self._commit_version(name, staged, v, manifest, mbytes, first=not committed):
                         break
                     if requested is not None:
                         raise PublishError(f"{store.location(f'{name}/{v}')}: version {v} was just taken by "
@@ -254,51 +263,30 @@ class Repository:
                     raise PublishError(f"{store.location(name)}: could not claim a version; retry")
                 if alias:
                     self._move_alias(name, alias, v)
-                self.write_config(name)
+                self._commit_state(name, None)
         finally:
             store.discard(staged)
             tmp_samples.cleanup()
         return PublishResult(name, v, store.location(f"{name}/{v}"), manifest, bool(reasons), tuple(checks))
 
-    def write_config(self, name: str) -> str | None:
-        """(Re)write config.pbtxt: the served versions are the aliased ones, or the latest when none."""
-        committed = self.versions(name)
-        if not committed:
-            return None
-        served = sorted({int(a["version"]) for a in self.aliases(name).values() if int(a["version"]) in committed})
-        shown = max(served) if served else committed[-1]
-        m = self.manifest(name, shown)
-        t = {**(m.get("triton") or {}), **self.serving_profiles(name).get(str(shown), {})}
-        text = build_config(name, m["artifact"], served_versions=served or None,
-                            max_batch_size=t.get("max_batch_size"), instance_count=t.get("instance_count", 1),
-                            dynamic_batching=t.get("dynamic_batching", True), parameters=t.get("parameters"))
-        self.storage.write_bytes(f"{name}/{CONFIG}", text.encode())
-        return text
+    def _commit_version(self, name: str, staged, v: int, manifest: dict, mbytes: bytes, *, first: bool) -> bool:
+        """Make version ``v`` visible, recorded as pending in the index first, so that a publisher killed
+        at any point leaves a state verify accepts and the next writer finishes (:meth:`_recover`)."""
+        from retool.fsutil import sha256_bytes
 
-    def serving_profiles(self, name: str) -> dict:
-        try:
-            return dict(self.storage.read_json(f"{name}/{SERVING}").get("versions", {}))
-        except FileNotFoundError:
-            return {}
-        except ValueError as exc:
-            raise PublishError(f"{self.storage.location(f'{name}/{SERVING}')}: damaged ({exc}); delete it and "
-                               f"run the serve step again") from None
-
-    def set_serving_profile(self, name: str, version: int, profile) -> str | None:
-        """Serve ``version`` with a profile measured after it was published (the manifest stays as
-        published; the profile and its measurement are kept in NAME/serving.json). Returns the config."""
-        from retool.serve.profile import serving_settings
-
-        name = self._require_model(name)
-        if version not in self.versions(name):
-            raise UsageError(f"{self.storage.location(name)}: no version {version} to apply a serving profile to")
-        mbs = int((self.manifest(name, version).get("triton") or {}).get("max_batch_size") or 0)
-        settings = {**serving_settings(None, profile, mbs, name), "applied": now_iso(), "by": publisher()["user"]}
-        with self.storage.lock(name):
-            allp = self.serving_profiles(name)
-            allp[str(version)] = settings
-            self.storage.write_json(f"{name}/{SERVING}", {"versions": allp})
-            return self.write_config(name)
+        idx = self._index(name)
+        idx["pending"] = index.event("publish", version=v, manifest_sha256=sha256_bytes(mbytes))
+        index.write(self, name, idx)
+        if first:  # the config is in place before the version: a reader never sees a version without one
+            text = self.render_config(name, extra=(v, manifest))
+            if text is not None:
+                self.storage.write_bytes(f"{name}/{CONFIG}", text.encode())
+        if self.storage.commit(staged, v, mbytes):
+            _test_pause()
+            return True
+        idx.pop("pending", None)  # lost the race for v: nothing of ours is visible
+        index.write(self, name, idx)
+        return False
 
     # ---- aliases ------------------------------------------------------------------------------------
     def _move_alias(self, name: str, alias: str, version: int, *, rollback: bool = False) -> dict:
@@ -328,14 +316,16 @@ class Repository:
             raise PublishError(f"{self.storage.location(f'{name}/{v}')}: refusing to promote a damaged version "
                                f"({bad[0].path}: {bad[0].problem}); run retool repo verify")
         with self.storage.lock(name):
+            self._recover(name)
             out = self._move_alias(name, alias, v)
-            self.write_config(name)
+            self._commit_state(name, index.event("promote", alias=alias, version=v, previous=out["previous"]))
         return out
 
     def rollback(self, name: str, alias: str) -> dict:
         name = self._require_model(name)
         alias = check_alias(alias)
         with self.storage.lock(name):
+            self._recover(name)
             entry = self.aliases(name).get(alias)
             if not entry:
                 raise UsageError(f"{self.storage.location(name)}: no alias {alias!r} to roll back; promote first")
@@ -348,123 +338,17 @@ class Repository:
                                    f"{alias!r} is missing or damaged; promote a version explicitly")
             out = self._move_alias(name, alias, target, rollback=True)
             out["previous"] = entry["version"]
-            self.write_config(name)
+            self._commit_state(name, index.event("rollback", alias=alias, version=target, previous=entry["version"]))
         return out
 
-    # ---- checking ----------------------------------------------------------------------------------------
-    def verify_version(self, name: str, version: int) -> list[Finding]:
-        base = f"{name}/{version}"
-        loc = self.storage.location
-        try:
-            m = self.storage.read_json(f"{base}/{MANIFEST}")
-            listed = dict(m["files"])
-        except FileNotFoundError:
-            return [Finding(name, version, loc(base), "incomplete",
-                            "no manifest.json: left by an interrupted publish, or not published by retool")]
-        except (ValueError, KeyError, TypeError) as exc:
-            return [Finding(name, version, loc(f"{base}/{MANIFEST}"), "bad-manifest", str(exc))]
-        out = []
-        present = set(self.storage.files(base)) - {MANIFEST}
-        for rel, meta in sorted(listed.items()):
-            if rel not in present:
-                out.append(Finding(name, version, loc(f"{base}/{rel}"), "missing"))
-                continue
-            try:
-                digest = self.storage.sha256(f"{base}/{rel}")
-            except UnsafePath as exc:
-                out.append(Finding(name, version, loc(base), "unsafe-path", str(exc)))
-                continue
-            if digest != meta.get("sha256"):
-                out.append(Finding(name, version, loc(f"{base}/{rel}"), "changed",
-                                   f"sha256 {digest[:12]}… but the manifest says {str(meta.get('sha256'))[:12]}…"))
-        for rel in sorted(present - set(listed)):
-            try:
-                where = loc(f"{base}/{rel}")
-            except UnsafePath as exc:
-                out.append(Finding(name, version, loc(base), "unsafe-path", str(exc)))
-                continue
-            out.append(Finding(name, version, where, "added", "not in the manifest"))
-        return out
+def _test_pause() -> None:
+    """Test hook: seconds to sleep between a version's rename and the config and index writes (kill -9)."""
+    import os
+    import time
 
-    def verify(self, name: str | None = None) -> tuple[list[Finding], int]:
-        """Recompute every hash. Returns (findings, number of files checked)."""
-        names = [self._require_model(name)] if name else self.models()
-        findings: list[Finding] = []
-        checked = 0
-        for n in names:
-            try:
-                kids = self.storage.listdir(n)
-                self.storage.files(n)
-            except UnsafePath as exc:
-                findings.append(Finding(n, None, self.url, "unsafe-path", str(exc)))
-                continue
-            versions = sorted(int(k) for k in kids if k.isdigit() and int(k) > 0)
-            for v in versions:
-                findings += self.verify_version(n, v)
-                checked += len(self.storage.files(f"{n}/{v}"))
-            committed = self.versions(n)
-            text = self.config_text(n)
-            if text is None and committed:
-                findings.append(Finding(n, None, self.storage.location(f"{n}/{CONFIG}"), "missing",
-                                        "no config.pbtxt; promote or publish again to regenerate it"))
-            elif text is not None:
-                try:
-                    cfg = parse_with_triton_schema(text)
-                except Exception as exc:  # protobuf's ParseError, with the line and column
-                    findings.append(Finding(n, None, self.storage.location(f"{n}/{CONFIG}"), "bad-config",
-                                            f"does not parse with Triton's schema: {exc}"))
-                else:
-                    if cfg is not None and cfg.name != n:
-                        findings.append(Finding(n, None, self.storage.location(f"{n}/{CONFIG}"), "bad-config",
-                                                f"name {cfg.name!r} differs from the folder name"))
-            try:
-                als = self.aliases(n)
-            except PublishError as exc:
-                findings.append(Finding(n, None, self.storage.location(f"{n}/{ALIASES}"), "bad-alias", str(exc)))
-                als = {}
-            for a, entry in sorted(als.items()):
-                if int(entry.get("version", -1)) not in committed:
-                    findings.append(Finding(n, None, self.storage.location(f"{n}/{ALIASES}"), "bad-alias",
-                                            f"{a} points at version {entry.get('version')}, which does not exist"))
-        return findings, checked
-
-    def diff(self, name: str, v1, v2) -> list[tuple[str, Any, Any]]:
-        """Fields that differ between two versions: (field, value in v1, value in v2)."""
-        name = self._require_model(name)
-        a, b = self.manifest(name, check_version(v1)), self.manifest(name, check_version(v2))
-        fa, fb = _facts(a), _facts(b)
-        return [(k, fa.get(k), fb.get(k)) for k in dict.fromkeys([*fa, *fb]) if fa.get(k) != fb.get(k)]
-
-
-def _facts(m: Mapping) -> dict[str, Any]:
-    """The comparable facts of one manifest, flattened."""
-    art = m.get("artifact") or {}
-    prov = m.get("provenance") or {}
-    rep = m.get("report")
-    out: dict[str, Any] = {}
-    for rel, f in sorted((m.get("files") or {}).items()):
-        out[f"file {rel} sha256"] = f.get("sha256")
-        out[f"file {rel} size"] = f.get("size")
-    out["size total"] = sum(int(f.get("size", 0)) for f in (m.get("files") or {}).values())
-    for k in ("format", "opset", "precision", "target"):
-        out[k] = art.get(k)
-    out["inputs"] = ", ".join(f"{t['name']}:{t.get('dtype')}:{t.get('shape')}" for t in art.get("inputs", ()))
-    out["outputs"] = ", ".join(f"{t['name']}:{t.get('dtype')}:{t.get('shape')}" for t in art.get("outputs", ()))
-    out["source sha256"] = prov.get("source_sha256")
-    out["provenance"] = " > ".join(f"{p.get('stage')}({p.get('tool')})" for p in prov.get("chain", ()))
-    for lib, ver in sorted((prov.get("versions") or {}).items()):
-        out[f"version {lib}"] = ver
-    out["calibration"] = json.dumps(prov.get("calibration"), sort_keys=True) if prov.get("calibration") else None
-    for k, val in regression.latency_metrics(rep).items():
-        out[f"latency {k}"] = val
-    out["parity min cosine"] = regression.min_cosine(rep)
-    out["readiness passed"] = (m.get("readiness") or {}).get("passed")
-    out["forced"] = m.get("forced")
-    pub = m.get("published") or {}
-    out["published by"] = f"{pub.get('user')}@{pub.get('host')}"
-    out["published at"] = pub.get("at")
-    out["retool version"] = m.get("retool_version")
-    return out
+    delay = os.environ.get("RETOOL_TEST_COMMIT_DELAY_S")
+    if delay:
+        time.sleep(float(delay))
 
 
 def _same_files(published, new) -> bool:
@@ -555,9 +439,7 @@ def _max_batch(art: ModelArtifact, rep: Report | None, explicit: int | None) -> 
     if not batchable(ins, outs):
         return 0
     if explicit is not None:
-        if int(explicit) < 0:
-            raise UsageError(f"--max-batch-size {explicit}: must be 0 (no batching) or more")
-        return int(explicit)
+        return check_max_batch_size(explicit)
     # serve no larger batches than the report proved correct
     data = (rep.data or {}) if rep is not None else {}
     for key in ("parity_batch_sizes", "batch_sizes"):  # validate's: the batch sizes parity was proven at

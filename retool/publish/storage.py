@@ -85,6 +85,12 @@ class Storage:
     def discard(self, staged: Staged) -> None: raise NotImplementedError
     def taken_versions(self, name: str) -> set[int]: raise NotImplementedError
     def clean_stale(self, name: str) -> list[str]: return []
+    def is_link(self, key: str) -> bool: return False
+
+    def version_record(self, name: str, version: int) -> str | None:
+        """The manifest sha256 recorded, once and by one writer, when ``version`` was committed (object
+        stores, where the model's index cannot be updated under a lock); None where there is none."""
+        return None
 
     def read_json(self, key: str):
         return json.loads(self.read_bytes(key))
@@ -96,7 +102,16 @@ class Storage:
 
 
 def _numeric(names) -> set[int]:
-    return {int(n) for n in names if n.isdigit() and int(n) > 0}
+    """Every version number a name could claim ('01' claims 1 too: Triton would read it as 1)."""
+    from retool.publish.names import MAX_VERSION, ascii_digits
+
+    return {int(n) for n in names if ascii_digits(n) and 0 < int(n) <= MAX_VERSION}
+
+
+def _io_error(what: str, exc: OSError) -> PublishError:
+    """A file-system refusal (read-only, full, ELOOP, permissions) as one line, exit 7."""
+    return PublishError(f"{what} ({exc.strerror or exc}); check that the repository is writable and has free "
+                        f"space")
 
 
 class LocalStorage(Storage):
@@ -118,6 +133,9 @@ class LocalStorage(Storage):
     def exists(self, key):
         return self._p(key).exists()
 
+    def is_link(self, key):
+        return self._p(key).is_symlink()
+
     def read_bytes(self, key):
         return self._p(key).read_bytes()
 
@@ -125,7 +143,10 @@ class LocalStorage(Storage):
         from retool.fsutil import atomic_write_text
 
         p = self._p(key)
-        p.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _io_error(f"{p.parent}: cannot create the folder", exc) from None
         atomic_write_text(p, data.decode())
 
     def listdir(self, key):
@@ -156,14 +177,21 @@ class LocalStorage(Storage):
         from filelock import FileLock, Timeout
 
         folder = self._p(name)
-        folder.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(folder / LOCK_FILE), timeout=LOCK_TIMEOUT_S)
-        try:
-            with lock:
-                yield
+        try:  # acquired apart from the body: an OSError inside it is not a lock problem
+            folder.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
         except Timeout:
             raise PublishError(f"{folder / LOCK_FILE}: another publisher held the lock for {LOCK_TIMEOUT_S:.0f}s; "
                                f"retry, or remove the lock file if no publisher is running") from None
+        except OSError as exc:  # read-only, full, or a symlinked lock file (ELOOP)
+            raise PublishError(f"{folder / LOCK_FILE}: cannot take the model's lock ({exc.strerror or exc}); the "
+                               f"repository must be writable, and the lock a plain file (remove it if it is a "
+                               f"link)") from None
+        try:
+            yield
+        finally:
+            lock.release()
 
     def stage(self, name, files):
         folder = self._p(name)
@@ -173,9 +201,9 @@ class LocalStorage(Storage):
             raise PublishError(f"{folder}: cannot create the model folder ({exc.strerror}); "
                                f"choose a writable --repo") from None
         tmp = folder / f"{STAGING_PREFIX}{publisher_id()}"
-        tmp.mkdir()
         order = []
         try:
+            tmp.mkdir()
             for rel, src in files.items():
                 dst = tmp / rel
                 dst.parent.mkdir(parents=True, exist_ok=True)
@@ -184,8 +212,10 @@ class LocalStorage(Storage):
                     os.fsync(fh.fileno())
                 order.append(rel)
                 _stage_delay()
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, OSError):
+                raise _io_error(f"{folder}: cannot stage the new version", exc) from None
             raise
         return Staged(name, str(tmp), tuple(order))
 
@@ -194,10 +224,13 @@ class LocalStorage(Storage):
         if final.exists():
             return False
         tmp = Path(staged.key)
-        with open(tmp / MANIFEST, "wb") as fh:
-            fh.write(manifest)
-            fh.flush()
-            os.fsync(fh.fileno())
+        try:
+            with open(tmp / MANIFEST, "wb") as fh:
+                fh.write(manifest)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            raise _io_error(f"{final}: cannot write the manifest", exc) from None
         try:
             os.rename(tmp, final)  # atomic; fails if a non-empty folder appeared meanwhile
         except OSError as exc:
@@ -220,19 +253,29 @@ class LocalStorage(Storage):
         return _numeric(self.listdir(name))
 
     def clean_stale(self, name):
-        """Remove staging folders left by publishers that died (same host, dead pid), or older than a day."""
+        """Remove staging folders left by publishers that died (same host, dead pid), or older than a day,
+        and the temporaries of atomic writes (``.config.pbtxt.*.tmp``...). Called under the model's lock,
+        which every writer of the model folder holds, so any such temporary belongs to a dead writer."""
+        from retool.publish.names import ascii_digits
+
         removed = []
         host = socket.gethostname()
         for entry in self.listdir(name):
+            p = self._p(f"{name}/{entry}")
+            if entry.startswith(".") and entry.endswith(".tmp") and not entry.startswith(STAGING_PREFIX):
+                with contextlib.suppress(FileNotFoundError):
+                    if p.is_file() and not p.is_symlink():
+                        p.unlink()
+                        removed.append(entry)
+                continue
             if not entry.startswith(STAGING_PREFIX):
                 continue
-            p = self._p(f"{name}/{entry}")
             parts = entry[len(STAGING_PREFIX):].rsplit("-", 2)  # host-pid-random
             try:
                 stale = time.time() - p.stat().st_mtime > 86400
             except FileNotFoundError:
                 continue
-            if len(parts) == 3 and parts[0] == host and parts[1].isdigit() and not _pid_alive(int(parts[1])):
+            if len(parts) == 3 and parts[0] == host and ascii_digits(parts[1]) and not _pid_alive(int(parts[1])):
                 stale = True
             if stale:
                 shutil.rmtree(p, ignore_errors=True)
@@ -243,7 +286,7 @@ class LocalStorage(Storage):
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
         return True
@@ -412,7 +455,10 @@ class FsspecStorage(Storage):
     def commit(self, staged, version, manifest):
         if self.exists(f"{staged.name}/{version}"):
             return False
-        claim = json.dumps({"claimed_by": staged.key.rsplit("/", 1)[-1], "at": time.time()}).encode()
+        import hashlib
+
+        claim = json.dumps({"claimed_by": staged.key.rsplit("/", 1)[-1], "at": time.time(),
+                            "manifest_sha256": hashlib.sha256(manifest).hexdigest()}).encode()
         if not self.create_exclusive(f"{staged.name}/.versions/{version}.claim", claim):
             return False
         for rel in staged.files:  # model file is last in staged.files: Triton never sees it without its data
@@ -433,7 +479,8 @@ class FsspecStorage(Storage):
         host = socket.gethostname()
         for entry in self.listdir(f"{name}/.staging"):
             parts = entry.rsplit("-", 2)  # host-pid-random
-            stale = len(parts) == 3 and parts[0] == host and parts[1].isdigit() and not _pid_alive(int(parts[1]))
+            stale = (len(parts) == 3 and parts[0] == host and parts[1].isascii() and parts[1].isdigit()
+                     and not _pid_alive(int(parts[1])))
             if not stale:
                 with contextlib.suppress(Exception):
                     infos = self.fs.find(self._p(f"{name}/.staging/{entry}"), detail=True).values()
@@ -443,6 +490,12 @@ class FsspecStorage(Storage):
                 self.discard(Staged(name, f"{name}/.staging/{entry}", ()))
                 removed.append(entry)
         return removed
+
+    def version_record(self, name, version):
+        try:
+            return str(self.read_json(f"{name}/.versions/{int(version)}.claim").get("manifest_sha256") or "") or None
+        except (FileNotFoundError, ValueError, AttributeError):
+            return None
 
     @_remote()
     def taken_versions(self, name):
