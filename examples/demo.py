@@ -65,7 +65,9 @@ def main() -> int:
         else:
             print(f"{head}; {s.get('message') or 'no load test'}")
     print(f"reports: {args.out}/<model>/<target>/report/report.html; summary: {result.summary_md}")
+    code_k8s = kserve_manifests(result, repo, Path(args.out))
     code, slower = forgive_slower(result.exit_code, result.outcomes)
+    code = code or code_k8s
     for o in slower:
         # tiny models: int8's quantize/dequantize overhead can cost more than it saves. Refusing to
         # publish those is the not-slower gate doing its job, not a broken demo.
@@ -73,6 +75,28 @@ def main() -> int:
               f"(as intended: {o.message})")
     print(f"demo finished in {time.perf_counter() - t0:.0f} s with exit code {code}"
           + (f" (the pipeline's was {result.exit_code})" if code != result.exit_code else ""))
+    return code
+
+
+def kserve_manifests(result, repo: Path, out: Path) -> int:
+    """Each plan the pipeline made, as KServe manifests (validated offline; no cluster is applied to)."""
+    import json
+
+    from retool.cli import main as retool
+
+    code = 0
+    for p in json.loads(result.summary_json.read_text()).get("plans") or ():
+        if p.get("status") != "ok" or not p.get("plan"):
+            continue
+        print(f"\nServing plan: {p['verdict']}")
+        k8s = out / p["model"] / "k8s"
+        # a local repository: the cluster reads the same content from where it is uploaded
+        rc = retool(["deploy", "kserve", str(repo), p["chosen"]["model"], "--plan", p["plan"], "-o", str(k8s),
+                     "--storage-uri", f"s3://models/{repo.name}", "--force"])
+        if rc == 0:
+            print(f"KServe manifests for {p['chosen']['replicas']} replica(s): {k8s} (kubectl apply -f {k8s}; "
+                  f"docs/deploy.md: upload the repository to the storage URI first)")
+        code = code or rc
     return code
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from fixtures.proc import run_retool
 from fixtures.serving_family import publish_family
+from retool.publish import open_repo
 from retool.serve.loadtest import LoadPoint
 from retool.serve.plan import Candidate, PlanInputs, Variant, choose
 from retool.serve.profile import ServingConfig
@@ -34,7 +35,7 @@ def _plan(repo, tmp_path, *args):
 @pytest.mark.slow
 def test_plan_on_two_variants_picks_the_one_that_meets_the_budget(family_repo, tmp_path):
     r, plan, out = _plan(family_repo, tmp_path, "--budget-p99-ms", "15", "--rate", "300", "--price-per-hour", "0.4",
-                         "--currency", "EUR", "--headroom", "0.5")
+                         "--currency", "EUR", "--headroom", "0.5", "--apply")
     assert r.returncode == 0, r.stderr[-2000:]
     ch = plan["chosen"]
     assert ch["model"] == "fam-fp32" and ch["variant"] == "cpu"
@@ -55,6 +56,10 @@ def test_plan_on_two_variants_picks_the_one_that_meets_the_budget(family_repo, t
     assert conf["queue_ms"] >= 0 and conf["compute_ms"] > 0 and conf["p99_ms"] >= conf["p50_ms"] > 0
     assert ch["resources"]["cpu"] >= 1 and ch["resources"]["memory_bytes"] >= ch["resources"]["peak_rss_bytes"] > 0
     assert "serve fam-fp32 v1" in r.stdout and "EUR per million" in r.stdout
+    # --apply: the chosen configuration is served, as a config revision that verify accepts
+    repo = open_repo(family_repo)
+    assert repo.serving_config("fam-fp32") == ServingConfig.from_dict(ch["config"])
+    assert repo.versions("fam-fp32") == [1] and repo.verify()[0] == []
 
 
 @pytest.mark.slow

@@ -29,9 +29,11 @@ from retool.commands.common import CORES, COST_PER_HOUR, HEADROOM, MILLISECONDS,
 @click.option("--window-ms", type=Number(int, 200, 60000), default=1000, show_default=True, help="perf_analyzer measurement window.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Folder for plan.json and plan.md "
                                                                           "(default: plan-NAME).")
+@click.option("--apply", "apply_", is_flag=True, help="Serve the chosen variant with the chosen configuration: a "
+                                                        "config revision (retool repo configure), no new version.")
 @click.option("--json", "as_json", is_flag=True)
 def plan_cmd(repo_url, name, budget_p99_ms, rate, profile, price_per_hour, currency, cores_per_replica, headroom,
-             space, window_ms, out_dir, as_json):
+             space, window_ms, out_dir, apply_, as_json):
     """Plan how to serve NAME's family from REPO within a p99 budget at a peak rate; exit 6 when nothing can."""
     from retool.errors import UsageError, ValidationFailed
     from retool.fsutil import atomic_write_text
@@ -60,15 +62,36 @@ def plan_cmd(repo_url, name, budget_p99_ms, rate, profile, price_per_hour, curre
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "plan.json", json.dumps(jsonable(result), indent=2) + "\n")
     atomic_write_text(out / "plan.md", pl.markdown(result) + "\n")
+    applied = None
+    ch = result.get("chosen")
+    if apply_ and ch and ch["confirmation"].get("outcome") != "fail":
+        applied = _apply(repo, result)
     if as_json:
         click.echo(json.dumps(jsonable(result), indent=2))
     else:
         click.echo(pl.markdown(result))
         click.echo(pl.verdict(result))
         click.echo(f"plan: {out / 'plan.json'}")
+        if applied:
+            click.echo(applied)
     if not result.get("chosen"):
         raise ValidationFailed(pl.verdict(result))
     if result["chosen"]["confirmation"].get("outcome") == "fail":
         raise ValidationFailed(f"{pl.verdict(result)}; but the confirmation runs missed the budget "
                                f"({result['chosen']['confirmation']['decision']['text']}): lower --headroom or "
                                f"rerun on a quiet machine")
+
+
+def _apply(repo, plan: dict) -> str:
+    """The chosen configuration as a config revision of the chosen model (nothing when it is served already)."""
+    from retool.serve.profile import ServingConfig, ServingProfile
+
+    ch = plan["chosen"]
+    cfg = ServingConfig.from_dict(ch["config"])
+    if repo.serving_config(ch["model"]) == cfg:
+        return f"{ch['model']}: already served with {ch['label']}; nothing to apply"
+    meas = {"plan": {k: plan["inputs"][k] for k in ("budget_p99_ms", "rate", "profile", "cores_per_replica")},
+            "sustainable_rate": ch["sustainable_rate"], "replicas": ch["replicas"], "p99_ms": ch.get("p99_ms"),
+            "queue_ms": ch.get("queue_ms"), "compute_ms": ch.get("compute_ms")}
+    repo.configure(ch["model"], ServingProfile(ch["model"], cfg, meas), ch["version"])
+    return f"{ch['model']}: config revision applied ({ch['label']}); version {ch['version']} unchanged"
