@@ -316,8 +316,11 @@ def build(repo_url: str, name: str, variants: list[Variant], dups: list[dict], c
             continue
         if c.error:
             why = c.error
+        elif c.over_ms is not None and c.points:
+            why = (f"over budget by {c.over_ms:.2f} ms at every rate tried, down to {c.points[-1].load:g} req/s "
+                   f"(Poisson arrivals queue)")
         elif c.over_ms is not None:
-            why = f"over budget by {c.over_ms:.2f} ms at its lowest tried load"
+            why = f"over budget by {c.over_ms:.2f} ms with one request in flight"
         else:
             why = "not measured"
         out["rejected"].append({"model": c.variant.model, "label": c.label, "reason": why})
@@ -450,9 +453,9 @@ def markdown(plan: dict) -> str:
         c = plan.get("closest")
         lines += ["", "**No variant meets the budget**" + (f"; the closest, {c['label']}, misses by "
                                                            f"{c['over_budget_ms']:.2f} ms." if c else ".")]
-    m = plan.get("machine") or {}
-    if m.get("busy"):
-        lines.append(f"Measured on a busy machine (load {m.get('load_avg')}): rerun on a quiet machine before "
-                     f"trusting close calls.")
+    if plan.get("machine"):
+        from retool.machine import describe
+
+        lines.append(f"Machine before measuring: {describe(plan['machine'])}")
     lines += ["", f"Server: {plan.get('server', '')}. Rule: {plan.get('rule', '')}."]
     return "\n".join(lines)
