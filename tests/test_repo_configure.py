@@ -84,6 +84,9 @@ def test_publish_with_a_profile_on_an_unchanged_model_is_a_config_revision(tmp_p
     assert config(repo).instance_group[0].count == 2
     assert cli("repo", "verify", repo).code == 0
     assert [e["event"] for e in open_repo(repo).history("m")] == ["publish", "configure"]
+    r = cli("publish", tiny, "--repo", repo, "--name", "m", "--serving-profile", profile, "--json")
+    data = json.loads(r.out)["data"]
+    assert r.code == 0 and data["unchanged"] and data["configured"]["new"]["instance_count"] == 2
 
 
 def test_configure_a_served_alias_and_later_versions(tmp_path, tiny, profile):

@@ -51,7 +51,7 @@ class PublishResult:
         art = ModelArtifact.from_dict({**self.manifest["artifact"], "path": f"{self.url}/{MODEL_FILE}"})
         return Report("publish", art, self.regression,
                       {"name": self.name, "version": self.version, "url": self.url, "forced": self.forced,
-                       "unchanged": self.unchanged,
+                       "unchanged": self.unchanged, "configured": self.configured,
                        "forced_reasons": list(self.manifest.get("forced_reasons", ())),
                        "files": self.manifest.get("files"), "published": self.manifest.get("published")})
 

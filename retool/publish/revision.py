@@ -43,7 +43,7 @@ class ServingState:
             v = pending["version"]
             idx["versions"][str(v)] = pending.get("manifest_sha256") or index.manifest_sha(self, name, v)
             idx["history"].append({**pending, "config_sha256": sha256_bytes(text.encode()) if text else None,
-                                   "completed": index.event("complete")["at"]})
+                                   "completed": now_iso()})
         idx["aliases"] = index.alias_map(self.aliases(name))
         idx["config_sha256"] = sha256_bytes(text.encode()) if text is not None else idx.get("config_sha256")
         if event:
