@@ -70,3 +70,41 @@ def test_serve_section_is_checked_like_the_rest_of_the_file(tmp_path, src):
     assert "unknown key 'budget_p99'" in str(ei.value) and "budget_p99_ms" in str(ei.value)
     p.write_text(yaml.safe_dump(_doc(src, tmp_path / "repo", {"budget_p99_ms": 5, "space": "quick"})))
     assert load_config(p).models[0].targets[0].serve == {"budget_p99_ms": 5, "space": "quick"}
+
+
+@pytest.mark.slow
+def test_a_rerun_keeps_the_published_configuration_unless_beaten_beyond_the_noise(tmp_path, src):
+    import retool
+
+    repo = tmp_path / "repo"
+    serve = {"check": False, "budget_p99_ms": 1000, "concurrency": [1, 2], "window_ms": 400, "space": "small"}
+    first = retool.run(_doc(src, repo, serve), out=tmp_path / "out")
+    assert first.exit_code == 0, first.summary_md.read_text()
+    config_before = (repo / "lin-cpu" / "config.pbtxt").read_text()
+    again = retool.run(_doc(src, repo, serve), out=tmp_path / "out2")
+    assert again.exit_code == 0, again.summary_md.read_text()
+    load = json.loads(again.summary_json.read_text())["targets"][0]["stages"]["serve"]["load"]
+    rep = json.loads((tmp_path / "out2" / "lin" / "cpu" / "serve" / "report.json").read_text())
+    if load.get("kept_published"):
+        # kept: config.pbtxt is byte for byte what the first run wrote, and the verdict says why
+        assert (repo / "lin-cpu" / "config.pbtxt").read_text() == config_before
+        assert rep["chosen"]["config"] == rep["published"]
+    else:
+        # changed: only because the decision rule said the new one is better beyond the noise
+        assert rep["decision"]["outcome"] == "pass", rep["decision"]
+        assert "better than the published configuration beyond the noise" in load["verdict"]
+
+
+@pytest.mark.slow
+def test_a_models_plan_section_plans_its_published_family(tmp_path, src):
+    import retool
+
+    doc = _doc(src, tmp_path / "repo", {"check": False})
+    doc["models"][0]["plan"] = {"budget_p99_ms": 500, "rate": 20, "price_per_hour": 1.0, "window_ms": 400}
+    res = retool.run(doc, out=tmp_path / "out")
+    assert res.exit_code == 0, res.summary_md.read_text()
+    plans = json.loads(res.summary_json.read_text())["plans"]
+    assert len(plans) == 1 and plans[0]["status"] == "ok" and plans[0]["chosen"]["model"] == "lin-cpu"
+    plan = json.loads((tmp_path / "out" / "lin" / "plan" / "plan.json").read_text())
+    assert plan["kind"] == "retool-serving-plan" and plan["chosen"]["replicas"] >= 1
+    assert "## Serving plan" in res.summary_md.read_text()

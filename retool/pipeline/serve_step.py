@@ -73,6 +73,9 @@ def serve_one(sess, repo, name: str, version: int, cfg: Mapping, out_dir: Path) 
                            "closest": rep.get("closest")}
             if budget is not None and not ch:
                 res.update(status="failed", code=6, message=verdict(rep))
+            elif budget is not None and ch["config"] == rep.get("published"):
+                # the published configuration stays (best, or not beaten beyond the noise): nothing to rewrite
+                res["load"]["kept_published"] = True
             elif budget is not None:
                 prof = ServingProfile(name, ServingConfig.from_dict(ch["config"]), measurement(rep))
                 repo.set_serving_profile(name, version, prof)
