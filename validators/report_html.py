@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from typing import Mapping, Sequence
 
 from retool.types import Report
@@ -109,9 +110,10 @@ def latency_svg(batch: str, stats: Mapping[str, Mapping]) -> str:
                    gid=f"runs-{batch}-{name}")
         if (~shown).any():
             ax.scatter(np.full(int((~shown).sum()), hi), r + jitter[~shown], marker=">", s=22, color="#dc2626",
-                       clip_on=False, zorder=4)
+                       clip_on=False, zorder=4, gid=f"clipped-{batch}-{name}")
             ax.annotate(f"{int((~shown).sum())} slower run(s) beyond {_fmt(hi)} ms, max {_fmt(samples.max())} ms →",
-                        (hi, r - 0.36), ha="right", va="bottom", fontsize=7, color="#dc2626")
+                        (hi, r - 0.36), ha="right", va="bottom", fontsize=7, color="#dc2626",
+                        gid=f"clipped-{batch}-{name}-label")
         if samples.size:
             q1, q3 = np.percentile(samples, [25, 75])
             ax.add_patch(Rectangle((q1, r - 0.28), max(q3 - q1, hi * 0.003), 0.56, fill=False, edgecolor=col,
@@ -128,7 +130,8 @@ def latency_svg(batch: str, stats: Mapping[str, Mapping]) -> str:
     ax.grid(axis="x", color="#e2e8f0", lw=0.8)
     ax.set_axisbelow(True)
     ax.spines[["top", "right"]].set_visible(False)
-    return to_svg(fig, key=f"latency-{batch}", css_class="plot latency", label=f"latency distribution at batch {batch}")
+    svg = to_svg(fig, key=f"latency-{batch}", css_class="plot latency", label=f"latency distribution at batch {batch}")
+    return re.sub(r'<g id="(clipped-[^"]*)"', r'<g class="clipped" id="\1"', svg)  # the marks off the axis
 
 
 def throughput_svg(latency: Mapping) -> str:
@@ -149,7 +152,9 @@ def throughput_svg(latency: Mapping) -> str:
         pts = sorted((int(b), s) for b, s in latency[name].items())
         xs, ys = [b for b, _ in pts], [s["throughput_per_s"] for _, s in pts]
         batches.update(xs)
-        ax.plot(xs, ys, color=col, lw=2 if len(xs) > 1 else 0, marker="o", ms=4.5, label=name, gid=f"items-{name}")
+        # a single point is no curve
+        ax.plot(xs, ys, color=col, lw=2, ls="-" if len(xs) > 1 else "none", marker="o", ms=4.5, label=name,
+                gid=f"items-{name}")
         lo, up = [], []
         for (b, s), y in zip(pts, ys):
             runs = s.get("samples_ms") or []
