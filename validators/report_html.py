@@ -97,7 +97,7 @@ def latency_svg(batch: str, stats: Mapping[str, Mapping]) -> str:
 
     names = [n for n in ("candidate", "reference") if n in stats]
     hi = latency_axis_max(stats)
-    fig = figure(5.2, 0.85 + 0.62 * len(names))
+    fig = figure(4.9, 0.85 + 0.62 * len(names))
     ax = fig.add_subplot()
     for r, name in enumerate(names):
         s = stats[name]
@@ -144,7 +144,7 @@ def throughput_svg(latency: Mapping) -> str:
 
     from retool.validators.svgplot import figure, to_svg
 
-    fig = figure(5.2, 2.9)
+    fig = figure(4.9, 2.9)
     ax = fig.add_subplot()
     batches = set()
     for k, name in enumerate(n for n in ("candidate", "reference") if latency.get(n)):
@@ -185,49 +185,34 @@ def throughput_svg(latency: Mapping) -> str:
 
 
 def error_hist_svg(output: str, entries: Mapping[int, Mapping]) -> str:
-    """Counts of |candidate - reference| per log10 bin, one bar series per batch size."""
-    w, h, left, right, top, bottom = 520, 240, 56, 90, 12, 40
-    first = next(iter(entries.values()))["histogram"]
-    edges = first["log10_abs_error_edges"]
-    nb = len(edges) - 1
+    """Fractions of |candidate - reference| per log10 bin, one bar series per batch size."""
+    from matplotlib.ticker import MaxNLocator, PercentFormatter
+
+    from retool.validators.svgplot import figure, to_svg
+
+    edges = next(iter(entries.values()))["histogram"]["log10_abs_error_edges"]
     batches = sorted(entries)
-    # Fractions, not counts, so batch sizes with more values compare on one axis.
-    fracs = {b: [c / max(1, sum(e["histogram"]["counts"])) for c in e["histogram"]["counts"]] for b, e in entries.items()}
-    ymax = min(1.0, _nice_max(max(max(f) for f in fracs.values()) * 1.05))
-    bw = (w - left - right) / nb
-    sub = bw * 0.85 / max(1, len(batches))
-
-    def y(v):
-        return top + (h - top - bottom) * (1 - v / ymax)
-
-    parts = [f'<svg class="plot errhist" xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
-             f'viewBox="0 0 {w} {h}" role="img" aria-label="error histogram of {_e(output)}">']
-    for i in range(5):
-        v = ymax * i / 4
-        parts.append(f'<line x1="{left}" y1="{y(v):.1f}" x2="{w - right}" y2="{y(v):.1f}" stroke="#e2e8f0"/>'
-                     f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{v:.0%}</text>')
-    span = edges[-1] - edges[0]
-    for dec in range(math.ceil(edges[0]), math.floor(edges[-1]) + 1, 2):  # ticks at whole decades
-        tx = left + (w - left - right) * (dec - edges[0]) / span
-        parts.append(f'<line x1="{tx:.1f}" y1="{h - bottom}" x2="{tx:.1f}" y2="{h - bottom + 4}" stroke="#94a3b8"/>'
-                     f'<text x="{tx:.1f}" y="{h - bottom + 15}" text-anchor="middle">1e{dec}</text>')
-    parts.append(f'<text x="{(left + w - right) / 2:.0f}" y="{h - 6}" text-anchor="middle">'
-                 f'absolute error |candidate − reference| (log scale)</text>')
+    fig = figure(4.9, 2.7)
+    ax = fig.add_subplot()
+    width = (edges[1] - edges[0]) * 0.85 / max(1, len(batches))
     for k, b in enumerate(batches):
-        col = SERIES[k % len(SERIES)]
         counts = entries[b]["histogram"]["counts"]
-        for i, c in enumerate(fracs[b]):
-            if c <= 0:
-                continue
-            x0 = left + i * bw + bw * 0.075 + k * sub
-            parts.append(f'<rect x="{x0:.1f}" y="{y(c):.1f}" width="{max(sub - 0.5, 0.8):.1f}" '
-                         f'height="{(h - bottom) - y(c):.1f}" fill="{col}"><title>batch {b}: {counts[i]} values in '
-                         f'[1e{edges[i]:.1f}, 1e{edges[i + 1]:.1f})</title></rect>')
-        ly = top + 10 + 18 * k
-        parts.append(f'<rect x="{w - right + 12}" y="{ly - 8}" width="10" height="10" fill="{col}"/>'
-                     f'<text x="{w - right + 28}" y="{ly + 1}">batch {b}</text>')
-    parts.append(f'<line x1="{left}" y1="{h - bottom}" x2="{w - right}" y2="{h - bottom}" stroke="#94a3b8"/></svg>')
-    return "".join(parts)
+        total = max(1, sum(counts))  # fractions, not counts: batch sizes with more values share one axis
+        left = [edges[i] + (edges[i + 1] - edges[i]) * 0.075 + k * width for i in range(len(counts))]
+        ax.bar(left, [c / total for c in counts], width=width, align="edge", color=SERIES[k % len(SERIES)],
+               label=f"batch {b}")
+    ax.set_xlim(edges[0], edges[-1])
+    ax.set_ylim(bottom=0)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
+    ax.xaxis.set_major_formatter(lambda v, _: f"1e{v:g}")
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+    ax.set_xlabel("absolute error |candidate − reference| (log scale)")
+    ax.set_ylabel("share of values")
+    ax.grid(axis="y", color="#e2e8f0", lw=0.8)
+    ax.set_axisbelow(True)
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    return to_svg(fig, key=f"errhist-{output}", css_class="plot errhist", label=f"error histogram of {output}")
 
 
 def render_html(report: Report) -> str:
