@@ -6,11 +6,15 @@ from __future__ import annotations
 import html
 import io
 import re
+import threading
 
 #: shared by the reports and the load-test plot so the same series keep the same colour
 COLORS = {"candidate": "#2563eb", "reference": "#f97316"}
 SERIES = ("#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#4d7c0f", "#be185d", "#475569",
           "#a16207", "#0f766e", "#7c3aed")
+
+
+_RC_LOCK = threading.Lock()  # rc_context changes process-wide settings: one figure saved at a time
 
 
 def figure(width_in: float, height_in: float):
@@ -33,7 +37,7 @@ def to_svg(fig, key: str, css_class: str = "", label: str = "") -> str:
     buf = io.StringIO()
     rc = {"svg.hashsalt": f"retool:{key}", "svg.id": f"retool-{re.sub(r'[^A-Za-z0-9_-]', '-', key)}",
           "svg.fonttype": "none"}  # text stays text: searchable, selectable, small
-    with matplotlib.rc_context(rc):
+    with _RC_LOCK, matplotlib.rc_context(rc):
         fig.savefig(buf, format="svg", metadata={"Date": None})
     text = buf.getvalue()
     text = text[text.index("<svg"):]  # drop the XML prolog and DOCTYPE: the element is inlined
