@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from google.protobuf import text_format
@@ -99,7 +100,8 @@ def test_cli_impossible_budget_exits_6_saying_by_how_much(repo, tmp_path):
     rep = json.loads((tmp_path / "lt" / "report.json").read_text())
     assert rep["met"] is False and rep["closest"]["over_budget_ms"] > 0
     svg = (tmp_path / "lt" / "plot.svg").read_text()
-    assert svg.startswith("<svg") and "budget p99 0.001 ms" in svg and svg.count("<polyline") == len(rep["configs"])
+    assert svg.startswith("<svg") and "budget p99 0.001 ms" in svg
+    assert len(re.findall(r'<g id="curve-\d+"', svg)) == len([c for c in rep["configs"] if c["points"]]) > 0
 
 
 @pytest.mark.slow
@@ -113,3 +115,34 @@ def test_cli_budget_writes_a_profile_that_publish_uses(repo, tmp_path):
     assert "chosen" in svg
     p = load_profile(prof)
     assert p.model == "lin" and p.measurement["p99_ms"] <= 500
+
+
+def _lt_point(mode, load, throughput, p99, **extra):
+    return {"mode": mode, "load": load, "throughput": throughput, "p50_ms": p99 / 3, "p90_ms": p99 / 2, "p99_ms": p99,
+            "queue_ms": 0.1, "compute_ms": 0.2, "server_ms": 0.3, "stable": True, **extra}
+
+
+def test_plot_svg_labels_points_draws_the_budget_and_spreads():
+    """The loadtest picture (matplotlib's SVG backend): one curve per measured configuration, each point
+    labelled with its concurrency or rate, the budget line, error bars only where a point has a spread."""
+    from retool.serve import plot
+
+    a = [_lt_point("concurrency", 1, 500.0, 2.0), _lt_point("concurrency", 4, 900.0, 3.1, p99_range_ms=[2.5, 4.0])]
+    b = [_lt_point("rate", 100, 99.0, 1.5), _lt_point("rate", 400, 390.0, 2.5)]
+    rep = {"model": "lin", "version": 3, "budget_p99_ms": 5.0, "configs": [
+        {"label": "1 inst x 2 thr, no batching", "points": a, "best": a[1], "error": None},
+        {"label": "2 inst x 1 thr, batching 100 us", "points": b, "best": b[1], "error": None},
+        {"label": "broken", "points": [], "best": None, "error": "load failed"}],
+        "chosen": {"label": "1 inst x 2 thr, no batching", "point": a[1]}}
+    svg = plot.svg(rep)
+    assert svg == plot.svg(rep) and svg.startswith("<svg") and "<dc:date>" not in svg  # same bytes every run
+    assert len(re.findall(r'<g id="curve-\d+"', svg)) == 2 and 'id="chosen"' in svg
+    for label in ("c1", "c4", "100/s", "400/s", "budget p99 5 ms", "lin v3: p99 latency vs throughput",
+                  "1 inst x 2 thr, no batching", "throughput (inferences/s)", "client p99 (ms)"):
+        assert f">{label}<" in svg, label
+    # error bars (a LineCollection) only where the data has a spread: drop it and they go
+    assert "LineCollection" in svg
+    del a[1]["p99_range_ms"]
+    assert "LineCollection" not in plot.svg(rep)
+    assert plot.table_rows(rep)[0][0] == "1 inst x 2 thr, no batching" and plot.table_rows(rep)[1][-1] == "CHOSEN"
+    assert plot.markdown(rep).splitlines()[0].startswith("| configuration | load | infer/s |")

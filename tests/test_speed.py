@@ -6,6 +6,7 @@ Timings are never asserted: the slow fixture is slower by construction (tens of 
 from __future__ import annotations
 
 import json
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -122,7 +123,8 @@ def test_html_latency_axis_survives_an_outlier_and_one_batch_draws_no_curve(pair
     svg = latency_svg("1", stats)
     assert svg.count('class="clipped"') == 2 and "1 slower run(s)" in svg  # the mark and its label
     one = {"candidate": {"1": {"throughput_per_s": 10.0}}}
-    assert "polyline" not in throughput_svg(one)
+    drawn = re.search(r'<g id="items-candidate">(.*?)</g>', throughput_svg(one), re.S).group(1)
+    assert "<use" in drawn and "\nL " not in drawn  # the point, and no line segment
     r = validate(pair["fast"], pair["fast"], latency=True, threads=1, runs=5, time_budget_s=0.05)
     page = render_html(r)
     assert "plot latency" in page and "plot throughput" not in page

@@ -82,6 +82,33 @@ def test_report_html_is_self_contained(reports):
     assert html.count('class="plot latency"') == 3  # one distribution per batch size
     assert html.count('class="plot throughput"') == 1
     assert html.count('class="plot errhist"') == 1  # one histogram per output
+    ids = re.findall(r'\bid="([^"]+)"', html)
+    assert len(ids) == len(set(ids)), "inlined figures never share an element id"
+
+
+def test_fail_header_names_the_failed_gates(reports):
+    report, out = reports
+    html = (out / "report.html").read_text()
+    header = html[html.index("<h1>"):html.index("<h2>")]
+    assert report.failed_checks and "Failed gates:" in header
+    assert all(f"<code>{c.name}</code>" in header for c in report.failed_checks)
+    passed = [c.name for c in report.checks if c.severity == "gate" and c.passed]
+    assert passed and not any(f"<code>{n}</code>" in header for n in passed)
+
+
+def test_plots_are_matplotlib_svg_and_deterministic(reports):
+    from retool.validators.report_html import latency_svg, throughput_svg
+
+    report, _ = reports
+    lat = report.data["latency"]
+    stats = {n: lat[n]["1"] for n in ("candidate", "reference")}
+    one = latency_svg("1", stats)
+    assert one == latency_svg("1", stats) and throughput_svg(lat) == throughput_svg(lat)
+    assert one.startswith('<svg class="plot latency"') and "Matplotlib" in one
+    assert "<dc:date>" not in one  # no timestamp: reruns give the same bytes
+    # the axes say what they measure, with numeric ticks
+    assert ">ms per batch<" in one and ">batch size<" in throughput_svg(lat)
+    assert all(f">{b}<" in throughput_svg(lat) for b in (1, 4, 16))
 
 
 def test_write_reports_returns_the_three_paths(reports, tmp_path):
@@ -107,7 +134,16 @@ def test_report_html_renders_in_headless_chromium(reports, tmp_path):
     assert dom.returncode == 0, dom.stderr[-2000:]
     # the parsed DOM (not just our text) holds the plots, with their marks
     assert dom.stdout.count("<svg") >= 5
-    assert len(re.findall(r"<circle", dom.stdout)) > 15 * 2  # every latency sample is a dot
+    # every latency sample kept inside the axis is one mark in its variant's group
+    from retool.validators.report_html import latency_axis_max
+
+    lat = json.loads((out / "report.json").read_text())["data"]["latency"]
+    for b in lat["candidate"]:
+        hi = latency_axis_max({n: lat[n][b] for n in ("candidate", "reference")})
+        for n in ("candidate", "reference"):
+            group = re.search(rf'<g id="runs-{b}-{n}">(.*?)</g>', dom.stdout, re.S)
+            shown = sum(1 for v in lat[n][b]["samples_ms"] if v <= hi)
+            assert group and group.group(1).count("<use") == shown > 15, (b, n)
     assert "<rect" in dom.stdout and "FAIL" in dom.stdout
 
     png = tmp_path / "report.png"

@@ -411,9 +411,10 @@ def write_reports(report: Report, directory) -> dict[str, Path]:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     paths = {"json": d / "report.json", "md": d / "report.md", "html": d / "report.html"}
-    atomic_write_text(paths["json"], report.to_json() + "\n")
-    atomic_write_text(paths["md"], render_markdown(report))
-    atomic_write_text(paths["html"], render_html(report))
+    # render all three before writing any: a renderer that fails leaves the old set whole
+    texts = {"json": report.to_json() + "\n", "md": render_markdown(report), "html": render_html(report)}
+    for kind, text in texts.items():
+        atomic_write_text(paths[kind], text)
     return paths
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from typing import Mapping, Sequence
 
 from retool.types import Report
@@ -29,6 +30,7 @@ figcaption{font-size:12px;color:#475569;margin-bottom:4px}
 svg text{font:11px system-ui,sans-serif;fill:#334155}
 .muted{color:#64748b}.small{font-size:12px}
 code{background:#f1f5f9;padding:0 3px;border-radius:3px}
+.failed{color:#b91c1c;margin:6px 0}
 """
 
 
@@ -87,143 +89,130 @@ def latency_svg(batch: str, stats: Mapping[str, Mapping]) -> str:
 
     The axis is clipped at a high percentile; clipped samples (and a clipped p99) are drawn as
     red marks on the right edge with their count."""
-    w, row_h, left, right, top = 520, 46, 86, 16, 14
+    import numpy as np
+    from matplotlib.patches import Rectangle
+    from matplotlib.ticker import MaxNLocator
+
+    from retool.validators.svgplot import figure, to_svg
+
     names = [n for n in ("candidate", "reference") if n in stats]
-    h = top + row_h * len(names) + 34
     hi = latency_axis_max(stats)
-
-    def x(v):
-        return left + (w - left - right) * (min(v, hi) / hi)
-
-    parts = [f'<svg class="plot latency" xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
-             f'viewBox="0 0 {w} {h}" role="img" aria-label="latency distribution at batch {_e(batch)}">']
-    for i in range(6):  # grid + axis labels
-        v = hi * i / 5
-        parts.append(f'<line x1="{x(v):.1f}" y1="{top - 4}" x2="{x(v):.1f}" y2="{h - 28}" stroke="#e2e8f0"/>'
-                     f'<text x="{x(v):.1f}" y="{h - 14}" text-anchor="middle">{_fmt(v)}</text>')
-    parts.append(f'<text x="{(left + w - right) / 2:.0f}" y="{h - 2}" text-anchor="middle">ms per batch</text>')
+    fig = figure(4.9, 0.85 + 0.62 * len(names))
+    ax = fig.add_subplot()
     for r, name in enumerate(names):
         s = stats[name]
-        cy = top + row_h * r + row_h / 2
         col = COLORS.get(name, "#475569")
-        parts.append(f'<text x="{left - 8}" y="{cy + 4:.1f}" text-anchor="end">{_e(name)}</text>')
-        samples = s.get("samples_ms") or []
-        for j, v in enumerate(samples):
-            jitter = ((j * 7919) % 23 - 11) * 0.9
-            if v > hi:
-                parts.append(f'<path class="clipped" d="M{w - right - 5:.1f},{cy + jitter - 3:.1f} l5,3 l-5,3 z" '
-                             f'fill="#dc2626"><title>{v:.3f} ms (off the axis)</title></path>')
-            else:
-                parts.append(f'<circle cx="{x(v):.1f}" cy="{cy + jitter:.1f}" r="1.8" fill="{col}" fill-opacity="0.35"/>')
-        beyond = sum(1 for v in samples if v > hi)
-        if beyond:
-            parts.append(f'<text class="clipped" x="{w - right}" y="{cy - 16:.1f}" text-anchor="end" fill="#dc2626">'
-                         f'{beyond} slower run(s) beyond {_fmt(hi)} ms, max {_fmt(max(samples))} ms →</text>')
-        if samples:
-            import numpy as np
-
-            q1, q3 = (float(np.percentile(samples, q)) for q in (25, 75))
-            parts.append(f'<rect x="{x(q1):.1f}" y="{cy - 13:.1f}" width="{max(1.5, x(q3) - x(q1)):.1f}" height="26" '
-                         f'fill="none" stroke="{col}" stroke-width="1.5"/>')
-        parts.append(f'<line x1="{x(s["p50_ms"]):.1f}" y1="{cy - 16:.1f}" x2="{x(s["p50_ms"]):.1f}" y2="{cy + 16:.1f}" '
-                     f'stroke="{col}" stroke-width="3"><title>p50 {s["p50_ms"]:.3f} ms</title></line>')
-        p99_col = "#dc2626" if s["p99_ms"] > hi else col  # a clipped p99 sits on the edge, in red
-        parts.append(f'<line x1="{x(s["p99_ms"]):.1f}" y1="{cy - 10:.1f}" x2="{x(s["p99_ms"]):.1f}" y2="{cy + 10:.1f}" '
-                     f'stroke="{p99_col}" stroke-width="1.5" stroke-dasharray="3 2"><title>p99 {s["p99_ms"]:.3f} ms'
-                     f'</title></line>')
-    parts.append("</svg>")
-    return "".join(parts)
+        samples = np.asarray(s.get("samples_ms") or [], dtype=float)
+        jitter = (((np.arange(samples.size) * 7919) % 23) - 11) / 11 * 0.2
+        shown = samples <= hi
+        # gid: the test counts one mark per run inside this group
+        ax.scatter(samples[shown], r + jitter[shown], s=7, color=col, alpha=0.35, linewidths=0, zorder=2,
+                   gid=f"runs-{batch}-{name}")
+        if (~shown).any():
+            ax.scatter(np.full(int((~shown).sum()), hi), r + jitter[~shown], marker=">", s=22, color="#dc2626",
+                       clip_on=False, zorder=4, gid=f"clipped-{batch}-{name}")
+            ax.annotate(f"{int((~shown).sum())} slower run(s) beyond {_fmt(hi)} ms, max {_fmt(samples.max())} ms →",
+                        (hi, r - 0.36), ha="right", va="bottom", fontsize=7, color="#dc2626",
+                        gid=f"clipped-{batch}-{name}-label")
+        if samples.size:
+            q1, q3 = np.percentile(samples, [25, 75])
+            ax.add_patch(Rectangle((q1, r - 0.28), max(q3 - q1, hi * 0.003), 0.56, fill=False, edgecolor=col,
+                                   lw=1.5, zorder=3))
+        ax.plot([s["p50_ms"]] * 2, [r - 0.36, r + 0.36], color=col, lw=3, zorder=3, solid_capstyle="butt")
+        p99 = min(s["p99_ms"], hi)  # a clipped p99 sits on the edge, in red
+        ax.plot([p99] * 2, [r - 0.24, r + 0.24], color="#dc2626" if s["p99_ms"] > hi else col, lw=1.5,
+                ls=(0, (3, 2)), zorder=3)
+    ax.set_yticks(range(len(names)), names)
+    ax.set_ylim(len(names) - 0.5, -0.5)
+    ax.set_xlim(0, hi)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=6, min_n_ticks=4))
+    ax.set_xlabel("ms per batch")
+    ax.grid(axis="x", color="#e2e8f0", lw=0.8)
+    ax.set_axisbelow(True)
+    ax.spines[["top", "right"]].set_visible(False)
+    svg = to_svg(fig, key=f"latency-{batch}", css_class="plot latency", label=f"latency distribution at batch {batch}")
+    return re.sub(r'<g id="(clipped-[^"]*)"', r'<g class="clipped" id="\1"', svg)  # the marks off the axis
 
 
 def throughput_svg(latency: Mapping) -> str:
-    """Items per second (from the median) against batch size (log2 x axis), one line per variant.
+    """Items per second (from the median) against batch size (log2 x axis), one line per variant; the
+    error bars span the throughput at the p75 and p25 latencies, where the runs were kept.
 
     Only drawn for two or more batch sizes (render_html leaves it out otherwise)."""
-    w, h, left, right, top, bottom = 520, 260, 72, 110, 14, 40
-    series = {n: {int(b): s["throughput_per_s"] for b, s in latency.get(n, {}).items()}
-              for n in ("candidate", "reference") if latency.get(n)}
-    batches = sorted({b for s in series.values() for b in s})
-    ymax = _nice_max(max(v for s in series.values() for v in s.values()) * 1.05)
-    lo, hi = math.log2(batches[0]), math.log2(batches[-1])
+    import numpy as np
+    from matplotlib.ticker import FixedLocator, MaxNLocator, NullFormatter, NullLocator
 
-    def x(b):
-        if hi == lo:
-            return left + (w - left - right) / 2
-        return left + (w - left - right) * (math.log2(b) - lo) / (hi - lo)
+    from retool.validators.svgplot import figure, to_svg
 
-    def y(v):
-        return top + (h - top - bottom) * (1 - v / ymax)
-
-    parts = [f'<svg class="plot throughput" xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
-             f'viewBox="0 0 {w} {h}" role="img" aria-label="throughput against batch size">']
-    for i in range(6):
-        v = ymax * i / 5
-        parts.append(f'<line x1="{left}" y1="{y(v):.1f}" x2="{w - right}" y2="{y(v):.1f}" stroke="#e2e8f0"/>'
-                     f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{_fmt(v)}</text>')
-    for b in batches:
-        parts.append(f'<text x="{x(b):.1f}" y="{h - bottom + 16}" text-anchor="middle">{b}</text>')
-    parts.append(f'<text x="{(left + w - right) / 2:.0f}" y="{h - 6}" text-anchor="middle">batch size</text>'
-                 f'<text x="14" y="{(top + h - bottom) / 2:.0f}" text-anchor="middle" '
-                 f'transform="rotate(-90 14 {(top + h - bottom) / 2:.0f})">items / s</text>')
-    for k, (name, pts) in enumerate(series.items()):
+    fig = figure(4.9, 2.9)
+    ax = fig.add_subplot()
+    batches = set()
+    for k, name in enumerate(n for n in ("candidate", "reference") if latency.get(n)):
         col = COLORS.get(name, SERIES[k % len(SERIES)])
-        if len(pts) > 1:  # a single point is no curve
-            coords = " ".join(f"{x(b):.1f},{y(v):.1f}" for b, v in sorted(pts.items()))
-            parts.append(f'<polyline points="{coords}" fill="none" stroke="{col}" stroke-width="2"/>')
-        for b, v in sorted(pts.items()):
-            parts.append(f'<circle cx="{x(b):.1f}" cy="{y(v):.1f}" r="3.5" fill="{col}">'
-                         f'<title>{_e(name)} batch {b}: {v:.1f}/s</title></circle>')
-        ly = top + 10 + 18 * k
-        parts.append(f'<rect x="{w - right + 12}" y="{ly - 8}" width="12" height="4" fill="{col}"/>'
-                     f'<text x="{w - right + 30}" y="{ly - 2}">{_e(name)}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
+        pts = sorted((int(b), s) for b, s in latency[name].items())
+        xs, ys = [b for b, _ in pts], [s["throughput_per_s"] for _, s in pts]
+        batches.update(xs)
+        # a single point is no curve
+        ax.plot(xs, ys, color=col, lw=2, ls="-" if len(xs) > 1 else "none", marker="o", ms=4.5, label=name,
+                gid=f"items-{name}")
+        lo, up = [], []
+        for (b, s), y in zip(pts, ys):
+            runs = s.get("samples_ms") or []
+            if len(runs) >= 4:
+                q1, q3 = np.percentile(runs, [25, 75])
+                lo.append(max(0.0, y - b * 1000.0 / q3))
+                up.append(max(0.0, b * 1000.0 / q1 - y))
+            else:
+                lo.append(0.0)
+                up.append(0.0)
+        if any(lo) or any(up):
+            ax.errorbar(xs, ys, yerr=[lo, up], fmt="none", ecolor=col, elinewidth=1, capsize=3)
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_locator(FixedLocator(sorted(batches)))
+    ax.xaxis.set_major_formatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_ylim(bottom=0)
+    ax.yaxis.set_major_locator(MaxNLocator(nbins=6))
+    ax.yaxis.set_major_formatter(lambda v, _: _fmt(v))
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("items / s")
+    ax.grid(color="#e2e8f0", lw=0.8)
+    ax.set_axisbelow(True)
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    return to_svg(fig, key="throughput", css_class="plot throughput", label="throughput against batch size")
 
 
 def error_hist_svg(output: str, entries: Mapping[int, Mapping]) -> str:
-    """Counts of |candidate - reference| per log10 bin, one bar series per batch size."""
-    w, h, left, right, top, bottom = 520, 240, 56, 90, 12, 40
-    first = next(iter(entries.values()))["histogram"]
-    edges = first["log10_abs_error_edges"]
-    nb = len(edges) - 1
+    """Fractions of |candidate - reference| per log10 bin, one bar series per batch size."""
+    from matplotlib.ticker import MaxNLocator, PercentFormatter
+
+    from retool.validators.svgplot import figure, to_svg
+
+    edges = next(iter(entries.values()))["histogram"]["log10_abs_error_edges"]
     batches = sorted(entries)
-    # Fractions, not counts, so batch sizes with more values compare on one axis.
-    fracs = {b: [c / max(1, sum(e["histogram"]["counts"])) for c in e["histogram"]["counts"]] for b, e in entries.items()}
-    ymax = min(1.0, _nice_max(max(max(f) for f in fracs.values()) * 1.05))
-    bw = (w - left - right) / nb
-    sub = bw * 0.85 / max(1, len(batches))
-
-    def y(v):
-        return top + (h - top - bottom) * (1 - v / ymax)
-
-    parts = [f'<svg class="plot errhist" xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
-             f'viewBox="0 0 {w} {h}" role="img" aria-label="error histogram of {_e(output)}">']
-    for i in range(5):
-        v = ymax * i / 4
-        parts.append(f'<line x1="{left}" y1="{y(v):.1f}" x2="{w - right}" y2="{y(v):.1f}" stroke="#e2e8f0"/>'
-                     f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{v:.0%}</text>')
-    span = edges[-1] - edges[0]
-    for dec in range(math.ceil(edges[0]), math.floor(edges[-1]) + 1, 2):  # ticks at whole decades
-        tx = left + (w - left - right) * (dec - edges[0]) / span
-        parts.append(f'<line x1="{tx:.1f}" y1="{h - bottom}" x2="{tx:.1f}" y2="{h - bottom + 4}" stroke="#94a3b8"/>'
-                     f'<text x="{tx:.1f}" y="{h - bottom + 15}" text-anchor="middle">1e{dec}</text>')
-    parts.append(f'<text x="{(left + w - right) / 2:.0f}" y="{h - 6}" text-anchor="middle">'
-                 f'absolute error |candidate − reference| (log scale)</text>')
+    fig = figure(4.9, 2.7)
+    ax = fig.add_subplot()
+    width = (edges[1] - edges[0]) * 0.85 / max(1, len(batches))
     for k, b in enumerate(batches):
-        col = SERIES[k % len(SERIES)]
         counts = entries[b]["histogram"]["counts"]
-        for i, c in enumerate(fracs[b]):
-            if c <= 0:
-                continue
-            x0 = left + i * bw + bw * 0.075 + k * sub
-            parts.append(f'<rect x="{x0:.1f}" y="{y(c):.1f}" width="{max(sub - 0.5, 0.8):.1f}" '
-                         f'height="{(h - bottom) - y(c):.1f}" fill="{col}"><title>batch {b}: {counts[i]} values in '
-                         f'[1e{edges[i]:.1f}, 1e{edges[i + 1]:.1f})</title></rect>')
-        ly = top + 10 + 18 * k
-        parts.append(f'<rect x="{w - right + 12}" y="{ly - 8}" width="10" height="10" fill="{col}"/>'
-                     f'<text x="{w - right + 28}" y="{ly + 1}">batch {b}</text>')
-    parts.append(f'<line x1="{left}" y1="{h - bottom}" x2="{w - right}" y2="{h - bottom}" stroke="#94a3b8"/></svg>')
-    return "".join(parts)
+        total = max(1, sum(counts))  # fractions, not counts: batch sizes with more values share one axis
+        left = [edges[i] + (edges[i + 1] - edges[i]) * 0.075 + k * width for i in range(len(counts))]
+        ax.bar(left, [c / total for c in counts], width=width, align="edge", color=SERIES[k % len(SERIES)],
+               label=f"batch {b}")
+    ax.set_xlim(edges[0], edges[-1])
+    ax.set_ylim(bottom=0)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
+    ax.xaxis.set_major_formatter(lambda v, _: f"1e{v:g}")
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+    ax.set_xlabel("absolute error |candidate − reference| (log scale)")
+    ax.set_ylabel("share of values")
+    ax.grid(axis="y", color="#e2e8f0", lw=0.8)
+    ax.set_axisbelow(True)
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    return to_svg(fig, key=f"errhist-{output}", css_class="plot errhist", label=f"error histogram of {output}")
 
 
 def render_html(report: Report) -> str:
@@ -237,6 +226,9 @@ def render_html(report: Report) -> str:
     body = [f'<h1>retool validate<span class="verdict {verdict[0]}">{verdict[1]}</span></h1>',
             f'<div class="muted">{_e(cand.get("path"))} against {_e(ref.get("label") or "no reference")}'
             f' · {_e(report.created)}</div>']
+    if report.failed_checks:
+        body.append('<p class="failed"><b>Failed gates:</b> '
+                    + ", ".join(f"<code>{_e(c.name)}</code>" for c in report.failed_checks) + "</p>")
     cards = [("size", f"{d.get('size_mb', 0):.3f} MB"), ("precision", cand.get("precision")),
              ("threads", d.get("threads")), ("batch sizes", ", ".join(map(str, d.get("batch_sizes", []))))]
     sp = lat.get("speedup_stats") or lat.get("speedup") or {}
@@ -265,6 +257,10 @@ def render_html(report: Report) -> str:
         cls = ' class="busy"' if d["machine"].get("busy") else ""
         body.append(f'<p{cls}><b>Machine while timing:</b> {_e(describe(d["machine"]))}</p>')
     body.append("<h2>Summary</h2>" + _table(SUMMARY_HEADERS, summary_rows(report), result_col=5))
+    if isinstance(d.get("serving"), Mapping):
+        from retool.validators.report_serving import serving_html
+
+        body.append(serving_html(d["serving"]))
     if lat.get("candidate"):
         where = f' {_e(lat["off_target"])}.' if lat.get("off_target") else ""
         body.append('<h2>Latency</h2><div class="small muted">Each dot is one run; box p25–p75, thick mark p50, '

@@ -44,6 +44,10 @@ def render_markdown(report: Report) -> str:
         icon = "⚠️ " if d["machine"].get("busy") else ""
         parts += [f"**Machine while timing:** {icon}{describe(d['machine'])}", ""]
     parts += [_md_table(SUMMARY_HEADERS, summary_rows(report)), ""]
+    if isinstance(d.get("serving"), dict):
+        from retool.validators.report_serving import serving_markdown
+
+        parts += [serving_markdown(d["serving"]), ""]
     rows = gate_rows(report)
     if rows:
         parts += ["<details><summary>All gates</summary>", "", _md_table(GATE_HEADERS, rows), "", "</details>", ""]

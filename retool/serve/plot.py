@@ -1,67 +1,82 @@
-"""The load-test report's pictures and table: p99 latency against throughput, one line per
-configuration, the budget as a line, the chosen point marked (inline SVG, no dependencies)."""
+"""The load-test report's picture and table: p99 latency against throughput, one line per configuration,
+each point labelled with its concurrency or rate, the budget as a line, the chosen point ringed.
+
+Drawn by matplotlib's SVG backend (imported on use); error bars wherever a point carries a spread
+(``p99_range_ms`` and/or ``throughput_range``: [low, high])."""
 from __future__ import annotations
 
-from html import escape
+from retool.validators.svgplot import SERIES as COLOURS
 
-COLOURS = ("#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#4d7c0f", "#be185d", "#475569",
-           "#a16207", "#0f766e", "#7c3aed")
+HEADERS = ["configuration", "load", "infer/s", "p50 ms", "p90 ms", "p99 ms", "queue ms", "compute ms", ""]
+
+
+def _load_label(p: dict) -> str:
+    return f"c{p['load']:g}" if p.get("mode") == "concurrency" else f"{p['load']:g}/s"
+
+
+def _err(points: list[dict], key: str, centre: str):
+    """[[below...], [above...]] for matplotlib's errorbar, or None when no point has a spread."""
+    if not any(p.get(key) for p in points):
+        return None
+    lo = [max(0.0, p[centre] - p[key][0]) if p.get(key) else 0.0 for p in points]
+    hi = [max(0.0, p[key][1] - p[centre]) if p.get(key) else 0.0 for p in points]
+    return [lo, hi]
+
+
+def _bars(ax, points: list[dict], colour: str) -> None:
+    xerr, yerr = _err(points, "throughput_range", "throughput"), _err(points, "p99_range_ms", "p99_ms")
+    if xerr or yerr:
+        ax.errorbar([p["throughput"] for p in points], [p["p99_ms"] for p in points], xerr=xerr, yerr=yerr, fmt="none",
+                    ecolor=colour, elinewidth=0.9, capsize=3)
 
 
 def svg(report: dict, w: int = 820, h: int = 420) -> str:
+    """``report``: a loadtest report (tune.report()); returns one standalone ``<svg>`` element."""
+    from matplotlib.ticker import MaxNLocator
+
+    from retool.validators.svgplot import figure, to_svg
+
     cfgs = [c for c in report["configs"] if c["points"]]
-    pts = [p for c in cfgs for p in c["points"]]
     budget = report.get("budget_p99_ms")
-    left, right, top, bottom = 60, 300, 30, 50
-    pw, ph = w - left - right, h - top - bottom
-    xmax = max([p["throughput"] for p in pts] + [1.0]) * 1.08
-    ymax = max([p["p99_ms"] for p in pts] + ([budget * 1.2] if budget else []) + [1.0]) * 1.08
-
-    def x(v):
-        return left + pw * v / xmax
-
-    def y(v):
-        return top + ph * (1 - v / ymax)
-
-    title = f"{report['model']} v{report['version']}: p99 latency vs throughput"
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
-             f'font-family="system-ui,sans-serif" font-size="11">',
-             f'<text x="{left}" y="18" font-size="13" font-weight="600">{escape(title)}</text>',
-             f'<line x1="{left}" y1="{top + ph}" x2="{left + pw}" y2="{top + ph}" stroke="#334155"/>',
-             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + ph}" stroke="#334155"/>',
-             f'<text x="{left + pw / 2}" y="{h - 12}" text-anchor="middle">throughput (inferences/s)</text>',
-             f'<text x="14" y="{top + ph / 2}" transform="rotate(-90 14 {top + ph / 2})" '
-             f'text-anchor="middle">client p99 (ms)</text>']
-    for i in range(6):
-        xv, yv = xmax * i / 5, ymax * i / 5
-        parts.append(f'<text x="{x(xv):.1f}" y="{top + ph + 15}" text-anchor="middle">{xv:.0f}</text>')
-        parts.append(f'<text x="{left - 6}" y="{y(yv) + 4:.1f}" text-anchor="end">{yv:.1f}</text>')
-    if budget:
-        parts.append(f'<line x1="{left}" y1="{y(budget):.1f}" x2="{left + pw}" y2="{y(budget):.1f}" '
-                     f'stroke="#64748b" stroke-dasharray="6 4"/>')
-        parts.append(f'<text x="{left + pw - 4}" y="{y(budget) - 5:.1f}" text-anchor="end" fill="#64748b">'
-                     f'budget p99 {budget:g} ms</text>')
+    fig = figure(w / 96, h / 96)
+    ax = fig.add_subplot()
+    title = report.get("title") or f"{report['model']} v{report['version']}: p99 latency vs throughput"
+    ax.set_title(title, loc="left", fontsize=10, fontweight="bold")
     for i, c in enumerate(cfgs):
         col = COLOURS[i % len(COLOURS)]
         seq = sorted(c["points"], key=lambda p: p["load"])
-        line = " ".join(f"{x(p['throughput']):.1f},{y(p['p99_ms']):.1f}" for p in seq)
-        parts.append(f'<polyline points="{line}" fill="none" stroke="{col}" stroke-width="1.6"/>')
+        xs, ys = [p["throughput"] for p in seq], [p["p99_ms"] for p in seq]
+        ax.plot(xs, ys, color=col, lw=1.4, marker="o", ms=3.5, label=c["label"], gid=f"curve-{i}")
+        _bars(ax, seq, col)
         for p in seq:
-            parts.append(f'<circle cx="{x(p["throughput"]):.1f}" cy="{y(p["p99_ms"]):.1f}" r="2.6" fill="{col}">'
-                         f'<title>{escape(c["label"])}: {p["mode"]} {p["load"]:g}, {p["throughput"]:.0f}/s, '
-                         f'p99 {p["p99_ms"]:.2f} ms</title></circle>')
-        ly = top + 8 + 15 * i
-        parts.append(f'<line x1="{left + pw + 12}" y1="{ly}" x2="{left + pw + 28}" y2="{ly}" stroke="{col}" '
-                     f'stroke-width="2"/><text x="{left + pw + 32}" y="{ly + 4}">{escape(c["label"])}</text>')
+            ax.annotate(_load_label(p), (p["throughput"], p["p99_ms"]), xytext=(3, 3), textcoords="offset points",
+                        fontsize=6.5, color=col)
+    if budget:
+        ax.axhline(budget, color="#64748b", ls=(0, (6, 4)), lw=1, label=f"budget p99 {budget:g} ms")
     ch = report.get("chosen")
-    if ch:
+    if ch and ch.get("point"):
         p = ch["point"]
-        parts.append(f'<circle cx="{x(p["throughput"]):.1f}" cy="{y(p["p99_ms"]):.1f}" r="8" fill="none" '
-                     f'stroke="#0f172a" stroke-width="2"><title>chosen: {escape(ch["label"])}</title></circle>')
-        parts.append(f'<text x="{x(p["throughput"]) + 10:.1f}" y="{y(p["p99_ms"]) + 16:.1f}" font-weight="600">'
-                     f'chosen</text>')
-    parts.append("</svg>")
-    return "\n".join(parts)
+        ax.plot([p["throughput"]], [p["p99_ms"]], "o", ms=13, mfc="none", mec="#0f172a", mew=1.8,
+                label=f"chosen: {ch['label']}", gid="chosen")
+        _bars(ax, [p], "#0f172a")
+        ax.annotate("chosen", (p["throughput"], p["p99_ms"]), xytext=(9, -13), textcoords="offset points",
+                    fontsize=8, fontweight="bold")
+    if not cfgs and not (ch and ch.get("point")):
+        ax.text(0.5, 0.5, "no configuration produced a measurement", transform=ax.transAxes, ha="center",
+                color="#64748b")
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0, top=max([ax.get_ylim()[1]] + ([budget * 1.2] if budget else [])))
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=8, min_n_ticks=4))
+    ax.yaxis.set_major_locator(MaxNLocator(nbins=6, min_n_ticks=4))
+    ax.set_xlabel("throughput (inferences/s)")
+    ax.set_ylabel("client p99 (ms)")
+    ax.grid(color="#e2e8f0", lw=0.8)
+    ax.set_axisbelow(True)
+    ax.spines[["top", "right"]].set_visible(False)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False)
+    return to_svg(fig, key=f"loadtest-{report.get('model', '')}-{report.get('version', '')}", css_class="plot loadtest",
+                  label=title)
 
 
 def table_rows(report: dict) -> list[list]:
@@ -76,9 +91,6 @@ def table_rows(report: dict) -> list[list]:
                          round(p["p50_ms"], 2), round(p["p90_ms"], 2), round(p["p99_ms"], 2), round(p["queue_ms"], 2),
                          round(p["compute_ms"], 2), mark])
     return rows
-
-
-HEADERS = ["configuration", "load", "infer/s", "p50 ms", "p90 ms", "p99 ms", "queue ms", "compute ms", ""]
 
 
 def markdown(report: dict) -> str:
