@@ -29,11 +29,13 @@ from retool.commands.common import CORES, COST_PER_HOUR, HEADROOM, MILLISECONDS,
 @click.option("--window-ms", type=Number(int, 200, 60000), default=1000, show_default=True, help="perf_analyzer measurement window.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="Folder for plan.json and plan.md "
                                                                           "(default: plan-NAME).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False),
+              help="A report.json from retool validate: the plan becomes its Serving section (JSON, Markdown, HTML).")
 @click.option("--apply", "apply_", is_flag=True, help="Serve the chosen variant with the chosen configuration: a "
                                                         "config revision (retool repo configure), no new version.")
 @click.option("--json", "as_json", is_flag=True)
 def plan_cmd(repo_url, name, budget_p99_ms, rate, profile, price_per_hour, currency, cores_per_replica, headroom,
-             space, window_ms, out_dir, apply_, as_json):
+             space, window_ms, out_dir, report_path, apply_, as_json):
     """Plan how to serve NAME's family from REPO within a p99 budget at a peak rate; exit 6 when nothing can."""
     from retool.errors import UsageError, ValidationFailed
     from retool.fsutil import atomic_write_text
@@ -54,6 +56,8 @@ def plan_cmd(repo_url, name, budget_p99_ms, rate, profile, price_per_hour, curre
     out = Path(out_dir or f"plan-{name}")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a folder; choose another")
+    if report_path and not Path(report_path).is_file():
+        raise UsageError(f"--report {report_path}: no such file; give the report.json that retool validate wrote")
     repo = open_repo(repo_url)
     repo._require_model(name)  # before a server starts: an unknown model is a usage error
     install_signal_handlers()
@@ -62,6 +66,10 @@ def plan_cmd(repo_url, name, budget_p99_ms, rate, profile, price_per_hour, curre
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "plan.json", json.dumps(jsonable(result), indent=2) + "\n")
     atomic_write_text(out / "plan.md", pl.markdown(result) + "\n")
+    if report_path:
+        from retool.validators.report_serving import attach_serving
+
+        attach_serving(report_path, result)
     applied = None
     ch = result.get("chosen")
     if apply_ and ch and ch["confirmation"].get("outcome") != "fail":

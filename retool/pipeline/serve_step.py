@@ -207,11 +207,27 @@ def plan_models(models: Sequence, outcomes: Sequence, out_dir: Path) -> list[dic
         atomic_write_text(folder / "plan.md", pl.markdown(plan) + "\n")
         res.update(plan=str(folder / "plan.json"), verdict=pl.verdict(plan), seconds=round(time.perf_counter() - t0, 2),
                    chosen=plan.get("chosen"), inputs=plan["inputs"])
+        res["report"] = _attach(outcomes, m.name, plan)
         if not plan.get("chosen"):
             res.update(status="failed", code=6, message=pl.verdict(plan))
         elif plan["chosen"]["confirmation"].get("outcome") == "fail":
             res.update(status="failed", code=6, message=pl.verdict(plan) + "; the confirmation runs missed the budget")
     return out
+
+
+def _attach(outcomes: Sequence, model: str, plan: dict) -> str | None:
+    """The plan goes into the readiness report of the target it chose (its Serving section)."""
+    from retool.validators.report_serving import attach_serving
+
+    chosen = (plan.get("chosen") or {}).get("model")
+    for o in outcomes:
+        rep = ((o.stages or {}).get("validate") or {}).get("report")
+        if o.model == model and (o.published or {}).get("name") == chosen and rep:
+            try:
+                return str(attach_serving(rep, plan)["html"])
+            except RetoolError as exc:  # the plan stands on its own; the report keeps what it had
+                console.warn(f"{model}: the plan could not be added to {rep} ({exc})")
+    return None
 
 
 def plan_section(plans: Sequence[Mapping]) -> str:
