@@ -108,3 +108,6 @@ def test_a_models_plan_section_plans_its_published_family(tmp_path, src):
     plan = json.loads((tmp_path / "out" / "lin" / "plan" / "plan.json").read_text())
     assert plan["kind"] == "retool-serving-plan" and plan["chosen"]["replicas"] >= 1
     assert "## Serving plan" in res.summary_md.read_text()
+    html = (tmp_path / "out" / "lin" / "cpu" / "report" / "report.html")
+    assert plans[0]["report"] == str(html) and "Serving" in html.read_text()
+    assert json.loads(html.with_suffix(".json").read_text())["data"]["serving"]["chosen"]["model"] == "lin-cpu"

@@ -59,7 +59,7 @@ PUBLISH = Obj({"when": (OneOf(PUBLISH_WHEN), False), "alias": (str, False), "rep
                "name": (str, False), "force": (bool, False)})
 #: after publish: load in a real Triton (check), load-test, and pick the config for a p99 budget (its own gate)
 SERVE = Obj({"check": (bool, False), "load": (bool, False), "budget_p99_ms": (MILLISECONDS, False),
-             "rate": (RATE, False), "cost_per_hour": (COST_PER_HOUR, False),
+             "rate": (RATE, False), "cost_per_hour": (COST_PER_HOUR, False), "currency": (str, False),
              "space": (OneOf(("small", "quick", "full")), False), "concurrency": (ListOf(CONCURRENCY), False),
              "window_ms": (WINDOW_MS, False), "url": (str, False)})
 TARGET = Obj({"name": (str, True), "tolerance": (TOLERANCE, False), "gates": (GATES, False),

@@ -54,7 +54,8 @@ def serve_one(sess, repo, name: str, version: int, cfg: Mapping, out_dir: Path) 
             rate = cfg.get("rate")
             rep = tune(sess, repo, name, budget_ms=budget, rate=rate, space_name=cfg.get("space", "small"),
                        concurrency=tuple(cfg.get("concurrency") or (1, 2, 4, 8)), window_ms=int(cfg.get("window_ms", 1000)),
-                       cost_per_hour=cfg.get("cost_per_hour"), configs=None if budget is not None else "published",
+                       cost_per_hour=cfg.get("cost_per_hour"), currency=str(cfg.get("currency") or "USD").upper(),
+                       configs=None if budget is not None else "published",
                        rates=() if budget is not None or not rate else (rate,))
             out_dir.mkdir(parents=True, exist_ok=True)
             from retool.fsutil import atomic_write_text
@@ -70,7 +71,7 @@ def serve_one(sess, repo, name: str, version: int, cfg: Mapping, out_dir: Path) 
                                k: ch["point"][k] for k in ("throughput", "p50_ms", "p99_ms", "queue_ms", "compute_ms")},
                                "load": ch["point"]["load"], "cost_per_million": ch.get("cost_per_million"),
                                "throughput_vs_default": ch.get("throughput_vs_default")} if ch else None),
-                           "closest": rep.get("closest")}
+                           "closest": rep.get("closest"), "currency": rep.get("currency")}
             if budget is not None and not ch:
                 res.update(status="failed", code=6, message=verdict(rep))
             elif budget is not None and ch["config"] == rep.get("published"):
@@ -161,7 +162,7 @@ def summary_section(outcomes: Sequence) -> str:
         btxt = "" if budget is None else f"p99 ≤ {budget:g} ms"
         tput = f"{ch['throughput']:.0f}/s" if ch else ""
         p99 = f"{ch['p99_ms']:.2f}" if ch else ""
-        ctxt = "" if cost is None else f"{cost:.3g}"
+        ctxt = "" if cost is None else f"{cost:.3g} {load.get('currency') or 'USD'}"
         lines.append(f"| {o.model} | {o.target} | {pub.get('name')} v{pub.get('version')} | {ptxt} | {btxt} | "
                      f"{tput} | {p99} | {conf} | {ctxt} |")
     if note:

@@ -124,6 +124,7 @@ def _pick(m: Measured, budget: float | None, rate: float | None) -> None:
 def tune(sess, repo, name: str, *, budget_ms: float | None, rate: float | None = None, space_name: str = "quick",
          concurrency: Sequence[int] = (1, 2, 4, 8), rates: Sequence[float] = (), window_ms: int = lt.DEFAULT_WINDOW_MS,
          cost_per_hour: float | None = None, configs: "Sequence[ServingConfig] | str | None" = None,
+         currency: str = "USD",
          timeout: float = 120.0) -> dict:
     """Measure each configuration; returns the report (JSON-ready). ``configs`` replaces the space
     ("published": only the configuration in the repository, loaded as it is)."""
@@ -180,8 +181,11 @@ def tune(sess, repo, name: str, *, budget_ms: float | None, rate: float | None =
                     console.warn(f"could not reload {name} with its published config on {sess.http_url}")
     if failed and len(failed) == len(measured):
         raise nothing_measured(name, failed)
-    return report(name, v, measured, budget_ms, rate, cost_per_hour, n_cores, window_ms,
-                  time.perf_counter() - t0, sess.backend_note, published)
+    out = report(name, v, measured, budget_ms, rate, cost_per_hour, n_cores, window_ms,
+                 time.perf_counter() - t0, sess.backend_note, published)
+    if "cost_per_hour" in out:
+        out["currency"] = currency
+    return out
 
 
 def nothing_measured(name: str, errors: list):
@@ -235,6 +239,7 @@ def report(name, version, measured: list[Measured], budget_ms, rate, cost_per_ho
                               "over_budget_ms": (p.p99_ms - budget_ms) if budget_ms is not None else None}
     if cost_per_hour:
         out["cost_per_hour"] = cost_per_hour
+        out["currency"] = "USD"  # tune() sets the caller's
     return out
 
 
@@ -267,7 +272,8 @@ def verdict(rep: dict) -> str:
         elif budget is not None and rep.get("default") and not (rep["default"] or {}).get("point"):
             txt += "; the default configuration does not meet the budget"
         if ch.get("cost_per_million") is not None:
-            txt += f"; {ch['cost_per_million']:.4g} per million inferences at {rep.get('cost_per_hour'):g}/h"
+            cur = rep.get("currency") or "USD"
+            txt += f"; {ch['cost_per_million']:.4g} {cur} per million inferences at {rep.get('cost_per_hour'):g} {cur}/h"
         return txt
     c = rep.get("closest")
     if not c:
