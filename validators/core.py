@@ -206,7 +206,8 @@ def _finish(art, checks, data, warnings, gates, report_dir, started, t_start, si
     if data["latency"].get("measured") and data["machine"]["busy"]:
         warnings.append(machine.describe(data["machine"]))
     data["gates"] = [{"name": c.name, "value": c.value, "threshold": c.threshold, "passed": bool(c.passed),
-                      "message": c.message} for c in checks if c.severity == "gate"]
+                      "message": c.message, **({"decision": c.details["decision"]} if "decision" in (c.details or {})
+                                               else {})} for c in checks if c.severity == "gate"]
     seconds = round(time.perf_counter() - t_start, 3)
     data["timings"] = {"total_s": seconds}
     step = ProvenanceStep("validate", "retool.validate", _versions(),
