@@ -166,3 +166,18 @@ def test_gate_yaml_takes_undecided_and_its_budget():
     assert g.undecided == {"min_speedup": "pass"} and g.decide_budget_s == 3.0
     with pytest.raises(UsageError, match="undecided must be pass or fail"):
         load_gates({"undecided": "maybe"})
+
+
+def test_identical_variants_get_intervals_that_contain_1_at_least_nine_times_in_ten():
+    """Interval honesty on synthetic series: shared per-round load, own noise, 5 % stalls."""
+    rng = np.random.default_rng(42)
+    hits, trials = 0, 100
+    for t in range(trials):
+        load = rng.lognormal(0, 0.3, 30)
+
+        def one():
+            return load * rng.lognormal(0, 0.2, 30) * (1 + (rng.random(30) < 0.05) * rng.exponential(3, 30))
+
+        _, lo, hi = speed.paired_ratio_interval(one(), one(), resamples=500, seed=t)
+        hits += lo <= 1.0 <= hi
+    assert hits >= 90, hits
