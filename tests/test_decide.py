@@ -181,3 +181,15 @@ def test_identical_variants_get_intervals_that_contain_1_at_least_nine_times_in_
         _, lo, hi = speed.paired_ratio_interval(one(), one(), resamples=500, seed=t)
         hits += lo <= 1.0 <= hi
     assert hits >= 90, hits
+
+
+def test_the_cli_takes_undecided_and_decide_budget_into_the_gates(cli, tmp_path):
+    from fixtures.onnx_tiny import linear
+
+    model = linear(tmp_path / "m.onnx")
+    r = cli("validate", model, "--undecided", "fail", "--decide-budget", "0", "--json")
+    assert r.code == 0, r.err
+    cfg = json.loads(r.out)["data"]["gate_config"]
+    assert cfg["undecided"] == "fail" and cfg["decide_budget_s"] == 0
+    bad = cli("validate", model, "--undecided", "maybe")
+    assert bad.code == 2 and "--undecided" in bad.err
