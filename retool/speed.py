@@ -33,7 +33,7 @@ which is always undecided. One-sample figures (a p99, a throughput) use
 
 Every command, report and summary prints speed-ups with :func:`format_speedup`,
 and decisions with :attr:`Decision.text`, so the wording can change here and
-nowhere else. numpy only (no frameworks).
+nowhere else (docs/validate.md, "How a timing decides"). numpy only (no frameworks).
 """
 from __future__ import annotations
 

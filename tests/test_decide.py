@@ -166,3 +166,30 @@ def test_gate_yaml_takes_undecided_and_its_budget():
     assert g.undecided == {"min_speedup": "pass"} and g.decide_budget_s == 3.0
     with pytest.raises(UsageError, match="undecided must be pass or fail"):
         load_gates({"undecided": "maybe"})
+
+
+def test_identical_variants_get_intervals_that_contain_1_at_least_nine_times_in_ten():
+    """Interval honesty on synthetic series: shared per-round load, own noise, 5 % stalls."""
+    rng = np.random.default_rng(42)
+    hits, trials = 0, 100
+    for t in range(trials):
+        load = rng.lognormal(0, 0.3, 30)
+
+        def one():
+            return load * rng.lognormal(0, 0.2, 30) * (1 + (rng.random(30) < 0.05) * rng.exponential(3, 30))
+
+        _, lo, hi = speed.paired_ratio_interval(one(), one(), resamples=500, seed=t)
+        hits += lo <= 1.0 <= hi
+    assert hits >= 90, hits
+
+
+def test_the_cli_takes_undecided_and_decide_budget_into_the_gates(cli, tmp_path):
+    from fixtures.onnx_tiny import linear
+
+    model = linear(tmp_path / "m.onnx")
+    r = cli("validate", model, "--undecided", "fail", "--decide-budget", "0", "--json")
+    assert r.code == 0, r.err
+    cfg = json.loads(r.out)["data"]["gate_config"]
+    assert cfg["undecided"] == "fail" and cfg["decide_budget_s"] == 0
+    bad = cli("validate", model, "--undecided", "maybe")
+    assert bad.code == 2 and "--undecided" in bad.err

@@ -31,12 +31,12 @@ def test_load_above_the_cores_is_busy_with_the_advice():
 
 def test_a_timed_block_records_steal_and_the_other_processes_share():
     # 2 CPUs, 1 s: 200 jiffies; this process used 0.5 CPU-s (25 %); the machine was 90 % busy, 5 % stolen
-    t = iter([0.0, 1.0])
+    t = iter([1e12, 1e12 + 1.0])  # later than any real block this process recorded
     own = iter([10.0, 10.5])
     stat = _stat_seq("cpu  1000 0 0 1000 0 0 0 0 0 0\n", "cpu  1170 0 0 1020 0 0 0 10 0 0\n")
     with machine.use_readers(clock=lambda: next(t), own_cpu_s=lambda: next(own), stat=stat, cpus=lambda: 2,
                              total_cpus=lambda: 2, loadavg=lambda: "1.0 1.0 1.0 1/1 1"):
-        since = 0.0
+        since = 1e12
         with machine.watch("timing"):
             pass
         m = machine.during(since)

@@ -129,3 +129,18 @@ def test_html_latency_axis_survives_an_outlier_and_one_batch_draws_no_curve(pair
     page = render_html(r)
     assert "plot latency" in page and "plot throughput" not in page
     assert "speed-up at batch 1" in page and "no measurable difference" in page
+
+
+def test_summary_counts_serving_time_and_prints_the_gate_decision():
+    from retool.pipeline.runner import TargetOutcome
+    from retool.pipeline.summary import render_summary
+
+    d = speed.resolve(speed.decide(0.29, 0.21, 0.4, 1 / 1.02), "pass").to_dict()
+    nums = {"batch": 1, "p50_ms": 1.0, "decision": {**d, "gate": "not-slower", "raw_outcome": "fail"},
+            "machine_busy": True}
+    o = TargetOutcome("caffe-net", "cpu-int8", "failed", 6, "gate failed: not-slower@batch1",
+                      stages={"validate": {"summary": nums}, "serve": {"seconds": 220.5}})
+    md = render_summary([object()], {}, [o], 6, 227.0)
+    assert "227.0 s (serving 220.5 s)" in md
+    assert "0.29× (slower; 95% CI 0.21–0.40): not-slower fail" in md  # the words the demo's footer prints too
+    assert "Timed on a busy machine" in md and "caffe-net/cpu-int8" in md
