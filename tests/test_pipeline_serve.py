@@ -37,8 +37,11 @@ def test_serve_step_checks_tunes_and_applies_the_profile(tmp_path, src):
                                                                           ("grpc", 4)}
     ch = s["load"]["chosen"]
     assert s["load"]["met"] and ch["p99_ms"] <= 1000 and ch["cost_per_million"] > 0
-    applied = json.loads((repo / "lin-cpu" / "serving.json").read_text())["versions"]["1"]
-    assert applied["serving_profile"]["measurement"]["p99_ms"] == pytest.approx(ch["p99_ms"])
+    if s["load"].get("kept_published"):  # the published configuration won, or was not beaten beyond the noise
+        assert not (repo / "lin-cpu" / "serving.json").exists()
+    else:
+        applied = json.loads((repo / "lin-cpu" / "serving.json").read_text())["versions"]["1"]
+        assert applied["serving_profile"]["measurement"]["p99_ms"] == pytest.approx(ch["p99_ms"])
     cfg = text_format.Parse((repo / "lin-cpu" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     assert cfg.instance_group[0].count == ch["config"]["instance_count"]
     assert cfg.HasField("dynamic_batching") == ch["config"]["dynamic_batching"]
