@@ -10,11 +10,12 @@ sustainable rate, and that bracket is its interval.
 
     replicas = ceil(rate / (sustainable rate per replica x headroom))
 
-The cheapest candidate wins (fewest replicas); among equally cheap ones the throughput profile takes
-the highest sustainable rate and the realtime profile the lowest p99 at the planned per-replica rate.
-Both comparisons go through retool.speed's decision rule: a difference inside the noise is a tie, and a
-tie keeps the configuration already published, then the higher precision, then the fewer instances, so
-two plans on an unchanged repository choose the same. The choice is confirmed by a separate run.
+The throughput profile takes the cheapest candidate (fewest replicas), then the highest sustainable
+rate; the realtime profile takes the lowest p99 at each candidate's own planned per-replica rate, then
+the cheapest. Comparisons go through retool.speed's decision rule: a difference inside the noise is a
+tie, and a tie keeps the cheaper, then the configuration already published, the higher precision and
+the fewer instances, so two plans on an unchanged repository choose the same. The choice is confirmed
+by separate runs at its planned rate.
 """
 from __future__ import annotations
 
@@ -88,8 +89,7 @@ class Candidate:
 
     @property
     def label(self) -> str:
-        return f"{self.variant.model} v{self.variant.version}: {config_label(self.config, self.cores)}"
-
+        return f"{self.variant.model} v{self.variant.version}: {self.config.label_for(self.cores)}"
 
     def replicas(self, inp: PlanInputs) -> int | None:
         if not self.sustainable:
@@ -98,18 +98,13 @@ class Candidate:
 
     def to_dict(self, inp: PlanInputs) -> dict:
         return {"model": self.variant.model, "version": self.variant.version, "variant": self.variant.variant,
-                "config": self.config.to_dict(), "label": config_label(self.config, inp.cores_per_replica),
+                "config": self.config.to_dict(), "label": self.config.label_for(inp.cores_per_replica),
                 "key": self.label,
                 "error": self.error,
                 "sustainable_rate": _interval(self.sustainable), "replicas": self.replicas(inp),
                 "over_budget_ms": self.over_ms, "probe": [p.to_dict() for p in self.probe],
                 "points": [p.to_dict() for p in self.points],
                 "at_planned_rate": self.at_planned.to_dict() if self.at_planned else None}
-
-
-def config_label(cfg: ServingConfig, cores: int | None = None) -> str:
-    """The label with ORT's default thread count spelt out for a replica of ``cores`` cores."""
-    return cfg.label_for(cores)
 
 
 def _interval(br) -> dict | None:
@@ -126,9 +121,7 @@ def _sig(x: float, digits: int = 4) -> float:
 def family(repo, name: str) -> tuple[list[Variant], list[dict]]:
     """Published variants that share ``name``'s source (provenance source_sha256), name's own first.
     Identical bytes under a second name are measured once and listed as duplicates."""
-    from google.protobuf import json_format, text_format
-    from tritonclient.grpc import model_config_pb2
-
+    from retool.publish.revision import config_json
     from retool.serve.tune import from_config
 
     name = repo._require_model(name)
@@ -156,8 +149,7 @@ def family(repo, name: str) -> tuple[list[Variant], list[dict]]:
             continue
         seen[sha] = m
         text = repo.config_text(m) or ""
-        cfg = json_format.MessageToDict(text_format.Parse(text, model_config_pb2.ModelConfig()),
-                                        preserving_proto_field_name=True)
+        cfg = config_json(text)
         size = sum(int(f.get("size", 0)) for f in (man.get("files") or {}).values())
         out.append(Variant(m, v, str(art.get("target") or art.get("precision") or "fp32"),
                            str(art.get("precision") or "fp32"), sha, size, int(cfg.get("max_batch_size") or 0),
@@ -345,7 +337,7 @@ def build(repo_url: str, name: str, variants: list[Variant], dups: list[dict], c
     cpu = inp.cores_per_replica
     out["chosen"] = {
         "model": ch.variant.model, "version": ch.variant.version, "variant": ch.variant.variant,
-        "precision": ch.variant.precision, "config": ch.config.to_dict(), "label": config_label(ch.config, cpu),
+        "precision": ch.variant.precision, "config": ch.config.to_dict(), "label": ch.config.label_for(cpu),
         "max_batch_size": ch.variant.max_batch_size,
         "sustainable_rate": _interval(ch.sustainable), "replicas": n, "replicas_range": [lo_n, n],
         "planned_rate_per_replica": round(inp.rate / n, 3),

@@ -9,7 +9,7 @@ from typing import Any
 
 from retool import console
 from retool.serve import loadtest as lt
-from retool.serve.plan import (RATE_STEPS, Candidate, PlanInputs, _passes, build, choose, config_label, configs_for,
+from retool.serve.plan import (RATE_STEPS, Candidate, PlanInputs, _passes, build, choose, configs_for,
                                family, probe_rate, server_rss)
 
 
@@ -51,11 +51,9 @@ def measure(sess, repo, cand: Candidate, inp: PlanInputs, data_file) -> None:
 
 
 def _config_json(repo, model: str) -> dict:
-    from google.protobuf import json_format, text_format
-    from tritonclient.grpc import model_config_pb2
+    from retool.publish.revision import config_json
 
-    return json_format.MessageToDict(text_format.Parse(repo.config_text(model) or "", model_config_pb2.ModelConfig()),
-                                     preserving_proto_field_name=True)
+    return config_json(repo.config_text(model) or "")
 
 
 def measure_at(sess, repo, cand: Candidate, rate: float, inp: PlanInputs, data_file, runs: int = 1) -> list:
@@ -111,7 +109,7 @@ def run(repo_url: str, name: str, inp: PlanInputs, *, confirm_runs: int = 3) -> 
                 d.mkdir()
                 data[v.model] = lt.input_data_file(ins, d, batched=v.max_batch_size > 0)
         for i, c in enumerate(cands, 1):
-            with console.step(f"{c.variant.model}: plan {i}/{len(cands)}: {config_label(c.config, inp.cores_per_replica)}"):
+            with console.step(f"{c.variant.model}: plan {i}/{len(cands)}: {c.config.label_for(inp.cores_per_replica)}"):
                 measure(sess, repo, c, inp, data.get(c.variant.model))
         if inp.profile == "realtime":  # each at the load it would carry in its own deployment
             for c in (c for c in cands if c.sustainable):
