@@ -84,10 +84,10 @@ def test_a_rerun_keeps_the_published_configuration_unless_beaten_beyond_the_nois
     first = retool.run(_doc(src, repo, serve), out=tmp_path / "out")
     assert first.exit_code == 0, first.summary_md.read_text()
     config_before = (repo / "lin-cpu" / "config.pbtxt").read_text()
-    again = retool.run(_doc(src, repo, serve), out=tmp_path / "out2")
+    again = retool.run(_doc(src, repo, serve), out=tmp_path / "out")  # unchanged: the same out, its cache
     assert again.exit_code == 0, again.summary_md.read_text()
     load = json.loads(again.summary_json.read_text())["targets"][0]["stages"]["serve"]["load"]
-    rep = json.loads((tmp_path / "out2" / "lin" / "cpu" / "serve" / "report.json").read_text())
+    rep = json.loads((tmp_path / "out" / "lin" / "cpu" / "serve" / "report.json").read_text())
     if load.get("kept_published"):
         # kept: config.pbtxt is byte for byte what the first run wrote, and the verdict says why
         assert (repo / "lin-cpu" / "config.pbtxt").read_text() == config_before

@@ -136,3 +136,13 @@ def test_realtime_takes_the_lowest_p99_beyond_the_noise_even_at_more_replicas():
     close = _cand(v, ServingConfig(1, 2, False), (120, 140), p99=8.0)
     ranked, notes = choose([cheap, close], inp)
     assert ranked[0] is cheap and "tied within noise" in notes[0]["why"]
+
+
+def test_a_poisson_shortfall_within_its_noise_is_not_falling_behind():
+    from retool.serve.plan import keeps_up, rate_window_ms
+
+    assert rate_window_ms(10, 400) == 5000 and rate_window_ms(1000, 400) == 400 and rate_window_ms(0.1, 400) == 10000
+    # 10 req/s over 3 x 5 s windows: 150 requests, sd ~12: 86 % of the rate is noise, 50 % is falling behind
+    assert keeps_up(_pt(1.0, rate=8.6), 10, 5000) and not keeps_up(_pt(1.0, rate=5.0), 10, 5000)
+    # at 2000 req/s the count is precise: 5 % short is the most that passes
+    assert keeps_up(_pt(1.0, rate=1920), 2000, 400) and not keeps_up(_pt(1.0, rate=1850), 2000, 400)

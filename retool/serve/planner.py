@@ -9,7 +9,8 @@ from typing import Any
 
 from retool import console
 from retool.serve import loadtest as lt
-from retool.serve.plan import (RATE_STEPS, Candidate, PlanInputs, _passes, build, choose, configs_for,
+from retool.serve.plan import (RATE_STEPS, Candidate, PlanInputs, _passes, build, choose, configs_for, keeps_up,
+                               rate_window_ms,
                                family, probe_rate, server_rss)
 
 
@@ -35,14 +36,15 @@ def measure(sess, repo, cand: Candidate, inp: PlanInputs, data_file) -> None:
             rate = round(min(capacity * f, ceiling), 1)
             if rate <= 0 or (cand.points and rate >= cand.points[-1].load):
                 continue
-            p = lt.run_point(v.model, sess.grpc_url, rate=rate, input_data=data_file, window_ms=inp.window_ms,
+            win = rate_window_ms(rate, inp.window_ms)
+            p = lt.run_point(v.model, sess.grpc_url, rate=rate, input_data=data_file, window_ms=win,
                              version=v.version, distribution="poisson")
             cand.points.append(p)
-            if _passes(p, rate, inp.budget_p99_ms):
+            if _passes(p, rate, inp.budget_p99_ms, win):
                 cand.sustainable = (rate, failed_at)
                 return
             failed_at = rate
-            if p.throughput < 0.95 * rate:  # overloaded: go below what it did sustain
+            if not keeps_up(p, rate, win):  # overloaded: go below what it did sustain
                 ceiling = 0.9 * p.throughput
         best = min(cand.points or cand.probe, key=lambda p: p.p99_ms)  # Poisson bursts queue: over at every rate
         cand.over_ms = best.p99_ms - inp.budget_p99_ms
@@ -61,8 +63,9 @@ def measure_at(sess, repo, cand: Candidate, rate: float, inp: PlanInputs, data_f
 
     v = cand.variant
     sess.load(v.model, override(_config_json(repo, v.model), cand.config, v.max_batch_size))
-    return [lt.run_point(v.model, sess.grpc_url, rate=rate, input_data=data_file, window_ms=inp.window_ms,
-                         version=v.version, distribution="poisson") for _ in range(runs)]
+    return [lt.run_point(v.model, sess.grpc_url, rate=rate, input_data=data_file,
+                         window_ms=rate_window_ms(rate, inp.window_ms), version=v.version, distribution="poisson")
+            for _ in range(runs)]
 
 
 # ---- running it --------------------------------------------------------------------------------------------------
