@@ -158,6 +158,7 @@ def _sessions(onnx: Path):
 
 
 def _pairs(variants, k: int, seconds: float) -> list[dict]:
+    from bench.stats import quantile
     from retool.speed import decide
     from retool.validators.decide_gates import NOT_SLOWER_THRESHOLD
     from retool.validators.latency import MAX_RUNS, MIN_RUNS, Plan, measure_interleaved
@@ -170,9 +171,10 @@ def _pairs(variants, k: int, seconds: float) -> list[dict]:
         c = pair_interval(cpu["reference"], cpu["candidate"])
         hi = c["hi"] if c["hi"] is not None else float("inf")
         gate = decide(c["estimate"], c["lo"], hi, NOT_SLOWER_THRESHOLD).outcome
+        ws, cs = wall["reference"] + wall["candidate"], cpu["reference"] + cpu["candidate"]
         out.append({"rounds": len(wall["reference"]), "wall": w, "cpu": c, "not_slower": gate,
-                    "wall_ms": statistics.median(wall["reference"] + wall["candidate"]),
-                    "cpu_ms": statistics.median(cpu["reference"] + cpu["candidate"])})
+                    "wall_ms": statistics.median(ws), "cpu_ms": statistics.median(cs),
+                    "wall_p90_ms": quantile(ws, 0.9), "cpu_p90_ms": quantile(cs, 0.9)})
     return out
 
 
@@ -189,16 +191,17 @@ def _phase(pairs: list[dict], state: dict) -> dict:
 
 
 def load_robust(quiet: Sequence[dict], loaded: Sequence[dict]) -> dict:
-    """loaded / quiet of the median wall and thread CPU time, pair i against pair i."""
+    """loaded / quiet of the median (and p90) wall and thread CPU time per run, pair i against pair i."""
     from bench.stats import summarize
 
     n = min(len(quiet), len(loaded))
     if not n:
         return {}
     out = {}
-    for key in ("wall_ms", "cpu_ms"):
-        out[key.replace("_ms", "_loaded_over_quiet")] = summarize(
-            [loaded[i][key] / quiet[i][key] for i in range(n)], unit="x")
+    for key in ("wall_ms", "cpu_ms", "wall_p90_ms", "cpu_p90_ms"):
+        if all(key in p for p in (*quiet[:n], *loaded[:n])):
+            out[key.replace("_ms", "_loaded_over_quiet")] = summarize(
+                [loaded[i][key] / quiet[i][key] for i in range(n)], unit="x")
     return out
 
 
@@ -236,6 +239,23 @@ def _read_json(path) -> dict:
         return {}
 
 
+def _find(d, key: str):
+    """The first dict holding ``key`` anywhere in a report (the optimizer's thread sweep)."""
+    if isinstance(d, dict):
+        if key in d:
+            return d
+        vals = d.values()
+    elif isinstance(d, list):
+        vals = d
+    else:
+        return None
+    for v in vals:
+        got = _find(v, key)
+        if got is not None:
+            return got
+    return None
+
+
 def run_record(summary: dict) -> dict:
     """What one pipeline run decided, per target: published or not, the gates' raw outcomes, the extra
     timing undecided gates took, and the serving configuration chosen (and whether it was undecided)."""
@@ -251,20 +271,27 @@ def run_record(summary: dict) -> dict:
         srep = _read_json(load.get("report")) if load.get("report") else {}
         sdec = (srep.get("decision") or {}).get("outcome")
         ch = load.get("chosen") or {}
+        # the serving default's thread count: the optimizer's 1-vs-all-threads decision (ONNX metadata)
+        sweep = _find(_read_json((st.get("optimize") or {}).get("report")), "best_intra_op_threads") or {}
+        swd = [m.get("decision_vs_1", {}).get("outcome") for m in (sweep.get("measured") or {}).values()]
         targets[f"{t['model']}/{t['target']}"] = {
             "status": t.get("status"), "published": (t.get("published") or {}).get("status") == "ok",
             "gates": gates, "undecided": any(o == "undecided" for o in gates.values()), "extra_timing_s": extra,
             "serving": json.dumps(ch.get("config"), sort_keys=True) if ch else None, "serving_label": ch.get("label"),
             "serving_kept": bool(load.get("kept_published")), "serving_decision": sdec,
             "serving_undecided": sdec == "undecided",
+            "threads": sweep.get("best_intra_op_threads"), "threads_why": sweep.get("why"),
+            "threads_undecided": "undecided" in swd,
             "machine_busy": bool(((val.get("summary") or {}).get("machine_busy")))}
     return targets
 
 
 def flips(runs: Sequence[dict]) -> dict:
-    """Each run's targets against the first run's: ``published`` and ``serving`` that differ are flips,
-    unless either run reported that decision undecided (gates) or kept the published configuration
-    on an undecided comparison (serving): those are counted as ``reported`` changes, not flips."""
+    """Each run's targets against the first run's: ``published``, ``threads`` (the optimizer's thread
+    count, the serving default) and ``serving`` (the chosen configuration) that differ are flips, unless
+    either run reported that decision undecided (a gate, the thread sweep, or the serve step's comparison
+    with the published configuration): those are counted as ``reported`` changes, not flips. A serving
+    change that follows from a reported thread-count change is reported too."""
     if not runs:
         return {"flips": 0, "reported": 0, "compared": 0, "details": []}
     base = runs[0]["targets"]
@@ -275,17 +302,23 @@ def flips(runs: Sequence[dict]) -> dict:
             b = base.get(key)
             if b is None:
                 continue
-            for aspect, excuse in (("published", "undecided"), ("serving", "serving_undecided")):
+            excused = {}
+            for aspect, excuse in (("published", "undecided"), ("threads", "threads_undecided"),
+                                   ("serving", "serving_undecided")):
                 n_cmp += 1
+                reported = bool(t.get(excuse) or b.get(excuse))
+                if aspect == "serving" and excused.get("threads"):
+                    reported = True
                 if t.get(aspect) == b.get(aspect):
                     continue
-                reported = bool(t.get(excuse) or b.get(excuse))
+                excused[aspect] = reported
                 n_rep += reported
                 n_flip += not reported
+                shown = "serving_label" if aspect == "serving" else aspect
                 details.append({"run": i, "phase": r.get("phase"), "target": key, "aspect": aspect,
-                                "first": b.get(aspect if aspect == "published" else "serving_label"),
-                                "this": t.get(aspect if aspect == "published" else "serving_label"),
-                                "kind": "reported undecided" if reported else "FLIP"})
+                                "first": b.get(shown), "this": t.get(shown),
+                                "kind": "reported undecided" if reported else "FLIP",
+                                **({"why": t.get("threads_why")} if aspect == "threads" else {})})
     return {"flips": n_flip, "reported": n_rep, "compared": n_cmp, "details": details}
 
 
@@ -408,8 +441,10 @@ def render(d: dict) -> str:
                          "not-slower p/u/f", "machine"], rows))
     lr = h.get("load_robust") or {}
     if lr:
-        lines.append(f"load-robust: loaded/quiet wall {_m(lr['wall_loaded_over_quiet'], '{:.2f}')}, thread CPU "
-                     f"{_m(lr['cpu_loaded_over_quiet'], '{:.2f}')} (median [IQR])")
+        lines.append(f"load-robust, loaded/quiet per pair (median [IQR]): p50 wall {_m(lr['wall_loaded_over_quiet'], '{:.2f}')}"
+                     f", thread CPU {_m(lr['cpu_loaded_over_quiet'], '{:.2f}')}"
+                     + (f"; p90 wall {_m(lr['wall_p90_loaded_over_quiet'], '{:.2f}')}, thread CPU "
+                        f"{_m(lr['cpu_p90_loaded_over_quiet'], '{:.2f}')}" if "wall_p90_loaded_over_quiet" in lr else ""))
     p = d.get("pipeline") or {}
     if p:
         rows = []
@@ -417,15 +452,17 @@ def render(d: dict) -> str:
             for key, t in r["targets"].items():
                 rows.append([str(i), r["phase"], key, "yes" if t["published"] else "no",
                              ",".join(f"{n}={o}" for n, o in t["gates"].items()) or "-",
+                             f"{t.get('threads') or '-'}" + (" (undecided)" if t.get("threads_undecided") else ""),
                              (t["serving_label"] or "-") + (" (kept)" if t["serving_kept"] else ""),
                              "+".join(f"{x:.1f}" for x in t["extra_timing_s"]) or "0",
                              "BUSY" if r["machine"].get("busy") else "", ])
         lines.append("decision stability (each run against run 0)")
-        lines.append(_table(["run", "phase", "target", "published", "gates", "serving", "extra s", "machine"], rows))
+        lines.append(_table(["run", "phase", "target", "published", "gates", "threads", "serving", "extra s",
+                                   "machine"], rows))
         s, c = p["stability"], p["cost"]
         lines.append(f"flips: {s['flips']}; changes reported undecided: {s['reported']} (of {s['compared']} compared)"
                      + "".join(f"\n  {x['kind']}: run {x['run']} {x['target']} {x['aspect']}: {x['first']} -> {x['this']}"
-                               for x in s["details"]))
+                               + (f" ({x['why']})" if x.get("why") else "") for x in s["details"]))
         lines.append(f"cost: {c['measured_more']} of {c['gate_batches']} gate batches measured more; extra s median "
                      f"{c['median_s']:g}, max {c['max_s']:g}, total {c['total_s']:g}")
     return "\n".join(lines)

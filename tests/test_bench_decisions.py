@@ -80,22 +80,32 @@ def test_honesty_counts_the_share_of_intervals_containing_one_against_the_goal()
     assert sd.honesty([])["fraction"] is None
 
 
-def _t(published=True, undecided=False, serving="a", serving_undecided=False, extra=(0.0,)):
+def _t(published=True, undecided=False, serving="a", serving_undecided=False, extra=(0.0,), threads=1,
+       threads_undecided=False):
     return {"published": published, "undecided": undecided, "gates": {}, "extra_timing_s": list(extra),
             "serving": serving, "serving_label": serving, "serving_kept": False,
-            "serving_undecided": serving_undecided}
+            "serving_undecided": serving_undecided, "threads": threads, "threads_undecided": threads_undecided,
+            "threads_why": f"{threads} thread(s)"}
 
 
 def test_a_change_is_a_flip_unless_either_run_reported_it_undecided():
     runs = [{"phase": "quiet", "targets": {"m/cpu": _t(), "m/cpu-int8": _t()}},
             {"phase": "loaded", "targets": {"m/cpu": _t(), "m/cpu-int8": _t(published=False, undecided=True)}},
             {"phase": "quiet", "targets": {"m/cpu": _t(serving="b"), "m/cpu-int8": _t(serving="c",
-                                                                                      serving_undecided=True)}}]
+                                                                                      serving_undecided=True)}},
+            # a thread count the sweep could not decide changes the serving default: both reported;
+            # a decided thread-count change is a flip
+            {"phase": "loaded", "targets": {"m/cpu": _t(threads=2, threads_undecided=True, serving="d"),
+                                            "m/cpu-int8": _t(threads=2)}}]
     f = sd.flips(runs)
-    assert (f["flips"], f["reported"], f["compared"]) == (1, 2, 8)
+    assert (f["flips"], f["reported"], f["compared"]) == (2, 4, 18)
     flip = [d for d in f["details"] if d["kind"] == "FLIP"]
     assert flip == [{"run": 2, "phase": "quiet", "target": "m/cpu", "aspect": "serving", "first": "a", "this": "b",
-                     "kind": "FLIP"}]
+                     "kind": "FLIP"},
+                    {"run": 3, "phase": "loaded", "target": "m/cpu-int8", "aspect": "threads", "first": 1, "this": 2,
+                     "kind": "FLIP", "why": "2 thread(s)"}]
+    assert {(d["target"], d["aspect"]) for d in f["details"] if d["run"] == 3 and d["kind"] != "FLIP"} == {
+        ("m/cpu", "threads"), ("m/cpu", "serving")}
     assert sd.flips(runs[:1])["flips"] == 0
 
 
@@ -116,7 +126,13 @@ def test_run_record_reads_gates_extra_timing_and_serving_from_the_reports(tmp_pa
                             "stages": {"validate": {"report": str(rep), "summary": {"machine_busy": True}},
                                        "serve": {"load": {"report": str(srep), "kept_published": True,
                                                           "chosen": {"label": "1x1", "config": {"i": 1}}}}}}]}
+    orep = tmp_path / "model.report.json"
+    orep.write_text(json.dumps({"data": {"candidate": {"threads": {
+        "best_intra_op_threads": 1, "why": "1 thread kept", "measured": {"1": {}, "2": {
+            "decision_vs_1": {"outcome": "undecided"}}}}}}}))
+    summary["targets"][0]["stages"]["optimize"] = {"report": str(orep)}
     t = sd.run_record(summary)["cnn/cpu-int8"]
+    assert (t["threads"], t["threads_why"], t["threads_undecided"]) == (1, "1 thread kept", True)
     assert t["published"] and t["undecided"] and t["gates"] == {"not-slower@batch1": "undecided"}
     assert t["extra_timing_s"] == [1.5] and t["serving_label"] == "1x1" and t["serving_kept"]
     assert t["serving_decision"] == "fail" and not t["serving_undecided"] and t["machine_busy"]
