@@ -287,39 +287,40 @@ def run_record(summary: dict) -> dict:
 
 
 def flips(runs: Sequence[dict]) -> dict:
-    """Each run's targets against the first run's: ``published``, ``threads`` (the optimizer's thread
-    count, the serving default) and ``serving`` (the chosen configuration) that differ are flips, unless
-    either run reported that decision undecided (a gate, the thread sweep, or the serve step's comparison
-    with the published configuration): those are counted as ``reported`` changes, not flips. A serving
-    change that follows from a reported thread-count change is reported too."""
+    """Each run's targets against the first run's. A ``published`` status or a chosen ``serving``
+    configuration that differs is a flip, unless either run reported that decision undecided (a gate,
+    or the serve step's comparison with the published configuration): then it is a ``reported`` change.
+    The serving default's thread count comes from the optimizer's 1-vs-all-threads decision, so a
+    changed ``threads`` is listed as the cause (not counted again); a serving change that follows
+    from a thread count either run could not decide is reported, not a flip."""
+    out = {"flips": 0, "reported": 0, "compared": 0, "threads_changed": 0, "details": []}
     if not runs:
-        return {"flips": 0, "reported": 0, "compared": 0, "details": []}
+        return out
     base = runs[0]["targets"]
-    n_flip = n_rep = n_cmp = 0
-    details = []
     for i, r in enumerate(runs[1:], 1):
         for key, t in r["targets"].items():
             b = base.get(key)
             if b is None:
                 continue
-            excused = {}
-            for aspect, excuse in (("published", "undecided"), ("threads", "threads_undecided"),
-                                   ("serving", "serving_undecided")):
-                n_cmp += 1
-                reported = bool(t.get(excuse) or b.get(excuse))
-                if aspect == "serving" and excused.get("threads"):
-                    reported = True
+            threads_undecided = bool(t.get("threads_undecided") or b.get("threads_undecided"))
+            if t.get("threads") != b.get("threads"):
+                out["threads_changed"] += 1
+                out["details"].append({"run": i, "phase": r.get("phase"), "target": key, "aspect": "threads",
+                                       "first": b.get("threads"), "this": t.get("threads"),
+                                       "kind": "cause (undecided)" if threads_undecided else "cause (decided)",
+                                       "why": t.get("threads_why")})
+            for aspect, excuse, shown in (("published", "undecided", "published"),
+                                          ("serving", "serving_undecided", "serving_label")):
+                out["compared"] += 1
                 if t.get(aspect) == b.get(aspect):
                     continue
-                excused[aspect] = reported
-                n_rep += reported
-                n_flip += not reported
-                shown = "serving_label" if aspect == "serving" else aspect
-                details.append({"run": i, "phase": r.get("phase"), "target": key, "aspect": aspect,
-                                "first": b.get(shown), "this": t.get(shown),
-                                "kind": "reported undecided" if reported else "FLIP",
-                                **({"why": t.get("threads_why")} if aspect == "threads" else {})})
-    return {"flips": n_flip, "reported": n_rep, "compared": n_cmp, "details": details}
+                reported = bool(t.get(excuse) or b.get(excuse)) or (
+                    aspect == "serving" and threads_undecided and t.get("threads") != b.get("threads"))
+                out["reported" if reported else "flips"] += 1
+                out["details"].append({"run": i, "phase": r.get("phase"), "target": key, "aspect": aspect,
+                                       "first": b.get(shown), "this": t.get(shown),
+                                       "kind": "reported undecided" if reported else "FLIP"})
+    return out
 
 
 def cost(runs: Sequence[dict]) -> dict:
@@ -460,7 +461,8 @@ def render(d: dict) -> str:
         lines.append(_table(["run", "phase", "target", "published", "gates", "threads", "serving", "extra s",
                                    "machine"], rows))
         s, c = p["stability"], p["cost"]
-        lines.append(f"flips: {s['flips']}; changes reported undecided: {s['reported']} (of {s['compared']} compared)"
+        lines.append(f"flips: {s['flips']}; changes reported undecided: {s['reported']} (of {s['compared']} compared; "
+                     f"thread count changed {s.get('threads_changed', 0)}x)"
                      + "".join(f"\n  {x['kind']}: run {x['run']} {x['target']} {x['aspect']}: {x['first']} -> {x['this']}"
                                + (f" ({x['why']})" if x.get("why") else "") for x in s["details"]))
         lines.append(f"cost: {c['measured_more']} of {c['gate_batches']} gate batches measured more; extra s median "
