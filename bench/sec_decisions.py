@@ -48,13 +48,17 @@ _LOOP = ("import os\np = os.getppid()\nwhile os.getppid() == p:\n    for _ in ra
 # -- the CPU hog ------------------------------------------------------------------------------------
 
 def _die_with_parent(parent: int):
-    def pre() -> None:
-        import ctypes
+    import ctypes
 
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        except (OSError, AttributeError):  # not Linux: the loop's own parent check remains
-            pass
+    # resolved before the fork: the child of a threaded process should not import or load anything
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux: the loop's own parent check remains
+        prctl = None
+
+    def pre() -> None:
+        if prctl is not None:
+            prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != parent:  # the parent died before prctl took effect
             os._exit(1)
     return pre
