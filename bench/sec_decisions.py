@@ -186,7 +186,9 @@ def _phase(pairs: list[dict], state: dict) -> dict:
     from bench.stats import summarize
 
     outcomes = [p["not_slower"] for p in pairs]
-    return {"machine": state, "rounds": summarize([p["rounds"] for p in pairs], unit="rounds", better="higher"),
+    rounds = summarize([p["rounds"] for p in pairs], unit="rounds")
+    rounds.pop("better")  # how much was timed, not a figure bench/compare.py should judge
+    return {"machine": state, "rounds": rounds,
             "honesty_wall": honesty([p["wall"] for p in pairs]), "honesty_cpu": honesty([p["cpu"] for p in pairs]),
             "not_slower_first_measurement": {o: outcomes.count(o) for o in ("pass", "undecided", "fail")},
             "wall_ms": summarize([p["wall_ms"] for p in pairs], unit="ms"),
