@@ -106,6 +106,7 @@ from bench.sec_serving import render as serving  # noqa: E402,F401  (the "servin
 from bench.sec_plan import render as plan  # noqa: E402,F401  (the "plan" section's lines)
 from bench.sec_peers import render_table as peers  # noqa: E402,F401  (globals() lookup by section name)
 from bench.sec_decoder import render_decoder as decoder  # noqa: E402,F401  (section "decoder")
+from bench.sec_decisions import render as decisions  # noqa: E402,F401  (section "decisions")
 
 
 def render(name: str, d: dict) -> str:

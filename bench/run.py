@@ -32,7 +32,7 @@ from bench.report import render  # noqa: E402
 
 RESULT_SCHEMA = 1
 ALL_TARGETS = ("cpu", "cpu-int8", "cpu-int8-dynamic", "arm64-int8", "gpu-fp16", "tensorrt-int8", "npu-uint8", "cpu-auto")
-SECTIONS = ("cold_start", "models", "large_model", "pipeline", "serving", "plan", "peers", "decoder")
+SECTIONS = ("cold_start", "models", "large_model", "pipeline", "serving", "plan", "peers", "decoder", "decisions")
 
 
 def settings_for(args) -> dict:

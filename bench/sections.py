@@ -290,3 +290,4 @@ def pipeline(settings: dict, work: Path) -> dict:
 from bench.sec_serving import serving  # noqa: E402,F401  (section "serving": a real Triton)
 from bench.sec_plan import plan  # noqa: E402,F401  (section "plan": the serving plan's figures)
 from bench.sec_peers import peers  # noqa: E402,F401  (section 'peers': retool vs plain onnxruntime.quantization)
+from bench.sec_decisions import decisions  # noqa: E402,F401  (section "decisions": issue 22's figures)
