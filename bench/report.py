@@ -1,6 +1,12 @@
 """Plain-text tables of a result file's sections (also used by ``bench/compare.py --show``)."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":  # run as a script (python bench/report.py): the repository root on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 MIB = 2**20
 
 

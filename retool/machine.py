@@ -215,8 +215,8 @@ def describe(m: dict | None) -> str:
     if not m:
         return ""
     load = m.get("loadavg")
-    parts = [f"load {'/'.join(f'{x:g}' for x in load)} on {m.get('cores')} cores" if load
-             else f"{m.get('cores')} cores"]
+    cores = m.get("cores") or m.get("cpus_usable")  # bench's machine record names it so
+    parts = [f"load {'/'.join(f'{x:g}' for x in load)} on {cores} cores" if load else f"{cores} cores"]
     if m.get("others_cpu_pct") is not None:
         parts.append(f"other processes {m['others_cpu_pct']:g}% of the CPUs while timing")
     if m.get("steal_pct") is not None:
