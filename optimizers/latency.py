@@ -99,29 +99,30 @@ def thread_sweep(fp32_path, cand_path, feeds, budget_s: float = 1.0) -> dict:
 
     counts = sorted({1, all_threads()})
     out: dict = {"measured": {}, "key": THREADS_KEY}
-    wall = {}
     for t in counts:
-        m, times = measure({"fp32": fp32_path, "candidate": cand_path}, feeds, threads=t, budget_s=budget_s,
-                           with_samples=True)
-        wall[str(t)] = times["wall"]["candidate"]
+        m = measure({"fp32": fp32_path, "candidate": cand_path}, feeds, threads=t, budget_s=budget_s)
         c = m["variants"]["candidate"]
         out["measured"][str(t)] = {"candidate_p50_ms": c["p50_ms"], "fp32_p50_ms": m["variants"]["fp32"]["p50_ms"],
                                    "ratio_vs_fp32": c.get("ratio_vs_fp32"), "rounds": m["rounds"]}
-    # the runs at 1 and at n threads are not paired rounds: each count's p50 gets its own interval,
-    # and more threads win only when their whole interval is below 1 thread's (ties keep fewer threads,
-    # which leaves cores to concurrent requests)
+    # the decision: the candidate at 1 and at n threads timed in the same rounds (paired, so drift between
+    # blocks cannot decide it); more threads win only when decidedly faster, a tie keeps fewer threads,
+    # which leaves cores to concurrent requests
     best, why = counts[0], f"{counts[0]} thread(s): the only count measured"
-    for t in counts[1:]:
-        _, lo1, hi1 = speed.sample_interval(wall[str(counts[0])])
-        est, lo, hi = speed.sample_interval(wall[str(t)])
-        d = speed.decide(est, lo, hi, lo1, higher_is_better=False, rule=speed.rule_text("sample"),
-                         samples=len(wall[str(t)]), unit="ms")
-        out["measured"][str(t)]["decision_vs_1"] = d.to_dict()
-        if d.passed and hi < lo1:
-            best, why = t, f"{t} threads decidedly faster than 1 (p50 CI {lo:.3f}–{hi:.3f} ms vs {lo1:.3f}–{hi1:.3f} ms)"
+    if len(counts) > 1:
+        from retool.runtime import make_session, run_session
+        from retool.validators.latency import Plan, measure_interleaved
+
+        n = counts[-1]
+        sessions = {t: make_session(cand_path, threads=t) for t in counts}
+        plan = Plan(runs=None, time_budget_s=budget_s, warmup=5, min_runs=10, max_runs=5000)
+        paired, _ = measure_interleaved({t: (lambda s=s: run_session(s, feeds)) for t, s in sessions.items()}, plan,
+                                        cpu_times=True)
+        d = speed.decide_ratio(paired[1], paired[n], 1.0 + speed.NOISE_FLOOR)  # n threads' speed-up over 1
+        out["measured"][str(n)]["decision_vs_1"] = d.to_dict()
+        if d.passed:
+            best, why = n, f"{n} threads decidedly faster than 1 ({d.text})"
         else:
-            why = (f"1 thread kept: {t} threads not decidedly faster (p50 CI {lo:.3f}–{hi:.3f} ms vs "
-                   f"{lo1:.3f}–{hi1:.3f} ms); a tie keeps fewer threads")
+            why = f"1 thread kept: {n} threads not decidedly faster ({d.text}); a tie keeps fewer threads"
     out["best_intra_op_threads"] = best
     out["why"] = why
     return out

@@ -57,7 +57,10 @@ def test_dynamic_int8_on_encoder_measures_fused_and_unfused(transformer_onnx, tm
     assert set(th["measured"]) == {str(t) for t in {1, all_threads()}}
     meta = {p.key: p.value for p in m.metadata_props}
     assert meta[THREADS_KEY] == str(th["best_intra_op_threads"])
-    assert str(th["best_intra_op_threads"]) == min(th["measured"], key=lambda t: th["measured"][t]["candidate_p50_ms"])
+    # more threads only when decidedly faster in paired rounds; a tie keeps fewer
+    n = str(all_threads())
+    decided = n != "1" and th["measured"][n]["decision_vs_1"]["outcome"] == "pass"
+    assert th["best_intra_op_threads"] == (all_threads() if decided else 1)
 
 
 def test_dynamic_int8_saturation_without_vnni_is_measured_away(transformer_onnx, tmp_path):
