@@ -114,13 +114,14 @@ COSINE = Number(float, -1, 1)
 FRACTION = Number(float, 0, 1)
 PERCENTILE = Number(float, 0, 100, min_open=True)
 SAMPLES = Number(int, 1, 10_000_000)
-OPSET = Number(int, 1, 99)
+OPSET = Number(int, 7, 25)  # converter/core.py says which exporter takes which
 NEW_TOKENS = Number(int, 1, 65536)
 #: serving: requests per second, money per hour, perf_analyzer's concurrency and window
 RATE = Number(float, 0, None, min_open=True)
 COST_PER_HOUR = Number(float, 0)
 CONCURRENCY = Number(int, 1, 4096)
 WINDOW_MS = Number(int, 1, 3_600_000)
+PORT = Number(int, 1, 65535)
 
 
 def parse_csv_numbers(text: str | None, flag: str, number: Number) -> list | None:

@@ -167,6 +167,10 @@ def _construct(node, path: tuple, loc: _Located):
     import yaml
 
     loc.lines[path] = node.start_mark.line + 1
+    plain = {yaml.MappingNode: "tag:yaml.org,2002:map", yaml.SequenceNode: "tag:yaml.org,2002:seq"}
+    if type(node) in plain and node.tag != plain[type(node)]:
+        raise _Refused(node.start_mark, f"{_fmt_path(path)}: tag '{node.tag}' is not allowed in a pipeline file; "
+                                        "remove it")
     if isinstance(node, yaml.MappingNode):
         out = {}
         for k, v in node.value:
