@@ -54,6 +54,8 @@ class Number(click.ParamType):
         from retool.errors import UsageError
 
         shown = repr(value) if isinstance(value, str) and value.strip() != value else str(value)
+        if len(shown) > 40:  # a 400-digit number says nothing more than its start
+            shown = f"{shown[:24]}… ({len(shown)} characters)"
         want = f"expected {self.describe()}"
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise UsageError(f"{what}: {shown} is not a number; {want}")
@@ -72,14 +74,13 @@ class Number(click.ParamType):
         else:
             if isinstance(x, int) and abs(x) > 2**1023:  # float() of it would overflow
                 raise UsageError(f"{what}: {shown} is out of range; {want}")
-            x = float(x)
-            if not math.isfinite(x):
+            if not math.isfinite(float(x)):
                 raise UsageError(f"{what}: {shown} is not a finite number; {want}")
         if self.min is not None and (x < self.min or (self.min_open and x == self.min)):
             raise UsageError(f"{what}: {shown} is out of range; {want}")
         if self.max is not None and (x > self.max or (self.max_open and x == self.max)):
             raise UsageError(f"{what}: {shown} is out of range; {want}")
-        return x
+        return x  # an int given for a float stays an int (cache keys and reports show 5, not 5.0)
 
     def convert(self, value, param, ctx):
         if value is None:
