@@ -26,8 +26,6 @@ def _limited(fsize: int):
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input(case, tmp_path, cli):
-    if case.id == "run-ray-closed-port":
-        pytest.importorskip("ray")
     d = tmp_path / "case"
     argv = materialise(case, d)
     before = snapshot(d)
