@@ -2,8 +2,9 @@
 docs/reliability.md: tracebacks, exit 0 on failure, wrong exit codes, stderr that is not one line,
 files left at the output, and hangs.
 
-    python -m bench.reliability            # writes docs/reliability.md
-    python -m bench.reliability --out -    # prints the page instead
+    python -m bench.reliability                    # writes docs/reliability.md
+    python -m bench.reliability --out -            # prints the page instead
+    python -m bench.reliability --before 1212aa0   # also runs the corpus on that commit, for comparison
 
 tests/test_bad_input_corpus.py asserts the same corpus case by case (in-process, faster).
 """
@@ -67,12 +68,26 @@ def _limit(fsize: int | None):
     return pre
 
 
-def run_case(case: Case, work: Path) -> Outcome:
+def checkout(commit: str, dest: Path) -> Path:
+    """``commit``'s tree in ``dest``, importable as ``retool`` from there (PYTHONPATH=dest).
+
+    The top-level converter/, optimizers/ and validators/ are linked into retool/ as the package-dir
+    mapping in pyproject.toml does, so they win over this checkout's editable install."""
+    tar = subprocess.run(["git", "archive", commit], cwd=ROOT, capture_output=True, check=True).stdout
+    dest.mkdir(parents=True)
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=tar, check=True)
+    for sub in ("converter", "optimizers", "validators"):
+        if (dest / sub).is_dir() and not (dest / "retool" / sub).exists():
+            (dest / "retool" / sub).symlink_to(Path("..") / sub)
+    return dest
+
+
+def run_case(case: Case, work: Path, tree: Path = ROOT) -> Outcome:
     d = work / case.id
     argv = materialise(case, d)
     before = snapshot(d)
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "retool", *argv], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(tree)}
+    proc = subprocess.Popen([sys.executable, "-m", "retool", *argv], cwd=tree, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, preexec_fn=_limit(case.fsize))
     try:
         _, err = proc.communicate(timeout=CASE_TIMEOUT_S)
@@ -86,16 +101,24 @@ def run_case(case: Case, work: Path) -> Outcome:
     return Outcome(case, code, "Traceback" in err, len(error_lines(err)), left)
 
 
-def page(outcomes: list[Outcome], machine: dict, started: str, seconds: float) -> str:
-    n = len(outcomes)
-    count = {
+def counts(outcomes: list[Outcome]) -> dict[str, int]:
+    return {
         "tracebacks": sum(o.traceback for o in outcomes),
         "exit 0 on failure": sum(o.code == 0 for o in outcomes),
         "wrong exit code (not 0)": sum(o.code not in (None, 0, o.case.code) for o in outcomes),
         "stderr not exactly one line": sum(o.code is not None and o.lines != 1 for o in outcomes),
         "files left at the output (partial or new)": sum(bool(o.left) for o in outcomes),
         f"hangs (> {CASE_TIMEOUT_S} s)": sum(o.code is None for o in outcomes),
+        "cases": len(outcomes),
     }
+
+
+def page(outcomes: list[Outcome], machine: dict, started: str, seconds: float,
+         before: tuple[str, list[Outcome]] | None = None) -> str:
+    n = len(outcomes)
+    count = counts(outcomes)
+    old = counts(before[1]) if before else None
+    old_by_id = {o.case.id: o for o in before[1]} if before else {}
     load = machine.get("loadavg_at_start")
     lines = [
         "# Reliability: bad input",
@@ -114,21 +137,24 @@ def page(outcomes: list[Outcome], machine: dict, started: str, seconds: float) -
         "",
         "## Counts",
         "",
-        "| over the corpus | count |",
-        "|---|---|",
-        *[f"| {k} | {v} |" for k, v in count.items()],
-        f"| cases | {n} |",
+        *((f"| over the corpus | now | at {before[0]} |", "|---|---|---|",
+           *[f"| {k} | {v} | {old[k]} |" for k, v in count.items()]) if before else
+          ("| over the corpus | count |", "|---|---|", *[f"| {k} | {v} |" for k, v in count.items()])),
         "",
         "## Cases",
         "",
-        "| case | command | due | got | result |",
-        "|---|---|---|---|---|",
+        "| case | command | due | got | result |" + (f" at {before[0]} |" if before else ""),
+        "|---|---|---|---|---|" + ("---|" if before else ""),
     ]
     for o in outcomes:
         cmd = " ".join(a.replace("{d}/", "") for a in o.case.argv)
         cmd = (cmd[:70] + " …" if len(cmd) > 72 else cmd).replace("|", "\\|")
         got = "hang" if o.code is None else str(o.code)
-        lines.append(f"| {o.case.id} | `{cmd}` | {o.case.code} | {got} | {'; '.join(o.problems) or 'ok'} |")
+        row = f"| {o.case.id} | `{cmd}` | {o.case.code} | {got} | {'; '.join(o.problems) or 'ok'} |"
+        if before:
+            b = old_by_id.get(o.case.id)
+            row += f" {('; '.join(b.problems) or 'ok') if b else '(not run)'} |"
+        lines.append(row)
     lines += [
         "",
         "## kill -9",
@@ -145,18 +171,29 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "docs" / "reliability.md"), help="the page, or - for stdout")
     ap.add_argument("-k", dest="only", help="run only the cases whose id contains this")
+    ap.add_argument("--before", metavar="COMMIT", help="also run the corpus on this commit and show both")
     args = ap.parse_args(argv)
     machine = machine_info(ROOT)
     started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
     t0 = time.monotonic()
     cases = [c for c in CASES if not args.only or args.only in c.id]
     outcomes = []
+    before = None
     with tempfile.TemporaryDirectory(prefix="retool-reliability-") as work:
         for case in cases:
-            o = run_case(case, Path(work))
+            o = run_case(case, Path(work) / "now")
             print(f"{case.id}: {'; '.join(o.problems) or 'ok'}", file=sys.stderr)
             outcomes.append(o)
-    text = page(outcomes, machine, started, time.monotonic() - t0)
+        seconds = time.monotonic() - t0
+        if args.before:
+            tree = checkout(args.before, Path(work) / "tree")
+            old = []
+            for case in cases:
+                o = run_case(case, Path(work) / "before", tree)
+                print(f"{args.before} {case.id}: {'; '.join(o.problems) or 'ok'}", file=sys.stderr)
+                old.append(o)
+            before = (args.before, old)
+    text = page(outcomes, machine, started, seconds, before)
     if args.out == "-":
         print(text)
     else:
