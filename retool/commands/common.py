@@ -125,6 +125,27 @@ WINDOW_MS = Number(int, 1, 3_600_000)
 PORT = Number(int, 1, 65535)
 
 
+def raise_if_output_disk_full(output, exc: BaseException, need_bytes: int = 0) -> None:
+    """UsageError naming ``output`` when a step failed and the disk holding it is (nearly) full.
+
+    Libraries such as onnxruntime report a full disk as 'Protobuf serialization failed', without errno."""
+    import shutil
+    from pathlib import Path
+
+    from retool.errors import UsageError, first_line
+
+    folder = Path(output).expanduser().absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if free < need_bytes + (1 << 20):
+        raise UsageError(f"{output}: could not be written: {free / 1e6:.1f} MB free on its disk ({first_line(exc, 200)}); "
+                         f"free space or choose another -o") from None
+
+
 def parse_csv_numbers(text: str | None, flag: str, number: Number) -> list | None:
     """'1,8,32' -> [1, 8, 32], each checked by ``number``; None for an empty flag."""
     from retool.errors import UsageError
