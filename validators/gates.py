@@ -89,18 +89,13 @@ def load_gates(source: "str | Path | Mapping | Gates | None") -> Gates:
         return source
     where = "gates"
     if isinstance(source, (str, Path)):
-        import yaml
+        from retool.yamlfile import load
 
         p = Path(source)
         where = str(p)
         if not p.is_file():
             raise UsageError(f"{p}: gates file not found; give a YAML file with {', '.join(_KEYS)}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            at = f" at line {mark.line + 1}" if mark is not None else ""
-            raise UsageError(f"{p}: not valid YAML{at}; fix the gates file") from None
+        data = load(p, "gates file")[0] or {}  # no aliases, duplicate keys or deep nesting
     else:
         data = source
     if not isinstance(data, Mapping):

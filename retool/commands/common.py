@@ -54,6 +54,8 @@ class Number(click.ParamType):
         from retool.errors import UsageError
 
         shown = repr(value) if isinstance(value, str) and value.strip() != value else str(value)
+        if len(shown) > 40:  # a 400-digit number says nothing more than its start
+            shown = f"{shown[:24]}… ({len(shown)} characters)"
         want = f"expected {self.describe()}"
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise UsageError(f"{what}: {shown} is not a number; {want}")
@@ -72,14 +74,13 @@ class Number(click.ParamType):
         else:
             if isinstance(x, int) and abs(x) > 2**1023:  # float() of it would overflow
                 raise UsageError(f"{what}: {shown} is out of range; {want}")
-            x = float(x)
-            if not math.isfinite(x):
+            if not math.isfinite(float(x)):
                 raise UsageError(f"{what}: {shown} is not a finite number; {want}")
         if self.min is not None and (x < self.min or (self.min_open and x == self.min)):
             raise UsageError(f"{what}: {shown} is out of range; {want}")
         if self.max is not None and (x > self.max or (self.max_open and x == self.max)):
             raise UsageError(f"{what}: {shown} is out of range; {want}")
-        return x
+        return x  # an int given for a float stays an int (cache keys and reports show 5, not 5.0)
 
     def convert(self, value, param, ctx):
         if value is None:
@@ -114,7 +115,7 @@ COSINE = Number(float, -1, 1)
 FRACTION = Number(float, 0, 1)
 PERCENTILE = Number(float, 0, 100, min_open=True)
 SAMPLES = Number(int, 1, 10_000_000)
-OPSET = Number(int, 1, 99)
+OPSET = Number(int, 7, 25)  # converter/core.py says which exporter takes which
 NEW_TOKENS = Number(int, 1, 65536)
 #: serving: requests per second, money per hour, perf_analyzer's concurrency and window
 RATE = Number(float, 0, None, min_open=True)
@@ -124,6 +125,28 @@ WINDOW_MS = Number(int, 1, 3_600_000)
 #: the serving plan: one replica's share of its sustainable rate, and its cores
 HEADROOM = Number(float, 0, 1, min_open=True)
 CORES = Number(int, 1, 4096)
+PORT = Number(int, 1, 65535)
+
+
+def raise_if_output_disk_full(output, exc: BaseException, need_bytes: int = 0) -> None:
+    """UsageError naming ``output`` when a step failed and the disk holding it is (nearly) full.
+
+    Libraries such as onnxruntime report a full disk as 'Protobuf serialization failed', without errno."""
+    import shutil
+    from pathlib import Path
+
+    from retool.errors import UsageError, first_line
+
+    folder = Path(output).expanduser().absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return
+    if free < need_bytes + (1 << 20):
+        raise UsageError(f"{output}: could not be written: {free / 1e6:.1f} MB free on its disk ({first_line(exc, 200)}); "
+                         f"free space or choose another -o") from None
 
 
 def parse_csv_numbers(text: str | None, flag: str, number: Number) -> list | None:

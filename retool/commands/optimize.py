@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from retool.commands.common import (COSINE, FRACTION, PERCENTILE, SAMPLES, SEED, THREADS, TOLERANCE, Number,
-                                    emit_report)
+                                    emit_report, raise_if_output_disk_full)
 
 
 @click.command("optimize")
@@ -44,7 +44,7 @@ def optimize_cmd(model, output, target, calibration, calibration_method, percent
     written at -o and the sidecar report says why (exit 6).
     """
     from retool import console
-    from retool.errors import ValidationFailed
+    from retool.errors import OptimizationError, ValidationFailed
     from retool.optimizers.core import optimize
 
     tol = parse_tolerance(tolerance)
@@ -58,7 +58,17 @@ def optimize_cmd(model, output, target, calibration, calibration_method, percent
         if exc.report is not None:
             emit_report(exc.report, as_json, console.checks_table(exc.report.checks))
         raise
+    except OptimizationError as exc:  # a full disk at -o is the output's problem, not the model's
+        raise_if_output_disk_full(output, exc, 2 * _size(model))
+        raise
     emit_report(report, as_json, summary(report))
+
+
+def _size(path) -> int:
+    from pathlib import Path
+
+    p = Path(path)
+    return sum(f.stat().st_size for f in p.parent.glob(p.name + "*") if f.is_file()) if p.is_file() else 0
 
 
 def summary(report) -> str:

@@ -53,7 +53,7 @@ def validate_cmd(candidate, reference, latency, batch_sizes, threads, runs, time
     exits 6 when a gate fails.
     """
     from retool import console
-    from retool.errors import ValidationFailed
+    from retool.errors import UsageError, ValidationFailed
     from retool.validators.core import GATE_HEADERS, gate_rows, summary_text, validate
     from retool.validators.gates import load_gates
 
@@ -68,10 +68,14 @@ def validate_cmd(candidate, reference, latency, batch_sizes, threads, runs, time
                          decide_budget_s=decide_budget_s)
     options = converter_options(signature, output_names, inputs_as_nchw, custom_objects, static_batch,
                                 fold_batchnorm)
-    report = validate(candidate, reference, batch_sizes=sizes, latency=latency, threads=threads, gates=gates,
-                      report_dir=report_dir, framework=framework, inputs=inputs, example_inputs=example_inputs,
-                      trust_remote_code=trust_remote_code, seed=seed, runs=runs, time_budget_s=time_budget_s,
-                      weights=weights, options=options, providers=list(providers) or None)
+    try:
+        report = validate(candidate, reference, batch_sizes=sizes, latency=latency, threads=threads, gates=gates,
+                          report_dir=report_dir, framework=framework, inputs=inputs, example_inputs=example_inputs,
+                          trust_remote_code=trust_remote_code, seed=seed, runs=runs, time_budget_s=time_budget_s,
+                          weights=weights, options=options, providers=list(providers) or None)
+    except MemoryError:  # inputs (or outputs) of the largest batch do not fit in this machine
+        raise UsageError(f"--batch-sizes {batch_sizes}: ran out of memory at batch {max(sizes)}; "
+                         f"use smaller batch sizes") from None
     human = summary_text(report)
     if report_dir:
         human += f"\nreports: {report_dir}/report.json, report.md, report.html"

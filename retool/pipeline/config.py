@@ -17,6 +17,9 @@ from retool.commands.common import (BATCH_SIZE, CONCURRENCY, CORES, COSINE, COST
                                     TOLERANCE as TOL, WINDOW_MS, Number)
 from retool.errors import UsageError
 from retool.publish.names import check_model_name
+from retool.yamlfile import Located as _Located
+from retool.yamlfile import fmt_path as _fmt_path
+from retool.yamlfile import load as load_strict
 
 PUBLISH_WHEN = ("gates-pass", "always", "never")
 REFERENCES = ("fp32", "source")
@@ -129,121 +132,11 @@ class PipelineConfig:
 
 
 # --- loading ----------------------------------------------------------------------------------
-class _Located:
-    """Line numbers of every node, keyed by the path of keys/indices leading to it."""
-
-    def __init__(self):
-        self.lines: dict[tuple, int] = {}
-
-
-#: a pipeline file is a few kilobytes; these bound what a hostile or broken one can cost
-MAX_BYTES = 1 << 20
-MAX_DEPTH = 64
-
-
-class _Refused(Exception):
-    def __init__(self, mark, message: str):
-        super().__init__(message)
-        self.mark, self.message = mark, message
-
-
-def _strict_loader(text: str):
-    """A SafeLoader that refuses aliases (a cycle, or a billion laughs) and nesting deeper than MAX_DEPTH."""
-    import yaml
-
-    class Strict(yaml.SafeLoader):
-        depth = 0
-
-        def compose_node(self, parent, index):
-            if self.check_event(yaml.AliasEvent):
-                ev = self.peek_event()
-                raise _Refused(ev.start_mark, f"alias '*{ev.anchor}' is not allowed in a pipeline file; "
-                                              "write the value out")
-            self.depth += 1
-            try:
-                if self.depth > MAX_DEPTH:
-                    raise _Refused(self.peek_event().start_mark,
-                                   f"nested more than {MAX_DEPTH} levels deep; a pipeline file needs a few")
-                return super().compose_node(parent, index)
-            finally:
-                self.depth -= 1
-
-    return Strict(text)
-
-
-def _construct(node, path: tuple, loc: _Located):
-    import yaml
-
-    loc.lines[path] = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        out = {}
-        for k, v in node.value:
-            if not isinstance(k, yaml.ScalarNode):
-                kind = "list" if isinstance(k, yaml.SequenceNode) else "mapping"
-                raise _Refused(k.start_mark, f"{_fmt_path(path)}: a {kind} cannot be a key; keys are names")
-            key = k.value
-            if key in out:
-                raise _Refused(k.start_mark, f"{_fmt_path(path + (key,))}: duplicate key '{key}' (first at line "
-                                             f"{loc.lines[path + (key,)]}); keep one")
-            out[key] = _construct(v, path + (key,), loc)
-            loc.lines[path + (key,)] = k.start_mark.line + 1  # the key's line, not its value's
-        return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_construct(v, path + (i,), loc) for i, v in enumerate(node.value)]
-    return _scalar(node)
-
-
-def _scalar(node):
-    import yaml
-
-    loader = yaml.SafeLoader("")
-    try:
-        return loader.construct_object(node, deep=True)
-    except (ValueError, TypeError, OverflowError) as exc:  # e.g. '!!int abc'
-        raise _Refused(node.start_mark, f"cannot read {node.value!r} as {node.tag} ({exc})") from None
-    finally:
-        loader.dispose()
-
-
 def load_yaml(path: Path) -> tuple[Any, _Located]:
-    import yaml
-
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_BYTES + 1)
-    except FileNotFoundError:
-        raise UsageError(f"{path}: pipeline file not found") from None
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot read pipeline file ({exc.strerror})") from None
-    if len(raw) > MAX_BYTES:
-        raise UsageError(f"{path}: pipeline file is larger than {MAX_BYTES // 1024} KiB; is it the right file?")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[:exc.start].count(b"\n") + 1
-        raise UsageError(f"{path}:{line}: not UTF-8 text (byte {raw[exc.start]:#04x}); save the file as UTF-8") from None
-    loader = _strict_loader(text)
-    loc = _Located()
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            raise UsageError(f"{path}: the pipeline file is empty; it needs at least 'models:'")
-        return _construct(node, (), loc), loc
-    except _Refused as exc:
-        raise UsageError(f"{path}:{exc.mark.line + 1}: {exc.message}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark else ""
-        raise UsageError(f"{path}{line}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
-    finally:
-        loader.dispose()
-
-
-def _fmt_path(path: tuple) -> str:
-    out = ""
-    for p in path:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out or "(top level)"
+    data, loc = load_strict(path, "pipeline file")
+    if data is None:
+        raise UsageError(f"{path}: the pipeline file is empty; it needs at least 'models:'")
+    return data, loc
 
 
 def _check(value, schema, path: tuple, loc: _Located, src: str):
