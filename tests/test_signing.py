@@ -1,0 +1,221 @@
+"""Signed model repositories (OpenSSF model-signing): sign at publish, verify before anything is served."""
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fixtures.onnx_tiny import linear
+from retool.publish import open_repo, publish
+
+ms = pytest.importorskip("model_signing")
+ec = pytest.importorskip("cryptography.hazmat.primitives.asymmetric.ec")
+ser = pytest.importorskip("cryptography.hazmat.primitives.serialization")
+
+
+def _keypair(folder: Path, stem: str) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    priv, pub = folder / f"{stem}.pem", folder / f"{stem}.pub.pem"
+    priv.write_bytes(key.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.PKCS8, ser.NoEncryption()))
+    pub.write_bytes(key.public_key().public_bytes(ser.Encoding.PEM, ser.PublicFormat.SubjectPublicKeyInfo))
+    return priv, pub
+
+
+@pytest.fixture
+def keys(tmp_path):
+    (tmp_path / "keys").mkdir()
+    return {"ours": _keypair(tmp_path / "keys", "ours"), "theirs": _keypair(tmp_path / "keys", "theirs")}
+
+
+@pytest.fixture
+def signed(tmp_path, keys):
+    """A local repository: m v1 (external data) and v2, v2 promoted to production, all signed."""
+    repo = tmp_path / "repo"
+    key = keys["ours"][0]
+    publish(linear(tmp_path / "a.onnx", external_data_mb=0.2), repo, "m", sign_key=key, max_regression="off")
+    publish(linear(tmp_path / "b.onnx", seed=2, external_data_mb=0.2), repo, "m", sign_key=key,
+            max_regression="off")
+    open_repo(repo, signer=_signer(key)).promote("m", 2, "production")
+    return repo
+
+
+def _signer(key):
+    from retool.publish.signing import signer
+
+    return signer(key)
+
+
+def _verify(cli, repo, pub):
+    return cli("repo", "verify", repo, "--require-signature", "--trust-key", pub)
+
+
+def _signed_files(sig: Path) -> set[str]:
+    """The resources model-signing's payload lists (read from the bundle, as a check of our own)."""
+    bundle = json.loads(sig.read_text())
+    statement = json.loads(base64.b64decode(bundle["dsseEnvelope"]["payload"]))
+    return {r["name"] for r in statement["predicate"]["resources"]}
+
+
+def test_publish_signs_what_the_manifest_lists_and_verify_passes(signed, keys, cli):
+    v1 = signed / "m" / "1"
+    manifest = json.loads((v1 / "manifest.json").read_text())
+    assert _signed_files(v1 / "model.sig") == set(manifest["files"]) | {"manifest.json"}
+    assert {"model.onnx", "a.onnx.data", "samples.npz"} <= set(manifest["files"])
+    assert _signed_files(signed / "m" / "config.sig") == {"config.pbtxt", "aliases.json", "history.json"}
+    r = _verify(cli, signed, keys["ours"][1])
+    assert r.code == 0, r.err
+    assert "OK" in r.out
+    assert cli("repo", "verify", signed).code == 0  # model.sig is not an unlisted file to plain verify
+
+
+def test_model_signing_own_verifier_accepts_each_folder(signed, keys):
+    pub = keys["ours"][1]
+    for folder, sig in ((signed / "m" / "1", "model.sig"), (signed / "m", "config.sig")):
+        ms.verifying.Config().use_elliptic_key_verifier(public_key=pub).verify(folder, folder / sig)
+        with pytest.raises(ValueError):
+            ms.verifying.Config().use_elliptic_key_verifier(public_key=keys["theirs"][1]).verify(folder, folder / sig)
+
+
+def test_model_signing_cli_verifies_a_version(signed, keys):
+    """The command docs/publish.md gives a serving platform."""
+    ok = subprocess.run([sys.executable, "-m", "model_signing", "verify", "key", str(signed / "m" / "2"), "--signature",
+                         str(signed / "m" / "2" / "model.sig"), "--public_key", str(keys["ours"][1])],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    (signed / "m" / "2" / "model.onnx").write_bytes(b"not the model")
+    bad = subprocess.run([sys.executable, "-m", "model_signing", "verify", "key", str(signed / "m" / "2"), "--signature",
+                          str(signed / "m" / "2" / "model.sig"), "--public_key", str(keys["ours"][1])],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "model.onnx" in bad.stderr
+
+
+def _rewrite_manifest(repo):
+    p = repo / "m" / "1" / "manifest.json"
+    m = json.loads(p.read_text())
+    m["published"]["user"] = "mallory"
+    p.write_text(json.dumps(m, indent=2) + "\n")
+
+
+def _edit_config(repo):
+    p = repo / "m" / "config.pbtxt"
+    p.write_text(p.read_text().replace("max_batch_size: 8", "max_batch_size: 4"))
+
+
+def _move_alias(repo):
+    p = repo / "m" / "aliases.json"
+    a = json.loads(p.read_text())
+    a["aliases"]["production"]["version"] = 1
+    p.write_text(json.dumps(a))
+
+
+def _flip_byte(p: Path):
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    p.write_bytes(bytes(data))
+
+
+TAMPER = {
+    "model bytes": (lambda r: _flip_byte(r / "m" / "1" / "model.onnx"), "model.onnx"),
+    "external data": (lambda r: _flip_byte(r / "m" / "1" / "a.onnx.data"), "a.onnx.data"),
+    "samples": (lambda r: _flip_byte(r / "m" / "2" / "samples.npz"), "samples.npz"),
+    "config.pbtxt": (_edit_config, "config.pbtxt"),
+    "manifest": (_rewrite_manifest, "manifest.json"),
+    "alias": (_move_alias, "aliases.json"),
+    "extra file": (lambda r: (r / "m" / "1" / "extra.bin").write_bytes(b"x"), "extra.bin"),
+    "removed signature": (lambda r: (r / "m" / "2" / "model.sig").unlink(), "model.sig"),
+    "removed config signature": (lambda r: (r / "m" / "config.sig").unlink(), "config.sig"),
+}
+
+
+@pytest.mark.parametrize("kind", list(TAMPER))
+def test_each_kind_of_tampering_exits_7_naming_the_file(signed, keys, cli, kind):
+    change, fname = TAMPER[kind]
+    change(signed)
+    r = _verify(cli, signed, keys["ours"][1])
+    assert r.code == 7, (kind, r.out, r.err)
+    assert fname in r.out, r.out  # the table: every finding, each naming its file
+    assert str(signed / "m") in r.err.splitlines()[-1], r.err
+
+
+def test_re_signed_with_another_key_is_refused(signed, keys, cli):
+    """Someone who can write the repository changes the model and signs it with their own key."""
+    v1 = signed / "m" / "1"
+    _flip_byte(v1 / "model.onnx")
+    manifest = json.loads((v1 / "manifest.json").read_text())
+    from retool.fsutil import sha256_file
+
+    manifest["files"]["model.onnx"]["sha256"] = sha256_file(v1 / "model.onnx")
+    (v1 / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    _signer(keys["theirs"][0]).sign(v1, v1 / "model.sig", ["model.sig"])
+    r = _verify(cli, signed, keys["ours"][1])
+    assert r.code == 7, r.err
+    assert "model.sig" in r.out and "not signed by the trusted key" in r.out, r.out
+
+
+def test_a_copied_version_with_its_signature_is_refused(signed, keys, cli):
+    shutil.copytree(signed / "m" / "1", signed / "m" / "3")
+    r = _verify(cli, signed, keys["ours"][1])
+    assert r.code == 7, r.out
+    assert "/m/3" in r.err.splitlines()[-1]
+
+
+def test_unsigned_repository_and_wrong_trust_key(tmp_path, signed, keys, cli):
+    plain = tmp_path / "plain"
+    publish(linear(tmp_path / "c.onnx"), plain, "m")
+    r = _verify(cli, plain, keys["ours"][1])
+    assert r.code == 7 and "model.sig" in r.err and "unsigned" in r.err
+    r = _verify(cli, signed, keys["theirs"][1])
+    assert r.code == 7 and ".sig" in r.err.splitlines()[-1]
+    r = cli("repo", "verify", signed, "--require-signature")
+    assert r.code == 2 and "--trust-key" in r.err
+
+
+def test_signed_model_takes_only_signed_writes_and_stays_valid(signed, keys, cli, tmp_path):
+    r = cli("repo", "promote", signed, "m", "1")
+    assert r.code == 7 and "--sign-key" in r.err  # would leave config.sig stale
+    assert _verify(cli, signed, keys["ours"][1]).code == 0
+    assert cli("repo", "promote", signed, "m", "1", "--sign-key", keys["ours"][0]).code == 0
+    r = cli("repo", "rollback", signed, "m", "--sign-key", keys["ours"][0])
+    assert r.code == 0, r.err
+    assert json.loads((signed / "m" / "aliases.json").read_text())["aliases"]["production"]["version"] == 2
+    from retool.serve.profile import ServingConfig, ServingProfile
+
+    prof = ServingProfile("m", ServingConfig(instance_count=2), {"throughput": 1.0, "p99_ms": 1.0}).save(
+        tmp_path / "profile.json")
+    assert cli("repo", "configure", signed, "m", "--profile", prof).code == 7
+    r = cli("repo", "configure", signed, "m", "--profile", prof, "--sign-key", keys["ours"][0])
+    assert r.code == 0, r.err  # a config revision, signed with the rest of the model's state
+    assert "serving.json" in _signed_files(signed / "m" / "config.sig")
+    r = _verify(cli, signed, keys["ours"][1])
+    assert r.code == 0, r.out
+    p = signed / "m" / "serving.json"
+    p.write_text(p.read_text().replace('"instance_count": 2', '"instance_count": 3'))
+    r = _verify(cli, signed, keys["ours"][1])
+    assert r.code == 7 and "m/serving.json  changed since it was signed" in r.out, r.out
+
+
+def test_repo_list_shows_the_signing_key(signed, keys, cli, tmp_path):
+    from retool.publish.signing import fingerprint
+
+    fp = fingerprint(keys["ours"][1])
+    r = cli("repo", "list", signed, "--json")
+    assert r.code == 0, r.err
+    m = json.loads(r.out)["models"][0]
+    assert {v["key"] for v in m["signatures"].values()} == {fp} and m["config_signature"]["key"] == fp
+    assert fp[:16] in cli("repo", "list", signed).out
+    plain = tmp_path / "plain"
+    publish(linear(tmp_path / "c.onnx"), plain, "m")
+    assert "unsigned" in cli("repo", "list", plain).out
+
+
+def test_bad_key_is_a_usage_error(tmp_path, cli):
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a key")
+    r = cli("publish", linear(tmp_path / "d.onnx"), "--repo", tmp_path / "r", "--name", "m", "--sign-key", bad)
+    assert r.code == 2 and "bad.pem" in r.err
+    assert not (tmp_path / "r" / "m" / "1").exists()
