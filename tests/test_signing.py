@@ -219,3 +219,123 @@ def test_bad_key_is_a_usage_error(tmp_path, cli):
     r = cli("publish", linear(tmp_path / "d.onnx"), "--repo", tmp_path / "r", "--name", "m", "--sign-key", bad)
     assert r.code == 2 and "bad.pem" in r.err
     assert not (tmp_path / "r" / "m" / "1").exists()
+
+
+# ---- deploy: annotations, and refusal before anything is written --------------------------------------
+def test_deploy_kserve_carries_the_signatures_and_refuses_a_tampered_repository(tmp_path, keys, cli):
+    import yaml
+
+    repo = tmp_path / "repo"
+    plan = json.loads((Path(__file__).resolve().parents[1] / "examples" / "plan.example.json").read_text())
+    model = plan["chosen"]["model"]
+    publish(linear(tmp_path / "p.onnx"), repo, model, sign_key=keys["ours"][0])
+    plan["repository"] = str(repo)
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    args = ["deploy", "kserve", repo, model, "--plan", tmp_path / "plan.json", "--storage-uri", "s3://b/triton",
+            "--require-signature", "--trust-key", keys["ours"][1]]
+    r = cli(*args, "-o", tmp_path / "k8s")
+    assert r.code == 0, r.err
+    from retool.publish.signing import fingerprint
+
+    meta = yaml.safe_load((tmp_path / "k8s" / "inferenceservice.yaml").read_text())["metadata"]
+    assert meta["annotations"]["retool/signature"] == f"s3://b/triton/{model}/1/model.sig"
+    assert meta["annotations"]["retool/config-signature"] == f"s3://b/triton/{model}/config.sig"
+    assert meta["annotations"]["retool/signed-by"] == f"sha256:{fingerprint(keys['ours'][1])}"
+    _flip_byte(repo / model / "1" / "model.onnx")
+    r = cli(*args, "-o", tmp_path / "k8s2")
+    assert r.code == 7 and "model.onnx" in r.err, r.err
+    assert not (tmp_path / "k8s2").exists()
+
+
+# ---- S3 (moto) ------------------------------------------------------------------------------------------
+@pytest.fixture
+def s3(monkeypatch):
+    pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    import uuid
+
+    import boto3
+
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    for k, v in {"AWS_ACCESS_KEY_ID": "retool-test", "AWS_SECRET_ACCESS_KEY": "retool-test",
+                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}.items():
+        monkeypatch.setenv(k, v)
+    bucket = f"models-{uuid.uuid4().hex[:10]}"
+    client = boto3.client("s3", endpoint_url=endpoint)
+    client.create_bucket(Bucket=bucket)
+    try:
+        yield client, bucket
+    finally:
+        server.stop()
+
+
+def test_signed_repository_on_s3(s3, tmp_path, keys, cli):
+    client, bucket = s3
+    url = f"s3://{bucket}/triton"
+    r = cli("publish", linear(tmp_path / "s.onnx", external_data_mb=0.2), "--repo", url, "--name", "m",
+            "--sign-key", keys["ours"][0], "--alias", "production")
+    assert r.code == 0, r.err
+    keys_ = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="triton/m/")["Contents"]}
+    assert {"triton/m/1/model.sig", "triton/m/config.sig"} <= keys_
+    assert not [k for k in keys_ if "/.staging/" in k]
+    r = _verify(cli, url, keys["ours"][1])
+    assert r.code == 0, r.out + r.err
+    r = _verify(cli, url, keys["theirs"][1])
+    assert r.code == 7 and ".sig" in r.err
+    client.put_object(Bucket=bucket, Key="triton/m/1/extra.bin", Body=b"x")
+    r = _verify(cli, url, keys["ours"][1])
+    assert r.code == 7 and "extra.bin" in r.out and "not signed" in r.out, r.out
+    client.delete_object(Bucket=bucket, Key="triton/m/1/extra.bin")
+    als = json.loads(client.get_object(Bucket=bucket, Key="triton/m/aliases.json")["Body"].read())
+    als["aliases"]["production"]["history"] = [7]
+    client.put_object(Bucket=bucket, Key="triton/m/aliases.json", Body=json.dumps(als).encode())
+    r = _verify(cli, url, keys["ours"][1])
+    assert r.code == 7 and "aliases.json" in r.err, r.out + r.err
+    body = bytearray(client.get_object(Bucket=bucket, Key="triton/m/1/model.onnx")["Body"].read())
+    body[-1] ^= 0xFF
+    client.put_object(Bucket=bucket, Key="triton/m/1/model.onnx", Body=bytes(body))
+    r = _verify(cli, url, keys["ours"][1])
+    assert r.code == 7 and "m/1/model.onnx" in r.err, r.err
+
+
+# ---- serve: refused before a server starts ---------------------------------------------------------------
+def _tritons_for(repo: Path) -> list:
+    psutil = pytest.importorskip("psutil")
+    out = []
+    for p in psutil.process_iter(["name", "cmdline"]):
+        try:
+            if (p.info["name"] or "").startswith("tritonserver") and str(repo) in " ".join(p.info["cmdline"] or ()):
+                out.append(p.pid)
+        except psutil.Error:
+            pass
+    return out
+
+
+@pytest.mark.slow
+def test_serve_require_signature_refuses_a_tampered_repository_and_starts_on_a_good_one(signed, keys):
+    import os
+    import signal
+
+    psutil = pytest.importorskip("psutil")
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    root = Path(__file__).resolve().parents[1]
+    args = [sys.executable, "-m", "retool", "serve", str(signed), "--require-signature", "--trust-key",
+            str(keys["ours"][1])]
+    p = subprocess.Popen(args, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:  # intact: it serves
+        for line in p.stdout:
+            if line.startswith("Triton (pid"):
+                break
+        assert p.poll() is None, p.stderr.read()
+        assert [c for c in psutil.Process(p.pid).children(recursive=True) if c.name().startswith("tritonserver")]
+    finally:
+        p.send_signal(signal.SIGINT)
+        p.wait(60)
+    _flip_byte(signed / "m" / "1" / "a.onnx.data")
+    r = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 7, r.stderr
+    assert "a.onnx.data" in r.stderr and "Triton (pid" not in r.stdout
+    assert not _tritons_for(signed)

@@ -323,3 +323,17 @@ def sign_options(f):
     return click.option("--sign-key", type=click.Path(dir_okay=False),
                         help="EC private key PEM: sign with OpenSSF model-signing (version -> N/model.sig, "
                              "config, aliases and history -> config.sig).")(f)
+
+
+def signed_by(repo_url, model: str, version, trust_key=None) -> str | None:
+    """The key fingerprint a version is signed with, for deploy's annotations: the trust key's (verified
+    before), else what a local repository's signature names (unverified); None when unsigned or unread."""
+    if trust_key:
+        return fingerprint(_pem(trust_key, "--trust-key"))
+    from retool.deploy.common import is_remote
+    from retool.publish.storage import open_storage
+
+    if is_remote(str(repo_url)):
+        return None
+    st = state(open_storage(str(repo_url)), f"{model}/{version}")
+    return st["key"] if st["signed"] else None
