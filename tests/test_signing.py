@@ -339,3 +339,26 @@ def test_serve_require_signature_refuses_a_tampered_repository_and_starts_on_a_g
     assert r.returncode == 7, r.stderr
     assert "a.onnx.data" in r.stderr and "Triton (pid" not in r.stdout
     assert not _tritons_for(signed)
+
+
+def test_pipeline_signing_block_signs_what_it_publishes(tmp_path, keys, cli, monkeypatch):
+    import retool
+
+    monkeypatch.setenv("RETOOL_TEST_KEYS", str(keys["ours"][0].parent))  # as CI writes a secret to $RUNNER_TEMP
+    repo = tmp_path / "repo"
+    doc = {"version": 1, "repository": str(repo),
+           "defaults": {"validation": {"batch_sizes": [1], "threads": 1, "latency": False},
+                        "gates": {"not_slower": False},
+                        "publish": {"when": "gates-pass", "alias": "staging",
+                                    "signing": {"key": "$RETOOL_TEST_KEYS/ours.pem"}}},
+           "models": [{"name": "lin", "source": str(linear(tmp_path / "lin.onnx")), "targets": ["cpu"]}]}
+    res = retool.run(doc, out=tmp_path / "out")
+    assert res.passed, [o.message for o in res.outcomes]
+    assert (repo / "lin-cpu" / "1" / "model.sig").is_file() and (repo / "lin-cpu" / "config.sig").is_file()
+    r = _verify(cli, repo, keys["ours"][1])
+    assert r.code == 0, r.out
+    doc["defaults"]["publish"]["signing"] = {"key": "k.pem", "kee": "x"}
+    from retool.errors import UsageError
+
+    with pytest.raises(UsageError, match="kee"):
+        retool.run(doc, out=tmp_path / "out2")
