@@ -362,3 +362,50 @@ def test_pipeline_signing_block_signs_what_it_publishes(tmp_path, keys, cli, mon
 
     with pytest.raises(UsageError, match="kee"):
         retool.run(doc, out=tmp_path / "out2")
+
+
+def _ca_and_leaf(folder: Path, stem: str):
+    """A CA certificate, and a code-signing certificate it issued with its private key (PEM files)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def cert(subject, issuer, pub, signer, ca):
+        b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+             .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)])).public_key(pub)
+             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+             .not_valid_after(now + datetime.timedelta(days=30))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+             .add_extension(x509.KeyUsage(not ca, False, False, False, False, ca, ca, False, False), critical=True))
+        if not ca:
+            b = b.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CODE_SIGNING]), critical=False)
+        return b.sign(signer, hashes.SHA256())
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = cert(f"{stem} CA", f"{stem} CA", ca_key.public_key(), ca_key, True)
+    leaf = cert(f"{stem} signer", f"{stem} CA", key.public_key(), ca_key, False)
+    paths = {k: folder / f"{stem}.{k}" for k in ("ca.crt", "crt", "pem")}
+    paths["ca.crt"].write_bytes(ca.public_bytes(ser.Encoding.PEM))
+    paths["crt"].write_bytes(leaf.public_bytes(ser.Encoding.PEM))
+    paths["pem"].write_bytes(key.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.PKCS8, ser.NoEncryption()))
+    return paths
+
+
+def test_certificate_signing_verifies_against_its_ca_offline(tmp_path, cli):
+    ours, theirs = _ca_and_leaf(tmp_path, "ours"), _ca_and_leaf(tmp_path, "theirs")
+    repo = tmp_path / "repo"
+    r = cli("publish", linear(tmp_path / "e.onnx"), "--repo", repo, "--name", "m", "--sign-key", ours["pem"],
+            "--sign-cert", ours["crt"])
+    assert r.code == 0, r.err
+    assert _verify(cli, repo, ours["ca.crt"]).code == 0
+    r = _verify(cli, repo, theirs["ca.crt"])
+    assert r.code == 7 and "model.sig" in r.out, r.out
+    assert "signed (certificate" in cli("repo", "list", repo).out
+    r = cli("publish", linear(tmp_path / "f.onnx", seed=5), "--repo", repo, "--name", "m", "--sign-key",
+            theirs["pem"], "--sign-cert", ours["crt"])
+    assert r.code == 2 and "theirs.pem" in r.err and "does not match" in r.err, r.err
+    assert sorted(p.name for p in (repo / "m").iterdir() if p.name.isdigit()) == ["1"]

@@ -69,20 +69,25 @@ class Signer:
     cert: Path | None = None
     chain: tuple[Path, ...] = ()
 
-    def sign(self, folder: Path, out: Path, ignore) -> bytes:
+    def config(self):
+        """model-signing's signing configuration; UsageError for a key or certificate it cannot use."""
         ms = _lib()
         cfg = ms.signing.Config()
         password = os.environ.get("RETOOL_SIGN_KEY_PASSWORD")
         try:
-            if self.cert:
+            if self.cert:  # model-signing 1.1 refuses an empty chain: the certificate file itself is one
                 cfg.use_certificate_signer(private_key=self.key, signing_certificate=self.cert,
-                                           certificate_chain=self.chain)
+                                           certificate_chain=self.chain or (self.cert,))
             else:
                 cfg.use_elliptic_key_signer(private_key=self.key, password=password)
         except (ValueError, TypeError) as exc:  # not a PEM key, encrypted, an unsupported curve
             raise UsageError(f"--sign-key {self.key}: cannot sign with it ({exc}); give an unencrypted EC P-256/"
-                             f"384/521 private key in PEM (or set RETOOL_SIGN_KEY_PASSWORD)") from None
-        cfg.set_hashing_config(_hashing(ignore)).sign(folder, out)
+                             f"384/521 private key in PEM (or set RETOOL_SIGN_KEY_PASSWORD), and with --sign-cert "
+                             f"its certificate") from None
+        return cfg
+
+    def sign(self, folder: Path, out: Path, ignore) -> bytes:
+        self.config().set_hashing_config(_hashing(ignore)).sign(folder, out)
         return out.read_bytes()
 
 
@@ -92,8 +97,10 @@ def signer(key=None, cert=None, chain=()) -> Signer | None:
         if cert:
             raise UsageError("--sign-cert needs --sign-key (the certificate's private key)")
         return None
-    return Signer(_pem(key, "--sign-key"), _pem(cert, "--sign-cert") if cert else None,
-                  tuple(_pem(c, "--sign-cert") for c in chain))
+    out = Signer(_pem(key, "--sign-key"), _pem(cert, "--sign-cert") if cert else None,
+                 tuple(_pem(c, "--sign-cert") for c in chain))
+    out.config()  # a bad key is refused before anything is staged
+    return out
 
 
 # ---- views: a local folder model-signing can read ------------------------------------------------------
