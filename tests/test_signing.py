@@ -409,3 +409,22 @@ def test_certificate_signing_verifies_against_its_ca_offline(tmp_path, cli):
             theirs["pem"], "--sign-cert", ours["crt"])
     assert r.code == 2 and "theirs.pem" in r.err and "does not match" in r.err, r.err
     assert sorted(p.name for p in (repo / "m").iterdir() if p.name.isdigit()) == ["1"]
+
+
+@pytest.mark.parametrize("cmd", [["repo", "check", "{repo}", "m"], ["loadtest", "{repo}", "m"],
+                                 ["plan", "{repo}", "m", "--budget-p99-ms", "10", "--rate", "5"]])
+def test_commands_that_start_a_server_refuse_a_tampered_repository_first(signed, keys, cli, cmd, tmp_path):
+    _flip_byte(signed / "m" / "2" / "model.onnx")
+    args = [str(signed) if a == "{repo}" else a for a in cmd]
+    r = cli(*args, "--require-signature", "--trust-key", keys["ours"][1])
+    assert r.code == 7 and "m/2/model.onnx" in r.err, r.err
+    assert not _tritons_for(signed)
+    r = cli(*args, "--require-signature")
+    assert r.code == 2 and "--trust-key" in r.err
+
+
+def test_repo_show_names_the_signer(signed, keys, cli):
+    from retool.publish.signing import fingerprint
+
+    r = cli("repo", "show", signed, "m", "1")
+    assert r.code == 0 and f"signature: signed (key {fingerprint(keys['ours'][1])[:16]})" in r.out, r.out

@@ -149,6 +149,10 @@ def repo_show(url, name, version, as_json):
         click.echo(f"calibration: {json.dumps(prov['calibration'])}")
     click.echo(f"readiness: {'none' if ready.get('passed') is None else ('PASS' if ready['passed'] else 'FAIL')}"
                f" ({ready.get('source') or 'no report'})")
+    from retool.publish.signing import label, state
+
+    sig = label(state(repo.storage, f"{name}/{m.get('version')}"))
+    click.echo(f"signature: {sig} (unverified; repo verify --trust-key checks it)")
     click.echo(console.table(["file", "size", "sha256"],
                              [[k, v.get("size"), v.get("sha256")] for k, v in (m.get("files") or {}).items()]))
 

@@ -222,8 +222,11 @@ def _verify_folder(store: "Storage", model: str, version, key: str, sig: str, tr
             found = _problems(text)
             if found:
                 return [Finding(model, version, loc(f"{key}/{rel}"), "bad-signature", what) for rel, what in found]
-            return [Finding(model, version, loc(f"{key}/{sig}"), "bad-signature",
-                            f"not signed by the trusted key {fingerprint(trust)[:16]}… ({text.strip()[:200]})")]
+            if "mismatch" in text.lower() or "verif" in text.lower() or "signature" in text.lower():
+                what = f"not signed by the trusted key {fingerprint(trust)[:16]}…"
+            else:  # a symbolic link, a damaged bundle ...
+                what = "model-signing cannot check it"
+            return [Finding(model, version, loc(f"{key}/{sig}"), "bad-signature", f"{what} ({text.strip()[:200]})")]
     return []
 
 
