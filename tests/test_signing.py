@@ -281,6 +281,11 @@ def test_signed_repository_on_s3(s3, tmp_path, keys, cli):
     keys_ = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="triton/m/")["Contents"]}
     assert {"triton/m/1/model.sig", "triton/m/config.sig"} <= keys_
     assert not [k for k in keys_ if "/.staging/" in k]
+    sig = tmp_path / "s3.sig"
+    sig.write_bytes(client.get_object(Bucket=bucket, Key="triton/m/1/model.sig")["Body"].read())
+    manifest = json.loads(client.get_object(Bucket=bucket, Key="triton/m/1/manifest.json")["Body"].read())
+    assert _signed_files(sig) == set(manifest["files"]) | {"manifest.json"} == \
+        {k.removeprefix("triton/m/1/") for k in keys_ if k.startswith("triton/m/1/")} - {"model.sig"}
     r = _verify(cli, url, keys["ours"][1])
     assert r.code == 0, r.out + r.err
     r = _verify(cli, url, keys["theirs"][1])
