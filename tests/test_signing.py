@@ -433,3 +433,19 @@ def test_repo_show_names_the_signer(signed, keys, cli):
 
     r = cli("repo", "show", signed, "m", "1")
     assert r.code == 0 and f"signature: signed (key {fingerprint(keys['ours'][1])[:16]})" in r.out, r.out
+
+
+def test_the_report_serving_section_names_the_signer(signed, keys, tmp_path):
+    from retool.publish.signing import describe, fingerprint
+    from retool.validators.report_serving import serving_html, serving_markdown
+
+    fp = fingerprint(keys["ours"][1])[:16]
+    assert describe(signed, "m", 2, verified=True) == f"signed (key {fp}), verified"
+    assert describe(signed, "m", 2) == f"signed (key {fp}), unverified"
+    plain = tmp_path / "plain"
+    publish(linear(tmp_path / "c.onnx"), plain, "m")
+    assert describe(plain, "m", 1) == "unsigned"
+    plan = json.loads((Path(__file__).resolve().parents[1] / "examples" / "plan.example.json").read_text())
+    plan["chosen"]["signature"] = describe(signed, "m", 2, verified=True)
+    assert f"| signature | signed (key {fp}), verified |" in serving_markdown(plan)
+    assert f"signed (key {fp}), verified" in serving_html(plan)

@@ -67,6 +67,11 @@ def plan_cmd(repo_url, name, budget_p99_ms, rate, profile, price_per_hour, curre
     install_signal_handlers()
     inp = pl.PlanInputs(budget_p99_ms, rate, price_per_hour, currency.upper(), c, headroom, profile, window_ms, space)
     result = run(repo_url, name, inp)
+    if result.get("chosen"):  # the signer of what the plan serves, for plan.json and the report's Serving section
+        from retool.publish.signing import describe
+
+        result["chosen"]["signature"] = describe(repo_url, result["chosen"]["model"], result["chosen"]["version"],
+                                                 bool(trust_key))
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "plan.json", json.dumps(jsonable(result), indent=2) + "\n")
     atomic_write_text(out / "plan.md", pl.markdown(result) + "\n")

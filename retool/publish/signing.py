@@ -347,3 +347,11 @@ def signed_by(repo_url, model: str, version, trust_key=None) -> str | None:
         return None
     st = state(open_storage(str(repo_url)), f"{model}/{version}")
     return st["key"] if st["signed"] else None
+
+
+def describe(repo_url, model: str, version, verified: bool = False) -> str:
+    """One line for reports: 'signed (key 0123…)', with ', verified' after --trust-key passed, or 'unsigned'."""
+    from retool.publish.storage import open_storage
+
+    st = state(open_storage(str(repo_url)), f"{model}/{version}")
+    return label(st) + (", verified" if verified and st["signed"] else "" if not st["signed"] else ", unverified")
