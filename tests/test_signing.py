@@ -449,3 +449,11 @@ def test_the_report_serving_section_names_the_signer(signed, keys, tmp_path):
     plan["chosen"]["signature"] = describe(signed, "m", 2, verified=True)
     assert f"| signature | signed (key {fp}), verified |" in serving_markdown(plan)
     assert f"signed (key {fp}), verified" in serving_html(plan)
+
+
+def test_a_bad_trust_key_is_a_usage_error(signed, keys, cli, tmp_path):
+    bad = tmp_path / "bad.pub"
+    bad.write_text("-----BEGIN PUBLIC KEY-----\nnope\n-----END PUBLIC KEY-----\n")
+    for b in (bad, tmp_path / "absent.pem", keys["ours"][0].parent):
+        r = _verify(cli, signed, b)
+        assert r.code == 2 and str(b.name) in r.err and "Traceback" not in r.err, r.err

@@ -200,21 +200,14 @@ def _verify_folder(store: "Storage", model: str, version, key: str, sig: str, tr
                    skip=()) -> list["Finding"]:
     from retool.publish.checks import Finding
 
-    ms = _lib()
     loc = store.location
     if not store.exists(f"{key}/{sig}"):
         return [Finding(model, version, loc(f"{key}/{sig}"), "unsigned",
                         "no signature; publish it again with --sign-key")]
     with _view(store, key, skip) as folder:
         extra = [k for k in (os.listdir(folder) if folder.is_dir() else ()) if _transient(k)]
-        cfg = ms.verifying.Config()
-        if b"CERTIFICATE" in trust.read_bytes():
-            cfg.use_certificate_verifier(certificate_chain=[trust])
-        else:
-            cfg.use_elliptic_key_verifier(public_key=trust)
+        cfg = _verifier(trust)
         sig_path = folder / sig
-        if not sig_path.is_file():  # a remote view leaves out nothing signed, but the signature may be skipped
-            sig_path.write_bytes(store.read_bytes(f"{key}/{sig}"))
         try:
             cfg.set_hashing_config(_hashing([*extra, sig])).verify(folder, sig_path)
         except Exception as exc:  # noqa: BLE001 - model-signing raises ValueError and friends for a bad bundle
@@ -230,9 +223,23 @@ def _verify_folder(store: "Storage", model: str, version, key: str, sig: str, tr
     return []
 
 
+def _verifier(trust: Path):
+    """model-signing's verifying configuration for a public key, or a CA certificate (chain) PEM."""
+    ms = _lib()
+    cfg = ms.verifying.Config()
+    try:
+        if b"CERTIFICATE" in trust.read_bytes():
+            return cfg.use_certificate_verifier(certificate_chain=[trust])
+        return cfg.use_elliptic_key_verifier(public_key=trust)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"--trust-key {trust}: not a public key or CA certificate model-signing can use ({exc}); "
+                         f"give the publisher's EC public key PEM (openssl ec -in KEY.pem -pubout)") from None
+
+
 def verify(repo: "Repository", name: str, trust_key) -> list["Finding"]:
     """Every version folder and config.sig of ``name`` against ``trust_key`` (public key or CA PEM)."""
     trust = _pem(trust_key, "--trust-key")
+    _verifier(trust)  # a bad trust key is a usage error, before any download
     store = repo.storage
     out = []
     for k, kind in sorted(repo._version_folders(name).items()):
