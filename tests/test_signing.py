@@ -457,3 +457,20 @@ def test_a_bad_trust_key_is_a_usage_error(signed, keys, cli, tmp_path):
     for b in (bad, tmp_path / "absent.pem", keys["ours"][0].parent):
         r = _verify(cli, signed, b)
         assert r.code == 2 and str(b.name) in r.err and "Traceback" not in r.err, r.err
+
+
+def test_repo_sign_signs_a_model_published_unsigned_only_when_it_verifies(tmp_path, keys, cli):
+    repo = tmp_path / "repo"
+    publish(linear(tmp_path / "a.onnx"), repo, "m")
+    publish(linear(tmp_path / "b.onnx", seed=4), repo, "m", max_regression="off")
+    assert _verify(cli, repo, keys["ours"][1]).code == 7
+    _flip_byte(repo / "m" / "2" / "model.onnx")
+    r = cli("repo", "sign", repo, "m", "--sign-key", keys["ours"][0])
+    assert r.code == 7 and "m/2/model.onnx" in r.err, r.err
+    assert not (repo / "m" / "1" / "model.sig").exists() and not (repo / "m" / "config.sig").exists()
+    _flip_byte(repo / "m" / "2" / "model.onnx")  # back as published
+    r = cli("repo", "sign", repo, "m", "--sign-key", keys["ours"][0])
+    assert r.code == 0 and "1, 2" in r.out, r.err
+    r = _verify(cli, repo, keys["ours"][1])
+    assert r.code == 0, r.out
+    assert [e["event"] for e in json.loads((repo / "m" / "history.json").read_text())["history"]][-1] == "sign"

@@ -281,6 +281,27 @@ def repo_history(url, name, as_json):
         click.echo(f"{e.get('at')} {e.get('event')} {extra} by {e.get('by')}@{e.get('host')}")
 
 
+@repo_group.command("sign")
+@click.argument("url")
+@click.argument("name")
+@sign_options
+@click.option("--json", "as_json", is_flag=True)
+def repo_sign(url, name, sign_key, sign_cert, as_json):
+    """Sign a model published without --sign-key: its unsigned versions and its config (config.sig).
+
+    Refused (exit 7) unless retool repo verify finds nothing wrong with the model first."""
+    from retool.errors import UsageError
+    from retool.publish import open_repo
+    from retool.publish.signing import sign_published, signer
+
+    if not sign_key:
+        raise UsageError("repo sign needs --sign-key KEY.pem")
+    done = sign_published(open_repo(url, signer=signer(sign_key, sign_cert)), name)
+    if as_json:
+        return _echo_json({"name": name, "signed_versions": done})
+    click.echo(f"{name}: signed version(s) {', '.join(map(str, done)) or 'none (all were signed)'} and config.sig")
+
+
 @repo_group.command("rollback")
 @click.argument("url")
 @click.argument("name")

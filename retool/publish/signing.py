@@ -362,3 +362,28 @@ def describe(repo_url, model: str, version, verified: bool = False) -> str:
 
     st = state(open_storage(str(repo_url)), f"{model}/{version}")
     return label(st) + (", verified" if verified and st["signed"] else "" if not st["signed"] else ", unverified")
+
+
+def sign_published(repo: "Repository", name: str) -> list[int]:
+    """Sign a model published without signatures: each unsigned version, then config.sig. Refused unless
+    plain verify finds nothing (it would sign a tampered file). Returns the versions signed."""
+    from retool.publish import index
+
+    name = repo._require_model(name)
+    store = repo.storage
+    with store.lock(name):
+        findings, _ = repo.verify(name)
+        if findings:
+            f = findings[0]
+            raise PublishError(f"{f.path}: {f.problem} ({f.detail}); refusing to sign a model that does not verify "
+                               f"(retool repo verify {repo.url} {name})")
+        done = []
+        for v in repo.versions(name):
+            if store.exists(f"{name}/{v}/{SIGNATURE}"):
+                continue
+            with _view(store, f"{name}/{v}") as folder, tempfile.TemporaryDirectory(prefix="retool-sign-") as tmp:
+                data = repo.signer.sign(folder, Path(tmp) / SIGNATURE, [SIGNATURE])
+            store.write_bytes(f"{name}/{v}/{SIGNATURE}", data)
+            done.append(v)
+        repo._commit_state(name, index.event("sign", versions=done))  # and config.sig
+    return done
