@@ -15,7 +15,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev,ray,deploy]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,ray,deploy,sign]'
 	$(PY) -m pip install -q --no-deps $(SERVE_NODEPS) kserve==0.21.0
 	@# perf_analyzer links libb64.so.0d (Debian libb64-0d)
 	@test -e /usr/lib/x86_64-linux-gnu/libb64.so.0d || ldconfig -p | grep -q libb64.so.0d || \

@@ -83,6 +83,7 @@ def facts(plan: Mapping) -> list[tuple[str, str]]:
     lo_hi = ch.get("replicas_range") or []
     rows += [
         ("chosen variant", f"{ch.get('model')} v{ch.get('version')} ({ch.get('variant')}, {ch.get('precision') or '?'})"),
+        *([("signature", str(ch["signature"]))] if ch.get("signature") else []),  # retool plan: signed by which key
         ("configuration", f"{ch.get('label')}: {_config_text(ch.get('config') or {})}"
          + (f"; max_batch_size {ch['max_batch_size']}" if ch.get("max_batch_size") is not None else "")),
         ("sustainable throughput per replica", _with_range(ch.get("sustainable_rate"), " req/s")),

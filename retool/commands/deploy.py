@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from retool.publish.signing import require_signed, signed_by, trust_options
+
 _COMMON = [
     click.argument("repo_url", metavar="REPO"),
     click.argument("name"),
@@ -21,7 +23,7 @@ _COMMON = [
 def _common(f):
     for opt in reversed(_COMMON):
         f = opt(f)
-    return f
+    return trust_options(f)
 
 
 def _emit(summary: dict, as_json: bool) -> None:
@@ -34,13 +36,14 @@ def _emit(summary: dict, as_json: bool) -> None:
         click.echo(line)
 
 
-def _load(repo_url, name, plan_path):
+def _load(repo_url, name, plan_path, trust_key=None, require_signature=False):
     from retool.deploy import common
     from retool.deploy.plan import load_plan
 
     plan = load_plan(plan_path)
     common.check_name(name, plan)
     common.check_repository(repo_url, plan)
+    require_signed(repo_url, [plan.model], trust_key, require_signature)
     return plan
 
 
@@ -69,7 +72,8 @@ def deploy_group():
 @click.option("--kube-version", default="1.30", show_default=True,
               help="Kubernetes version whose schemas the manifests are validated against.")
 def kserve_cmd(repo_url, name, plan_path, out_dir, force, as_json, raw, storage_uri, resource, namespace,
-               runtime_image, service_account, image, pvc, s3_secret, max_replicas, kube_version):
+               runtime_image, service_account, image, pvc, s3_secret, max_replicas, kube_version, require_signature,
+               trust_key):
     """Write an InferenceService (or, with --raw, plain manifests) serving the plan's choice to -o."""
     import yaml
 
@@ -77,7 +81,7 @@ def kserve_cmd(repo_url, name, plan_path, out_dir, force, as_json, raw, storage_
     from retool.errors import UsageError
 
     common.check_out(Path(out_dir).expanduser(), force)
-    plan = _load(repo_url, name, plan_path)
+    plan = _load(repo_url, name, plan_path, trust_key, require_signature)
     kube_version = checks.kube_version(kube_version)
     obj = common.resource_name(resource or name, "--name" if resource else "NAME")
     if raw:
@@ -95,7 +99,8 @@ def kserve_cmd(repo_url, name, plan_path, out_dir, force, as_json, raw, storage_
             raise UsageError("--image, --pvc and --s3-secret are for --raw; KServe reads storageUri with its own "
                              "storage initializer (credentials: --service-account, see docs/deploy.md)")
         docs = mod.manifests(plan, repo_url, obj, storage=storage_uri, namespace=namespace,
-                             runtime_image=runtime_image, max_replicas=max_replicas, service_account=service_account)
+                             runtime_image=runtime_image, max_replicas=max_replicas, service_account=service_account,
+                             signed_by=signed_by(repo_url, plan.model, plan.chosen["version"], trust_key))
     warnings = common.published_check(repo_url, plan)
     for doc in docs.values():  # refuse to write anything that does not validate
         checks.check(doc, kube_version)
@@ -122,14 +127,15 @@ def kserve_cmd(repo_url, name, plan_path, out_dir, force, as_json, raw, storage_
 @click.option("--local-repository", type=click.Path(file_okay=False),
               help="A local copy of a remote REPO for Model Analyzer (it writes model variants beside it).")
 @click.option("--gpu", is_flag=True, help="Search GPU instances (KIND_GPU) instead of the plan's CPU ones.")
-def model_analyzer_cmd(repo_url, name, plan_path, out_dir, force, as_json, local_repository, gpu):
+def model_analyzer_cmd(repo_url, name, plan_path, out_dir, force, as_json, local_repository, gpu, require_signature,
+                       trust_key):
     """Write a Model Analyzer config.yaml searching around the plan's choice, with input data from samples.npz."""
     from retool.deploy import common
     from retool.deploy import model_analyzer as ma
 
     out = Path(out_dir).expanduser()
     common.check_out(out, force)
-    plan = _load(repo_url, name, plan_path)
+    plan = _load(repo_url, name, plan_path, trust_key, require_signature)
     files = ma.build(plan, repo_url, out, local_repository=local_repository, gpu=gpu)
     doc = files.pop("_doc")
     ma.check(doc, str(out / "config.yaml"))

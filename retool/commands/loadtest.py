@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from retool.publish.signing import require_signed, trust_options
+
 
 def _floats(text, flag):
     from retool.errors import UsageError
@@ -42,8 +44,9 @@ def _floats(text, flag):
               help="Write the chosen configuration as a serving profile (for retool publish --serving-profile).")
 @click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds for a model to load.")
 @click.option("--json", "as_json", is_flag=True)
+@trust_options
 def loadtest_cmd(repo_url, name, url, grpc_url, concurrency, rate, budget_p99_ms, space, window_ms, cost_per_hour,
-                 out_dir, profile_out, timeout, as_json):
+                 out_dir, profile_out, timeout, as_json, require_signature, trust_key):
     """Load-test NAME with perf_analyzer; with --budget-p99-ms, choose how to serve it."""
     from retool import console
     from retool.commands.common import parse_csv_ints
@@ -70,6 +73,7 @@ def loadtest_cmd(repo_url, name, url, grpc_url, concurrency, rate, budget_p99_ms
     install_signal_handlers()
     repo = open_repo(repo_url)
     name = repo._require_model(name)
+    require_signed(repo_url, [name], trust_key, require_signature)  # before any server starts
     with open_session(repo_url, url=url, grpc_url=grpc_url) as sess:
         rep = tune(sess, repo, name, budget_ms=budget_p99_ms, rate=rates[0] if budget_p99_ms and rates else None,
                    space_name=space, concurrency=conc, rates=[] if budget_p99_ms else rates, window_ms=window_ms,

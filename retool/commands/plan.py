@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from retool.publish.signing import require_signed, trust_options
+
 from retool.commands.common import CORES, COST_PER_HOUR, HEADROOM, MILLISECONDS, RATE, Number
 
 
@@ -34,8 +36,9 @@ from retool.commands.common import CORES, COST_PER_HOUR, HEADROOM, MILLISECONDS,
 @click.option("--apply", "apply_", is_flag=True, help="Serve the chosen variant with the chosen configuration: a "
                                                         "config revision (retool repo configure), no new version.")
 @click.option("--json", "as_json", is_flag=True)
+@trust_options
 def plan_cmd(repo_url, name, budget_p99_ms, rate, profile, price_per_hour, currency, cores_per_replica, headroom,
-             space, window_ms, out_dir, report_path, apply_, as_json):
+             space, window_ms, out_dir, report_path, apply_, as_json, require_signature, trust_key):
     """Plan how to serve NAME's family from REPO within a p99 budget at a peak rate; exit 6 when nothing can."""
     from retool.errors import UsageError, ValidationFailed
     from retool.fsutil import atomic_write_text
@@ -60,9 +63,15 @@ def plan_cmd(repo_url, name, budget_p99_ms, rate, profile, price_per_hour, curre
         raise UsageError(f"--report {report_path}: no such file; give the report.json that retool validate wrote")
     repo = open_repo(repo_url)
     repo._require_model(name)  # before a server starts: an unknown model is a usage error
+    require_signed(repo_url, (), trust_key, require_signature)  # the family may span models: all of them
     install_signal_handlers()
     inp = pl.PlanInputs(budget_p99_ms, rate, price_per_hour, currency.upper(), c, headroom, profile, window_ms, space)
     result = run(repo_url, name, inp)
+    if result.get("chosen"):  # the signer of what the plan serves, for plan.json and the report's Serving section
+        from retool.publish.signing import describe
+
+        result["chosen"]["signature"] = describe(repo_url, result["chosen"]["model"], result["chosen"]["version"],
+                                                 bool(trust_key))
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "plan.json", json.dumps(jsonable(result), indent=2) + "\n")
     atomic_write_text(out / "plan.md", pl.markdown(result) + "\n")

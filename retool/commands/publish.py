@@ -5,6 +5,8 @@ import json
 
 import click
 
+from retool.publish.signing import sign_options, trust_options
+
 _REPO_HELP = "Repository: a folder, or an fsspec URL such as s3://bucket/models (endpoint: AWS_ENDPOINT_URL)."
 
 
@@ -33,9 +35,10 @@ def _echo_json(obj) -> None:
 @click.option("--serving-profile", type=click.Path(dir_okay=False),
               help="A serving profile from retool loadtest --budget-p99-ms: its instances, threads and batching go "
                    "into config.pbtxt, its measurement into the manifest.")
+@sign_options
 @click.option("--json", "as_json", is_flag=True, help="Print the publish report as JSON.")
 def publish_cmd(artifact, repo_url, name, version, report, force, republish, max_regression, alias, max_batch_size, instances,
-                serving_profile, as_json):
+                serving_profile, sign_key, sign_cert, as_json):
     """Publish ARTIFACT (.onnx) as a new, immutable version of NAME in a Triton model repository.
 
     Writes <repo>/NAME/<version>/model.onnx (+ external data) and manifest.json atomically, and
@@ -47,7 +50,7 @@ def publish_cmd(artifact, repo_url, name, version, report, force, republish, max
 
     res = publish(artifact, repo_url, name, version=version, report=report, force=force,
                   max_regression=max_regression, alias=alias, max_batch_size=max_batch_size, instance_count=instances,
-                  republish=republish, serving_profile=serving_profile)
+                  republish=republish, serving_profile=serving_profile, sign_key=sign_key, sign_cert=sign_cert)
     if res.unchanged:
         moved = f"; alias {alias} -> version {res.version}" if alias else ""
         if res.configured:
@@ -62,6 +65,7 @@ def publish_cmd(artifact, repo_url, name, version, report, force, republish, max
     rows = [[c.name, c.passed if c.severity == "gate" else "info", c.message] for c in res.regression]
     human = (console.table(["check", "result", "note"], rows) + "\n\n" if rows else "")
     human += f"published {res.name} version {res.version} at {res.url}" + (" (FORCED: recorded)" if res.forced else "")
+    human += f", signed ({res.url}/model.sig)" if sign_key else ""
     emit_report(res.to_report(), as_json, human)
 
 
@@ -77,6 +81,7 @@ def repo_list(url, as_json):
     """Models, their versions and aliases."""
     from retool import console
     from retool.publish import open_repo
+    from retool.publish.signing import CONFIG_SIGNATURE, label, state
 
     repo = open_repo(url)
     rows, out = [], []
@@ -88,13 +93,19 @@ def repo_list(url, as_json):
         out.append({"name": name, "versions": versions,
                     "aliases": {a: e.get("version") for a, e in als.items()},
                     "latest": versions[-1] if versions else None,
-                    "target": (latest.get("artifact") or {}).get("target"), "published": pub})
+                    "target": (latest.get("artifact") or {}).get("target"), "published": pub,
+                    "signatures": {str(v): state(repo.storage, f"{name}/{v}") for v in versions},
+                    "config_signature": state(repo.storage, name, CONFIG_SIGNATURE)})
+        sigs = {label(st) for st in [*out[-1]["signatures"].values(), out[-1]["config_signature"]]}
         rows.append([name, ",".join(map(str, versions)), " ".join(f"{a}={e.get('version')}" for a, e in sorted(als.items())),
-                     out[-1]["target"], pub.get("at"), pub.get("user")])
+                     out[-1]["target"], pub.get("at"), pub.get("user"),
+                     sigs.pop() if len(sigs) == 1 else "; ".join(
+                         f"v{v} {label(st)}" for v, st in out[-1]["signatures"].items())
+                     + f"; config {label(out[-1]['config_signature'])}"])
     if as_json:
         _echo_json({"repository": repo.url, "models": out})
     else:
-        click.echo(console.table(["model", "versions", "aliases", "target", "latest published", "by"], rows)
+        click.echo(console.table(["model", "versions", "aliases", "target", "latest published", "by", "signature"], rows)
                    if rows else f"{repo.url}: no models")
 
 
@@ -138,6 +149,10 @@ def repo_show(url, name, version, as_json):
         click.echo(f"calibration: {json.dumps(prov['calibration'])}")
     click.echo(f"readiness: {'none' if ready.get('passed') is None else ('PASS' if ready['passed'] else 'FAIL')}"
                f" ({ready.get('source') or 'no report'})")
+    from retool.publish.signing import label, state
+
+    sig = label(state(repo.storage, f"{name}/{m.get('version')}"))
+    click.echo(f"signature: {sig} (unverified; repo verify --trust-key checks it)")
     click.echo(console.table(["file", "size", "sha256"],
                              [[k, v.get("size"), v.get("sha256")] for k, v in (m.get("files") or {}).items()]))
 
@@ -145,15 +160,25 @@ def repo_show(url, name, version, as_json):
 @repo_group.command("verify")
 @click.argument("url")
 @click.argument("name", required=False)
+@trust_options
 @click.option("--json", "as_json", is_flag=True)
-def repo_verify(url, name, as_json):
-    """Recompute every hash; any changed, added or missing file exits 7."""
-    from retool import console
-    from retool.errors import PublishError
-    from retool.publish import open_repo
+def repo_verify(url, name, require_signature, trust_key, as_json):
+    """Recompute every hash; any changed, added or missing file exits 7.
 
+    With --trust-key, also check every version's model.sig and the model's config.sig with OpenSSF
+    model-signing: unsigned, signed by another key, or changed since signing exits 7."""
+    from retool import console
+    from retool.errors import PublishError, UsageError
+    from retool.publish import open_repo
+    from retool.publish import signing
+
+    if require_signature and not trust_key:
+        raise UsageError("--require-signature needs --trust-key PUB.pem (the publisher's public key)")
     repo = open_repo(url)
     findings, checked = repo.verify(name)
+    if trust_key:
+        for n in [repo._require_model(name)] if name else repo.models():
+            findings += signing.verify(repo, n, trust_key)
     if as_json:
         _echo_json({"repository": repo.url, "files_checked": checked, "ok": not findings,
                     "findings": [f.to_dict() for f in findings]})
@@ -165,7 +190,8 @@ def repo_verify(url, name, as_json):
     if findings:
         f = findings[0]
         more = f" and {len(findings) - 1} more" if len(findings) > 1 else ""
-        raise PublishError(f"{f.path}: {f.problem}{more}; the repository does not match its manifests")
+        raise PublishError(f"{f.path}: {f.problem}{more}; the repository does not match its manifests"
+                           + (" and signatures" if trust_key else ""))
 
 
 @repo_group.command("diff")
@@ -191,12 +217,14 @@ def repo_diff(url, name, v1, v2, as_json):
 @click.argument("name")
 @click.argument("version")
 @click.option("--alias", default="production", show_default=True)
+@sign_options
 @click.option("--json", "as_json", is_flag=True)
-def repo_promote(url, name, version, alias, as_json):
+def repo_promote(url, name, version, alias, sign_key, sign_cert, as_json):
     """Point ALIAS at VERSION (after verifying it) and make Triton serve it (version_policy)."""
     from retool.publish import open_repo
+    from retool.publish.signing import signer
 
-    out = open_repo(url).promote(name, version, alias)
+    out = open_repo(url, signer=signer(sign_key, sign_cert)).promote(name, version, alias)
     if as_json:
         return _echo_json(out)
     click.echo(f"{name}: {alias} -> {out['version']} (was {out['previous'] if out['previous'] is not None else 'unset'})")
@@ -218,15 +246,17 @@ def _settings_line(entry) -> str:
 @click.option("--profile", "profile", required=True, type=click.Path(dir_okay=False),
               help="A serving profile from retool loadtest --budget-p99-ms ... --profile-out FILE.")
 @click.option("--version", default=None, help="The version to configure (default: the one config.pbtxt serves).")
+@sign_options
 @click.option("--json", "as_json", is_flag=True)
-def repo_configure(url, name, profile, version, as_json):
+def repo_configure(url, name, profile, version, sign_key, sign_cert, as_json):
     """A config revision: serve a published version with PROFILE's instances, threads and batching.
 
     Rewrites NAME/config.pbtxt atomically without a new version, and records the old and new settings,
     the profile's measurement, the time and the user in NAME/history.json (repo verify keeps passing)."""
     from retool.publish import open_repo
+    from retool.publish.signing import signer
 
-    entry = open_repo(url).configure(name, profile, version)
+    entry = open_repo(url, signer=signer(sign_key, sign_cert)).configure(name, profile, version)
     if as_json:
         return _echo_json(entry)
     click.echo(f"{name} version {entry['version']}: {_settings_line(entry)} (config.pbtxt rewritten; recorded "
@@ -251,16 +281,39 @@ def repo_history(url, name, as_json):
         click.echo(f"{e.get('at')} {e.get('event')} {extra} by {e.get('by')}@{e.get('host')}")
 
 
+@repo_group.command("sign")
+@click.argument("url")
+@click.argument("name")
+@sign_options
+@click.option("--json", "as_json", is_flag=True)
+def repo_sign(url, name, sign_key, sign_cert, as_json):
+    """Sign a model published without --sign-key: its unsigned versions and its config (config.sig).
+
+    Refused (exit 7) unless retool repo verify finds nothing wrong with the model first."""
+    from retool.errors import UsageError
+    from retool.publish import open_repo
+    from retool.publish.signing import sign_published, signer
+
+    if not sign_key:
+        raise UsageError("repo sign needs --sign-key KEY.pem")
+    done = sign_published(open_repo(url, signer=signer(sign_key, sign_cert)), name)
+    if as_json:
+        return _echo_json({"name": name, "signed_versions": done})
+    click.echo(f"{name}: signed version(s) {', '.join(map(str, done)) or 'none (all were signed)'} and config.sig")
+
+
 @repo_group.command("rollback")
 @click.argument("url")
 @click.argument("name")
 @click.option("--alias", default="production", show_default=True)
+@sign_options
 @click.option("--json", "as_json", is_flag=True)
-def repo_rollback(url, name, alias, as_json):
+def repo_rollback(url, name, alias, sign_key, sign_cert, as_json):
     """Move ALIAS back to the version it pointed at before."""
     from retool.publish import open_repo
+    from retool.publish.signing import signer
 
-    out = open_repo(url).rollback(name, alias)
+    out = open_repo(url, signer=signer(sign_key, sign_cert)).rollback(name, alias)
     if as_json:
         return _echo_json(out)
     click.echo(f"{name}: {alias} -> {out['version']} (rolled back from {out['previous']})")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import click
 
+from retool.publish.signing import require_signed, trust_options
+
 _URL_HELP = ("HTTP URL of a running Triton (e.g. NVIDIA's container: http://localhost:8000) instead of starting "
              "the local one; it must serve this repository.")
 
@@ -21,8 +23,9 @@ def _version(v):
 @click.option("--grpc-url", help="gRPC address of that Triton (default: its host, port 8001).")
 @click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds for a model to become ready.")
 @click.option("--startup-timeout", type=float, default=60.0, show_default=True, help="Seconds for the server to start.")
+@trust_options
 @click.option("--json", "as_json", is_flag=True)
-def repo_check(repo_url, name, version, url, grpc_url, timeout, startup_timeout, as_json):
+def repo_check(repo_url, name, version, url, grpc_url, timeout, startup_timeout, require_signature, trust_key, as_json):
     """Load NAME (or every model) in a real Triton and prove parity through it over HTTP and gRPC.
 
     A decoder with a KV cache is checked by a greedy generation, every step one request (the
@@ -38,6 +41,7 @@ def repo_check(repo_url, name, version, url, grpc_url, timeout, startup_timeout,
 
     timeout = positive_seconds(timeout, "--timeout")
     startup_timeout = positive_seconds(startup_timeout, "--startup-timeout")
+    require_signed(repo_url, [name] if name else (), trust_key, require_signature)
     install_signal_handlers()
     try:
         report = check(repo_url, name, _version(version), url=url, grpc_url=grpc_url, timeout=timeout,
@@ -57,7 +61,8 @@ def repo_check(repo_url, name, version, url, grpc_url, timeout, startup_timeout,
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds for each model to load.")
 @click.option("--startup-timeout", type=float, default=60.0, show_default=True)
-def serve_cmd(repo_url, models, http_port, grpc_port, host, timeout, startup_timeout):
+@trust_options
+def serve_cmd(repo_url, models, http_port, grpc_port, host, timeout, startup_timeout, require_signature, trust_key):
     """Serve a model repository (a folder, or s3://... pulled to a cache) in a local Triton until Ctrl-C."""
     import time
 
@@ -77,6 +82,7 @@ def serve_cmd(repo_url, models, http_port, grpc_port, host, timeout, startup_tim
         check_model_name(m)
     install_signal_handlers()
     names = list(models) or open_repo(repo_url).models()
+    require_signed(repo_url, names, trust_key, require_signature)  # before any server starts
     with open_session(repo_url, http_port=http_port, grpc_port=grpc_port, host=host,
                       startup_timeout=startup_timeout) as sess:
         for n in names:

@@ -57,10 +57,15 @@ def serving_runtime(name: str, image: str, namespace: str | None) -> dict:
 
 
 def inference_service(plan, name: str, uri: str, *, namespace: str | None = None, runtime: str = RUNTIME,
-                      max_replicas: int | None = None, service_account: str | None = None) -> dict:
+                      max_replicas: int | None = None, service_account: str | None = None,
+                      signed_by: str | None = None) -> dict:
     meta = {"name": name, "labels": labels(plan),
             "annotations": {"retool/plan": plan.path.name, "retool/serves": f"{plan.model} v{plan.chosen['version']}",
                             "retool/infer-path": f"/v2/models/{plan.model}/infer"}}
+    if signed_by:  # where a platform finds the signatures to check before loading (docs/publish.md)
+        meta["annotations"].update({
+            "retool/signature": f"{uri}/{plan.model}/{plan.chosen['version']}/model.sig",
+            "retool/config-signature": f"{uri}/{plan.model}/config.sig", "retool/signed-by": f"sha256:{signed_by}"})
     if namespace:
         meta["namespace"] = namespace
     predictor = {"serviceAccountName": service_account} if service_account else {}
@@ -86,7 +91,7 @@ def inference_service(plan, name: str, uri: str, *, namespace: str | None = None
 
 def manifests(plan, repo: str, name: str, *, storage: str | None = None, namespace: str | None = None,
               runtime_image: str | None = None, max_replicas: int | None = None,
-              service_account: str | None = None) -> dict[str, dict]:
+              service_account: str | None = None, signed_by: str | None = None) -> dict[str, dict]:
     """file name -> manifest."""
     uri = storage_uri(repo, storage)
     out = {}
@@ -95,5 +100,6 @@ def manifests(plan, repo: str, name: str, *, storage: str | None = None, namespa
         runtime = f"{name}-triton"
         out["servingruntime.yaml"] = serving_runtime(runtime, runtime_image, namespace)
     out["inferenceservice.yaml"] = inference_service(plan, name, uri, namespace=namespace, runtime=runtime,
-                                                     max_replicas=max_replicas, service_account=service_account)
+                                                     max_replicas=max_replicas, service_account=service_account,
+                                                     signed_by=signed_by)
     return out

@@ -59,7 +59,7 @@ CALIBRATION = Obj({"data": (str, False), "method": (OneOf(("minmax", "entropy", 
                    "preprocess": (str, False), "percentile": (PERCENTILE, False), "samples": (SAMPLES, False)},
                   shorthand="data")
 PUBLISH = Obj({"when": (OneOf(PUBLISH_WHEN), False), "alias": (str, False), "repository": (str, False),
-               "name": (str, False), "force": (bool, False)})
+               "name": (str, False), "force": (bool, False), "signing": (Obj({"key": (str, True), "cert": (str, False)}, shorthand="key"), False)})
 #: after publish: load in a real Triton (check), load-test, and pick the config for a p99 budget (its own gate)
 SERVE = Obj({"check": (bool, False), "load": (bool, False), "budget_p99_ms": (MILLISECONDS, False),
              "rate": (RATE, False), "cost_per_hour": (COST_PER_HOUR, False), "currency": (str, False),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -337,6 +338,8 @@ class _Scheduler:
             return {"status": "same", "repository": repo_url, "name": same["name"], "version": same["version"],
                     "same_as": same["target"],
                     "message": f"same file as {same['name']} v{same['version']} (not published twice)"}
+        sign = {k: str(Path(self.base) / os.path.expandvars(v))  # $RUNNER_TEMP/key.pem from a CI secret
+                for k, v in (rules.get("signing") or {}).items()}
         try:
             latest = _latest_version(open_repo(repo_url), name)
             if latest and latest[1] == opt["sha256"]:  # a re-run publishes nothing new
@@ -344,12 +347,13 @@ class _Scheduler:
                        "alias": rules.get("alias"), "note": "already published"}
             else:
                 res = publish(opt["path"], repo_url, name, report=val.get("report"),
-                              force=force, alias=rules.get("alias"),
+                              force=force, alias=rules.get("alias"), sign_key=sign.get("key"), sign_cert=sign.get("cert"),
                               samples_reference=self.converts.get(m.name, {}).get("path"))  # fp32 outputs for checks
                 out = {"status": "ok", "repository": repo_url, "name": name, "version": res.version,
                        "alias": rules.get("alias")}
         except RetoolError as exc:
             return {"status": "failed", "code": exc.exit_code, "message": str(exc)}
+        out.update({"signing": sign} if sign else {})  # the serve step signs its config revisions with it
         self.by_bytes.setdefault((m.name, repo_url, opt["sha256"]), {**out, "target": t.name})
         return out
 

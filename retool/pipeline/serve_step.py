@@ -116,6 +116,9 @@ def serve_published(models: Sequence, outcomes: list, out_dir: Path) -> list:
                     o = out[i]
                     t = next(t for t in by_model[o.model].targets if t.name == o.target)
                     name, version = o.published["name"], int(o.published["version"])
+                    from retool.publish.signing import signer  # a signed model's config revision is signed too
+
+                    repo.signer = signer(**(o.published.get("signing") or {}))
                     console.info(f"• {o.model}/{o.target}: serving {name} v{version} in Triton")
                     res = serve_one(sess, repo, name, version, t.serve, out_dir / o.model / o.target / "serve")
                     out[i] = _with(o, res)

@@ -12,6 +12,8 @@ from retool.publish.names import check_version
 from retool.publish.revision import ALIASES, CONFIG
 from retool.publish.storage import MANIFEST
 
+SIGNATURE = "model.sig"  # retool.publish.signing.SIGNATURE (that module imports model-signing lazily)
+
 
 @dataclass(frozen=True)
 class Finding:
@@ -45,7 +47,7 @@ class Checks:
         except (ValueError, KeyError, TypeError) as exc:
             return [Finding(name, version, loc(f"{base}/{MANIFEST}"), "bad-manifest", str(exc))]
         out = []
-        present = set(self.storage.files(base)) - {MANIFEST}
+        present = set(self.storage.files(base)) - {MANIFEST, SIGNATURE}  # model.sig: checked by signing.py
         for rel, meta in sorted(listed.items()):
             if rel not in present:
                 out.append(Finding(name, version, loc(f"{base}/{rel}"), "missing"))

@@ -56,11 +56,16 @@ class PublishResult:
                        "files": self.manifest.get("files"), "published": self.manifest.get("published")})
 
 
-def open_repo(url, storage_options: Mapping | None = None) -> "Repository":
-    return Repository(open_storage(str(url), storage_options))
+def open_repo(url, storage_options: Mapping | None = None, signer=None) -> "Repository":
+    """``signer``: a :class:`retool.publish.signing.Signer`; every write of a model is then signed."""
+    repo = Repository(open_storage(str(url), storage_options))
+    repo.signer = signer
+    return repo
 
 
 class Repository(ServingState, Checks):
+    signer = None  # retool.publish.signing.Signer: sign each version and the model's state (config.sig)
+
     def __init__(self, storage: Storage):
         self.storage = storage
         self.url = storage.url
@@ -254,6 +259,10 @@ class Repository(ServingState, Checks):
                         limits=limits.to_dict(), baselines=baselines, triton=triton, published=who,
                         samples=samples_entry)
                     mbytes = (json.dumps(manifest, indent=2) + "\n").encode()
+                    if self.signer is not None:  # signed before it is visible; the signature travels with it
+                        from retool.publish.signing import sign_version
+
+                        staged = sign_version(store, staged, files, mbytes, self.signer)
                     if self._commit_version(name, staged, v, manifest, mbytes, first=not committed):
                         break
                     if requested is not None:

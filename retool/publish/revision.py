@@ -26,7 +26,10 @@ class ServingState:
         return idx if idx is not None else index.adopt(self, name)
 
     def _recover(self, name: str) -> None:
-        """Finish what a killed writer left pending (under the lock)."""
+        """Finish what a killed writer left pending (under the lock). Every writer calls it first."""
+        from retool.publish.signing import check_writer
+
+        check_writer(self, name)
         idx = index.read(self, name)
         if idx and idx.get("pending"):
             self._commit_state(name, None)
@@ -49,6 +52,10 @@ class ServingState:
         if event:
             idx["history"].append({**event, "config_sha256": idx["config_sha256"]})
         index.write(self, name, idx)
+        if getattr(self, "signer", None) is not None:  # config, aliases, profiles and index: signed together
+            from retool.publish.signing import sign_model
+
+            sign_model(self, name)
         return text
 
     def render_config(self, name: str, extra: tuple[int, Mapping] | None = None) -> str | None:
