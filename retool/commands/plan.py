@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from retool.publish.signing import require_signed, trust_options
+from retool.publish.signing import require_signed, sign_options, trust_options
 
 from retool.commands.common import CORES, COST_PER_HOUR, HEADROOM, MILLISECONDS, RATE, Number
 
@@ -37,8 +37,10 @@ from retool.commands.common import CORES, COST_PER_HOUR, HEADROOM, MILLISECONDS,
                                                         "config revision (retool repo configure), no new version.")
 @click.option("--json", "as_json", is_flag=True)
 @trust_options
+@sign_options
 def plan_cmd(repo_url, name, budget_p99_ms, rate, profile, price_per_hour, currency, cores_per_replica, headroom,
-             space, window_ms, out_dir, report_path, apply_, as_json, require_signature, trust_key):
+             space, window_ms, out_dir, report_path, apply_, as_json, require_signature, trust_key, sign_key,
+             sign_cert):
     """Plan how to serve NAME's family from REPO within a p99 budget at a peak rate; exit 6 when nothing can."""
     from retool.errors import UsageError, ValidationFailed
     from retool.fsutil import atomic_write_text
@@ -82,7 +84,9 @@ def plan_cmd(repo_url, name, budget_p99_ms, rate, profile, price_per_hour, curre
     applied = None
     ch = result.get("chosen")
     if apply_ and ch and ch["confirmation"].get("outcome") != "fail":
-        applied = _apply(repo, result)
+        from retool.publish.signing import signer
+
+        applied = _apply(open_repo(repo_url, signer=signer(sign_key, sign_cert)) if sign_key else repo, result)
     if as_json:
         click.echo(json.dumps(jsonable(result), indent=2))
     else:
