@@ -13,9 +13,9 @@ from typing import Mapping
 
 import numpy as np
 
+from retool.inputs import SAMPLES_SEED
+
 SAMPLES_FILE = "samples.npz"
-#: not the calibration or validation seeds (0, 1, ...): these inputs are held out
-SAMPLES_SEED = 20261
 MAX_ROWS = 8
 
 
