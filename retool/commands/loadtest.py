@@ -69,7 +69,7 @@ def loadtest_cmd(repo_url, name, url, grpc_url, concurrency, rate, budget_p99_ms
         check_url(url)
     install_signal_handlers()
     repo = open_repo(repo_url)
-    name = repo._require_model(name)
+    name = repo.require_model(name)
     with open_session(repo_url, url=url, grpc_url=grpc_url) as sess:
         rep = tune(sess, repo, name, budget_ms=budget_p99_ms, rate=rates[0] if budget_p99_ms and rates else None,
                    space_name=space, concurrency=conc, rates=[] if budget_p99_ms else rates, window_ms=window_ms,

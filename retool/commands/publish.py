@@ -110,7 +110,7 @@ def repo_show(url, name, version, as_json):
     from retool.publish.names import check_version
 
     repo = open_repo(url)
-    name = repo._require_model(name)
+    name = repo.require_model(name)
     if version is None:
         data = {"name": name, "versions": repo.versions(name), "aliases": repo.aliases(name),
                 "config": repo.config_text(name)}
@@ -242,7 +242,7 @@ def repo_history(url, name, as_json):
     from retool.publish import open_repo
 
     repo = open_repo(url)
-    name = repo._require_model(name)
+    name = repo.require_model(name)
     events = repo.history(name)
     if as_json:
         return _echo_json({"name": name, "history": events})

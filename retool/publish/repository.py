@@ -81,13 +81,16 @@ class Repository(ServingState, Checks):
                 out.append(entry)
         return out
 
-    def _require_model(self, name: str) -> str:
+    def require_model(self, name: str) -> str:
+        """``name``, checked and known to the repository; else a UsageError listing the models."""
         name = check_model_name(name)
         self._require_root()
         if not self.storage.listdir(name):
             known = ", ".join(self.models()) or "none"
             raise UsageError(f"{self.url}: no model named {name!r} (models: {known})")
         return name
+
+    _require_model = require_model  # the serving plan's modules still call the old name
 
     def versions(self, name: str) -> list[int]:
         """Committed versions (their manifest exists), ascending."""
@@ -305,7 +308,7 @@ class Repository(ServingState, Checks):
         return {"model": name, "alias": alias, "version": version, "previous": prev}
 
     def promote(self, name: str, version, alias: str) -> dict:
-        name = self._require_model(name)
+        name = self.require_model(name)
         alias = check_alias(alias)
         v = check_version(version)
         if v not in self.versions(name):
@@ -322,7 +325,7 @@ class Repository(ServingState, Checks):
         return out
 
     def rollback(self, name: str, alias: str) -> dict:
-        name = self._require_model(name)
+        name = self.require_model(name)
         alias = check_alias(alias)
         with self.storage.lock(name):
             self._recover(name)
