@@ -42,10 +42,10 @@ def gate_label(c: CheckResult, runs: Mapping[str, int] | None = None) -> str:
 
 def _problem(c: CheckResult, runs: Mapping[str, int]) -> str:
     det = c.details or {}
-    unit = det.get("unit", "")
+    unit = {"x": "×", "": ""}.get(det.get("unit", ""), " " + str(det.get("unit")))
     if isinstance(c.value, (int, float)) and isinstance(c.threshold, (int, float)) and det.get("op") in ("<=", ">="):
         missed = ">" if det["op"] == "<=" else "<"
-        return f"{gate_label(c, runs)} {c.value:.3g} {unit} {missed} {c.threshold:g} {unit}".replace("  ", " ").strip()
+        return f"{gate_label(c, runs)} {c.value:.3g}{unit} {missed} {c.threshold:g}{unit}"
     note = (c.message or "").split(";")[0].strip()
     return f"{gate_label(c, runs)} ({note[:120]})" if note else gate_label(c, runs)
 
