@@ -208,13 +208,13 @@ def main(argv=None) -> int:
         print(f"note: {w}")
     shown = changes if args.all else [c for c in changes if c in bad or c in unsure]
     if shown:
-        from bench.report import _table
+        from retool.console import table
 
         rows = [[c.path, _fmt(c.old), _fmt(c.new), c.unit, c.better, c.label,
                  ("REGRESSION" if c in bad else "") + (" UNDECIDED" if c in unsure else "")
                  or ("better" if c in better else ""),
                  "" if c.overlap is None else ("yes" if c.overlap else "no")] for c in shown]
-        print(_table(["figure", "old", "new", "unit", "better", "worse by", "", "IQRs overlap"], rows))
+        print(table(["figure", "old", "new", "unit", "better", "worse by", "", "IQRs overlap"], rows))
     if only_old:
         print(f"{len(only_old)} figure(s) only in {args.old} (skipped or failed in the new run), e.g. {only_old[0]}")
     if only_new:

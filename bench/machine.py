@@ -7,6 +7,8 @@ import subprocess
 import sys
 from importlib import metadata
 
+from retool.meminfo import meminfo_bytes
+
 #: CPU flags that decide which int8 / fp16 kernels ONNX Runtime can use.
 FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_tile",
          "f16c", "avx512_fp16", "asimd", "asimddp", "i8mm")
@@ -28,18 +30,6 @@ def _cpuinfo() -> tuple[str, set[str]]:
     except OSError:
         pass
     return model, flags
-
-
-def meminfo_bytes(key: str) -> int | None:
-    """A /proc/meminfo figure (MemTotal, MemAvailable ...) in bytes, or None off Linux."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def room_for(work, disk_bytes: int, mem_bytes: int, disk_why: str, what: str) -> str | None:

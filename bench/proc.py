@@ -55,6 +55,25 @@ class ChildResult:
         return None
 
 
+PY = sys.executable
+#: Exit code of retool's MissingDependency: the extra is not installed, so the figure is skipped, not failed.
+EXIT_MISSING_DEPENDENCY = 3
+
+
+def retool_cmd() -> list[str]:
+    exe = Path(PY).parent / "retool"
+    return [str(exe)] if exe.exists() else [PY, "-m", "retool"]
+
+
+def child_failure(r: ChildResult, what: str) -> dict:
+    """A failed child as a section's result: skipped when an extra is missing, else an error with its last line."""
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    last = lines[-1] if lines else r.stdout.strip()[-300:]
+    status = "skipped" if r.rc == EXIT_MISSING_DEPENDENCY else "error"
+    why = "timed out" if r.timed_out else f"exit {r.rc}"
+    return {"status": status, "reason": f"{what}: {why}: {last[:400]}", "stderr_tail": r.tail(1500)}
+
+
 def child_env(extra: dict | None = None) -> dict:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "KERAS_BACKEND": "tensorflow", "PYTHONUNBUFFERED": "1",
            "PYTHONDONTWRITEBYTECODE": "1"}

@@ -7,13 +7,14 @@ from pathlib import Path
 if __name__ == "__main__":  # run as a script (python bench/report.py): the repository root on the path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from retool.console import table  # noqa: E402
+
 MIB = 2**20
 
 
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)] if rows else [len(h) for h in headers]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+def _table(headers: list[str], rows: list[list]) -> str:
+    # the product's table; str() first, so figures print as the sections formatted them
+    return table(headers, [[str(c) for c in r] for r in rows])
 
 
 def _m(d, fmt="{:.3f}", scale=1.0, spread=True) -> str:

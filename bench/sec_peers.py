@@ -100,8 +100,7 @@ def _models(quick: bool) -> dict:
 # -- the section (parent process) -----------------------------------------------------------------
 
 def peers(settings: dict, work: Path) -> dict:
-    from bench.proc import run_child
-    from bench.sections import _child_failure
+    from bench.proc import child_failure, run_child
 
     work.mkdir(parents=True, exist_ok=True)
     out: dict = {"peers": {"cnn": "onnxruntime.quantization.quantize_static(QDQ, per_channel, U8S8, MinMax)",
@@ -114,7 +113,7 @@ def peers(settings: dict, work: Path) -> dict:
                 "warmup": settings["latency_warmup"]}
         r = run_child([sys.executable, str(Path(__file__)), json.dumps(args)], timeout=3600)
         got = r.last_json()
-        out["models"][name] = got if (r.ok and got) else _child_failure(r, f"peers {name}")
+        out["models"][name] = got if (r.ok and got) else child_failure(r, f"peers {name}")
     return out
 
 
@@ -300,7 +299,7 @@ def _goals(name: str, res: dict) -> dict:
 
 def render_table(d: dict) -> str:
     """The section as a table: one row per variant, retool ÷ peer with the IQR of the paired ratios."""
-    from bench.report import _table
+    from retool.console import table
 
     def ratio(r):
         return f"{r['median']:.2f} [{r['p25']:.2f}-{r['p75']:.2f}]" if r else ""
@@ -321,7 +320,7 @@ def render_table(d: dict) -> str:
                          ", ".join((m["retool_over_peer"].get(k) or {}).get("behind", []))])
     head = ["model", "variant", "top-1", "cosine", "size ×fp32", "latency ×fp32 (1t)", "×peer (1t)",
             "×peer (all t)", "behind the peer"]
-    return _table(head, rows) + "\n(latency: median [IQR] of paired per-round ratios; below 1 is faster)"
+    return table(head, rows) + "\n(latency: median [IQR] of paired per-round ratios; below 1 is faster)"
 
 
 def main(argv: list[str]) -> int:

@@ -16,7 +16,7 @@ import json
 import os
 from pathlib import Path
 
-from bench.proc import run_child
+from bench.proc import retool_cmd, run_child
 from bench.stats import ratio_summary, summarize
 
 BUDGET_P99_MS = 50.0
@@ -24,14 +24,8 @@ SOURCE = "fixtures.torch_models:resnet18_like"
 GOAL = 1.8
 
 
-def _retool() -> list[str]:
-    from bench.sections import _retool_cmd
-
-    return _retool_cmd()
-
-
 def _run(args, timeout=1800) -> tuple[bool, str]:
-    r = run_child(_retool() + [str(a) for a in args], timeout=timeout)
+    r = run_child(retool_cmd() + [str(a) for a in args], timeout=timeout)
     return r.ok, (r.stderr.strip().splitlines() or [""])[-1]
 
 

@@ -7,38 +7,19 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 from bench.machine import room_for
 from bench.models import MODELS, BenchModel, LARGE_DEPTH, LARGE_WIDTH, mlp_param_count
-from bench.proc import ChildResult, run_child, run_task
+from bench.proc import PY, ChildResult, child_failure, retool_cmd, run_child, run_task
 from bench.stats import ratio_summary, summarize, value
 from bench.sec_decoder import decoder  # noqa: F401  (section "decoder")
 
 MIB = 2**20
-PY = sys.executable
-#: Exit code of retool's MissingDependency: the extra is not installed, so the figure is skipped, not failed.
-EXIT_MISSING_DEPENDENCY = 3
-
-
-def _retool_cmd() -> list[str]:
-    exe = Path(PY).parent / "retool"
-    return [str(exe)] if exe.exists() else [PY, "-m", "retool"]
-
-
-def _child_failure(r: ChildResult, what: str) -> dict:
-    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
-    last = lines[-1] if lines else r.stdout.strip()[-300:]
-    status = "skipped" if r.rc == EXIT_MISSING_DEPENDENCY else "error"
-    why = "timed out" if r.timed_out else f"exit {r.rc}"
-    return {"status": status, "reason": f"{what}: {why}: {last[:400]}", "stderr_tail": r.tail(1500)}
-
-
 def _task(task: str, args: dict, timeout: float, env: dict | None = None) -> dict:
     r, got = run_task(task, args, timeout=timeout, env=env)
     if got is None or not r.ok:
-        return _child_failure(r, f"bench task {task}")
+        return child_failure(r, f"bench task {task}")
     return got
 
 
@@ -52,7 +33,7 @@ def _threads_env(threads: int) -> dict:
 
 def cold_start(settings: dict, work: Path) -> dict:
     """Fresh processes of the two commands a user runs first; interleaved, after one warm-up each."""
-    base = _retool_cmd()
+    base = retool_cmd()
     cmds = {"retool --help": base + ["--help"], "retool convert --help": base + ["convert", "--help"]}
     n = settings["cold_start_repeats"]
     walls: dict[str, list[float]] = {k: [] for k in cmds}
@@ -60,12 +41,12 @@ def cold_start(settings: dict, work: Path) -> dict:
     for k, c in cmds.items():  # warm the page cache: the figure is start-up, not disk
         r = run_child(c, timeout=120)
         if not r.ok:
-            return _child_failure(r, k)
+            return child_failure(r, k)
     for _ in range(n):
         for k, c in cmds.items():
             r = run_child(c, timeout=120)
             if not r.ok:
-                return _child_failure(r, k)
+                return child_failure(r, k)
             walls[k].append(r.wall_s)
             rss[k].append(r.maxrss_bytes / MIB)
     return {"runner": " ".join(Path(b).name if i == 0 else b for i, b in enumerate(base)),
@@ -85,7 +66,7 @@ def _prepare(bm: BenchModel, work: Path) -> dict:
 
 
 def _convert(source: str, extra: list[str], dst: Path, timeout: float = 900, env: dict | None = None) -> tuple[ChildResult, dict | None]:
-    r = run_child(_retool_cmd() + ["convert", source, "-o", str(dst), *extra, "--json"], timeout=timeout, env=env)
+    r = run_child(retool_cmd() + ["convert", source, "-o", str(dst), *extra, "--json"], timeout=timeout, env=env)
     try:
         report = json.loads(r.stdout) if r.ok else None
     except ValueError:
@@ -119,7 +100,7 @@ def one_model(bm: BenchModel, settings: dict, work: Path) -> dict:
         dst = d / f"{bm.name}.onnx"
         r, report = _convert(source, extra, dst)
         if not r.ok:
-            return {**res, **_child_failure(r, "retool convert")}
+            return {**res, **child_failure(r, "retool convert")}
         walls.append(r.wall_s)
         rsss.append(r.maxrss_bytes / MIB)
         if fp32 is None:
@@ -205,7 +186,7 @@ def large_model(settings: dict, work: Path) -> dict:
         print(f"   converting the {expect / 1e9:.2f} GB MLP from torch", flush=True)
         r, report = _convert("bench.models:wide_mlp", [], big, timeout=1800, env=env)
         if not r.ok:
-            return {**res, **_child_failure(r, "retool convert (torch source)")}
+            return {**res, **child_failure(r, "retool convert (torch source)")}
         size = _onnx_size(big)
         res["model_size_bytes"] = size
         res["external_data"] = sorted(p.name for p in src_dir.iterdir() if p != big and not p.name.endswith(".json"))
@@ -218,7 +199,7 @@ def large_model(settings: dict, work: Path) -> dict:
         print("   converting it again from its ONNX file", flush=True)
         r, _ = _convert(str(big), [], copy_dir / "wide_mlp.onnx", timeout=1800)
         res["stages"]["convert_onnx"] = (_rss_stage(r, size, floor, note="ONNX source: structural checks, ORT load, parity")
-                                         if r.ok else _child_failure(r, "retool convert (onnx source)"))
+                                         if r.ok else child_failure(r, "retool convert (onnx source)"))
         shutil.rmtree(copy_dir, ignore_errors=True)
 
         print("   optimising for cpu", flush=True)
@@ -231,7 +212,7 @@ def large_model(settings: dict, work: Path) -> dict:
         elif r.ok and got is not None and got.get("status") == "ok":
             res["stages"]["optimize_cpu"] = _rss_stage(r, size, floor, output_size_bytes=got.get("size_bytes"))
         else:
-            res["stages"]["optimize_cpu"] = got if got and got.get("status") == "error" else _child_failure(r, "optimize cpu")
+            res["stages"]["optimize_cpu"] = got if got and got.get("status") == "error" else child_failure(r, "optimize cpu")
         from bench import sec_large_tf  # the TensorFlow case: a Keras MLP of the same shape
 
         res["tensorflow"] = sec_large_tf.convert_tf(settings, work / "tf", _rss_stage, _convert, _onnx_size)
@@ -264,7 +245,7 @@ def pipeline(settings: dict, work: Path) -> dict:
                 r, got = run_task(task, {**args, "out": str(out)}, timeout=1200)
                 shutil.rmtree(out, ignore_errors=True)
                 if got is None or not r.ok:
-                    return {**res, **_child_failure(r, f"bench task {task}")}
+                    return {**res, **child_failure(r, f"bench task {task}")}
                 if got.get("status") != "ok":
                     return {**res, **got}
                 inproc.append(got["wall_s"])

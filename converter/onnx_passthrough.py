@@ -32,7 +32,8 @@ class OnnxSource(SourceModel):
     framework = "onnx"
 
     def __init__(self, path: Path, request: ConvertRequest):
-        from retool.onnx_info import io_specs, load_onnx_header
+        from retool.fsutil import load_onnx_header
+        from retool.onnx_info import io_specs
 
         try:
             header = load_onnx_header(path)

@@ -40,21 +40,12 @@ def weights_apart_reason(weight_bytes: int, available: int | None = None) -> str
     if weight_bytes > LARGE_MODEL_BYTES:
         return f"weights {weight_bytes / 1e9:.2f} GB: over the {LARGE_MODEL_BYTES / 1e9:.2f} GB limit for one protobuf"
     if available is None:
-        available = _mem_available()
+        from retool.meminfo import meminfo_bytes
+
+        available = meminfo_bytes("MemAvailable")
     if available is not None and weight_bytes * USUAL_PATH_PEAK > available:
         return (f"weights {weight_bytes / 1e9:.2f} GB: the usual path needs about {USUAL_PATH_PEAK}x that, "
                 f"{available / 2**30:.1f} GiB is available")
-    return None
-
-
-def _mem_available() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
     return None
 
 

@@ -11,12 +11,12 @@ import io
 import os
 import sys
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
+from retool.converter.torch_archive import NO_INPUTS, TORCH_SUFFIXES, classify_file, undeclared_inputs_error
 from retool.converter.base import Converter, ConvertRequest, ExportResult, SourceModel, merge_specs
 from retool.converter.torch_outputs import choose_names, flat_module, flatten_named, is_flat
 from retool.deps import require, version_of
@@ -24,32 +24,8 @@ from retool.converter.torch_imports import broken_import_error, import_failure
 from retool.errors import ConversionError, RetoolError, TrustRequired, UsageError
 from retool.types import TensorSpec
 
-TORCH_SUFFIXES = (".pt", ".pth", ".pt2", ".ts", ".torchscript", ".bin")
 #: Above this size of parameters, ONNX protobuf's 2 GB limit forces external data.
 EXTERNAL_DATA_BYTES = 1_900_000_000
-
-
-def _zip_names(path: Path) -> list[str]:
-    try:
-        with zipfile.ZipFile(path) as z:
-            return z.namelist()
-    except (zipfile.BadZipFile, OSError):
-        return []
-
-
-def classify_file(path: Path) -> str | None:
-    """torchscript | exported_program | pickle | None, from the zip layout (no torch import)."""
-    names = _zip_names(path)
-    if not names:
-        return None
-    base = {n.split("/", 1)[1] if "/" in n else n for n in names}
-    if any(n.endswith("archive_format") for n in names) or any("/models/" in n and n.endswith(".json") for n in names):
-        return "exported_program"
-    if "constants.pkl" in base or any(n.startswith("code/") or "/code/" in n for n in names):
-        return "torchscript"
-    if "data.pkl" in base:
-        return "pickle"
-    return None
 
 
 class TorchConverter(Converter):
@@ -76,6 +52,9 @@ class TorchConverter(Converter):
         return None
 
     def load(self, request: ConvertRequest) -> SourceModel:
+        early = undeclared_inputs_error(request)  # before torch's import: seconds sooner
+        if early:
+            raise early
         torch = require("torch", "torch", "convert PyTorch models")
         src = request.source
         if not isinstance(src, (str, Path)):
@@ -250,9 +229,7 @@ class TorchSource(SourceModel):
             given = req.inputs
         specs = merge_specs(self._declared_specs(), given)
         if not specs:
-            raise UsageError(
-                f"{req.source_label}: the model does not declare its inputs; give them with "
-                f"--input NAME:DTYPE:SHAPE (e.g. --input x:float32:batch,3,224,224) or --example-inputs FILE.npz")
+            raise UsageError(NO_INPUTS.format(label=req.source_label))
         return specs
 
     def _program_specs(self) -> tuple[TensorSpec, ...]:

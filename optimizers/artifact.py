@@ -67,7 +67,8 @@ def external_names(path) -> tuple[str, ...]:
 
 def load_input(model):
     from retool.errors import UsageError
-    from retool.onnx_info import artifact_from_onnx, load_onnx_header
+    from retool.fsutil import load_onnx_header
+    from retool.onnx_info import artifact_from_onnx
     from retool.types import ModelArtifact
 
     if isinstance(model, ModelArtifact):

@@ -17,13 +17,13 @@ def choose(profile, ctx):
 
     Always measures, whatever ``measure`` says for other targets: choosing without
     measuring is the mistake this target exists to avoid."""
-    from retool.optimizers.core import _check_loads, _resolve_tolerance, build_candidate
+    from retool.optimizers.candidate import build_candidate, check_loads, resolve_tolerance
     from retool.optimizers.targets import get_target
 
     built, rows, labels = [], [], {}
     for name in profile.candidates:
         sub = get_target(name)
-        tol = _resolve_tolerance(sub, getattr(ctx, "user_tolerance", None))
+        tol = resolve_tolerance(sub, getattr(ctx, "user_tolerance", None))
         # Static targets try every calibration method unless one was asked for: which one
         # is most faithful depends on the model, and it costs only calibration time.
         methods = [ctx.method] if ctx.method or sub.method != "static" else list(AUTO_METHODS)
@@ -31,7 +31,7 @@ def choose(profile, ctx):
             label = name if method in (None, methods[0]) else f"{name}[{method}]"
             try:
                 cand = build_candidate(sub, ctx, tol, method=method)
-                _check_loads(cand)
+                check_loads(cand)
             except OptimizationError as exc:
                 rows.append({"target": label, "built": False, "passed": False, "reason": str(exc)})
                 continue

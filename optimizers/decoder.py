@@ -28,7 +28,8 @@ def optimize_decoder(art, out: Path, profile, tol, *, seed: int, threads: int, m
     from retool.fsutil import atomic_write_text, external_data_files, file_size, move_onnx, sha256_file, staging_dir
     from retool.onnx_info import sidecar_report_path
     from retool.optimizers import weight_only
-    from retool.optimizers.core import _check_loads_path, finalize
+    from retool.optimizers.artifact import finalize
+    from retool.optimizers.candidate import check_loads_path
     from retool.runtime import make_session
     from retool.validators.generation import (DEFAULT_NEW_TOKENS, layout_from_session, make_prompts, ort_step,
                                               quantized_gate)
@@ -40,7 +41,7 @@ def optimize_decoder(art, out: Path, profile, tol, *, seed: int, threads: int, m
         with console.step(f"{profile.name}: weight-only int{o['bits']} (MatMulNBits, block {o['block_size']})"):
             info = weight_only.quantize(art.path, cand, bits=int(o["bits"]), block_size=int(o["block_size"]),
                                         accuracy_level=o.get("accuracy_level"), symmetric=bool(o.get("symmetric", True)))
-        _check_loads_path(cand, profile.name)
+        check_loads_path(cand, profile.name)
         ref_sess, cand_sess = make_session(art.path, threads=threads), make_session(cand, threads=threads)
         layout = layout_from_session(ref_sess)
         prompts = make_prompts(layout.vocab, seed)

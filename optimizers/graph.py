@@ -51,13 +51,7 @@ def optimize_graph(src, dst, level: str = "extended", simplify: bool = True,
     if simplify and not external:
         simplified = dst.with_name(dst.stem + ".simplified.onnx")
         tool = _simplify(src, simplified, res)
-        if tool and _node_count(simplified) > _node_count(src):
-            res.warnings.append(f"{tool} made the graph larger; its result was not used")
-            tool = None
-        if tool and check_feeds is not None and not _same_outputs(src, simplified, check_feeds):
-            res.warnings.append(f"{tool} changed the model's outputs; its result was not used")
-            tool = None
-        if tool:
+        if tool and adopt_simplified(tool, src, simplified, check_feeds, res):
             res.tools.append(tool)
             current = simplified
     if level in ("basic", "extended"):
@@ -69,6 +63,17 @@ def optimize_graph(src, dst, level: str = "extended", simplify: bool = True,
     elif current != dst:
         shutil.copyfile(current, dst)
     return res
+
+
+def adopt_simplified(tool: str, src: Path, simplified: Path, check_feeds, res: GraphResult) -> bool:
+    """Whether the simplifier's graph replaces ``src``. A larger one is silently dropped: the graph before
+    it goes on to ORT's optimiser, which is the normal path, so the user has nothing to act on."""
+    if _node_count(simplified) > _node_count(src):
+        return False
+    if check_feeds is not None and not _same_outputs(src, simplified, check_feeds):
+        res.warnings.append(f"{tool} changed the model's outputs; its result was not used")
+        return False
+    return True
 
 
 def _simplify(src: Path, dst: Path, res: GraphResult) -> str | None:

@@ -13,6 +13,10 @@ _whole_lines = False
 #: Steps whose "• msg …" line is still open, and whether something was printed after it.
 _open: list[str] = []
 _broken = [False]
+#: What the current job is about ("torch-cnn/cpu-int8"): every step line names it.
+_labels: list[str] = []
+#: Live progress bars (retool/progress.py) now on the terminal.
+_bars: list = []
 
 
 def set_quiet(value: bool) -> None:
@@ -42,10 +46,38 @@ def worker_init(quiet: bool) -> None:
     _whole_lines = True
 
 
+@contextlib.contextmanager
+def labelled(label: str) -> Iterator[None]:
+    """Every step line inside names ``label`` (a pipeline job's model and target)."""
+    _labels.append(label)
+    try:
+        yield
+    finally:
+        _labels.pop()
+
+
+def _named(msg: str) -> str:
+    if _labels and not msg.startswith(_labels[-1]):
+        return f"{_labels[-1]}: {msg}"
+    return msg
+
+
 def _line(text: str) -> None:
     """One write per line: a line is never split by another process's output."""
+    if _bars:
+        from retool.progress import write
+
+        write(text)
+        return
     sys.stderr.write(text + "\n")
     sys.stderr.flush()
+
+
+def _terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def _end_open_line() -> None:
@@ -66,10 +98,16 @@ def warn(msg: str) -> None:
 
 
 @contextlib.contextmanager
-def step(msg: str) -> Iterator[None]:
-    """Progress for a step that may take more than a moment."""
+def step(msg: str, estimate_s: float | None = None) -> Iterator[None]:
+    """Progress for a step that may take more than a moment: a live bar while stderr is a terminal,
+    else plain lines; one "• msg … done (Ns)" line at its end either way (nothing with -q)."""
     t0 = time.perf_counter()
+    msg = _named(msg)
     inline = not _quiet and not _whole_lines
+    if inline and _terminal():
+        with _live(msg, estimate_s, t0):
+            yield
+        return
     if inline:
         _end_open_line()
         sys.stderr.write(f"• {msg} …")
@@ -96,6 +134,23 @@ def step(msg: str) -> Iterator[None]:
         close("failed")
         raise
     close(f"done ({time.perf_counter() - t0:.1f}s)")
+
+
+@contextlib.contextmanager
+def _live(msg: str, estimate_s: float | None, t0: float) -> Iterator[None]:
+    from retool.progress import Bar
+
+    _end_open_line()
+    bar = Bar(msg, estimate_s)
+    _bars.append(bar)
+    word = "failed"
+    try:
+        yield
+        word = f"done ({time.perf_counter() - t0:.1f}s)"
+    finally:
+        bar.close()
+        _bars.remove(bar)
+        _line(f"• {msg} … {word}")
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -159,6 +159,20 @@ def move_onnx(src: Path, dst: Path) -> tuple[str, ...]:
     return extra
 
 
+def load_onnx_header(path):
+    """The ONNX graph without its external weights; one UsageError when the file is missing or unreadable."""
+    import onnx
+
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"{p}: model file not found")
+    try:
+        return onnx.load(str(p), load_external_data=False)
+    except Exception as exc:
+        raise UsageError(f"{p}: not a readable ONNX model ({type(exc).__name__}); "
+                         f"convert it first with 'retool convert'") from None
+
+
 def external_data_files(model_path) -> tuple[str, ...]:
     """Names of external-data files an ONNX model refers to (without loading weights)."""
     import onnx

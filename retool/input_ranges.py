@@ -175,7 +175,7 @@ def rename_dims(path, specs: Sequence[TensorSpec]) -> dict[str, str]:
     """
     import onnx
 
-    from retool.onnx_info import load_onnx_header
+    from retool.fsutil import load_onnx_header
 
     model = load_onnx_header(path)
     by_name = {s.name: s for s in specs}

@@ -17,6 +17,9 @@ DEFAULT_INT_HIGH = 8
 DEFAULT_DYNAMIC_DIM = 7
 #: The two batch sizes checked when the batch axis is dynamic.
 VERIFY_BATCH_SIZES = (1, 4)
+#: The seed of the held-out inputs publish stores beside a model (samples.npz, a decoder's prompts): not the
+#: calibration or validation seeds (0, 1, ...)
+SAMPLES_SEED = 20261
 
 
 def parse_specs(texts: Sequence[str | TensorSpec]) -> tuple[TensorSpec, ...]:

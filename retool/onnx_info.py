@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from retool.errors import UsageError
+from retool.fsutil import load_onnx_header
 from retool.types import ModelArtifact, ProvenanceStep, TensorSpec, now_iso
 
 _ELEM = {
@@ -24,19 +24,6 @@ def _value_info_spec(vi) -> TensorSpec:
         else:
             dims.append(None)
     return TensorSpec(vi.name, _ELEM.get(t.elem_type, "float32"), tuple(dims))
-
-
-def load_onnx_header(path):
-    import onnx
-
-    p = Path(path)
-    if not p.exists():
-        raise UsageError(f"{p}: model file not found")
-    try:
-        return onnx.load(str(p), load_external_data=False)
-    except Exception as exc:
-        raise UsageError(f"{p}: not a readable ONNX model ({type(exc).__name__}); "
-                         f"convert it first with 'retool convert'") from None
 
 
 def io_specs(model) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:

@@ -254,3 +254,27 @@ def test_artifact_input_keeps_provenance_chain(cnn_onnx, tmp_path):
     # the sidecar lets the next stage pick the chain up again from the file alone
     again = artifact_from_onnx(art.path)
     assert again.provenance == art.provenance and again.target == "cpu"
+
+
+def test_a_simplifier_that_grows_the_graph_is_dropped_without_a_warning(tmp_path):
+    """onnxsim growing a graph needs nothing from the user: the graph before it is optimised as usual,
+    so no 'warning:' line; a simplifier that changes the outputs still warns."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from retool.optimizers.graph import GraphResult, adopt_simplified
+
+    def chain(path, n):
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+        names = ["x"] + [f"t{i}" for i in range(n - 1)] + ["y"]
+        nodes = [helper.make_node("Relu", [names[i]], [names[i + 1]]) for i in range(n)]
+        onnx.save(helper.make_model(helper.make_graph(nodes, "g", [x], [y]),
+                                    opset_imports=[helper.make_opsetid("", 17)]), str(path))
+        return path
+
+    small, big = chain(tmp_path / "small.onnx", 1), chain(tmp_path / "big.onnx", 3)
+    res = GraphResult(tmp_path / "out.onnx")
+    assert adopt_simplified("onnxsim", small, big, None, res) is False and res.warnings == []
+    feeds = {"x": np.array([[-1.0, 2.0, -3.0, 4.0]], np.float32)}
+    assert adopt_simplified("onnxsim", big, small, feeds, res) is True and res.warnings == []

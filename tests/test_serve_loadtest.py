@@ -146,3 +146,17 @@ def test_plot_svg_labels_points_draws_the_budget_and_spreads():
     assert "LineCollection" not in plot.svg(rep)
     assert plot.table_rows(rep)[0][0] == "1 inst x 2 thr, no batching" and plot.table_rows(rep)[1][-1] == "CHOSEN"
     assert plot.markdown(rep).splitlines()[0].startswith("| configuration | load | infer/s |")
+
+
+def test_table_names_every_column_including_the_chosen_mark():
+    """The ninth column (CHOSEN / best / error) has a header in the printed table too."""
+    from retool import console
+    from retool.serve import plot
+
+    a = [_lt_point("concurrency", 1, 500.0, 2.0)]
+    rep = {"model": "lin", "version": 1, "configs": [{"label": "1 inst", "points": a, "best": a[0], "error": None}],
+           "chosen": {"label": "1 inst", "point": a[0]}}
+    rows = plot.table_rows(rep)
+    assert all(plot.HEADERS) and len(plot.HEADERS) == len(rows[0])
+    header = console.table(plot.HEADERS, rows).splitlines()[0].split()
+    assert header[-1] == "note" and rows[0][-1] == "CHOSEN"

@@ -239,6 +239,19 @@ def test_cli_impossible_budget_exits_6_and_prints_the_gate_table(cli, models, tm
     assert gate["threshold"] == 1e-6 and gate["passed"] is False
 
 
+def test_cli_failure_line_names_each_failing_gate_its_miss_and_the_fix(cli, models):
+    """`<problem>; <fix>`: the last line alone says which gates failed, by how much and what to do; a p99
+    budget says it applies per batch and how many runs are behind that p99."""
+    r = cli("validate", models["ref"], "--batch-sizes", "1,8", "--runs", "5", "--time-budget", "0", "--threads", "1",
+            "--max-p99-ms", "0.000001", "--max-size-mb", "0.000001")
+    assert r.code == 6, r.err
+    last = r.err.strip().splitlines()[-1]
+    assert "3 gate(s) failed: size " in last and " MB > 1e-06 MB" in last and "raise --max-size-mb" in last
+    assert "latency:p99@batch8 (per batch of 8, 5 runs)" in last and "ms > 1e-06 ms" in last
+    assert "raise --max-p99-ms" in last and "gate table above" not in last
+    assert "p99 per batch of 8 <= 1e-06 ms (5 runs)" in r.out and "latency:p99@batch8 (per batch of 8, 5 runs)" in r.out
+
+
 def test_cli_passing_run_prints_one_table_with_parity_latency_speedup_and_size(cli, models, tmp_path):
     gates = tmp_path / "gates.yaml"
     gates.write_text("max_p99_ms: 60000\nmax_size_mb: 5\n")

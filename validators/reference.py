@@ -55,7 +55,8 @@ class OnnxReference(Reference):
     def __init__(self, path: Path, candidate_outputs: Sequence[str], threads: int, providers=None):
         from retool.deps import version_of
         from retool.fsutil import external_data_files, file_size
-        from retool.onnx_info import io_specs, load_onnx_header
+        from retool.fsutil import load_onnx_header
+        from retool.onnx_info import io_specs
         from retool.runtime import make_session
 
         ins, outs = io_specs(load_onnx_header(path))

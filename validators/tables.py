@@ -43,7 +43,8 @@ def summary_rows(report: Report) -> list[list[str]]:
                      + (f" (thread CPU p50 {_g(cs['cpu_p50_ms'])})" if "cpu_p50_ms" in cs and d.get("threads") == 1
                         else ""),
                      f"{_g(rs['p50_ms'])} / {_g(rs['p99_ms'])}" if rs else "",
-                     f"p99 <= {g.threshold:g}" if g else "", _result(g)])
+                     f"p99 per batch of {key} <= {g.threshold:g} ms ({cs['runs']} runs)" if g and cs.get("runs")
+                     else f"p99 per batch of {key} <= {g.threshold:g} ms" if g else "", _result(g)])
         rows.append(["throughput /s (from p50)", key, f"{cs['throughput_per_s']:.0f}",
                      f"{rs['throughput_per_s']:.0f}" if rs else "", "", ""])
         sp = (lat.get("speedup_stats") or {}).get(key, lat.get("speedup", {}).get(key))
@@ -75,7 +76,10 @@ SUMMARY_HEADERS = ["check", "batch", "candidate", "reference", "threshold", "res
 
 
 def gate_rows(report: Report) -> list[list[str]]:
-    return [[c.name, _g(c.value) if not isinstance(c.value, str) else c.value, _tol_text(c.threshold),
+    from retool.validators.failure import gate_label, runs_per_batch
+
+    runs = runs_per_batch(report)
+    return [[gate_label(c, runs), _g(c.value) if not isinstance(c.value, str) else c.value, _tol_text(c.threshold),
              _result(c), c.message] for c in report.checks if c.severity == "gate"]
 
 

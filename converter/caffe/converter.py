@@ -146,7 +146,8 @@ class CaffeSource(SourceModel):
         from onnx import TensorProto, helper
 
         from retool.converter.caffe.detection import DETECTIONS_DIM
-        from retool.converter.caffe.layers import HANDLERS, Builder
+        from retool.converter.caffe.builder import Builder
+        from retool.converter.caffe.layers import HANDLERS
 
         label = str(self.weights) if self.weights else "the prototxt (no --weights given)"
         layers = self.net.layers

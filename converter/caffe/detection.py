@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from retool.converter.caffe.layers import Builder, handles
+from retool.converter.caffe.builder import Builder, handles
 from retool.converter.caffe.reader import Layer
 from retool.errors import ConversionError
 

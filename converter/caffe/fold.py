@@ -5,7 +5,8 @@ import dataclasses
 
 import numpy as np
 
-from retool.converter.caffe.layers import Builder, batchnorm_stats
+from retool.converter.caffe.builder import Builder
+from retool.converter.caffe.layers import batchnorm_stats
 from retool.converter.caffe.reader import Layer
 
 

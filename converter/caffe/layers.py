@@ -7,108 +7,13 @@ tops, and records their (static) shapes. ``HANDLERS`` maps type -> handler.
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import numpy as np
 
 from retool.converter.caffe import shapes as S
+from retool.converter.caffe.builder import HANDLERS, Builder, bcast, handles, same, unsupported  # noqa: F401
 from retool.converter.caffe.reader import Layer
 from retool.errors import ConversionError
-
-
-class Builder:
-    """Collects ONNX nodes and initializers; tracks each tensor's Caffe shape."""
-
-    def __init__(self, opset: int, weights_label: str = "the weights file"):
-        self.opset = opset
-        self.weights_label = weights_label
-        self.nodes: list = []
-        self.initializers: list = []
-        self.shapes: dict[str, tuple] = {}
-        #: whether axis 0 of a tensor is the (possibly dynamic) batch axis
-        self.batched: dict[str, bool] = {}
-        self._used: set[str] = set()
-
-    def fresh(self, hint: str) -> str:
-        name, i = hint, 0
-        while name in self._used or name in self.shapes:
-            i += 1
-            name = f"{hint}_{i}"
-        self._used.add(name)
-        return name
-
-    def const(self, hint: str, value, dtype=np.float32) -> str:
-        from onnx import numpy_helper
-
-        name = self.fresh(hint)
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(np.asarray(value, dtype=dtype)), name))
-        return name
-
-    def ints(self, hint: str, values) -> str:
-        return self.const(hint, np.asarray(list(values), dtype=np.int64), np.int64)
-
-    def op(self, op_type: str, inputs, outputs=None, hint: str = "", **attrs):
-        from onnx import helper
-
-        if outputs is None:
-            outputs = [self.fresh(f"{hint or op_type}_out")]
-        elif isinstance(outputs, str):
-            outputs = [outputs]
-        for o in outputs:
-            self._used.add(o)
-        self.nodes.append(helper.make_node(op_type, list(inputs), list(outputs),
-                                           name=self.fresh(f"{hint or op_type}"), **attrs))
-        return outputs[0] if len(outputs) == 1 else outputs
-
-    def shape(self, tensor: str) -> tuple:
-        return self.shapes[tensor]
-
-    def set(self, tensor: str, shape, batched: bool = True) -> None:
-        self.shapes[tensor] = tuple(int(d) for d in shape)
-        self.batched[tensor] = batched
-
-    def blob(self, L: Layer, i: int, shape, label: str) -> np.ndarray:
-        shape = tuple(int(d) for d in shape)
-        if i >= len(L.blobs):
-            raise ConversionError(
-                f"layer {L.name!r} ({L.type}) needs blob {i} ({label}, shape {shape}) but {self.weights_label} "
-                f"has {len(L.blobs)} blob(s) for it; the .caffemodel does not match the prototxt")
-        arr = L.blobs[i]
-        squeeze = lambda s: tuple(d for d in s if d != 1)  # noqa: E731  legacy 4-D dims pad with 1s
-        if arr.size != int(np.prod(shape)) or squeeze(arr.shape) != squeeze(shape):
-            raise ConversionError(
-                f"layer {L.name!r} ({L.type}): blob {i} ({label}) in {self.weights_label} has shape "
-                f"{tuple(arr.shape)} but the prototxt needs {shape}; the .caffemodel does not match the prototxt")
-        return arr.reshape(shape).astype(np.float32, copy=False)
-
-    def reduce(self, op_type: str, x: str, axes, hint: str, keepdims: int = 1) -> str:
-        if self.opset >= 18:
-            return self.op(op_type, [x, self.ints(f"{hint}_axes", axes)], hint=hint, keepdims=keepdims)
-        return self.op(op_type, [x], hint=hint, axes=list(axes), keepdims=keepdims)
-
-
-Handler = Callable[[Builder, Layer], None]
-HANDLERS: dict[str, Handler] = {}
-
-
-def handles(*types: str):
-    def deco(fn):
-        for t in types:
-            HANDLERS[t] = fn
-        return fn
-    return deco
-
-
-def _unsupported(L: Layer, what: str) -> ConversionError:
-    return ConversionError(f"layer {L.name!r} ({L.type}): {what} is not supported")
-
-
-def _bcast(arr: np.ndarray, trailing: int) -> np.ndarray:
-    return arr.reshape(arr.shape + (1,) * trailing)
-
-
-def _same(b: Builder, L: Layer, out: str, src: str) -> None:
-    b.set(out, b.shape(src), b.batched[src])
 
 
 # -- learnable layers -----------------------------------------------------------
@@ -121,7 +26,7 @@ def convolution(b: Builder, L: Layer) -> None:
     for x, top in zip(L.bottoms, L.tops):
         shp = b.shape(x)
         if len(shp) != 4 or cp.axis != 1:
-            raise _unsupported(L, f"a {len(shp)}-D input (only 2-D spatial convolution)")
+            raise unsupported(L, f"a {len(shp)}-D input (only 2-D spatial convolution)")
         n, c, h, w = shp
         if c % group or out_c % group:
             raise ConversionError(f"layer {L.name!r} ({L.type}): channels {c} / num_output {out_c} not divisible by group {group}")
@@ -181,7 +86,7 @@ def batch_norm(b: Builder, L: Layer) -> None:
     b.op("BatchNormalization", [x, b.const(f"{L.name}_gamma", np.ones(c)), b.const(f"{L.name}_beta", np.zeros(c)),
                                 b.const(f"{L.name}_mean", mean), b.const(f"{L.name}_var", var)],
          L.tops[0], hint=L.name, epsilon=eps)
-    _same(b, L, L.tops[0], x)
+    same(b, L, L.tops[0], x)
 
 
 def _scale_like(b: Builder, L: Layer, param, op_type: str, has_bias: bool) -> None:
@@ -202,14 +107,14 @@ def _scale_like(b: Builder, L: Layer, param, op_type: str, has_bias: bool) -> No
         label = "scale" if op_type == "Mul" else "bias"
         pshape = tuple(shp[axis:end])
         arr = b.blob(L, 0, pshape or (1,), label).reshape(pshape)
-        factor = b.const(f"{L.name}_{label}", _bcast(arr, len(shp) - end))
+        factor = b.const(f"{L.name}_{label}", bcast(arr, len(shp) - end))
         bias_i = 1
     y = b.op(op_type, [x, factor], None if has_bias else out, hint=L.name)
     if has_bias:
         pshape = tuple(shp[axis:end])
         arr = b.blob(L, bias_i, pshape or (1,), "bias").reshape(pshape)
-        b.op("Add", [y, b.const(f"{L.name}_bias", _bcast(arr, len(shp) - end))], out, hint=f"{L.name}_bias")
-    _same(b, L, out, x)
+        b.op("Add", [y, b.const(f"{L.name}_bias", bcast(arr, len(shp) - end))], out, hint=f"{L.name}_bias")
+    same(b, L, out, x)
 
 
 @handles("Scale")
@@ -229,9 +134,9 @@ def prelu(b: Builder, L: Layer) -> None:
     if L.param.prelu_param.channel_shared:
         slope = b.blob(L, 0, (1,), "slope")
     else:
-        slope = _bcast(b.blob(L, 0, (shp[1],), "slope"), len(shp) - 2)
+        slope = bcast(b.blob(L, 0, (shp[1],), "slope"), len(shp) - 2)
     b.op("PRelu", [x, b.const(f"{L.name}_slope", slope)], L.tops[0], hint=L.name)
-    _same(b, L, L.tops[0], x)
+    same(b, L, L.tops[0], x)
 
 
 # -- element-wise ---------------------------------------------------------------
@@ -242,7 +147,7 @@ def relu(b: Builder, L: Layer) -> None:
         b.op("LeakyRelu", [L.bottoms[0]], L.tops[0], hint=L.name, alpha=slope)
     else:
         b.op("Relu", [L.bottoms[0]], L.tops[0], hint=L.name)
-    _same(b, L, L.tops[0], L.bottoms[0])
+    same(b, L, L.tops[0], L.bottoms[0])
 
 
 _UNARY = {"Sigmoid": "Sigmoid", "TanH": "Tanh", "AbsVal": "Abs", "BNLL": "Softplus",
@@ -253,13 +158,13 @@ _UNARY = {"Sigmoid": "Sigmoid", "TanH": "Tanh", "AbsVal": "Abs", "BNLL": "Softpl
 def unary(b: Builder, L: Layer) -> None:
     for top in L.tops:  # Split: one copy per top
         b.op(_UNARY[L.type], [L.bottoms[0]], top, hint=L.name)
-        _same(b, L, top, L.bottoms[0])
+        same(b, L, top, L.bottoms[0])
 
 
 @handles("ELU")
 def elu(b: Builder, L: Layer) -> None:
     b.op("Elu", [L.bottoms[0]], L.tops[0], hint=L.name, alpha=float(L.param.elu_param.alpha))
-    _same(b, L, L.tops[0], L.bottoms[0])
+    same(b, L, L.tops[0], L.bottoms[0])
 
 
 def _affine(b: Builder, L: Layer, x: str, scale_: float, shift: float, out=None) -> str:
@@ -282,7 +187,7 @@ def power(b: Builder, L: Layer) -> None:
     else:
         t = _affine(b, L, L.bottoms[0], p.scale, p.shift)
         b.op("Pow", [t, b.const(f"{L.name}_power", np.array(p.power))], L.tops[0], hint=L.name)
-    _same(b, L, L.tops[0], L.bottoms[0])
+    same(b, L, L.tops[0], L.bottoms[0])
 
 
 @handles("Exp")
@@ -291,7 +196,7 @@ def exp(b: Builder, L: Layer) -> None:
     ln_base = 1.0 if p.base == -1 else math.log(p.base)  # base^(shift + scale x) = e^(ln(base) (shift + scale x))
     t = _affine(b, L, L.bottoms[0], ln_base * p.scale, ln_base * p.shift)
     b.op("Exp", [t], L.tops[0], hint=L.name)
-    _same(b, L, L.tops[0], L.bottoms[0])
+    same(b, L, L.tops[0], L.bottoms[0])
 
 
 @handles("Log")
@@ -303,14 +208,14 @@ def log(b: Builder, L: Layer) -> None:
     else:
         y = b.op("Log", [t], hint=L.name)
         b.op("Mul", [y, b.const(f"{L.name}_invlnbase", np.array(1.0 / math.log(p.base)))], L.tops[0], hint=L.name)
-    _same(b, L, L.tops[0], L.bottoms[0])
+    same(b, L, L.tops[0], L.bottoms[0])
 
 
 @handles("Threshold")
 def threshold(b: Builder, L: Layer) -> None:
     t = b.op("Greater", [L.bottoms[0], b.const(f"{L.name}_t", np.array(L.param.threshold_param.threshold))], hint=L.name)
     b.op("Cast", [t], L.tops[0], hint=f"{L.name}_cast", to=1)
-    _same(b, L, L.tops[0], L.bottoms[0])
+    same(b, L, L.tops[0], L.bottoms[0])
 
 
 @handles("Eltwise")
@@ -332,7 +237,7 @@ def eltwise(b: Builder, L: Layer) -> None:
             y = b.op("Mul", [y, x], L.tops[0] if i == len(ins) - 1 else None, hint=L.name)
     else:
         b.op("Max", ins, L.tops[0], hint=L.name)
-    _same(b, L, L.tops[0], L.bottoms[0])
+    same(b, L, L.tops[0], L.bottoms[0])
 
 
 # -- spatial ------------------------------------------------------------------------
@@ -342,11 +247,11 @@ def pooling(b: Builder, L: Layer) -> None:
     x = L.bottoms[0]
     shp = b.shape(x)
     if len(shp) != 4:
-        raise _unsupported(L, f"a {len(shp)}-D input")
+        raise unsupported(L, f"a {len(shp)}-D input")
     n, c, h, w = shp
     method = pp.DESCRIPTOR.fields_by_name["pool"].enum_type.values_by_number[pp.pool].name
     if method == "STOCHASTIC":
-        raise _unsupported(L, "STOCHASTIC pooling")
+        raise unsupported(L, "STOCHASTIC pooling")
     (kh, kw), (sh, sw), (ph, pw) = S.pool_geometry(pp, (h, w))
     ceil = pp.round_mode == 0
     oh, ow = S.pool_out(h, kh, sh, ph, ceil), S.pool_out(w, kw, sw, pw, ceil)
@@ -387,7 +292,7 @@ def lrn(b: Builder, L: Layer) -> None:
         den = _affine(b, L, avg, float(p.alpha), 1.0)
         powd = b.op("Pow", [den, b.const(f"{L.name}_negbeta", np.array(-p.beta))], hint=f"{L.name}_pow")
         b.op("Mul", [x, powd], L.tops[0], hint=L.name)
-    _same(b, L, L.tops[0], x)
+    same(b, L, L.tops[0], x)
 
 
 # -- shape and routing ----------------------------------------------------------------
@@ -482,7 +387,7 @@ def softmax(b: Builder, L: Layer) -> None:
     x = L.bottoms[0]
     axis = S.canonical_axis(L.param.softmax_param.axis, len(b.shape(x)))
     b.op("Softmax", [x], L.tops[0], hint=L.name, axis=axis)
-    _same(b, L, L.tops[0], x)
+    same(b, L, L.tops[0], x)
 
 
 @handles("Silence")
@@ -513,9 +418,9 @@ def normalize(b: Builder, L: Layer) -> None:
     norm = b.op("Sqrt", [b.op("Add", [ss, b.const(f"{L.name}_eps", np.array(p.eps))], hint=f"{L.name}_eps")],
                 hint=f"{L.name}_norm")
     y = b.op("Div", [x, norm], hint=L.name)
-    scale_ = b.blob(L, 0, (1,), "scale") if p.channel_shared else _bcast(b.blob(L, 0, (shp[1],), "scale"), len(shp) - 2)
+    scale_ = b.blob(L, 0, (1,), "scale") if p.channel_shared else bcast(b.blob(L, 0, (shp[1],), "scale"), len(shp) - 2)
     b.op("Mul", [y, b.const(f"{L.name}_scale", scale_)], L.tops[0], hint=f"{L.name}_scale")
-    _same(b, L, L.tops[0], x)
+    same(b, L, L.tops[0], x)
 
 
 @handles("PriorBox")

@@ -72,7 +72,7 @@ def loadtest_cmd(repo_url, name, url, grpc_url, concurrency, rate, budget_p99_ms
         check_url(url)
     install_signal_handlers()
     repo = open_repo(repo_url)
-    name = repo._require_model(name)
+    name = repo.require_model(name)
     require_signed(repo_url, [name], trust_key, require_signature)  # before any server starts
     with open_session(repo_url, url=url, grpc_url=grpc_url) as sess:
         rep = tune(sess, repo, name, budget_ms=budget_p99_ms, rate=rates[0] if budget_p99_ms and rates else None,

@@ -64,7 +64,7 @@ def plan_cmd(repo_url, name, budget_p99_ms, rate, profile, price_per_hour, curre
     if report_path and not Path(report_path).is_file():
         raise UsageError(f"--report {report_path}: no such file; give the report.json that retool validate wrote")
     repo = open_repo(repo_url)
-    repo._require_model(name)  # before a server starts: an unknown model is a usage error
+    repo.require_model(name)  # before a server starts: an unknown model is a usage error
     require_signed(repo_url, (), trust_key, require_signature)  # the family may span models: all of them
     install_signal_handlers()
     inp = pl.PlanInputs(budget_p99_ms, rate, price_per_hour, currency.upper(), c, headroom, profile, window_ms, space)

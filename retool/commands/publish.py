@@ -121,7 +121,7 @@ def repo_show(url, name, version, as_json):
     from retool.publish.names import check_version
 
     repo = open_repo(url)
-    name = repo._require_model(name)
+    name = repo.require_model(name)
     if version is None:
         data = {"name": name, "versions": repo.versions(name), "aliases": repo.aliases(name),
                 "config": repo.config_text(name)}
@@ -177,7 +177,7 @@ def repo_verify(url, name, require_signature, trust_key, as_json):
     repo = open_repo(url)
     findings, checked = repo.verify(name)
     if trust_key:
-        for n in [repo._require_model(name)] if name else repo.models():
+        for n in [repo.require_model(name)] if name else repo.models():
             findings += signing.verify(repo, n, trust_key)
     if as_json:
         _echo_json({"repository": repo.url, "files_checked": checked, "ok": not findings,
@@ -272,7 +272,7 @@ def repo_history(url, name, as_json):
     from retool.publish import open_repo
 
     repo = open_repo(url)
-    name = repo._require_model(name)
+    name = repo.require_model(name)
     events = repo.history(name)
     if as_json:
         return _echo_json({"name": name, "history": events})

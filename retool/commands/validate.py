@@ -55,6 +55,7 @@ def validate_cmd(candidate, reference, latency, batch_sizes, threads, runs, time
     from retool import console
     from retool.errors import UsageError, ValidationFailed
     from retool.validators.core import GATE_HEADERS, gate_rows, summary_text, validate
+    from retool.validators.failure import failure_line
     from retool.validators.gates import load_gates
 
     sizes = parse_csv_ints(batch_sizes, "--batch-sizes", BATCH_SIZE) or [1]
@@ -82,11 +83,7 @@ def validate_cmd(candidate, reference, latency, batch_sizes, threads, runs, time
     for w in report.warnings:
         console.warn(w)
     if not report.passed:
-        failed = report.failed_checks
         human += "\n\ngates:\n" + console.table(GATE_HEADERS, gate_rows(report))
         emit_report(report, as_json, human)
-        more = f" and {len(failed) - 3} more" if len(failed) > 3 else ""
-        where = f"; report: {report_dir}/report.json" if report_dir else ""
-        raise ValidationFailed(f"{candidate}: {len(failed)} gate(s) failed: "
-                               f"{', '.join(c.name for c in failed[:3])}{more} (gate table above){where}", report=report)
+        raise ValidationFailed(failure_line(report, candidate, report_dir), report=report)
     emit_report(report, as_json, human)

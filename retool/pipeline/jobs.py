@@ -61,6 +61,13 @@ def _maybe_fault(model: str, stage: str) -> None:
 
 def convert_job(model: ModelConfig, base_dir: str, out_dir: str, seed: int = 0) -> dict:
     from retool import console
+
+    with console.labelled(model.name):  # every step line names its model
+        return _convert_job(model, base_dir, out_dir, seed)
+
+
+def _convert_job(model: ModelConfig, base_dir: str, out_dir: str, seed: int = 0) -> dict:
+    from retool import console
     from retool.converter.core import convert
 
     console.info(f"• {model.name}: convert started")
@@ -89,6 +96,14 @@ def target_job(model: ModelConfig, target: TargetConfig, fp32_path: str, base_di
 
     ``reuse_optimize`` is the cached outcome of an identical optimisation: only validation runs.
     """
+    from retool import console
+
+    with console.labelled(f"{model.name}/{target.name}"):  # every step line names its model and target
+        return _target_job(model, target, fp32_path, base_dir, out_dir, seed, reuse_optimize)
+
+
+def _target_job(model: ModelConfig, target: TargetConfig, fp32_path: str, base_dir: str, out_dir: str,
+                seed: int = 0, reuse_optimize: Mapping[str, Any] | None = None) -> dict:
     from retool import console
     from retool.optimizers.core import optimize
 

@@ -198,8 +198,7 @@ class _Scheduler:
                 key = self._target_key(m, t, fp32["sha256"])
                 self.keys[(m.name, t.name)] = key
                 hit = self.cache.get(key)
-                if hit:
-                    console.info(f"• {m.name}/{t.name}: cached")
+                if hit:  # finish_target says "cached", once
                     return finish_target(m, ti, {**hit["result"], "_cached": True})
                 opt_key = self._optimize_key(m, t, fp32["sha256"])
                 self.opt_keys[(m.name, t.name)] = opt_key
@@ -235,7 +234,8 @@ class _Scheduler:
             # `publish: {when: always}` publishes a model whose gates failed too, recorded as forced
             only_gates = bool(failed) and all(s.get("code") == 6 for s in failed)
             if not failed or (only_gates and t.publish.get("when") == "always"):
-                published = self._publish(m, t, stages)
+                with console.labelled(f"{m.name}/{t.name}"):
+                    published = self._publish(m, t, stages)
                 if published and published.get("status") == "failed":
                     failed = failed + [published]
             status = "failed" if failed else ("cached" if cached else "ok")

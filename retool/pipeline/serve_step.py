@@ -120,7 +120,8 @@ def serve_published(models: Sequence, outcomes: list, out_dir: Path) -> list:
 
                     repo.signer = signer(**(o.published.get("signing") or {}))
                     console.info(f"• {o.model}/{o.target}: serving {name} v{version} in Triton")
-                    res = serve_one(sess, repo, name, version, t.serve, out_dir / o.model / o.target / "serve")
+                    with console.labelled(f"{o.model}/{o.target}"):
+                        res = serve_one(sess, repo, name, version, t.serve, out_dir / o.model / o.target / "serve")
                     out[i] = _with(o, res)
         except RetoolError as exc:  # the server itself failed: every target of this repository says so
             for i in idxs:

@@ -71,7 +71,7 @@ class Checks:
 
     def verify(self, name: str | None = None) -> tuple[list[Finding], int]:
         """Recompute every hash. Returns (findings, number of files checked)."""
-        names = [self._require_model(name)] if name else self.models()
+        names = [self.require_model(name)] if name else self.models()
         findings: list[Finding] = []
         checked = 0
         for n in names:
@@ -114,7 +114,7 @@ class Checks:
 
     def diff(self, name: str, v1, v2) -> list[tuple[str, Any, Any]]:
         """Fields that differ between two versions: (field, value in v1, value in v2)."""
-        name = self._require_model(name)
+        name = self.require_model(name)
         a, b = self.manifest(name, check_version(v1)), self.manifest(name, check_version(v2))
         fa, fb = _facts(a), _facts(b)
         return [(k, fa.get(k), fb.get(k)) for k in dict.fromkeys([*fa, *fb]) if fa.get(k) != fb.get(k)]

@@ -86,13 +86,15 @@ class Repository(ServingState, Checks):
                 out.append(entry)
         return out
 
-    def _require_model(self, name: str) -> str:
+    def require_model(self, name: str) -> str:
+        """``name``, checked and known to the repository; else a UsageError listing the models."""
         name = check_model_name(name)
         self._require_root()
         if not self.storage.listdir(name):
             known = ", ".join(self.models()) or "none"
             raise UsageError(f"{self.url}: no model named {name!r} (models: {known})")
         return name
+
 
     def versions(self, name: str) -> list[int]:
         """Committed versions (their manifest exists), ascending."""
@@ -314,7 +316,7 @@ class Repository(ServingState, Checks):
         return {"model": name, "alias": alias, "version": version, "previous": prev}
 
     def promote(self, name: str, version, alias: str) -> dict:
-        name = self._require_model(name)
+        name = self.require_model(name)
         alias = check_alias(alias)
         v = check_version(version)
         if v not in self.versions(name):
@@ -331,7 +333,7 @@ class Repository(ServingState, Checks):
         return out
 
     def rollback(self, name: str, alias: str) -> dict:
-        name = self._require_model(name)
+        name = self.require_model(name)
         alias = check_alias(alias)
         with self.storage.lock(name):
             self._recover(name)

@@ -107,7 +107,7 @@ class ServingState:
         the time and the user go into the model's history. Returns that history entry."""
         from retool.serve.profile import load_profile
 
-        name = self._require_model(name)
+        name = self.require_model(name)
         where = profile if isinstance(profile, (str, Path)) else "serving profile"
         prof = load_profile(profile)  # bad input is refused before anything is locked or written
         version = None if version is None else check_version(version)
@@ -147,7 +147,7 @@ class ServingState:
         return entry
 
     def history(self, name: str) -> list[dict]:
-        idx = index.read(self, self._require_model(name))
+        idx = index.read(self, self.require_model(name))
         return list((idx or {}).get("history") or ())
 
     def serving_config(self, name: str):
@@ -162,7 +162,7 @@ class ServingState:
         default that every comparison uses, whatever profile is applied now."""
         from retool.serve.tune import from_config
 
-        name = self._require_model(name)
+        name = self.require_model(name)
         v = check_version(version) if version is not None else self.versions(name)[-1]
         m = self.manifest(name, v)
         t = dict(m.get("triton") or {})

@@ -267,7 +267,7 @@ def require_signed(repo_url, names, trust_key, require: bool = True, storage_opt
     repo = open_repo(repo_url, storage_options)
     findings = []
     for n in (list(names) if names else repo.models()):
-        n = repo._require_model(n)
+        n = repo.require_model(n)
         findings += repo.verify(n)[0] + verify(repo, n, trust_key)
     if findings:
         f = findings[0]
@@ -369,7 +369,7 @@ def sign_published(repo: "Repository", name: str) -> list[int]:
     plain verify finds nothing (it would sign a tampered file). Returns the versions signed."""
     from retool.publish import index
 
-    name = repo._require_model(name)
+    name = repo.require_model(name)
     store = repo.storage
     with store.lock(name):
         findings, _ = repo.verify(name)

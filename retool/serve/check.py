@@ -107,7 +107,7 @@ def check(repo_url: str, name: str | None = None, version: int | None = None, *,
     from retool.publish import open_repo
 
     repo = open_repo(repo_url)
-    names = [repo._require_model(name)] if name else repo.models()
+    names = [repo.require_model(name)] if name else repo.models()
     if not names:
         raise UsageError(f"{repo.url}: no models to check")
     results, failures = [], []

@@ -236,7 +236,7 @@ def check(sess, repo, name: str, version: int, manifest: dict, cfg: dict, data: 
     (None when publish stored none: the prompts are then the same seeded ones, with no stored tokens)."""
     from retool.runtime import make_session
     from retool.serve.client import InferClient
-    from retool.serve.samples import SAMPLES_SEED
+    from retool.inputs import SAMPLES_SEED
 
     entry = (manifest.get("samples") or {}).get("generation") or {}
     st = stored(data) if data else {"prompts": [], "tokens": {}, "refs": None}

@@ -124,7 +124,7 @@ def family(repo, name: str) -> tuple[list[Variant], list[dict]]:
     from retool.publish.revision import config_json
     from retool.serve.tune import from_config
 
-    name = repo._require_model(name)
+    name = repo.require_model(name)
     if not repo.versions(name):
         raise UsageError(f"{repo.storage.location(name)}: {name!r} has no published version; publish it first")
 

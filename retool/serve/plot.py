@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from retool.validators.svgplot import SERIES as COLOURS
 
-HEADERS = ["configuration", "load", "infer/s", "p50 ms", "p90 ms", "p99 ms", "queue ms", "compute ms", ""]
+HEADERS = ["configuration", "load", "infer/s", "p50 ms", "p90 ms", "p99 ms", "queue ms", "compute ms", "note"]
 
 
 def _load_label(p: dict) -> str:
@@ -94,6 +94,6 @@ def table_rows(report: dict) -> list[list]:
 
 
 def markdown(report: dict) -> str:
-    lines = ["| " + " | ".join(h or "note" for h in HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
     lines += ["| " + " | ".join("" if v is None else str(v) for v in r) + " |" for r in table_rows(report)]
     return "\n".join(lines)

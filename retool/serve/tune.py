@@ -154,10 +154,13 @@ def tune(sess, repo, name: str, *, budget_ms: float | None, rate: float | None =
             data = smp.read_published(repo, name, v, man["samples"])
             data_file = lt.input_data_file(data["in"], Path(tmp), batched=mbs > 0)
         try:
+            took: list[float] = []  # each configuration's time: the next one's estimate on a terminal's bar
             for cfg in todo:
                 m = Measured(cfg)
                 measured.append(m)
-                with console.step(f"{name}: {cfg.label}"):
+                t_cfg = time.perf_counter()
+                with console.step(f"{name}: {cfg.label} ({len(measured)}/{len(todo)})",
+                                  estimate_s=sum(took) / len(took) if took else None):
                     try:
                         sess.load(name, None if configs == "published" else override(base, cfg, mbs),
                                   timeout=timeout)
@@ -172,6 +175,7 @@ def tune(sess, repo, name: str, *, budget_ms: float | None, rate: float | None =
                             raise
                         m.error = str(exc)
                         failed.append(exc)
+                took.append(time.perf_counter() - t_cfg)
                 _pick(m, budget_ms, rate)
         finally:
             if sess.server is None:  # an existing server goes back to the published config
