@@ -129,3 +129,23 @@ def flat_module(torch, module):
             return tuple(t for _, t in pairs)
 
     return FlatOutputs(module).eval()
+
+
+def short_error(exc: BaseException) -> str:
+    """The line that says what went wrong, from the deepest cause (torch.onnx nests them)."""
+    import re
+
+    chain = []
+    while exc is not None and len(chain) < 10:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    for e in reversed(chain):
+        text = str(e)
+        m = re.search(r"No ONNX function found for <OpOverload\(op='([\w.]+)'", text)
+        if m:
+            return f"unsupported operator {m.group(1)} (no ONNX translation)"
+        m = re.search(r"Exporting the operator '([\w:.]+)' to ONNX opset version (\d+) is not supported", text)
+        if m:
+            return f"unsupported operator {m.group(1)} at opset {m.group(2)}"
+    lines = [l.strip() for l in str(chain[-1]).splitlines() if l.strip()]
+    return f"{type(chain[-1]).__name__}: {(lines[0] if lines else '')[:400]}"
