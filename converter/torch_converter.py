@@ -18,7 +18,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from retool.converter.base import Converter, ConvertRequest, ExportResult, SourceModel, merge_specs
-from retool.converter.torch_outputs import choose_names, flat_module, flatten_named, is_flat
+from retool.converter.torch_outputs import HF_NAMED, choose_names, flat_module, flatten_named, hf_output_names, is_flat
 from retool.converter.torch_outputs import short_error as _short
 from retool.deps import require, version_of
 from retool.converter.torch_imports import broken_import_error, import_failure
@@ -339,9 +339,14 @@ class TorchSource(SourceModel):
         pairs, named = flatten_named(self.torch, out)
         # a scripted list is one List value to the exporter, not several outputs
         self._flat_needed = not is_flat(self.torch, out) or (self.scripted and isinstance(out, list))
+        found = [n for n, _ in pairs]
+        if not named:  # a transformers model run with return_dict=False can still say its names
+            found, named = hf_output_names(self.torch, self.module, args, found)
         names, self.output_names_source = choose_names(
-            [n for n, _ in pairs], named, (self.request.options or {}).get("output_names"),
+            found, named, (self.request.options or {}).get("output_names"),
             [s.name for s in self.input_specs], self.request.source_label)
+        if named is HF_NAMED and self.output_names_source == "model":
+            self.output_names_source = HF_NAMED
         return names
 
     def export(self, path: Path, opset: int | None) -> ExportResult:

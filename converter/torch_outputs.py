@@ -77,6 +77,26 @@ def flatten_named(torch, out) -> tuple[list[tuple[str, Any]], bool]:
     return list(zip(names, (t for _, t in flat))), named
 
 
+#: where the names came from when a transformers model returned a plain tuple
+HF_NAMED = "transformers ModelOutput (return_dict=True)"
+
+
+def hf_output_names(torch, module, args, found: list[str]) -> tuple[list[str], object]:
+    """(names, HF_NAMED) from the ModelOutput of a transformers ``PreTrainedModel`` (pickled with
+    ``return_dict=False``) when its fields line up with the tuple it returned; else (found, False)."""
+    if not any(c.__name__ == "PreTrainedModel" for c in type(module).__mro__):
+        return found, False
+    try:
+        with torch.no_grad():
+            out = module(*args, return_dict=True)
+        pairs, named = flatten_named(torch, out)
+    except Exception:  # the positional names stay
+        return found, False
+    if not named or len(pairs) != len(found):
+        return found, False
+    return [n for n, _ in pairs], HF_NAMED
+
+
 def unique(names: Sequence[str], taken: Sequence[str] = ()) -> list[str]:
     """ONNX value names must be unique, also against the graph's input names."""
     used = set(taken)
