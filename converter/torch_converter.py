@@ -394,7 +394,7 @@ class TorchSource(SourceModel):
                 errors.append(_short(exc))
                 for f in path.parent.glob(path.name + "*"):
                     f.unlink()
-        if self.scripted and "aten::dict" in errors[-1]:
+        if self.scripted and ("aten::dict" in errors[-1] or "DictConstruct" in errors[-1]):
             from retool.converter.torch_script_outputs import DICT_HINT
 
             errors[-1] += f" ({DICT_HINT})"

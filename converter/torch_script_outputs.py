@@ -1,7 +1,7 @@
 """ScriptModules whose forward returns a dict, for the TorchScript exporter.
 
 ``torch.onnx`` cannot export a ScriptModule with dynamo, and the TorchScript exporter has no ONNX
-translation for ``aten::dict`` / ``aten::_set_item`` / ``aten::__getitem__``, which DeepLabV3-style
+translation for ``aten::dict`` / ``prim::DictConstruct`` / ``aten::_set_item`` / ``aten::__getitem__``, which DeepLabV3-style
 models build in their scripted forward (``result = OrderedDict(); result["out"] = ...``). Once the
 model is traced inside a wrapper that returns the dict's values as a flat tuple (names kept by
 torch_outputs), each ``d[key]`` can be replaced by the tensor stored under that key, and the
@@ -38,8 +38,11 @@ def flatten_script_dicts(torch, traced):
     return traced if _dicts(frozen.graph) else frozen
 
 
+_DICT_KINDS = ("aten::dict", "prim::DictConstruct")
+
+
 def _dicts(graph) -> list:
-    return [n for n in graph.nodes() if n.kind() == "aten::dict"]
+    return [n for n in graph.nodes() if n.kind() in _DICT_KINDS]
 
 
 #: what the TorchScript exporter's refusal of a dict means for the user
@@ -54,7 +57,7 @@ def forward_dict_items(torch, traced) -> int:
     torch._C._jit_pass_inline(graph)
     removed, skipped = 0, set()
     while True:
-        node = next((n for n in _dicts(graph) if not list(n.inputs()) and n.output().unique() not in skipped), None)
+        node = next((n for n in _dicts(graph) if n.output().unique() not in skipped), None)
         if node is None:
             break
         if _forward_one(node, graph):
@@ -69,7 +72,11 @@ def forward_dict_items(torch, traced) -> int:
 def _forward_one(node, graph) -> bool:
     d = node.output()
     want = len(d.uses())
-    current: dict[str, object] = {}
+    items = list(node.inputs())  # a literal {k: v, ...} is DictConstruct(k1, v1, k2, v2 ...)
+    keys = [_const_str(k) for k in items[0::2]]
+    if None in keys:
+        return False
+    current: dict[str, object] = dict(zip(keys, items[1::2]))
     plan = []  # (node, the value its output becomes or None for a store)
     for n in graph.nodes():  # the top-level block, in program order
         ins = list(n.inputs())

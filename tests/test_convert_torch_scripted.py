@@ -20,6 +20,7 @@ def _ort(path, x):
 
 
 @pytest.mark.parametrize("kind,names", [("dict", ["out", "aux"]), ("dict_branch", ["out", "aux"]),
+                                        ("dict_literal", ["out", "aux"]),
                                         ("namedtuple", ["out", "aux"]), ("list", ["output_0", "output_1"])])
 def test_scripted_structured_outputs_convert_with_their_names(tmp_path, cli, kind, names):
     from fixtures import torch_scripted
@@ -39,3 +40,14 @@ def test_scripted_structured_outputs_convert_with_their_names(tmp_path, cli, kin
     ref = [ref[k] for k in ("out", "aux")] if kind.startswith("dict") else list(ref)
     for g, r_ in zip(got, ref):
         np.testing.assert_allclose(g, r_.numpy(), atol=1e-5)
+
+
+def test_a_dict_with_computed_keys_names_the_real_obstacle(tmp_path, cli):
+    from fixtures import torch_scripted
+
+    src = torch_scripted.save_scripted(tmp_path / "seg.pt", "dict_computed")
+    out = tmp_path / "seg.onnx"
+    r = cli("-q", "convert", src, "-o", out, "--input", "x:float32:batch,3,32,32")
+    assert r.code == 4 and "Traceback" not in r.err and not out.exists()
+    assert "could not flatten" in r.err and "dict whose keys are constants" in r.err
+    assert "ConstraintViolation" not in r.err and "dynamo: not tried: the source is TorchScript" in r.err
