@@ -60,3 +60,12 @@ def test_fp32_source_keeps_fp32_tolerances(tmp_path, cli):
     d = _report(out)["data"]
     assert d["source_precision"] == "fp32" and d["tolerance"] == tolerance_for("fp32").to_dict()
     assert "tolerance_reason" not in d
+
+
+def test_eager_quantized_module_is_detected():
+    from fixtures import torch_models, torch_scripted
+    from retool.converter.source_precision import torch_precision
+
+    precision, why = torch_precision(torch, torch_scripted.quantized_eager(seed=1))
+    assert precision == "int8" and "ConvReLU2d" in why
+    assert torch_precision(torch, torch_models.cnn()) == ("fp32", "")
