@@ -77,7 +77,8 @@ def check_weights(folder, task: str, arch: str, info: dict) -> None:
     decoder), except a head dropped on purpose: ``--task feature-extraction`` on a folder whose
     architecture is a head class loads its base model and leaves the head's weights out."""
     missing, unexpected, mismatched = (_keys(info, n) for n in ("missing_keys", "unexpected_keys", "mismatched_keys"))
-    head_dropped = task == "feature-extraction" and not any(a.endswith("Model") for a in folder.architectures)
+    archs = folder.architectures
+    head_dropped = task == "feature-extraction" and bool(archs) and not any(a.endswith("Model") for a in archs)
     if head_dropped:
         unexpected = []
     if not (missing or unexpected or mismatched):
