@@ -86,7 +86,6 @@ def convert(source: Any, output, *, framework: str = "auto", weights=None,
     the ONNX file is then not written to ``output``; only the sidecar report is.
     """
     from retool.inputs import load_npz, parse_specs
-    from retool.validators.parity import Tolerance
 
     out = check_output_path(output)
     if weights is not None and not Path(weights).exists():
@@ -116,9 +115,7 @@ def convert(source: Any, output, *, framework: str = "auto", weights=None,
 
         model.input_specs = with_ranges(model.input_specs, None, source_high(model.module))
     try:
-        return _convert_loaded(model, request, out, verify,
-                               tolerance if isinstance(tolerance, Tolerance) or tolerance is None else Tolerance(**tolerance),
-                               timings, write_report)
+        return _convert_loaded(model, request, out, verify, tolerance, timings, write_report)
     except OSError as exc:  # writing the staged copy (a full disk ...); anything else is a bug
         _raise_if_output_failed(exc, out)
         raise
@@ -143,11 +140,10 @@ def _source_digest(model: SourceModel, request: ConvertRequest) -> str | None:
 def _convert_loaded(model: SourceModel, request: ConvertRequest, out: Path, verify: bool, tolerance,
                     timings: dict, write_report: bool) -> tuple[ModelArtifact, Report]:
     from retool.onnx_info import artifact_from_onnx, sidecar_report_path
-    from retool.validators.parity import tolerance_for
     from retool.validators.structure import ort_load_check, structural_checks
 
     started = now_iso()
-    tol = tolerance or tolerance_for("fp32")
+    tol, tol_data = _tolerance(model, tolerance)
     with staging_dir(out) as tmp:
         staged = tmp / out.name
         t0 = time.perf_counter()
@@ -212,7 +208,7 @@ def _convert_loaded(model: SourceModel, request: ConvertRequest, out: Path, veri
                             (final_step,), art.extra_files)
         report = Report("convert", art, tuple(checks),
                         {"timings": {k: round(v, 4) for k, v in timings.items()},
-                         "tolerance": tol.to_dict(), "exporter": result.tool,
+                         "tolerance": tol.to_dict(), **tol_data, "exporter": result.tool,
                          "framework": request.framework, "verified": verify,
                          **{k: result.params[k] for k in REPORTED_PARAMS if k in result.params},
                          **dict(model.report_data),
@@ -237,6 +233,28 @@ def _convert_loaded(model: SourceModel, request: ConvertRequest, out: Path, veri
                 side.unlink(missing_ok=True)
             raise
     return art, report
+
+
+def _tolerance(model: SourceModel, tolerance) -> tuple:
+    """(Tolerance, report data): the defaults for the source's own precision (int8 for a quantized source),
+    with a mapping's entries (the CLI's --atol/--rtol/--min-cosine) on top; a Tolerance is used as given."""
+    from retool.converter.source_precision import source_precision
+    from retool.validators.parity import Tolerance, tolerance_for
+
+    precision, why = source_precision(model)
+    data = {"source_precision": precision}
+    if isinstance(tolerance, Tolerance):
+        return tolerance, {**data, "tolerance_from": "given"}
+    given = dict(tolerance or {})  # None disables a limit
+    bad = set(given) - {"atol", "rtol", "min_cosine", "min_top1"}
+    if bad:
+        raise UsageError(f"tolerance: unknown key(s) {', '.join(sorted(bad))}; use atol, rtol, min_cosine, min_top1")
+    tol = dataclasses.replace(tolerance_for(precision), **given)
+    data["tolerance_from"] = f"{precision} defaults" + (f" with {', '.join(sorted(given))} given" if given else "")
+    if why:
+        data["tolerance_reason"] = f"{why}: judged by the {precision} tolerances, as two {precision} kernels " \
+                                   f"round differently"
+    return tol, data
 
 
 #: a write at the output failed for want of space or permission: the output is the problem, not the source

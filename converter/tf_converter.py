@@ -284,8 +284,7 @@ def _signature_source(obj, request: ConvertRequest, files, label: str) -> TFSour
     sigs = dict(getattr(obj, "signatures", {}) or {})
     name = (request.options or {}).get("signature") or "serving_default"
     if not sigs:
-        raise UsageError(f"{label}: the SavedModel has no signatures; re-save it with "
-                         f"tf.saved_model.save(obj, dir, signatures=...)")
+        return _unsigned_source(obj, request, files, label)
     if name not in sigs:
         raise UsageError(f"{label}: no signature {name!r}; available: {', '.join(sorted(sigs))} (pass --signature)")
     fn = sigs[name]
@@ -319,7 +318,40 @@ def _load_object(obj, request: ConvertRequest) -> TFSource:
     raise UsageError(f"{type(obj).__name__}: expected a Keras model, a tf.function or a loaded SavedModel")
 
 
-def _function_source(fn, request: ConvertRequest) -> TFSource:
+def _traced_specs(fn) -> list:
+    """The input TensorSpecs a restored tf.function was traced for (one list per concrete function)."""
+    out = []
+    for c in getattr(fn, "concrete_functions", None) or []:
+        args, kwargs = c.structured_input_signature
+        out.append([a for a in import_tf().nest.flatten((args, kwargs)) if hasattr(a, "shape")])
+    return out
+
+
+def _unsigned_source(obj, request: ConvertRequest, files, label: str) -> TFSource:
+    """A SavedModel without signatures (TF-Hub style) converts through its restored ``__call__``, whose
+    inputs --input declares (a restored function has no input_signature to read them from)."""
+    fn = getattr(obj, "__call__", None)
+    if not hasattr(fn, "get_concrete_function"):
+        raise UsageError(f"{label}: the SavedModel has no signatures and no restored __call__; re-save it with "
+                         f"tf.saved_model.save(obj, dir, signatures=...)")
+    traced = _traced_specs(fn)
+    if not request.inputs:
+        first = traced[0] if traced else []
+        eg = " ".join(f"--input {s.name or f'input_{i}'}:{s.dtype.name}:" + ",".join(
+            str(d) if d is not None else ("batch" if j == 0 else f"d{j}") for j, d in enumerate(s.shape.as_list()))
+            for i, s in enumerate(first)) or "--input NAME:DTYPE:SHAPE"
+        raise UsageError(f"{label}: the SavedModel has no signatures; its restored __call__ converts once --input "
+                         f"declares its inputs, e.g. {eg}")
+    try:
+        return _function_source(fn, request, kind="saved_model[__call__]", files=files, owner=obj)
+    except (ValueError, TypeError) as exc:
+        seen = "; ".join(", ".join(f"{s.dtype.name}{s.shape.as_list()}" for s in t) for t in traced) or "none"
+        raise UsageError(f"{label}: its restored __call__ was not traced for --input "
+                         f"{' '.join(str(s) for s in request.inputs)} (traced for: {seen}; "
+                         f"{type(exc).__name__})") from None
+
+
+def _function_source(fn, request: ConvertRequest, kind: str = "tf.function", files=(), owner=None) -> TFSource:
     tf = import_tf()
     if hasattr(fn, "structured_input_signature") and not hasattr(fn, "get_concrete_function"):
         args, _ = fn.structured_input_signature
@@ -349,4 +381,4 @@ def _function_source(fn, request: ConvertRequest) -> TFSource:
             return dict(out)
         return dict(zip(out_names, tf.nest.flatten(out)))
 
-    return TFSource(request, "tf.function", call, specs, _select_outputs(out_names, request))
+    return TFSource(request, kind, call, specs, _select_outputs(out_names, request), files, owner=owner)

@@ -18,7 +18,8 @@ import numpy as np
 
 from retool.converter.torch_archive import NO_INPUTS, TORCH_SUFFIXES, classify_file, undeclared_inputs_error
 from retool.converter.base import Converter, ConvertRequest, ExportResult, SourceModel, merge_specs
-from retool.converter.torch_outputs import choose_names, flat_module, flatten_named, is_flat
+from retool.converter.torch_outputs import HF_NAMED, choose_names, flat_module, flatten_named, hf_output_names, is_flat
+from retool.converter.torch_outputs import short_error as _short
 from retool.deps import require, version_of
 from retool.converter.torch_imports import broken_import_error, import_failure
 from retool.errors import ConversionError, RetoolError, TrustRequired, UsageError
@@ -202,6 +203,8 @@ class TorchSource(SourceModel):
             if hasattr(module, "eval"):
                 module.eval()
         self.input_specs = self._resolve_specs()
+        # dynamo exports nn.Modules and ExportedPrograms, never TorchScript: a ScriptModule goes to the TorchScript exporter
+        self.scripted = isinstance(self.module, torch.jit.ScriptModule)
         self._flat_needed = False
         self.output_names_source = ""
 
@@ -311,10 +314,16 @@ class TorchSource(SourceModel):
         with self.torch.no_grad():
             out = self._forward(args)
         pairs, named = flatten_named(self.torch, out)
-        self._flat_needed = not is_flat(self.torch, out)
+        # a scripted list is one List value to the exporter, not several outputs
+        self._flat_needed = not is_flat(self.torch, out) or (self.scripted and isinstance(out, list))
+        found = [n for n, _ in pairs]
+        if not named:  # a transformers model run with return_dict=False can still say its names
+            found, named = hf_output_names(self.torch, self.module, args, found)
         names, self.output_names_source = choose_names(
-            [n for n, _ in pairs], named, (self.request.options or {}).get("output_names"),
+            found, named, (self.request.options or {}).get("output_names"),
             [s.name for s in self.input_specs], self.request.source_label)
+        if named is HF_NAMED and self.output_names_source == "model":
+            self.output_names_source = HF_NAMED
         return names
 
     def export(self, path: Path, opset: int | None) -> ExportResult:
@@ -335,6 +344,10 @@ class TorchSource(SourceModel):
         for exporter in ("dynamo", "torchscript"):
             if exporter == "torchscript" and self.kind == "exported_program":
                 break
+            if exporter == "dynamo" and self.scripted:
+                errors.append("not tried: the source is TorchScript (a ScriptModule), which only the TorchScript "
+                              "exporter takes")
+                continue
             try:
                 # exporters print graphs and progress on stdout, which belongs to our report
                 with warnings.catch_warnings(record=True) as caught, _quiet_stdout():
@@ -346,7 +359,7 @@ class TorchSource(SourceModel):
                                                  large)
                 warn_list += [str(w.message).splitlines()[0][:200] for w in caught
                               if issubclass(w.category, UserWarning)][:5]
-                if exporter != "dynamo":
+                if exporter != "dynamo" and not self.scripted:
                     warn_list.insert(0, "dynamo exporter failed; used the TorchScript exporter: " + errors[0])
                 return ExportResult(f"torch.onnx.export({exporter})",
                                     {"exporter": exporter, "external_data": large,
@@ -358,6 +371,10 @@ class TorchSource(SourceModel):
                 errors.append(_short(exc))
                 for f in path.parent.glob(path.name + "*"):
                     f.unlink()
+        if self.scripted and ("aten::dict" in errors[-1] or "DictConstruct" in errors[-1]):
+            from retool.converter.torch_script_outputs import DICT_HINT
+
+            errors[-1] += f" ({DICT_HINT})"
         raise ConversionError(f"{self.request.source_label}: torch.onnx could not export the model: "
                               + " | ".join(f"{n}: {e}" for n, e in zip(("dynamo", "torchscript"), errors)))
 
@@ -403,6 +420,9 @@ class TorchSource(SourceModel):
         if getattr(target, "takes_varargs", False):
             # the exporter's own tracer refuses a ScriptModule inside a Python module; torch.jit.trace does not
             target = torch.jit.trace(target, args, strict=False)
+            from retool.converter.torch_script_outputs import flatten_script_dicts
+
+            target = flatten_script_dicts(torch, target)  # a scripted forward's dict becomes its tensors
         torch.onnx.export(target, args, str(path), input_names=input_names, output_names=output_names,
                           dynamic_axes=dyn_axes or None, opset_version=opset or 17, dynamo=False,
                           do_constant_folding=True)
@@ -455,23 +475,3 @@ def _ident(name: str) -> str:
 
     out = re.sub(r"\W", "_", name)
     return out if out and not out[0].isdigit() else f"d_{out}"
-
-
-def _short(exc: BaseException) -> str:
-    """The line that says what went wrong, from the deepest cause (torch.onnx nests them)."""
-    import re
-
-    chain = []
-    while exc is not None and len(chain) < 10:
-        chain.append(exc)
-        exc = exc.__cause__ or exc.__context__
-    for e in reversed(chain):
-        text = str(e)
-        m = re.search(r"No ONNX function found for <OpOverload\(op='([\w.]+)'", text)
-        if m:
-            return f"unsupported operator {m.group(1)} (no ONNX translation)"
-        m = re.search(r"Exporting the operator '([\w:.]+)' to ONNX opset version (\d+) is not supported", text)
-        if m:
-            return f"unsupported operator {m.group(1)} at opset {m.group(2)}"
-    lines = [l.strip() for l in str(chain[-1]).splitlines() if l.strip()]
-    return f"{type(chain[-1]).__name__}: {(lines[0] if lines else '')[:400]}"

@@ -77,6 +77,26 @@ def flatten_named(torch, out) -> tuple[list[tuple[str, Any]], bool]:
     return list(zip(names, (t for _, t in flat))), named
 
 
+#: where the names came from when a transformers model returned a plain tuple
+HF_NAMED = "transformers ModelOutput (return_dict=True)"
+
+
+def hf_output_names(torch, module, args, found: list[str]) -> tuple[list[str], object]:
+    """(names, HF_NAMED) from the ModelOutput of a transformers ``PreTrainedModel`` (pickled with
+    ``return_dict=False``) when its fields line up with the tuple it returned; else (found, False)."""
+    if not any(c.__name__ == "PreTrainedModel" for c in type(module).__mro__):
+        return found, False
+    try:
+        with torch.no_grad():
+            out = module(*args, return_dict=True)
+        pairs, named = flatten_named(torch, out)
+    except Exception:  # the positional names stay
+        return found, False
+    if not named or len(pairs) != len(found):
+        return found, False
+    return [n for n, _ in pairs], HF_NAMED
+
+
 def unique(names: Sequence[str], taken: Sequence[str] = ()) -> list[str]:
     """ONNX value names must be unique, also against the graph's input names."""
     used = set(taken)
@@ -129,3 +149,23 @@ def flat_module(torch, module):
             return tuple(t for _, t in pairs)
 
     return FlatOutputs(module).eval()
+
+
+def short_error(exc: BaseException) -> str:
+    """The line that says what went wrong, from the deepest cause (torch.onnx nests them)."""
+    import re
+
+    chain = []
+    while exc is not None and len(chain) < 10:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    for e in reversed(chain):
+        text = str(e)
+        m = re.search(r"No ONNX function found for <OpOverload\(op='([\w.]+)'", text)
+        if m:
+            return f"unsupported operator {m.group(1)} (no ONNX translation)"
+        m = re.search(r"Exporting the operator '([\w:.]+)' to ONNX opset version (\d+) is not supported", text)
+        if m:
+            return f"unsupported operator {m.group(1)} at opset {m.group(2)}"
+    lines = [l.strip() for l in str(chain[-1]).splitlines() if l.strip()]
+    return f"{type(chain[-1]).__name__}: {(lines[0] if lines else '')[:400]}"

@@ -45,8 +45,9 @@ def optimize_decoder(art, out: Path, profile, tol, *, seed: int, threads: int, m
         ref_sess, cand_sess = make_session(art.path, threads=threads), make_session(cand, threads=threads)
         layout = layout_from_session(ref_sess)
         prompts = make_prompts(layout.vocab, seed)
-        min_agree = tol.min_top1 if tol.min_top1 is not None else 31 / 32
-        min_cos = tol.min_cosine if tol.min_cosine is not None else 0.98
+        # tol is the target's gate with the user's --tolerance on top: None there is the user's "none"
+        min_agree = tol.min_top1 if tol.min_top1 is not None else 0.0
+        min_cos = tol.min_cosine if tol.min_cosine is not None else -1.0
         mode = "free-running and teacher-forced" if o.get("free_running") else "teacher-forced"
         with console.step(f"generation gate ({mode}, {len(prompts)} prompts x {n_new} tokens vs fp32)"):
             checks, gen = quantized_gate(ort_step(ref_sess), ort_step(cand_sess), layout, prompts, n_new,
@@ -97,7 +98,8 @@ def optimize_decoder(art, out: Path, profile, tol, *, seed: int, threads: int, m
                                   f"{info['matmulnbits']} MatMulNBits for {info['weight_matmuls']} weight MatMuls",
                                   dict(info), "info")] + list(checks)
         data = {"target": profile.name, "chosen_target": profile.name, "profile": profile.to_dict(),
-                "task": "text-generation", "reference": {"kind": "onnx", "label": str(art.path), "sha256": art.sha256},
+                "task": "text-generation", "reference": {"kind": "onnx", "label": str(Path(art.path).resolve()),
+                                                             "sha256": art.sha256},
                 "size_mb": round(size_out / 1e6, 4),
                 "size_mb_input": round(size_in / 1e6, 4), "size_ratio": round(size_out / size_in, 4) if size_in else None,
                 "generation": gen, "weight_only": info, "decode_latency": lat, "latency": None,

@@ -15,6 +15,7 @@ from typing import Mapping
 import numpy as np
 
 from retool.converter.base import ExportResult, SourceModel
+from retool.errors import ConversionError, first_line
 from retool.types import TensorSpec
 from retool.validators.generation import (DEFAULT_NEW_TOKENS, CacheLayout, fp32_parity, make_prompts, past_names,
                                           present_names, reference_run)
@@ -71,14 +72,31 @@ def make_wrapper(torch, model, layers: int):
     return CacheWrapper()
 
 
+def _no_kv_cache(model, why: str) -> ConversionError:
+    arch = type(model).__name__
+    return ConversionError(f"{arch}: its decoding state is not a key/value cache ({why}); retool exports "
+                           f"text-generation models with a KV cache (Llama, GPT-2, Qwen2, Phi-3 ...), so {arch} "
+                           f"cannot be converted yet")
+
+
 def probe_layout(torch, model) -> CacheLayout:
-    """Layers, KV heads and head size from one forward pass (configs name them differently)."""
+    """Layers, KV heads and head size from one forward pass (configs name them differently).
+
+    A model whose state is not a key/value cache (Mamba's recurrent state, linear attention) is refused."""
     from transformers import DynamicCache
 
-    with torch.no_grad():
-        out = model(input_ids=torch.zeros((1, 2), dtype=torch.long), use_cache=True, return_dict=True,
-                    **{cache_argument(model): DynamicCache(config=model.config)})
-    flat = _flat_cache(_present(out))
+    params = inspect.signature(model.forward).parameters
+    if not {"cache", "past_key_values"} & set(params):
+        raise _no_kv_cache(model, "its forward takes no past_key_values")
+    try:
+        with torch.no_grad():
+            out = model(input_ids=torch.zeros((1, 2), dtype=torch.long), use_cache=True, return_dict=True,
+                        **{cache_argument(model): DynamicCache(config=model.config)})
+        flat = _flat_cache(_present(out))
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise _no_kv_cache(model, first_line(exc, 160, with_type=True)) from None
+    if not flat or not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in flat):
+        raise _no_kv_cache(model, "its cache layers hold no (batch, heads, sequence, head_dim) tensors")
     k = flat[0]
     return CacheLayout(len(flat) // 2, int(k.shape[1]), int(k.shape[3]), int(out.logits.shape[-1]),
                        str(k.dtype).replace("torch.", ""))

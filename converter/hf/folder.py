@@ -7,6 +7,7 @@ code (``auto_map`` / ``trust_remote_code``) run code, so they need ``--trust-rem
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,6 +90,10 @@ def check_loadable(folder: HFFolder, trust_remote_code: bool) -> None:
                          f"model.save_pretrained(folder) and convert that folder")
 
 
+def task_of(arch: str) -> str | None:
+    return next((t for suffix, t in _SUFFIX_TASKS if arch.endswith(suffix)), None)
+
+
 def infer_task(folder: HFFolder, task: str | None = None) -> str:
     """``task`` if given, else from the config's ``architectures``."""
     if task:
@@ -100,6 +105,39 @@ def infer_task(folder: HFFolder, task: str | None = None) -> str:
         for suffix, t in _SUFFIX_TASKS:
             if arch.endswith(suffix):
                 return t
+    if is_encoder_decoder(folder):
+        raise ConversionError(encoder_decoder_message(folder))
     named = f"architectures {archs}" if archs else "no 'architectures' entry"
     raise ConversionError(f"{folder.path / 'config.json'}: cannot infer the task ({named}); "
                           f"pass --task ({', '.join(TASKS)})")
+
+
+def is_encoder_decoder(folder: HFFolder) -> bool:
+    return bool(folder.config.get("is_encoder_decoder"))
+
+
+#: tasks whose export needs only the encoder's inputs; an encoder-decoder needs decoder inputs too
+ENCODER_ONLY_TASKS = ("feature-extraction",)
+
+
+def encoder_decoder_message(folder: HFFolder, task: str | None = None) -> str:
+    """One line: an encoder-decoder (T5, BART, Marian, Whisper) is not exported yet, and what to do instead."""
+    arch = folder.architectures[0] if folder.architectures else folder.model_type
+    family = re.sub(r"(ForConditionalGeneration|Model)$", "", arch)
+    why = "retool does not export encoder-decoders (text2text-generation) yet"
+    if task:
+        why = f"--task {task} would need decoder inputs too, and {why}"
+    encoder = f"{family}EncoderModel"
+    alone = (f"to export its encoder alone, save transformers.{encoder}.from_pretrained(folder) with save_pretrained "
+             f"and convert that folder" if _has_encoder_class(encoder) else
+             "to export its encoder alone, save the model's get_encoder() in a folder of its own")
+    return (f"{folder.path / 'config.json'}: {arch} is an encoder-decoder ({why}); {alone}, or export the whole "
+            f"model with Optimum (optimum-cli export onnx --task text2text-generation)")
+
+
+def _has_encoder_class(name: str) -> bool:
+    try:
+        import transformers  # lazy: names resolve without importing torch
+    except ImportError:
+        return False
+    return hasattr(transformers, name)

@@ -35,9 +35,8 @@ def convert_cmd(source, output, framework, weights, inputs, example_inputs, opse
     from retool import console
     from retool.converter.core import convert
     from retool.errors import ValidationFailed
-    from retool.validators.parity import tolerance_for
-
-    tol = tolerance_for("fp32").merged(atol=atol, rtol=rtol, min_cosine=min_cosine)
+    # only what was given: the defaults depend on the source's precision (int8 for a quantized source)
+    tol = {k: v for k, v in {"atol": atol, "rtol": rtol, "min_cosine": min_cosine}.items() if v is not None}
     options = converter_options(signature, output_names, inputs_as_nchw, custom_objects, static_batch,
                                 fold_batchnorm)
     options.update({k: v for k, v in {"task": task, "new_tokens": new_tokens}.items() if v is not None})
