@@ -56,6 +56,7 @@ def test_server_dying_at_startup_gives_its_logs_reason(repo):
     assert ei.value.exit_code == 8 and "at start-up" in str(ei.value)
     assert "already in use" in str(ei.value) or "GRPC" in str(ei.value), str(ei.value)
     assert _gone([srv.pid])
+    assert not srv.log_path.parent.exists()  # an error removes its temporary folder too
 
 
 def test_a_model_not_ready_in_time_is_a_timeout_and_the_server_still_stops(repo):

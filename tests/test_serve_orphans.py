@@ -168,3 +168,30 @@ def test_perf_analyzer_dies_with_retool_even_while_the_server_lives(repo):
             assert sess.server.alive()  # it was not the server going away that ended it
         finally:
             _kill(p)
+
+
+def _using(path: Path) -> list[int]:
+    """Processes whose command line names ``path`` (a server or stub on that repository)."""
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        if any(str(path) in a for a in p.info["cmdline"] or ()):
+            out.append(p.pid)
+    return out
+
+
+@pytest.mark.slow
+def test_kill_9_of_repo_check_while_the_server_starts_leaves_nothing(repo, tmp_path):
+    own = tmp_path / "repo"  # a repository only this test serves, so that leftovers can be found by path
+    import shutil
+
+    shutil.copytree(repo, own)
+    p = _retool("repo", "check", own)
+    try:
+        kids = _wait_for(p.pid, {"tritonserver"}, 120)
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(30)
+        assert not _wait_gone(kids), kids
+        time.sleep(1)  # a stub forked at the last moment would show up by now
+        assert not _wait_gone(_using(own), 10)
+    finally:
+        _kill(p)

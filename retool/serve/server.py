@@ -87,7 +87,7 @@ def die_with_parent() -> "callable | None":
 def check_host(host: str) -> str:
     """--host must be an IPv4 address (or name) of this machine: say so, not that a port is in use."""
     try:
-        addr = socket.getaddrinfo(host, 0, socket.AF_INET, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)[0][4][0]
+        addr = socket.getaddrinfo(host or None, 0, socket.AF_INET, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)[0][4][0]
     except (socket.gaierror, UnicodeError) as exc:
         raise UsageError(f"--host {host}: not an IPv4 address or known host name ({getattr(exc, 'strerror', exc)}); "
                          f"give one of this machine's addresses such as 127.0.0.1 or 0.0.0.0") from None
@@ -244,8 +244,8 @@ class TritonServer:
                                      env=server_env(), start_new_session=True, cwd=str(log_dir),
                                      preexec_fn=die_with_parent())
         _LIVE.add(self)
-        self._start_watchdog()
         try:
+            self._start_watchdog()
             self.wait_live(self.startup_timeout)
         except BaseException:
             self.stop()
