@@ -142,3 +142,13 @@ def run_task(task: str, args: dict, timeout: float = 900, env: dict | None = Non
     """Run one ``bench/child.py`` task in a fresh interpreter; returns (process result, its JSON result)."""
     r = run_child([sys.executable, str(CHILD), task, json.dumps(args)], timeout=timeout, env=env)
     return r, r.last_json()
+
+
+def convert(source: str, extra: list[str], dst: Path, timeout: float = 900, env: dict | None = None) -> tuple[ChildResult, dict | None]:
+    """``retool convert SOURCE -o DST --json`` in a child: its result and the report it printed."""
+    r = run_child(retool_cmd() + ["convert", source, "-o", str(dst), *extra, "--json"], timeout=timeout, env=env)
+    try:
+        report = json.loads(r.stdout) if r.ok else None
+    except ValueError:
+        report = None
+    return r, report

@@ -7,6 +7,7 @@ from pathlib import Path
 if __name__ == "__main__":  # run as a script (python bench/report.py): the repository root on the path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.stats import fmt_metric  # noqa: E402
 from retool.console import table  # noqa: E402
 
 MIB = 2**20
@@ -17,16 +18,7 @@ def _table(headers: list[str], rows: list[list]) -> str:
     return table(headers, [[str(c) for c in r] for r in rows])
 
 
-def _m(d, fmt="{:.3f}", scale=1.0, spread=True) -> str:
-    """``median [p25-p75]`` of a metric dict, or its value; '-' when absent."""
-    if not isinstance(d, dict):
-        return "-"
-    if "median" in d:
-        s = fmt.format(d["median"] * scale)
-        return f"{s} [{fmt.format(d['p25'] * scale)}-{fmt.format(d['p75'] * scale)}]" if spread and d.get("n", 0) > 1 else s
-    if "value" in d:
-        return fmt.format(d["value"] * scale)
-    return "-"
+_m = fmt_metric
 
 
 def _status(d) -> str | None:

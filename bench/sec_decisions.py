@@ -378,7 +378,7 @@ def stability(onnx: Path, work: Path, per_phase: int, runs_per_validate: int) ->
 # -- the section ---------------------------------------------------------------------------------------
 
 def _prepare(work: Path) -> dict:
-    from bench.sections import _child_failure, _convert
+    from bench.proc import child_failure as _child_failure, convert as _convert
 
     work.mkdir(parents=True, exist_ok=True)
     dst = work / "cnn.onnx"
@@ -427,7 +427,11 @@ def _load(m: dict) -> str:
 
 
 def render(d: dict) -> str:
-    from bench.report import _m, _table
+    from bench.stats import fmt_metric as _m
+    from retool.console import table
+
+    def _table(headers, rows):
+        return table(headers, [[str(c) for c in r] for r in rows])
 
     if d.get("status") not in (None, "ok"):
         return f"decisions: {d.get('status')}: {d.get('reason')}"

@@ -5,13 +5,12 @@ latency figures from interleaved loops inside one child (``bench.child``).
 """
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 from bench.machine import room_for
 from bench.models import MODELS, BenchModel, LARGE_DEPTH, LARGE_WIDTH, mlp_param_count
-from bench.proc import PY, ChildResult, child_failure, retool_cmd, run_child, run_task
+from bench.proc import PY, ChildResult, child_failure, convert as _convert, retool_cmd, run_child, run_task
 from bench.stats import ratio_summary, summarize, value
 from bench.sec_decoder import decoder  # noqa: F401  (section "decoder")
 
@@ -63,15 +62,6 @@ def _prepare(bm: BenchModel, work: Path) -> dict:
     if got.get("status") == "ok":
         got["convert_args"] = list(got.get("convert_args", [])) + list(bm.convert_args)
     return got
-
-
-def _convert(source: str, extra: list[str], dst: Path, timeout: float = 900, env: dict | None = None) -> tuple[ChildResult, dict | None]:
-    r = run_child(retool_cmd() + ["convert", source, "-o", str(dst), *extra, "--json"], timeout=timeout, env=env)
-    try:
-        report = json.loads(r.stdout) if r.ok else None
-    except ValueError:
-        report = None
-    return r, report
 
 
 def _onnx_size(path: Path) -> int:

@@ -93,3 +93,15 @@ def is_metric(d) -> bool:
 
 def central(d: dict) -> float:
     return float(d["median"] if "median" in d else d["value"])
+
+
+def fmt_metric(d, fmt="{:.3f}", scale=1.0, spread=True) -> str:
+    """``median [p25-p75]`` of a metric dict, or its value; '-' when absent."""
+    if not isinstance(d, dict):
+        return "-"
+    if "median" in d:
+        s = fmt.format(d["median"] * scale)
+        return f"{s} [{fmt.format(d['p25'] * scale)}-{fmt.format(d['p75'] * scale)}]" if spread and d.get("n", 0) > 1 else s
+    if "value" in d:
+        return fmt.format(d["value"] * scale)
+    return "-"

@@ -26,7 +26,12 @@ def _graph() -> dict[str, set[str]]:
     mods = {_module_of(p): p for p in files}
     graph: dict[str, set[str]] = {m: set() for m in mods}
     for mod, path in mods.items():
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        typing_only = {id(n) for block in ast.walk(tree) if _is_type_checking(block)
+                       for stmt in block.body for n in ast.walk(stmt)}
+        for node in ast.walk(tree):
+            if id(node) in typing_only:  # `if TYPE_CHECKING:` imports never run: no circle at import time
+                continue
             names = []
             if isinstance(node, ast.ImportFrom) and node.module and not node.level:
                 names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
@@ -36,6 +41,10 @@ def _graph() -> dict[str, set[str]]:
                 if n in mods and n != mod and not mods[n].name == "__init__.py":
                     graph[mod].add(n)
     return graph
+
+
+def _is_type_checking(node) -> bool:
+    return isinstance(node, ast.If) and getattr(node.test, "id", getattr(node.test, "attr", None)) == "TYPE_CHECKING"
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:

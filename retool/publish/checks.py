@@ -2,33 +2,17 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any, Mapping
 
 from retool.errors import PublishError, UnsafePath
 from retool.publish import index, regression
+from retool.publish.finding import Finding  # noqa: F401  (re-exported: verify's findings)
 from retool.publish.config import parse_with_triton_schema
 from retool.publish.names import check_version
 from retool.publish.revision import ALIASES, CONFIG
 from retool.publish.storage import MANIFEST
 
 SIGNATURE = "model.sig"  # retool.publish.signing.SIGNATURE (that module imports model-signing lazily)
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One thing wrong in a repository, found by verify."""
-
-    model: str
-    version: int | None
-    path: str
-    problem: str  # changed | added | missing | incomplete | bad-manifest | bad-config | bad-alias
-    detail: str = ""
-
-    def to_dict(self) -> dict:
-        return {"model": self.model, "version": self.version, "path": self.path, "problem": self.problem,
-                "detail": self.detail}
-
 
 
 class Checks:

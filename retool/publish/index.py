@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from retool.errors import PublishError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from retool.publish.checks import Finding
+    from retool.publish.finding import Finding
     from retool.publish.repository import Repository
 
 INDEX = "history.json"
@@ -77,7 +77,7 @@ def check(repo: "Repository", name: str, folders: dict[str, str], committed: lis
     'non-canonical' or 'symlink'."""
     from retool.fsutil import sha256_bytes
     from retool.publish.config import parse_with_triton_schema
-    from retool.publish.checks import Finding
+    from retool.publish.finding import Finding
     from retool.publish.revision import ALIASES, CONFIG
 
     loc = repo.storage.location

@@ -25,6 +25,17 @@ class ServingState:
         idx = index.read(self, name)
         return idx if idx is not None else index.adopt(self, name)
 
+    def indexed_versions(self, name: str) -> set[str]:
+        """The versions the index records (empty when it is missing or damaged: verify reports that)."""
+        try:
+            return set((index.read(self, name) or {}).get("versions", {}))
+        except PublishError:
+            return set()
+
+    def record(self, name: str, kind: str, **fields) -> None:
+        """An event in the model's history, committed with the state it describes (config.sig too)."""
+        self._commit_state(name, index.event(kind, **fields))
+
     def _recover(self, name: str) -> None:
         """Finish what a killed writer left pending (under the lock). Every writer calls it first."""
         from retool.publish.signing import check_writer

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Iterator
 from retool.errors import MissingDependency, PublishError, UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from retool.publish.checks import Finding
+    from retool.publish.finding import Finding
     from retool.publish.repository import Repository
     from retool.publish.storage import Staged, Storage
 
@@ -198,7 +198,7 @@ def _problems(message: str) -> list[tuple[str, str]]:
 
 def _verify_folder(store: "Storage", model: str, version, key: str, sig: str, trust: Path,
                    skip=()) -> list["Finding"]:
-    from retool.publish.checks import Finding
+    from retool.publish.finding import Finding
 
     loc = store.location
     if not store.exists(f"{key}/{sig}"):
@@ -245,12 +245,7 @@ def verify(repo: "Repository", name: str, trust_key) -> list["Finding"]:
     for k, kind in sorted(repo._version_folders(name).items()):
         if kind == "ok":
             out += _verify_folder(store, name, int(k), f"{name}/{k}", SIGNATURE, trust)
-    try:
-        from retool.publish import index
-
-        known = set((index.read(repo, name) or {}).get("versions", {}))
-    except PublishError:
-        known = set()
+    known = repo.indexed_versions(name)
     skip = {k for k in store.listdir(name) if k in known or _transient(k)}
     return out + _verify_folder(store, name, None, name, CONFIG_SIGNATURE, trust, skip)
 
@@ -367,8 +362,6 @@ def describe(repo_url, model: str, version, verified: bool = False) -> str:
 def sign_published(repo: "Repository", name: str) -> list[int]:
     """Sign a model published without signatures: each unsigned version, then config.sig. Refused unless
     plain verify finds nothing (it would sign a tampered file). Returns the versions signed."""
-    from retool.publish import index
-
     name = repo.require_model(name)
     store = repo.storage
     with store.lock(name):
@@ -385,5 +378,5 @@ def sign_published(repo: "Repository", name: str) -> list[int]:
                 data = repo.signer.sign(folder, Path(tmp) / SIGNATURE, [SIGNATURE])
             store.write_bytes(f"{name}/{v}/{SIGNATURE}", data)
             done.append(v)
-        repo._commit_state(name, index.event("sign", versions=done))  # and config.sig
+        repo.record(name, "sign", versions=done)  # and config.sig
     return done
