@@ -354,3 +354,26 @@ def test_regression_spec_parsing_and_timer_noise():
     assert lat.passed and lat.value == pytest.approx(100.0) and lat.details["metric"] == "p50_ms"
     new = {"data": {"latency": {"candidate_p50_ms": 0.2}}, "checks": []}
     assert not rg.compare(new, 100, old, rg.DEFAULT)[0].passed
+
+
+def test_latency_regression_is_decided_on_the_runs_intervals():
+    """With the runs' samples in both reports, growth fails only when its whole interval is over the limit."""
+    import numpy as np
+
+    from retool.publish import regression as rg
+
+    rng = np.random.default_rng(0)
+
+    def rep(samples):
+        s = [float(x) for x in samples]
+        return {"data": {"latency": {"candidate": {"1": {"p50_ms": float(np.median(s)), "p99_ms": max(s),
+                                                         "samples_ms": s}}}}, "checks": []}
+
+    base = rng.normal(1.0, 0.05, 400)
+    old = {"version": 1, "files": {"model.onnx": {"size": 100}}, "report": rep(base)}
+    # the same distribution with a long tail in this run: p99 grew a lot, the p50 did not
+    tail = np.concatenate([rng.normal(1.0, 0.05, 392), np.full(8, 3.0)])
+    same = rg.compare(rep(tail), 100, old, rg.DEFAULT)[0]
+    assert same.passed and same.details["metric"] == "p50_ms" and same.details["decision"]["outcome"] != "fail"
+    slower = rg.compare(rep(rng.normal(1.6, 0.05, 400)), 100, old, rg.DEFAULT)[0]
+    assert not slower.passed and slower.details["decision"]["outcome"] == "fail" and slower.value > 50

@@ -73,6 +73,33 @@ def latency_metrics(report: Mapping | None) -> dict[str, float]:
     return out
 
 
+def _samples(report: Mapping | None) -> list[float]:
+    """The batch-1 per-run times a validate report keeps (empty when it has none)."""
+    lat = ((report or {}).get("data") or {}).get("latency")
+    cand = (lat or {}).get("candidate") if isinstance(lat, Mapping) else None
+    b1 = (cand.get("1") or cand.get(1) or {}) if isinstance(cand, Mapping) else {}
+    xs = b1.get("samples_ms") if isinstance(b1, Mapping) else None
+    return [float(x) for x in xs if _num(x) is not None] if isinstance(xs, list) else []
+
+
+def _decided(name: str, new: list[float], old: list[float], limits: Thresholds) -> CheckResult:
+    """Latency growth judged by the one rule (retool.speed): the two runs' p50 intervals give the growth
+    ratio's interval; it fails only when the whole interval is above the limit. The two runs were timed
+    apart (perhaps on a machine loaded differently), so an undecided growth passes, with its reason; a
+    p99 from one short run moved 35 % between identical runs here, which is why the p50 decides."""
+    from retool import speed
+
+    n, nlo, nhi = speed.sample_interval(new)
+    o, olo, ohi = speed.sample_interval(old)
+    d = speed.decide(n / o, nlo / ohi, nhi / olo, 1 + limits.latency_pct / 100, higher_is_better=False,
+                     rule=speed.rule_text("sample") + "; growth = new p50 / published p50", samples=min(len(new), len(old)))
+    ok = d.outcome != speed.FAIL or (n - o) <= limits.latency_slack_ms
+    growth = 100.0 * (n / o - 1.0)
+    return CheckResult(name, ok, round(growth, 2), limits.latency_pct,
+                       f"p50_ms {n:.3g} vs {o:.3g} ms ({growth:+.1f}%, limit +{limits.latency_pct:g}%; {d.text})",
+                       {"metric": "p50_ms", "new": n, "old": o, "decision": d.to_dict()})
+
+
 def min_cosine(report: Mapping | None) -> float | None:
     vals = [_num((c.get("details") or {}).get("cosine")) for c in (report or {}).get("checks") or ()
             if isinstance(c, Mapping)]
@@ -105,6 +132,8 @@ def compare(new_report: Mapping | None, new_size: int, old_manifest: Mapping, li
             skipped(name, why)
         elif old_l[key] <= 0:
             skipped(name, f"{label}'s {key} is zero")
+        elif _samples(new_report) and _samples(old_report):
+            checks.append(_decided(name, _samples(new_report), _samples(old_report), limits))
         else:
             growth = 100.0 * (new_l[key] / old_l[key] - 1.0)
             ok = growth <= limits.latency_pct or new_l[key] - old_l[key] <= limits.latency_slack_ms
