@@ -7,6 +7,7 @@ import subprocess
 import sys
 from importlib import metadata
 
+from retool.machine import parse_cpuinfo
 from retool.meminfo import meminfo_bytes
 
 #: CPU flags that decide which int8 / fp16 kernels ONNX Runtime can use.
@@ -17,19 +18,11 @@ PACKAGES = ("retool", "onnxruntime", "onnx", "torch", "tensorflow", "keras", "tf
 
 
 def _cpuinfo() -> tuple[str, set[str]]:
-    model, flags = platform.processor() or platform.machine(), set()
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, val = line.partition(":")
-                key = key.strip()
-                if key in ("model name", "Model", "Hardware") and model in ("", platform.machine(), platform.processor()):
-                    model = val.strip()
-                elif key in ("flags", "Features") and not flags:
-                    flags = set(val.split())
+            return parse_cpuinfo(f.read())
     except OSError:
-        pass
-    return model, flags
+        return parse_cpuinfo("")
 
 
 def room_for(work, disk_bytes: int, mem_bytes: int, disk_why: str, what: str) -> str | None:

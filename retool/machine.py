@@ -104,17 +104,23 @@ def _cpu_counters(r: Readers) -> list[int] | None:
     return None
 
 
-def static_info(r: Readers | None = None) -> dict:
-    """CPU model, ISA extensions and frequency governor, where readable."""
-    r = r or _readers
+def parse_cpuinfo(text: str) -> tuple[str, set[str]]:
+    """(CPU model, ISA flags) from /proc/cpuinfo's text (x86's 'model name'/'flags', Arm's 'Model'/'Features')."""
     model, flags = platform.processor() or platform.machine(), set()
-    for line in (r.cpuinfo() or "").splitlines():
+    for line in text.splitlines():
         key, _, val = line.partition(":")
         key = key.strip()
         if key in ("model name", "Model", "Hardware") and model in ("", platform.machine(), platform.processor()):
             model = val.strip()
         elif key in ("flags", "Features") and not flags:
             flags = set(val.split())
+    return model, flags
+
+
+def static_info(r: Readers | None = None) -> dict:
+    """CPU model, ISA extensions and frequency governor, where readable."""
+    r = r or _readers
+    model, flags = parse_cpuinfo(r.cpuinfo() or "")
     gov = r.governor()
     return {"cpu_model": model, "isa": [f for f in ISA if f in flags], "governor": gov.strip() if gov else None,
             "cores": r.cpus(), "cores_total": r.total_cpus()}

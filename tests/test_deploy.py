@@ -304,22 +304,13 @@ def test_missing_checkers_exit_3_naming_the_extra(tmp_path, hide, extra_hint):
     assert not (tmp_path / "k8s").exists()
 
 
-def test_model_analyzer_on_an_s3_repository_needs_a_local_copy(tmp_path, cli, monkeypatch):
-    pytest.importorskip("s3fs")
-    moto_server = pytest.importorskip("moto.server")
-    import boto3
-
+def test_model_analyzer_on_an_s3_repository_needs_a_local_copy(tmp_path, cli):
     from fixtures.onnx_tiny import linear
+    from fixtures.s3 import moto_endpoint, new_bucket
     from retool.publish import publish
 
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        for k, v in {"AWS_ACCESS_KEY_ID": "t", "AWS_SECRET_ACCESS_KEY": "t", "AWS_DEFAULT_REGION": "us-east-1",
-                     "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
-            monkeypatch.setenv(k, v)
-        boto3.client("s3").create_bucket(Bucket="models")
+    with moto_endpoint() as endpoint:
+        new_bucket(endpoint, "models")
         url = "s3://models/triton"
         publish(linear(tmp_path / "m.onnx"), url, "cnn-cpu-int8", max_batch_size=4, max_regression="off")
         plan = write_plan(tmp_path, example_plan(url, max_batch_size=4))
@@ -335,5 +326,3 @@ def test_model_analyzer_on_an_s3_repository_needs_a_local_copy(tmp_path, cli, mo
         assert cfg["model_repository"] == str(local.resolve())
         rows = json.loads((tmp_path / "ma" / "input-data.json").read_text())["data"]
         assert len(rows) == 4 and rows[0]["x"]["shape"] == [4]  # the samples stored in S3, one row each
-    finally:
-        server.stop()

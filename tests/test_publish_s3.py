@@ -5,49 +5,31 @@ import json
 import os
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
 
 from fixtures.onnx_tiny import linear
+from fixtures.s3 import moto_endpoint, new_bucket
 from retool.errors import PublishError
 from retool.publish import open_repo, publish
 
 pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
 text_format = pytest.importorskip("google.protobuf.text_format")
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {"AWS_ACCESS_KEY_ID": "retool-test", "AWS_SECRET_ACCESS_KEY": "retool-test", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    url = f"http://{host}:{port}"
-    saved = {k: os.environ.get(k) for k in [*ENV, "AWS_ENDPOINT_URL"]}
-    os.environ.update(ENV, AWS_ENDPOINT_URL=url)  # how a user points retool (botocore) at their endpoint
-    try:
+    with moto_endpoint() as url:  # how a user points retool (botocore) at their endpoint
         yield url
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        server.stop()
 
 
 @pytest.fixture
 def bucket(s3_endpoint):
-    import boto3
-
-    name = f"models-{uuid.uuid4().hex[:10]}"
-    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
-    return name
+    return new_bucket(s3_endpoint)[1]
 
 
 def _client(endpoint):

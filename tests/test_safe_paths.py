@@ -87,26 +87,10 @@ def test_external_data_outside_the_model_folder_is_not_published(tmp_path, cli):
 
 @pytest.fixture
 def s3_repo(tmp_path):
-    pytest.importorskip("s3fs")
-    moto_server = pytest.importorskip("moto.server")
-    import boto3
+    from fixtures.s3 import moto_endpoint, new_bucket
 
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "retool-test", "AWS_SECRET_ACCESS_KEY": "retool-test",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    bucket = f"models-{uuid.uuid4().hex[:10]}"
-    client = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"])
-    client.create_bucket(Bucket=bucket)
-    try:
-        yield client, bucket
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-        server.stop()
+    with moto_endpoint() as url:
+        yield new_bucket(url)
 
 
 @pytest.mark.parametrize("command", [("repo", "check"), ("repo", "verify"), ("serve",), ("loadtest",)])

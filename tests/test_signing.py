@@ -249,27 +249,11 @@ def test_deploy_kserve_carries_the_signatures_and_refuses_a_tampered_repository(
 
 # ---- S3 (moto) ------------------------------------------------------------------------------------------
 @pytest.fixture
-def s3(monkeypatch):
-    pytest.importorskip("s3fs")
-    moto_server = pytest.importorskip("moto.server")
-    import uuid
+def s3():
+    from fixtures.s3 import moto_endpoint, new_bucket
 
-    import boto3
-
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    for k, v in {"AWS_ACCESS_KEY_ID": "retool-test", "AWS_SECRET_ACCESS_KEY": "retool-test",
-                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}.items():
-        monkeypatch.setenv(k, v)
-    bucket = f"models-{uuid.uuid4().hex[:10]}"
-    client = boto3.client("s3", endpoint_url=endpoint)
-    client.create_bucket(Bucket=bucket)
-    try:
-        yield client, bucket
-    finally:
-        server.stop()
+    with moto_endpoint() as url:
+        yield new_bucket(url)
 
 
 def test_signed_repository_on_s3(s3, tmp_path, keys, cli):
