@@ -62,6 +62,20 @@ def verdict(value: float | None, iqr: Sequence[float] | None = None) -> str | No
     return FASTER if value > 1.0 else SLOWER
 
 
+def _paired_series(reference: Sequence[float], candidate: Sequence[float]):
+    """Both series as arrays cut to the shorter, and the ratio of their medians (the speed-up)."""
+    import numpy as np
+
+    r = np.asarray(reference, dtype=np.float64).ravel()
+    c = np.asarray(candidate, dtype=np.float64).ravel()
+    n = min(r.size, c.size)
+    if n == 0:
+        raise ValueError("a speed-up needs samples of both variants")
+    r, c = r[:n], c[:n]
+    cmed = float(np.median(c))
+    return r, c, (float(np.median(r)) / cmed if cmed > 0 else math.inf)
+
+
 def paired(reference_ms: Sequence[float], candidate_ms: Sequence[float]) -> dict:
     """Speed-up of the candidate over the reference from paired per-round samples (ms).
 
@@ -70,18 +84,11 @@ def paired(reference_ms: Sequence[float], candidate_ms: Sequence[float]) -> dict
     """
     import numpy as np
 
-    r = np.asarray(reference_ms, dtype=np.float64)
-    c = np.asarray(candidate_ms, dtype=np.float64)
-    n = min(r.size, c.size)
-    if n == 0:
-        raise ValueError("a speed-up needs samples of both variants")
-    r, c = r[:n], c[:n]
-    cmed = float(np.median(c))
-    value = float(np.median(r)) / cmed if cmed > 0 else math.inf
+    r, c, value = _paired_series(reference_ms, candidate_ms)
     ok = c > 0
     ratios = r[ok] / c[ok]
     iqr = [round(float(np.percentile(ratios, 25)), 4), round(float(np.percentile(ratios, 75)), 4)] if ratios.size else None
-    return stats(value, iqr, n)
+    return stats(value, iqr, int(r.size))
 
 
 def stats(value: float, iqr: Sequence[float] | None, rounds: int | None = None) -> dict:
@@ -278,14 +285,8 @@ def paired_ratio_interval(reference: Sequence[float], candidate: Sequence[float]
     import numpy as np
 
     _check_conf(confidence, resamples)
-    r = np.asarray(reference, dtype=np.float64).ravel()
-    c = np.asarray(candidate, dtype=np.float64).ravel()
-    n = min(r.size, c.size)
-    if n == 0:
-        raise ValueError("a speed-up needs samples of both variants")
-    r, c = r[:n], c[:n]
-    cmed = float(np.median(c))
-    est = float(np.median(r)) / cmed if cmed > 0 else math.inf
+    r, c, est = _paired_series(reference, candidate)
+    n = r.size
     if n < MIN_ROUNDS:
         return est, 0.0, math.inf
 
