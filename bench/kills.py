@@ -47,6 +47,7 @@ class Kill:
     command: str
     delay_s: float
     ended_first: bool = False  # the command exited on its own before the kill came
+    code: int | None = None  # its exit code then
     seen: list[str] = field(default_factory=list)  # names of the processes seen under retool
     orphans: list[str] = field(default_factory=list)  # "name (pid N)" still running GONE_S after the kill
     verify: str | None = None  # None: repo verify exited 0; else its exit code and first line
@@ -106,7 +107,7 @@ def section(cmds: list[Command], machine: dict, started: str, seconds: float, pe
         "## kill -9",
         "",
         "Produced by `python -m bench.reliability --kills N` (`bench/kills.py`). Each command runs once",
-        "unkilled (its typical time; serve: until it serves), then N times as `python -m retool ...` in its",
+        "unkilled (its typical time; serve: until it serves, plus 1 s), then N times as `python -m retool ...` in its",
         "own session on its own copy of a tiny published repository, SIGKILLed (retool alone, not its",
         "group) after a seeded random delay within that time. publish gets a model with external data and",
         f"the test hooks {', '.join(f'`{k}={v}`' for k, v in PUBLISH_ENV.items())} to widen its windows;",
@@ -129,7 +130,7 @@ def section(cmds: list[Command], machine: dict, started: str, seconds: float, pe
         f"- retool commit: {m.get('git_commit')}",
         "",
         "| command | kills | ended before the kill | orphans | verify failures | folders left | delays (s) |"
-        " unkilled run | kills while these ran |",
+        " unkilled run | kills that saw these children |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in cmds:
@@ -139,6 +140,10 @@ def section(cmds: list[Command], machine: dict, started: str, seconds: float, pe
         typical = f"{c.typical_s:.1f} s, {c.baseline}" if c.typical_s is not None else c.baseline
         lines.append(f"| {c.name} | {n['kills']} | {n['ended before the kill']} | {n['orphans']} |"
                      f" {n['verify failures']} | {n['folders left']} | {delays} | {typical} | {_phases(c)} |")
+    failed = [(c.name, k) for c in cmds for k in c.kills if k.ended_first and k.code != 0]
+    if failed:
+        lines += ["", "Runs that ended on their own, with a failure, before their kill: "
+                  + "; ".join(f"{name} (delay {k.delay_s:.2f} s) exit {k.code}" for name, k in failed) + "."]
     bad = [(c.name, k) for c in cmds for k in c.kills if k.problems]
     lines += ["", "### What was left", ""]
     if bad:
@@ -234,21 +239,29 @@ class Campaign:
         delay = round(self.rng.uniform(0.05, c.typical_s), 2)
         k = Kill(c.name, delay)
         p, run, repo, token = self._start(c.name, i=len(c.kills) + 1)
-        with Watch(p.pid) as w:
-            try:
-                p.wait(delay)
-                k.ended_first = True
-            except subprocess.TimeoutExpired:
-                w.sample()
+        try:
+            with Watch(p.pid) as w:
+                try:
+                    k.code = p.wait(delay)
+                    k.ended_first = True
+                except subprocess.TimeoutExpired:
+                    w.sample()
+                    os.kill(p.pid, signal.SIGKILL)
+                    p.wait()
+        except BaseException:  # interrupted: leave nothing of this run behind
+            if p.poll() is None:
                 os.kill(p.pid, signal.SIGKILL)
                 p.wait()
+            self._cleanup_after(p.pid, repo, token, w.seen, time.monotonic() - GONE_S)
+            raise
         killed_at = time.monotonic()
         k.seen = sorted(set(w.seen.values()))
         k.orphans, k.folders = self._cleanup_after(p.pid, repo, token, w.seen, killed_at)
         k.verify = verify(repo)
         shutil.rmtree(run, ignore_errors=True)
         self.log(f"{c.name} #{len(c.kills) + 1} at {delay:.2f} s"
-                 + (" (ended first)" if k.ended_first else "") + f": {'; '.join(k.problems) or 'ok'}")
+                 + (f" (ended first, exit {k.code})" if k.ended_first else "")
+                 + f", saw {', '.join(k.seen) or 'no child'}: {'; '.join(k.problems) or 'ok'}")
         return k
 
     def _cleanup_after(self, pid: int, repo: Path, token: str, seen: dict, since: float | None = None):
@@ -344,11 +357,14 @@ def campaign(per_command: int, commands=COMMANDS, seed: int = 0, budget_s: float
         camp.prepare()
         for c in cmds:
             camp.baseline(c)
-        for i in range(per_command):
-            if budget_s is not None and time.monotonic() - t0 > budget_s:
-                camp.log(f"budget of {budget_s:.0f} s spent after {i} rounds")
-                break
-            for c in cmds:
-                if c.typical_s is not None:
-                    c.kills.append(camp.kill_once(c))
+        try:
+            for i in range(per_command):
+                if budget_s is not None and time.monotonic() - t0 > budget_s:
+                    camp.log(f"budget of {budget_s:.0f} s spent after {i} rounds")
+                    break
+                for c in cmds:
+                    if c.typical_s is not None:
+                        c.kills.append(camp.kill_once(c))
+        except KeyboardInterrupt:  # Ctrl-C: the page still gets the kills done so far
+            camp.log("interrupted: counting the kills done")
     return cmds

@@ -101,7 +101,7 @@ def _cmd():
         kills.Kill("serve", 0.4, seen=["python3"]),
         kills.Kill("serve", 3.2, seen=["python3", "tritonserver", "triton_python_b"],
                    orphans=["triton_python_b (pid 41)", "triton_python_b (pid 42)"]),
-        kills.Kill("serve", 5.9, ended_first=True),
+        kills.Kill("serve", 5.9, ended_first=True, code=8),
         kills.Kill("serve", 2.0, seen=["tritonserver"], verify="exit 7: lin: no config.pbtxt",
                    folders=["retool-triton-77-x"]),
     ]
@@ -127,6 +127,7 @@ def test_the_section_gives_counts_machine_and_every_problem():
     assert "| publish | 0 | 0 | 0 | 0 | 0 | – | exit 7: refused | none |" in text
     assert "- serve killed at 3.20 s: orphans: triton_python_b (pid 41), triton_python_b (pid 42)" in text
     assert "- serve killed at 2.00 s: verify: exit 7: lin: no config.pbtxt; folders: retool-triton-77-x" in text
+    assert "serve (delay 5.90 s) exit 8" in text
     assert "abc1234" in text and "load average 3.10" in text and "61 %" in text and "(busy)" in text
     clean = kills.section([kills.Command("serve", 1.0, "ok", [kills.Kill("serve", 0.5)])], machine, "d", 1, 1, 0)
     assert "Nothing: no orphan" in clean
