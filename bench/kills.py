@@ -230,7 +230,9 @@ class Campaign:
                 p.stdout.close()
         if c.typical_s is None:
             c.baseline += ": " + _first_line((run / "stderr.txt").read_text(errors="replace"))
-        self._cleanup_after(p.pid, repo, token, {})
+        orphans, folders = self._cleanup_after(p.pid, repo, token, {})
+        if orphans or folders:  # after a run that was not killed: worth a line on the page
+            c.baseline += f"; left {', '.join(orphans + folders)}"
         shutil.rmtree(run, ignore_errors=True)
         self.log(f"{c.name}: unkilled run {c.baseline}"
                  + (f", {c.typical_s:.1f} s" if c.typical_s is not None else ""))
