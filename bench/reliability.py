@@ -197,6 +197,7 @@ def main(argv=None) -> int:
         names = [c.strip() for c in args.kill_commands.split(",") if c.strip()]
         if not set(names) <= set(kills.COMMANDS):
             ap.error(f"--kill-commands: choose among {', '.join(kills.COMMANDS)}")
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C ends the kills, even under nohup
         started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
         info, block, t0 = machine_info(ROOT), section_start(), time.monotonic()
         cmds = kills.campaign(args.kills, names, args.seed, args.kill_budget_s)
