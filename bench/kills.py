@@ -40,6 +40,8 @@ FOLDER_S = 10.0
 PUBLISH_ENV = {"RETOOL_TEST_STAGE_DELAY_S": "0.3", "RETOOL_TEST_COMMIT_DELAY_S": "0.5"}
 SERVE_READY_TIMEOUT_S = 240
 RUN_TIMEOUT_S = 600
+#: runs per kill asked: one that ends on its own before its kill is retried with a new delay
+RETRIES = 3
 
 
 @dataclass
@@ -51,6 +53,7 @@ class Kill:
     seen: list[str] = field(default_factory=list)  # names of the processes seen under retool
     orphans: list[str] = field(default_factory=list)  # "name (pid N)" still running GONE_S after the kill
     verify: str | None = None  # None: repo verify exited 0; else its exit code and first line
+    landed: str = ""  # publish: what the killed publish left in the model folder (before verify)
     folders: list[str] = field(default_factory=list)
 
     @property
@@ -87,8 +90,24 @@ def counts(c: Command) -> dict:
     }
 
 
+def publish_landed(folder: Path, before: set[str]) -> str:
+    """Where a publish was killed, from what it left in its model folder: ``new version`` (a version
+    folder appeared), ``staging`` (a .staging-* folder is there), else ``no trace``."""
+    now = {e.name for e in folder.iterdir()} if folder.is_dir() else set()
+    if any(e.isascii() and e.isdigit() for e in now - before):
+        return "new version"
+    if any(e.startswith(".staging-") for e in now):
+        return "staging"
+    return "no trace"
+
+
 def _phases(c: Command) -> str:
-    """How many kills came while each kind of child ran: the kills covered the phases that matter."""
+    """How many kills came while each kind of child ran (publish: where they landed): the kills
+    covered the phases that matter."""
+    if c.name == "publish":
+        landed = [k.landed for k in c.kills if not k.ended_first and k.landed]
+        return ", ".join(f"{w} {landed.count(w)}" for w in ("no trace", "staging", "new version")
+                         if w in landed) or "none"
     names = {}
     for k in c.kills:
         if not k.ended_first:
@@ -109,7 +128,8 @@ def section(cmds: list[Command], machine: dict, started: str, seconds: float, pe
         "Produced by `python -m bench.reliability --kills N` (`bench/kills.py`). Each command runs once",
         "unkilled (its typical time; serve: until it serves, plus 1 s), then N times as `python -m retool ...` in its",
         "own session on its own copy of a tiny published repository, SIGKILLed (retool alone, not its",
-        "group) after a seeded random delay within that time. publish gets a model with external data and",
+        "group) after a seeded random delay within that time (a run that ends on its own first is retried",
+        f"with a new delay, {RETRIES} runs at most). publish gets a model with external data and",
         f"the test hooks {', '.join(f'`{k}={v}`' for k, v in PUBLISH_ENV.items())} to widen its windows;",
         "it publishes a second version of a model on odd kills and a first version of a new name on even",
         "ones. loadtest runs `--concurrency 1 --window-ms 300`.",
@@ -130,7 +150,7 @@ def section(cmds: list[Command], machine: dict, started: str, seconds: float, pe
         f"- retool commit: {m.get('git_commit')}",
         "",
         "| command | kills | ended before the kill | orphans | verify failures | folders left | delays (s) |"
-        " unkilled run | kills that saw these children |",
+        " unkilled run | kills that saw these children (publish: what it left) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in cmds:
@@ -240,7 +260,10 @@ class Campaign:
     def kill_once(self, c: Command) -> Kill:
         delay = round(self.rng.uniform(0.05, c.typical_s), 2)
         k = Kill(c.name, delay)
-        p, run, repo, token = self._start(c.name, i=len(c.kills) + 1)
+        i = len(c.kills) + 1
+        p, run, repo, token = self._start(c.name, i=i)
+        folder = repo / self.argv(c.name, run, repo, i)[6] if c.name == "publish" else None
+        before = {e.name for e in folder.iterdir()} if folder is not None and folder.is_dir() else set()
         try:
             with Watch(p.pid) as w:
                 try:
@@ -258,12 +281,15 @@ class Campaign:
             raise
         killed_at = time.monotonic()
         k.seen = sorted(set(w.seen.values()))
+        if folder is not None:
+            k.landed = publish_landed(folder, before)
         k.orphans, k.folders = self._cleanup_after(p.pid, repo, token, w.seen, killed_at)
         k.verify = verify(repo)
         shutil.rmtree(run, ignore_errors=True)
         self.log(f"{c.name} #{len(c.kills) + 1} at {delay:.2f} s"
                  + (f" (ended first, exit {k.code})" if k.ended_first else "")
-                 + f", saw {', '.join(k.seen) or 'no child'}: {'; '.join(k.problems) or 'ok'}")
+                 + f", saw {', '.join(k.seen) or 'no child'}" + (f", left {k.landed}" if k.landed else "")
+                 + f": {'; '.join(k.problems) or 'ok'}")
         return k
 
     def _cleanup_after(self, pid: int, repo: Path, token: str, seen: dict, since: float | None = None):
@@ -365,8 +391,12 @@ def campaign(per_command: int, commands=COMMANDS, seed: int = 0, budget_s: float
                     camp.log(f"budget of {budget_s:.0f} s spent after {i} rounds")
                     break
                 for c in cmds:
-                    if c.typical_s is not None:
+                    for _ in range(RETRIES):  # a run that ended before its kill is retried
+                        if c.typical_s is None:
+                            break
                         c.kills.append(camp.kill_once(c))
+                        if not c.kills[-1].ended_first:
+                            break
         except KeyboardInterrupt:  # Ctrl-C: the page still gets the kills done so far
             camp.log("interrupted: counting the kills done")
     return cmds

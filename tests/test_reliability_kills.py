@@ -147,3 +147,19 @@ def test_first_line_of_an_error():
         "lin: no config.pbtxt (fix: publish again)"
     assert kills._first_line("Traceback (most recent call last):\n  File x\nKeyError: 'y'\n") == "KeyError: 'y'"
     assert kills._first_line("") == "(nothing)"
+
+
+def test_where_a_publish_kill_landed_and_its_column(tmp_path):
+    folder = tmp_path / "lin"
+    assert kills.publish_landed(folder, set()) == "no trace"  # killed before the model folder existed
+    (folder / "1").mkdir(parents=True)
+    assert kills.publish_landed(folder, {"1"}) == "no trace"
+    (folder / ".staging-host-9-abcd").mkdir()
+    assert kills.publish_landed(folder, {"1"}) == "staging"
+    (folder / "2").mkdir()
+    assert kills.publish_landed(folder, {"1"}) == "new version"
+    c = kills.Command("publish", 2.0, "exit 0", [kills.Kill("publish", 0.1, landed="no trace"),
+                                                 kills.Kill("publish", 1.2, landed="new version"),
+                                                 kills.Kill("publish", 0.2, landed="no trace"),
+                                                 kills.Kill("publish", 1.9, ended_first=True, code=0)])
+    assert kills._phases(c) == "no trace 2, new version 1"
