@@ -108,12 +108,13 @@ def _phases(c: Command) -> str:
         landed = [k.landed for k in c.kills if not k.ended_first and k.landed]
         return ", ".join(f"{w} {landed.count(w)}" for w in ("no trace", "staging", "new version")
                          if w in landed) or "none"
+    wanted = ("tritonserver", "triton_python_backend_stub", "perf_analyzer")
     names = {}
     for k in c.kills:
         if not k.ended_first:
-            for n in set(k.seen):
+            # a process read while exiting may give only its 15-character kernel name
+            for n in {next((w for w in wanted if w.startswith(n) and len(n) >= 15), n) for n in k.seen}:
                 names[n] = names.get(n, 0) + 1
-    wanted = ("tritonserver", "triton_python_b", "triton_python_backend_stub", "perf_analyzer")
     return ", ".join(f"{n} {names[n]}" for n in wanted if n in names) or "none"
 
 

@@ -123,7 +123,7 @@ def test_the_section_gives_counts_machine_and_every_problem():
                          120, 20, 0)
     assert text.startswith("## kill -9\n")
     assert "| serve | 3 | 1 | 2 | 1 | 1 | 0.40 – 5.90 | 6.5 s, served, exit 0 on Ctrl-C |" in text
-    assert "tritonserver 2, triton_python_b 1" in text
+    assert "tritonserver 2, triton_python_backend_stub 1 |" in text
     assert "| publish | 0 | 0 | 0 | 0 | 0 | – | exit 7: refused | none |" in text
     assert "- serve killed at 3.20 s: orphans: triton_python_b (pid 41), triton_python_b (pid 42)" in text
     assert "- serve killed at 2.00 s: verify: exit 7: lin: no config.pbtxt; folders: retool-triton-77-x" in text
