@@ -5,6 +5,8 @@ files left at the output, and hangs.
     python -m bench.reliability                    # writes docs/reliability.md
     python -m bench.reliability --out -            # prints the page instead
     python -m bench.reliability --before 1212aa0   # also runs the corpus on that commit, for comparison
+    python -m bench.reliability --kills 20         # also the kill -9 campaign (bench/kills.py)
+    python -m bench.reliability --kills 20 --no-corpus   # only the kills; the corpus part is kept
 
 tests/test_bad_input_corpus.py asserts the same corpus case by case (in-process, faster).
 """
@@ -26,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.machine import machine_info  # noqa: E402
+from bench import kills  # noqa: E402
+from bench.machine import machine_info, section_machine, section_start  # noqa: E402
 from fixtures.bad_inputs import CASES, Case, error_lines, materialise, snapshot  # noqa: E402
 
 #: a case still running after this is a hang (the billion-laughs file once ran for minutes)
@@ -155,16 +158,22 @@ def page(outcomes: list[Outcome], machine: dict, started: str, seconds: float,
             b = old_by_id.get(o.case.id)
             row += f" {('; '.join(b.problems) or 'ok') if b else '(not run)'} |"
         lines.append(row)
-    lines += [
-        "",
-        "## kill -9",
-        "",
-        "Killing `repo check`, `serve` or `loadtest` with SIGKILL must leave no `tritonserver` or Python stub",
-        "behind, and `repo verify` clean after a killed publish. That is not measured here: see",
-        "`tests/test_serve_orphans.py`, which SIGKILLs retool and looks for any descendant left.",
-        "",
-    ]
+    lines.append("")
     return "\n".join(lines)
+
+
+#: the kill -9 section's heading: what comes before it is the corpus's part of the page
+KILLS_HEADING = "## kill -9"
+NO_KILLS = (f"{KILLS_HEADING}\n\nNot measured yet: `python -m bench.reliability --kills 20` SIGKILLs publish, repo check,"
+            "\nserve and loadtest at random points and counts orphans, verify failures and folders left.\n")
+
+
+def splice(old: str | None, corpus: str | None, kills: str | None) -> str:
+    """The page from the parts just produced; a part not rerun is kept from ``old`` (the page as it was)."""
+    before, _, after = (old or "").partition("\n" + KILLS_HEADING)
+    corpus = corpus if corpus is not None else before.rstrip("\n") + "\n"
+    kills = kills if kills is not None else (KILLS_HEADING + after if after else NO_KILLS)
+    return corpus.rstrip("\n") + "\n\n" + kills.rstrip("\n") + "\n"
 
 
 def main(argv=None) -> int:
@@ -172,7 +181,31 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "docs" / "reliability.md"), help="the page, or - for stdout")
     ap.add_argument("-k", dest="only", help="run only the cases whose id contains this")
     ap.add_argument("--before", metavar="COMMIT", help="also run the corpus on this commit and show both")
+    ap.add_argument("--kills", type=int, default=0, metavar="N",
+                    help="also SIGKILL publish, repo check, serve and loadtest N times each (bench/kills.py)")
+    ap.add_argument("--kill-commands", default=",".join(kills.COMMANDS), help="which commands to kill (comma-separated)")
+    ap.add_argument("--kill-budget-s", type=float, help="start no new round of kills after this many seconds")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the kills' delays")
+    ap.add_argument("--no-corpus", action="store_true", help="run only the kills; keep the page's corpus part")
     args = ap.parse_args(argv)
+    out = None if args.out == "-" else Path(args.out)
+    old = out.read_text() if out is not None and out.exists() else None
+    if args.no_corpus and old is None:
+        ap.error(f"--no-corpus keeps the corpus part of {args.out}, which does not exist")
+    kill_part, kill_problems = None, False
+    if args.kills:
+        names = [c.strip() for c in args.kill_commands.split(",") if c.strip()]
+        if not set(names) <= set(kills.COMMANDS):
+            ap.error(f"--kill-commands: choose among {', '.join(kills.COMMANDS)}")
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C ends the kills, even under nohup
+        started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
+        info, block, t0 = machine_info(ROOT), section_start(), time.monotonic()
+        cmds = kills.campaign(args.kills, names, args.seed, args.kill_budget_s)
+        state = {**section_machine(info, block), "git_commit": info.get("git_commit")}
+        kill_part = kills.section(cmds, state, started, time.monotonic() - t0, args.kills, args.seed)
+        kill_problems = any(k.problems for c in cmds for k in c.kills) or any(c.typical_s is None for c in cmds)
+        if args.no_corpus:
+            return _write(args.out, splice(old, None, kill_part), kill_problems)
     machine = machine_info(ROOT)
     started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
     t0 = time.monotonic()
@@ -193,13 +226,17 @@ def main(argv=None) -> int:
                 print(f"{args.before} {case.id}: {'; '.join(o.problems) or 'ok'}", file=sys.stderr)
                 old.append(o)
             before = (args.before, old)
-    text = page(outcomes, machine, started, seconds, before)
-    if args.out == "-":
+    text = splice(old, page(outcomes, machine, started, seconds, before), kill_part)
+    return _write(args.out, text, kill_problems or any(o.problems for o in outcomes))
+
+
+def _write(out: str, text: str, problems: bool) -> int:
+    if out == "-":
         print(text)
     else:
-        Path(args.out).write_text(text)
-        print(f"wrote {args.out}", file=sys.stderr)
-    return 0 if not any(o.problems for o in outcomes) else 1
+        Path(out).write_text(text)
+        print(f"wrote {out}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

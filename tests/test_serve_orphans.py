@@ -15,6 +15,9 @@ import pytest
 
 from fixtures.onnx_tiny import linear
 from fixtures.proc import ROOT
+from fixtures.proctree import descendants as _descendants
+from fixtures.proctree import using as _using
+from fixtures.proctree import wait_gone as _wait_gone
 from retool.publish import publish
 
 
@@ -30,31 +33,6 @@ def _retool(*args, ignore_sigint=False, cwd=None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "retool", *map(str, args)], cwd=cwd or ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=pre,
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-
-
-def _descendants(pid: int) -> dict[int, str]:
-    try:
-        return {c.pid: c.name() for c in psutil.Process(pid).children(recursive=True)}
-    except psutil.NoSuchProcess:
-        return {}
-
-
-def _left(pids) -> list[int]:
-    out = []
-    for p in pids:
-        try:
-            if psutil.Process(p).status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return out
-
-
-def _wait_gone(pids, seconds: float = 20) -> list[int]:
-    deadline = time.monotonic() + seconds
-    while _left(pids) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return _left(pids)
 
 
 def _wait_for(pid: int, names: set[str], seconds: float = 180) -> dict[int, str]:
@@ -168,15 +146,6 @@ def test_perf_analyzer_dies_with_retool_even_while_the_server_lives(repo):
             assert sess.server.alive()  # it was not the server going away that ended it
         finally:
             _kill(p)
-
-
-def _using(path: Path) -> list[int]:
-    """Processes whose command line names ``path`` (a server or stub on that repository)."""
-    out = []
-    for p in psutil.process_iter(["cmdline"]):
-        if any(str(path) in a for a in p.info["cmdline"] or ()):
-            out.append(p.pid)
-    return out
 
 
 @pytest.mark.slow
