@@ -171,7 +171,7 @@ class Decision:
     interval: tuple[float, float]
     threshold: float
     higher_is_better: bool
-    confidence: float
+    confidence: float  # 0: the interval is a bound (a bracket, a stability bound), not a confidence interval
     rule: str
     samples: int
     #: "×" for ratios, "ms" for latencies, "/s" for throughputs: only for the wording
@@ -203,7 +203,9 @@ class Decision:
         u = self.unit if self.unit in ("×", "x", "") else f" {self.unit}"
         pct = f"{self.confidence * 100:g}%"
         lo, hi = self.interval
-        if math.isfinite(lo) and math.isfinite(hi) and hi > 0:
+        if math.isfinite(lo) and math.isfinite(hi) and hi > 0 and self.confidence == 0:
+            ci = f"bounds {_fmt(lo)}–{_fmt(hi)}"  # a bracket or a stability bound, not a statistical interval
+        elif math.isfinite(lo) and math.isfinite(hi) and hi > 0:
             ci = f"{pct} CI {_fmt(lo)}–{_fmt(hi)}"
         else:
             ci = f"no {pct} CI: {self.samples} sample(s)"

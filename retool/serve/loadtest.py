@@ -174,9 +174,9 @@ def compare(a: LoadPoint, b: LoadPoint, by: str):
     (alo, ahi), (blo, bhi) = band(getattr(a, by), a.stable), band(getattr(b, by), b.stable)
     if by == "throughput":
         return decide(a.throughput / b.throughput, alo / bhi, ahi / blo, 1.0, higher_is_better=True,
-                      rule="throughput ratio, each within the stability bound of its windows", samples=2)
+                      rule="throughput ratio, each within the stability bound of its windows", samples=2, confidence=0.0)
     return decide(b.p99_ms / a.p99_ms, blo / ahi, bhi / alo, 1.0, higher_is_better=True,
-                  rule="p99 ratio (other/this), each within the stability bound of its windows", samples=2)
+                  rule="p99 ratio (other/this), each within the stability bound of its windows", samples=2, confidence=0.0)
 
 
 def best_within(points: Sequence[LoadPoint], budget_ms: float | None) -> LoadPoint | None:

@@ -230,7 +230,7 @@ def better(a: Candidate, b: Candidate, inp: PlanInputs):
     (alo, ahi), (blo, bhi) = a.sustainable, b.sustainable
     return decide(alo / blo, alo / bhi, ahi / blo, 1.0, higher_is_better=True,
                   rule="sustainable rate: the bracket between the highest rate that met the budget and the next "
-                       "that did not", samples=2)
+                       "that did not", samples=2, confidence=0.0)
 
 
 def choose(cands: Sequence[Candidate], inp: PlanInputs) -> tuple[list[Candidate], list[dict]]:
