@@ -281,8 +281,9 @@ def cost(inp: PlanInputs, replicas: int) -> dict | None:
             "per_million": per_hour / (inp.rate * 3600.0) * 1e6, "currency": inp.currency}
 
 
-def server_rss(sess) -> int | None:
-    """Peak resident memory of the server and its stubs (VmHWM summed over the process tree)."""
+def server_rss(sess, model: str | None = None) -> int | None:
+    """Peak resident memory of the server and its stubs (VmHWM summed over the process tree). With
+    ``model``, only its own stubs count: the plan loaded the whole family, a replica serves one model."""
     srv = getattr(sess, "server", None)
     if srv is None or not srv.pid:
         return None
@@ -293,7 +294,9 @@ def server_rss(sess) -> int | None:
             continue
         seen.add(pid)
         with contextlib.suppress(OSError, ValueError):
-            for line in open(f"/proc/{pid}/status"):
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+            mine = pid == srv.pid or model is None or f"/{model}/" in cmd
+            for line in open(f"/proc/{pid}/status") if mine else ():
                 if line.startswith("VmHWM:"):
                     total += int(line.split()[1]) * 1024
             for tid in os.listdir(f"/proc/{pid}/task"):

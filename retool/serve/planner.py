@@ -126,7 +126,7 @@ def run(repo_url: str, name: str, inp: PlanInputs, *, confirm_runs: int = 3) -> 
                               f"({confirm_runs} runs)"):
                 confirm = measure_at(sess, repo, ch, probe_rate(ch, inp), inp, data.get(ch.variant.model),
                                      runs=confirm_runs)
-        peak = server_rss(sess)
+        peak = server_rss(sess, ranked[0].variant.model if ranked else None)
         note = sess.backend_note
     return build(repo_url, name, variants, dups, cands, ranked, notes, confirm, inp, peak, time.perf_counter() - t0,
                  note, machine)
