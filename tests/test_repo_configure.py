@@ -68,7 +68,7 @@ def test_repo_configure_rewrites_the_config_without_a_new_version(tmp_path, tiny
     assert (now.instance_count, now.intra_op_thread_count, now.max_queue_delay_microseconds) == (2, 1, 500)
     assert repo_obj.default_serving_config("m") == default
     assert default.instance_count == 1 and default.dynamic_batching and default.max_queue_delay_microseconds == 100
-    from retool.publish.revision import config_json
+    from retool.publish.config import config_json
     from retool.serve.tune import from_config
 
     assert from_config(config_json((repo / "m" / "config.pbtxt").read_text())) == now

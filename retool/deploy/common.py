@@ -179,15 +179,16 @@ def published_check(repo_url: str, plan) -> list[str]:
 
 def _config(repo, name: str) -> dict | None:
     try:
-        from google.protobuf import json_format, text_format
-        from tritonclient.grpc import model_config_pb2
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2  # noqa: F401  (without it, no config check)
     except ImportError:
         return None
+    from retool.publish.config import config_json
+
     text = repo.config_text(name)
     if text is None:
         return None
     try:
-        msg = text_format.Parse(text, model_config_pb2.ModelConfig())
+        return config_json(text)
     except text_format.ParseError as exc:
         raise UsageError(f"{repo.url}: {name}/config.pbtxt does not parse ({exc}); run retool repo verify") from None
-    return json_format.MessageToDict(msg, preserving_proto_field_name=True)

@@ -145,3 +145,12 @@ def parse_with_triton_schema(text: str):
     except ImportError:
         return None
     return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+
+def config_json(text: str) -> dict:
+    """A config.pbtxt as JSON (Triton's schema), the form retool.serve.tune.from_config reads."""
+    from google.protobuf import json_format, text_format
+    from tritonclient.grpc import model_config_pb2
+
+    return json_format.MessageToDict(text_format.Parse(text, model_config_pb2.ModelConfig()),
+                                     preserving_proto_field_name=True)

@@ -7,7 +7,7 @@ from typing import Mapping
 
 from retool.errors import PublishError, UsageError
 from retool.publish import index
-from retool.publish.config import build_config
+from retool.publish.config import build_config, config_json
 from retool.publish.manifest import publisher
 from retool.publish.names import check_instances, check_version
 from retool.types import now_iso
@@ -182,14 +182,3 @@ class ServingState:
                             instance_count=t.get("instance_count", 1), dynamic_batching=True,
                             parameters=t.get("parameters"))
         return from_config(config_json(text))
-
-
-
-def config_json(text: str) -> dict:
-    """A config.pbtxt as JSON (Triton's schema), the form retool.serve.tune.from_config reads."""
-    from google.protobuf import json_format, text_format
-    from tritonclient.grpc import model_config_pb2
-
-    return json_format.MessageToDict(text_format.Parse(text, model_config_pb2.ModelConfig()),
-                                     preserving_proto_field_name=True)
-

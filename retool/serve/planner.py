@@ -9,6 +9,7 @@ from typing import Any
 
 from retool import console
 from retool.serve import loadtest as lt
+from retool.serve.session import published_config
 from retool.serve.plan import (RATE_STEPS, Candidate, PlanInputs, _passes, build, choose, configs_for, keeps_up,
                                rate_window_ms,
                                family, probe_rate, server_rss)
@@ -21,7 +22,7 @@ def measure(sess, repo, cand: Candidate, inp: PlanInputs, data_file) -> None:
     from retool.serve.tune import override
 
     v = cand.variant
-    base = _config_json(repo, v.model)
+    base = published_config(repo, v.model)
     try:
         sess.load(v.model, override(base, cand.config, v.max_batch_size))
         conc = [1, max(2, 2 * cand.config.instance_count)]
@@ -52,17 +53,11 @@ def measure(sess, repo, cand: Candidate, inp: PlanInputs, data_file) -> None:
         cand.error = str(exc)
 
 
-def _config_json(repo, model: str) -> dict:
-    from retool.publish.revision import config_json
-
-    return config_json(repo.config_text(model) or "")
-
-
 def measure_at(sess, repo, cand: Candidate, rate: float, inp: PlanInputs, data_file, runs: int = 1) -> list:
     from retool.serve.tune import override
 
     v = cand.variant
-    sess.load(v.model, override(_config_json(repo, v.model), cand.config, v.max_batch_size))
+    sess.load(v.model, override(published_config(repo, v.model), cand.config, v.max_batch_size))
     return [lt.run_point(v.model, sess.grpc_url, rate=rate, input_data=data_file,
                          window_ms=rate_window_ms(rate, inp.window_ms), version=v.version, distribution="poisson")
             for _ in range(runs)]

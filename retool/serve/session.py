@@ -55,18 +55,16 @@ class Session:
 
 def published_config(repo, name: str) -> dict:
     """config.pbtxt of ``name`` as JSON ({} when there is none); one line, exit 7, when it does not parse."""
-    from google.protobuf import json_format, text_format
-    from tritonclient.grpc import model_config_pb2
+    from google.protobuf import text_format
 
     from retool.errors import PublishError
+    from retool.publish.config import config_json
 
     try:
-        text = repo.config_text(name)
-        msg = text_format.Parse(text or "", model_config_pb2.ModelConfig())
+        return config_json(repo.config_text(name) or "")
     except (text_format.ParseError, UnicodeDecodeError) as exc:
         raise PublishError(f"{repo.storage.location(name + '/config.pbtxt')}: damaged config ({exc}); republish "
                            f"the model, or run retool repo verify") from None
-    return json_format.MessageToDict(msg, preserving_proto_field_name=True)
 
 
 def tidy_reason(text: str) -> str:
