@@ -83,7 +83,7 @@ def plan_cmd(repo_url, name, budget_p99_ms, rate, profile, price_per_hour, curre
         attach_serving(report_path, result)
     applied = None
     ch = result.get("chosen")
-    if apply_ and ch and ch["confirmation"].get("outcome") != "fail":
+    if apply_ and not pl.failure(result):
         from retool.publish.signing import signer
 
         applied = _apply(open_repo(repo_url, signer=signer(sign_key, sign_cert)) if sign_key else repo, result)
@@ -95,12 +95,9 @@ def plan_cmd(repo_url, name, budget_p99_ms, rate, profile, price_per_hour, curre
         click.echo(f"plan: {out / 'plan.json'}")
         if applied:
             click.echo(applied)
-    if not result.get("chosen"):
-        raise ValidationFailed(pl.verdict(result))
-    if result["chosen"]["confirmation"].get("outcome") == "fail":
-        raise ValidationFailed(f"{pl.verdict(result)}; but the confirmation runs missed the budget "
-                               f"({result['chosen']['confirmation']['decision']['text']}): lower --headroom or "
-                               f"rerun on a quiet machine")
+    why = pl.failure(result)
+    if why:
+        raise ValidationFailed(why)
 
 
 def _apply(repo, plan: dict) -> str:

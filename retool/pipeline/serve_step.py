@@ -194,11 +194,14 @@ def plan_models(models: Sequence, outcomes: Sequence, out_dir: Path) -> list[dic
             res.update(status="skipped", message="no target of this model was published")
             continue
         p = dict(m.plan)
+        n = int(p.get("cores_per_replica") or cores())
+        if n > cores():  # as the CLI says it: a replica larger than this machine cannot be measured here
+            res.update(status="failed", code=2, message=f"{m.name}: plan.cores_per_replica {n}: this machine has "
+                                                        f"{cores()} cores; plan on a machine of the replica's size")
+            continue
         inp = pl.PlanInputs(float(p["budget_p99_ms"]), float(p["rate"]), p.get("price_per_hour"),
-                            str(p.get("currency") or "USD").upper(), min(int(p.get("cores_per_replica") or cores()),
-                                                                           cores()),
-                            float(p.get("headroom", 0.7)), p.get("profile", "realtime"), int(p.get("window_ms", 1000)),
-                            p.get("space", "small"))
+                            str(p.get("currency") or "USD").upper(), n, float(p.get("headroom", 0.7)),
+                            p.get("profile", "realtime"), int(p.get("window_ms", 1000)), p.get("space", "small"))
         console.info(f"• {m.name}: serving plan for p99 <= {inp.budget_p99_ms:g} ms at {inp.rate:g} req/s")
         t0 = time.perf_counter()
         try:
@@ -213,10 +216,9 @@ def plan_models(models: Sequence, outcomes: Sequence, out_dir: Path) -> list[dic
         res.update(plan=str(folder / "plan.json"), verdict=pl.verdict(plan), seconds=round(time.perf_counter() - t0, 2),
                    chosen=plan.get("chosen"), inputs=plan["inputs"])
         res["report"] = _attach(outcomes, m.name, plan)
-        if not plan.get("chosen"):
-            res.update(status="failed", code=6, message=pl.verdict(plan))
-        elif plan["chosen"]["confirmation"].get("outcome") == "fail":
-            res.update(status="failed", code=6, message=pl.verdict(plan) + "; the confirmation runs missed the budget")
+        why = pl.failure(plan)
+        if why:
+            res.update(status="failed", code=6, message=why)
     return out
 
 

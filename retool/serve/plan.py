@@ -121,7 +121,7 @@ def _sig(x: float, digits: int = 4) -> float:
 def family(repo, name: str) -> tuple[list[Variant], list[dict]]:
     """Published variants that share ``name``'s source (provenance source_sha256), name's own first.
     Identical bytes under a second name are measured once and listed as duplicates."""
-    from retool.publish.revision import config_json
+    from retool.serve.session import published_config
     from retool.serve.tune import from_config
 
     name = repo.require_model(name)
@@ -148,8 +148,7 @@ def family(repo, name: str) -> tuple[list[Variant], list[dict]]:
             dup.append({"model": m, "version": v, "reason": f"the same bytes as {seen[sha]}; measured once"})
             continue
         seen[sha] = m
-        text = repo.config_text(m) or ""
-        cfg = config_json(text)
+        cfg = published_config(repo, m)
         size = sum(int(f.get("size", 0)) for f in (man.get("files") or {}).values())
         out.append(Variant(m, v, str(art.get("target") or art.get("precision") or "fp32"),
                            str(art.get("precision") or "fp32"), sha, size, int(cfg.get("max_batch_size") or 0),
@@ -391,6 +390,18 @@ def _confirmed(points: list, inp: PlanInputs) -> dict:
         return {"outcome": "undecided", "decision": None}
     d = decide_sample([p.p99_ms for p in points], inp.budget_p99_ms, higher_is_better=False)
     return {"outcome": d.outcome, "decision": d.to_dict()}
+
+
+def failure(plan: dict) -> str | None:
+    """Why the plan fails its gate (exit 6): nothing met the budget, or the confirmation missed it; None if it holds."""
+    ch = plan.get("chosen")
+    if not ch:
+        return verdict(plan)
+    conf = ch["confirmation"]
+    if conf.get("outcome") == "fail":
+        return (f"{verdict(plan)}; but the confirmation runs missed the budget ({conf['decision']['text']}): lower "
+                f"the headroom or rerun on a quiet machine")
+    return None
 
 
 def verdict(plan: dict) -> str:
