@@ -185,11 +185,8 @@ def tune(sess, repo, name: str, *, budget_ms: float | None, rate: float | None =
                     console.warn(f"could not reload {name} with its published config on {sess.http_url}")
     if failed and len(failed) == len(measured):
         raise nothing_measured(name, failed)
-    out = report(name, v, measured, budget_ms, rate, cost_per_hour, n_cores, window_ms,
-                 time.perf_counter() - t0, sess.backend_note, published)
-    if "cost_per_hour" in out:
-        out["currency"] = currency
-    return out
+    return report(name, v, measured, budget_ms, rate, cost_per_hour, n_cores, window_ms,
+                  time.perf_counter() - t0, sess.backend_note, published, currency)
 
 
 def nothing_measured(name: str, errors: list):
@@ -204,7 +201,7 @@ def nothing_measured(name: str, errors: list):
 
 
 def report(name, version, measured: list[Measured], budget_ms, rate, cost_per_hour, n_cores, window_ms, seconds,
-           note, published: ServingConfig = DEFAULT) -> dict:
+           note, published: ServingConfig = DEFAULT, currency: str = "USD") -> dict:
     kept = [m for m in measured if m.best is not None]
     if rate:
         chosen = min(kept, key=lambda m: m.best.p99_ms) if kept else None
@@ -243,7 +240,7 @@ def report(name, version, measured: list[Measured], budget_ms, rate, cost_per_ho
                               "over_budget_ms": (p.p99_ms - budget_ms) if budget_ms is not None else None}
     if cost_per_hour:
         out["cost_per_hour"] = cost_per_hour
-        out["currency"] = "USD"  # tune() sets the caller's
+        out["currency"] = currency
     return out
 
 
