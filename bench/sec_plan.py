@@ -4,8 +4,8 @@ Three figures (issue 20), each with its spread:
 
 - **served / in-process**: the plan's choice, its sustainable rate within the budget (the bracket the
   plan measured) over in-process onnxruntime's throughput of the same artifact at its best batch, same
-  threads, same run (median of rounds, with min-max). Goal >= 0.9; the stand-in Python backend's cost is
-  part of the figure and is reported, not hidden.
+  threads, same run (median time of validate's interleaved loop, with its bootstrap interval). Goal >= 0.9;
+  the stand-in Python backend's cost is part of the figure and is reported, not hidden.
 - **stability**: two plans in a row on the unchanged repository choose the same variant and configuration,
   or report the two as tied within noise.
 - **replica check**: a separate perf_analyzer run at the planned per-replica rate (Poisson arrivals, three
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 from bench.sec_serving import _prepare
@@ -25,30 +24,25 @@ RATE = 100.0
 GOAL = 0.9
 
 
-def _inprocess(model: Path, threads: int, feeds_one: dict, rounds: int, seconds: float = 1.5) -> dict:
-    """Inferences/s of onnxruntime in this process, best batch of 1/2/4/8, median over rounds."""
+def _inprocess(model: Path, threads: int, feeds_one: dict, seconds: float) -> dict:
+    """Inferences/s of onnxruntime in this process at its best batch of 1/2/4/8, timed by validate's own
+    interleaved loop; the interval is the bootstrap interval of the batch's median time."""
     import numpy as np
-    import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    s = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+    from retool import speed
+    from retool.runtime import make_session, run_session
+    from retool.validators.latency import Plan, measure_interleaved
+
+    s = make_session(str(model), threads=threads)
+    feeds = {b: {k: np.repeat(v[:1], b, axis=0) for k, v in feeds_one.items()} for b in (1, 2, 4, 8)}
+    times = measure_interleaved({b: (lambda f=f: run_session(s, f)) for b, f in feeds.items()},
+                                Plan(runs=None, time_budget_s=seconds, warmup=3, min_runs=10, max_runs=100_000))
     best: dict = {}
-    for b in (1, 2, 4, 8):
-        feeds = {k: np.repeat(v[:1], b, axis=0) for k, v in feeds_one.items()}
-        s.run(None, feeds)
-        per = []
-        for _ in range(rounds):
-            n, t0 = 0, time.perf_counter()
-            while time.perf_counter() - t0 < seconds:
-                s.run(None, feeds)
-                n += b
-            per.append(n / (time.perf_counter() - t0))
-        per.sort()
-        if not best or per[len(per) // 2] > best["median"]:
-            best = {"batch": b, "median": per[len(per) // 2], "min": per[0], "max": per[-1], "rounds": rounds}
+    for b, ms in times.items():
+        med, lo, hi = speed.sample_interval(ms)
+        tput = {"batch": b, "median": b * 1000 / med, "min": b * 1000 / hi, "max": b * 1000 / lo, "runs": len(ms)}
+        if not best or tput["median"] > best["median"]:
+            best = tput
     return best
 
 
@@ -89,7 +83,7 @@ def plan(settings: dict, work: Path) -> dict:
     ins = smp.load(repo.storage.read_bytes(f"{ch['model']}/{ch['version']}/{man['samples']['file']}"))["in"]
     local = Path(repo.storage.location(f"{ch['model']}/{ch['version']}/model.onnx"))
     threads = ch["config"].get("intra_op_thread_count") or n
-    inproc = _inprocess(local, threads, ins, 1 if quick else 3)
+    inproc = _inprocess(local, threads, ins, 4.0 if quick else 12.0)
     lo, hi = ch["sustainable_rate"]["interval"]
     out["inprocess"] = {**inproc, "threads": threads}
     out["served_vs_inprocess"] = {"value": round(lo / inproc["median"], 3),
