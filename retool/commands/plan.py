@@ -82,7 +82,6 @@ def plan_cmd(repo_url, name, budget_p99_ms, rate, profile, price_per_hour, curre
 
         attach_serving(report_path, result)
     applied = None
-    ch = result.get("chosen")
     if apply_ and not pl.failure(result):
         from retool.publish.signing import signer
 
