@@ -47,9 +47,11 @@ def _prepare(work: Path) -> dict:
 
 
 def _at_budget(sess, repo, name, cfg, conc, window, budget):
+    from retool.serve.loadtest import LoadSpec
     from retool.serve.tune import tune
 
-    rep = tune(sess, repo, name, budget_ms=budget, configs=[cfg], concurrency=conc, window_ms=window)
+    rep = tune(sess, repo, name, LoadSpec(budget_p99_ms=budget, concurrency=tuple(conc), window_ms=window),
+               configs=[cfg])
     best = rep["configs"][0]["best"]
     return (best or {}).get("throughput", 0.0), rep["configs"][0]
 
@@ -57,6 +59,7 @@ def _at_budget(sess, repo, name, cfg, conc, window, budget):
 def serving(settings: dict, work: Path) -> dict:
     try:
         from retool.publish import open_repo
+        from retool.serve.loadtest import LoadSpec
         from retool.serve.session import open_session
         from retool.serve.tune import DEFAULT, tune
     except ImportError as exc:
@@ -89,8 +92,8 @@ def serving(settings: dict, work: Path) -> dict:
             for prec in ("fp32", "int8"):
                 name = f"resnet18-{prec}"
                 single = singles[prec][0]
-                search = tune(sess, repo, name, budget_ms=budget, space_name="quick",
-                              concurrency=conc, window_ms=window)
+                search = tune(sess, repo, name, LoadSpec(budget_p99_ms=budget, space="quick",
+                                                         concurrency=tuple(conc), window_ms=window))
                 res = {"single_stream": summarize([single], unit="infer/s", better="higher"),
                        "search": [{"label": c["label"], "best": c["best"]} for c in search["configs"]],
                        "chosen": (search.get("chosen") or {}).get("label")}

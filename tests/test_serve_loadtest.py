@@ -11,6 +11,7 @@ from tritonclient.grpc import model_config_pb2
 from fixtures.onnx_tiny import linear
 from fixtures.proc import run_retool
 from retool.publish import open_repo, publish
+from retool.serve.loadtest import LoadSpec
 from retool.serve.profile import ServingConfig, ServingProfile, load_profile
 from retool.serve.session import open_session
 from retool.serve.tune import DEFAULT, space, tune
@@ -43,8 +44,8 @@ def test_space_keeps_instances_times_threads_within_the_cores():
 
 def test_budget_search_returns_a_measured_configuration(repo, sess):
     configs = [DEFAULT, ServingConfig(1, 1, True, 500)]
-    rep = tune(sess, open_repo(repo), "lin", budget_ms=1000.0, configs=configs, concurrency=(1, 2),
-               window_ms=WINDOW, cost_per_hour=1.0)
+    rep = tune(sess, open_repo(repo), "lin", LoadSpec(budget_p99_ms=1000.0, concurrency=(1, 2), window_ms=WINDOW,
+                                                      price_per_hour=1.0), configs=configs)
     assert rep["met"] and rep["chosen"]["label"] in {c.label for c in configs}
     assert len(rep["configs"]) == 2 and all(len(c["points"]) == 2 for c in rep["configs"])
     p = rep["chosen"]["point"]
@@ -56,7 +57,7 @@ def test_budget_search_returns_a_measured_configuration(repo, sess):
 
 
 def test_rate_sweep_measures_each_rate(repo, sess):
-    rep = tune(sess, open_repo(repo), "lin", budget_ms=None, configs="published", rates=(50, 100), window_ms=WINDOW)
+    rep = tune(sess, open_repo(repo), "lin", LoadSpec(rates=(50, 100), window_ms=WINDOW), configs="published")
     pts = rep["configs"][0]["points"]
     assert [p["mode"] for p in pts] == ["rate", "rate"] and [p["load"] for p in pts] == [50, 100]
     assert all(p["throughput"] == pytest.approx(p["load"], rel=0.35) for p in pts)

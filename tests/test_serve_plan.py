@@ -139,7 +139,7 @@ def test_realtime_takes_the_lowest_p99_beyond_the_noise_even_at_more_replicas():
 
 
 def test_a_poisson_shortfall_within_its_noise_is_not_falling_behind():
-    from retool.serve.plan import keeps_up, rate_window_ms
+    from retool.serve.choice import keeps_up, rate_window_ms
 
     assert rate_window_ms(10, 400) == 5000 and rate_window_ms(1000, 400) == 400 and rate_window_ms(0.1, 400) == 10000
     # 10 req/s over 3 x 5 s windows: 150 requests, sd ~12: 86 % of the rate is noise, 50 % is falling behind

@@ -54,6 +54,7 @@ def loadtest_cmd(repo_url, name, url, grpc_url, concurrency, rate, budget_p99_ms
     from retool.publish import open_repo
     from retool.serve import plot
     from retool.serve.client import check_url
+    from retool.serve.loadtest import LoadSpec
     from retool.serve.server import install_signal_handlers, positive_seconds
     from retool.serve.session import open_session
     from retool.serve.tune import measurement, tune, verdict
@@ -70,15 +71,15 @@ def loadtest_cmd(repo_url, name, url, grpc_url, concurrency, rate, budget_p99_ms
     timeout = positive_seconds(timeout, "--timeout")
     if url:
         check_url(url)
+    spec = LoadSpec(budget_p99_ms=budget_p99_ms, rate=rates[0] if budget_p99_ms is not None and rates else None,
+                    rates=() if budget_p99_ms is not None else tuple(rates), concurrency=tuple(conc),
+                    window_ms=window_ms, space=space, price_per_hour=cost_per_hour, timeout=timeout)
     install_signal_handlers()
     repo = open_repo(repo_url)
     name = repo.require_model(name)
     require_signed(repo_url, [name], trust_key, require_signature)  # before any server starts
     with open_session(repo_url, url=url, grpc_url=grpc_url) as sess:
-        rep = tune(sess, repo, name, budget_ms=budget_p99_ms, rate=rates[0] if budget_p99_ms and rates else None,
-                   space_name=space, concurrency=conc, rates=[] if budget_p99_ms else rates, window_ms=window_ms,
-                   cost_per_hour=cost_per_hour, configs=None if budget_p99_ms is not None else "published",
-                   timeout=timeout)
+        rep = tune(sess, repo, name, spec, configs=None if budget_p99_ms is not None else "published")
     out = Path(out_dir or f"loadtest-{name}")
     out.mkdir(parents=True, exist_ok=True)
     from retool.fsutil import atomic_write_text

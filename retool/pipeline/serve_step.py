@@ -24,6 +24,7 @@ def _wanted(cfg: Mapping) -> bool:
 def serve_one(sess, repo, name: str, version: int, cfg: Mapping, out_dir: Path) -> dict[str, Any]:
     from retool.serve import plot
     from retool.serve.check import check_one
+    from retool.serve.loadtest import LoadSpec
     from retool.serve.profile import ServingConfig, ServingProfile
     from retool.serve.tune import measurement, tune, verdict
 
@@ -52,11 +53,12 @@ def serve_one(sess, repo, name: str, version: int, cfg: Mapping, out_dir: Path) 
         budget = cfg.get("budget_p99_ms")
         if cfg.get("load") or budget is not None:
             rate = cfg.get("rate")
-            rep = tune(sess, repo, name, budget_ms=budget, rate=rate, space_name=cfg.get("space", "small"),
-                       concurrency=tuple(cfg.get("concurrency") or (1, 2, 4, 8)), window_ms=int(cfg.get("window_ms", 1000)),
-                       cost_per_hour=cfg.get("cost_per_hour"), currency=str(cfg.get("currency") or "USD").upper(),
-                       configs=None if budget is not None else "published",
-                       rates=() if budget is not None or not rate else (rate,))
+            spec = LoadSpec(budget_p99_ms=budget, rate=rate,
+                            rates=() if budget is not None or not rate else (rate,),
+                            concurrency=tuple(cfg.get("concurrency") or (1, 2, 4, 8)),
+                            window_ms=int(cfg.get("window_ms", 1000)), space=cfg.get("space", "small"),
+                            price_per_hour=cfg.get("cost_per_hour"), currency=str(cfg.get("currency") or "USD").upper())
+            rep = tune(sess, repo, name, spec, configs=None if budget is not None else "published")
             out_dir.mkdir(parents=True, exist_ok=True)
             from retool.fsutil import atomic_write_text
             from retool.types import jsonable

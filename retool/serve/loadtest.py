@@ -13,7 +13,7 @@ import subprocess
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -45,6 +45,33 @@ class LoadPoint:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """What one load test asks, given once and passed down whole: the budget, the load to offer, how long
+    each window is, the configurations to try and the price."""
+
+    budget_p99_ms: float | None = None
+    #: with a budget: the one rate the budget must hold at (the lowest p99 there wins)
+    rate: float | None = None
+    #: without a budget: a request-rate sweep instead of the concurrency sweep
+    rates: tuple[float, ...] = ()
+    concurrency: tuple[int, ...] = (1, 2, 4, 8)
+    window_ms: int = DEFAULT_WINDOW_MS
+    space: str = "quick"
+    price_per_hour: float | None = None
+    currency: str = "USD"
+    #: seconds for a model (configuration) to load
+    timeout: float = 120.0
+
+    def sweep_rates(self) -> list[float]:
+        return list(self.rates) or ([self.rate] if self.rate else [])
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["rates"], d["concurrency"] = list(self.rates), list(self.concurrency)
+        return d
 
 
 def input_data_file(samples_in: Mapping[str, np.ndarray], folder: Path, batched: bool) -> Path:
@@ -143,10 +170,10 @@ def _run_point(model, grpc_url, concurrency, rate, input_data, window_ms, timeou
 
 
 def sweep(model: str, grpc_url: str, *, concurrency: Sequence[int] = (1, 2, 4, 8), rates: Sequence[float] = (),
-          input_data: Path | None = None, window_ms: int = DEFAULT_WINDOW_MS, stop_above_ms: float | None = None,
-          version: int | None = None) -> list[LoadPoint]:
-    """A concurrency sweep, or a request-rate sweep when ``rates`` is given. With ``stop_above_ms``
-    the sweep stops after the first point whose p99 exceeds it: more load only queues more."""
+          input_data: Path | None = None, window_ms: int = DEFAULT_WINDOW_MS,
+          stop: Callable[[LoadPoint], bool] | None = None, version: int | None = None) -> list[LoadPoint]:
+    """A concurrency sweep, or a request-rate sweep when ``rates`` is given. It stops after the first
+    point for which ``stop`` says so (over the budget beyond the noise: more load only queues more)."""
     points = []
     loads = [("rate", r) for r in rates] if rates else [("concurrency", c) for c in concurrency]
     for kind, value in loads:
@@ -154,35 +181,9 @@ def sweep(model: str, grpc_url: str, *, concurrency: Sequence[int] = (1, 2, 4, 8
                       rate=value if kind == "rate" else None, input_data=input_data, window_ms=window_ms,
                       version=version)
         points.append(p)
-        if stop_above_ms is not None and p.p99_ms > stop_above_ms:
+        if stop is not None and stop(p):
             break
     return points
-
-
-def band(value: float, stable: bool = True) -> tuple[float, float]:
-    """What one perf_analyzer figure is known to within: its windows agreed within the stability bound
-    (STABILITY_PCT, or LOOSE_STABILITY_PCT for a point marked unstable). The serving decisions' interval."""
-    s = (STABILITY_PCT if stable else LOOSE_STABILITY_PCT) / 100
-    return value / (1 + s), value * (1 + s)
-
-
-def compare(a: LoadPoint, b: LoadPoint, by: str):
-    """The decision rule on ``a`` against ``b``: pass when a is better beyond the noise, by "throughput"
-    (higher is better) or "p99_ms" (lower is better)."""
-    from retool.speed import decide
-
-    (alo, ahi), (blo, bhi) = band(getattr(a, by), a.stable), band(getattr(b, by), b.stable)
-    if by == "throughput":
-        return decide(a.throughput / b.throughput, alo / bhi, ahi / blo, 1.0, higher_is_better=True,
-                      rule="throughput ratio, each within the stability bound of its windows", samples=2, confidence=0.0)
-    return decide(b.p99_ms / a.p99_ms, blo / ahi, bhi / alo, 1.0, higher_is_better=True,
-                  rule="p99 ratio (other/this), each within the stability bound of its windows", samples=2, confidence=0.0)
-
-
-def best_within(points: Sequence[LoadPoint], budget_ms: float | None) -> LoadPoint | None:
-    """The highest-throughput point whose p99 meets the budget (any point without a budget)."""
-    ok = [p for p in points if budget_ms is None or p.p99_ms <= budget_ms]
-    return max(ok, key=lambda p: p.throughput) if ok else None
 
 
 def cost_per_million(cost_per_hour: float | None, throughput: float) -> float | None:

@@ -5,8 +5,9 @@ source) times the configurations one replica of ``cores_per_replica`` cores can 
 **sustainable rate** is measured the way serving latency is defined, compute plus queue time under
 Poisson arrivals at a fixed rate (perf_analyzer ``--request-rate-range``, ``--request-distribution
 poisson``): a closed-loop probe estimates the capacity, then rates below it are tried, highest first,
-until p99 meets the budget. The rate that passed and the one above it that failed bracket the
-sustainable rate, and that bracket is its interval.
+until p99 meets the budget by the decision rule (retool.serve.choice: a p99 within the noise of the
+budget is measured again, and still undecided counts as a miss). The rate that passed and the one
+above it that did not bracket the sustainable rate, and that bracket is its interval.
 
     replicas = ceil(rate / (sustainable rate per replica x headroom))
 
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 from retool.errors import UsageError
-from retool.serve import loadtest as lt
+from retool.serve import choice
 from retool.serve.profile import ServingConfig
 
 PLAN_KIND = "retool-serving-plan"
@@ -86,6 +87,9 @@ class Candidate:
     error: str | None = None
     over_ms: float | None = None  # when nothing met the budget: the best p99's excess
     cores: int | None = None  # of the replica: ORT's default thread count spelt out in labels
+    #: the passing rate's p99 against the budget (retool.speed.Decision); rates judged within the noise
+    budget_decision: Any = None
+    undecided: list = field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -104,7 +108,9 @@ class Candidate:
                 "sustainable_rate": _interval(self.sustainable), "replicas": self.replicas(inp),
                 "over_budget_ms": self.over_ms, "probe": [p.to_dict() for p in self.probe],
                 "points": [p.to_dict() for p in self.points],
-                "at_planned_rate": self.at_planned.to_dict() if self.at_planned else None}
+                "at_planned_rate": self.at_planned.to_dict() if self.at_planned else None,
+                "budget_decision": self.budget_decision.to_dict() if self.budget_decision else None,
+                "undecided": [d.to_dict() for d in self.undecided]}
 
 
 def _interval(br) -> dict | None:
@@ -187,26 +193,6 @@ def configs_for(variant: Variant, inp: PlanInputs) -> list[ServingConfig]:
 
 
 # ---- measuring helpers --------------------------------------------------------------------------------------
-#: requests a rate point's window should hold, so its count and its p99 mean something
-MIN_REQUESTS_PER_WINDOW = 50
-
-
-def rate_window_ms(rate: float, window_ms: int) -> int:
-    """The window for a point at ``rate``: long enough for MIN_REQUESTS_PER_WINDOW requests (at most 10 s)."""
-    return int(max(window_ms, min(10_000, 1000 * MIN_REQUESTS_PER_WINDOW / max(rate, 1e-9))))
-
-
-def keeps_up(p, rate: float, window_ms: int) -> bool:
-    """The server completed what was offered: Poisson arrivals over the ~3 windows perf_analyzer averages
-    vary by sqrt(n), so a shortfall within 3 standard deviations (and at most 5 %) is not a fall-behind."""
-    n = max(rate * 3 * window_ms / 1000, 1.0)
-    return p.throughput >= rate * (1 - max(0.05, 3 / math.sqrt(n)))
-
-
-def _passes(p, rate: float, budget: float, window_ms: int) -> bool:
-    return p.p99_ms <= budget and keeps_up(p, rate, window_ms)
-
-
 def probe_rate(cand: Candidate, inp: PlanInputs) -> float:
     """The per-replica rate the plan puts on one replica, floored so a window holds enough requests."""
     n = cand.replicas(inp) or 1
@@ -225,7 +211,7 @@ def better(a: Candidate, b: Candidate, inp: PlanInputs):
     from retool.speed import decide
 
     if inp.profile == "realtime" and a.at_planned is not None and b.at_planned is not None:
-        return lt.compare(a.at_planned, b.at_planned, "p99_ms")
+        return choice.compare(a.at_planned, b.at_planned, "p99_ms")
     (alo, ahi), (blo, bhi) = a.sustainable, b.sustainable
     return decide(alo / blo, alo / bhi, ahi / blo, 1.0, higher_is_better=True,
                   rule="sustainable rate: the bracket between the highest rate that met the budget and the next "
@@ -326,6 +312,9 @@ def build(repo_url: str, name: str, variants: list[Variant], dups: list[dict], c
             continue
         if c.error:
             why = c.error
+        elif c.undecided and c.over_ms is not None and c.over_ms <= 0:
+            why = (f"p99 within the noise of the budget down to {c.points[-1].load:g} req/s, even measured "
+                   f"{choice.REMEASURE + 1} times (undecided: counted as a miss; rerun on a quieter machine)")
         elif c.over_ms is not None and c.over_ms <= 0 and c.points:
             why = (f"fell behind the offered rate at every rate tried, down to {c.points[-1].load:g} req/s "
                    f"(completed {c.points[-1].throughput:.1f} req/s)")

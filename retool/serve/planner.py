@@ -8,11 +8,10 @@ import time
 from typing import Any
 
 from retool import console
-from retool.serve import loadtest as lt
+from retool.serve import choice, loadtest as lt
+from retool.serve.choice import keeps_up, rate_window_ms
 from retool.serve.session import published_config
-from retool.serve.plan import (RATE_STEPS, Candidate, PlanInputs, _passes, build, choose, configs_for, keeps_up,
-                               rate_window_ms,
-                               family, probe_rate, server_rss)
+from retool.serve.plan import RATE_STEPS, Candidate, PlanInputs, build, choose, configs_for, family, probe_rate, server_rss
 
 
 # ---- measuring -------------------------------------------------------------------------------------------------
@@ -27,8 +26,9 @@ def measure(sess, repo, cand: Candidate, inp: PlanInputs, data_file) -> None:
         sess.load(v.model, override(base, cand.config, v.max_batch_size))
         conc = [1, max(2, 2 * cand.config.instance_count)]
         cand.probe = lt.sweep(v.model, sess.grpc_url, concurrency=conc, input_data=data_file,
-                              window_ms=inp.window_ms, stop_above_ms=inp.budget_p99_ms, version=v.version)
-        if cand.probe[0].p99_ms > inp.budget_p99_ms:  # over budget with one request in flight: no rate helps
+                              window_ms=inp.window_ms, stop=lambda p: choice.over_budget(p, inp.budget_p99_ms),
+                              version=v.version)
+        if choice.over_budget(cand.probe[0], inp.budget_p99_ms):  # with one request in flight: no rate helps
             cand.over_ms = cand.probe[0].p99_ms - inp.budget_p99_ms
             return
         capacity = max(p.throughput for p in cand.probe)
@@ -38,12 +38,19 @@ def measure(sess, repo, cand: Candidate, inp: PlanInputs, data_file) -> None:
             if rate <= 0 or (cand.points and rate >= cand.points[-1].load):
                 continue
             win = rate_window_ms(rate, inp.window_ms)
-            p = lt.run_point(v.model, sess.grpc_url, rate=rate, input_data=data_file, window_ms=win,
-                             version=v.version, distribution="poisson")
+
+            def at_rate(rate=rate, win=win):
+                return lt.run_point(v.model, sess.grpc_url, rate=rate, input_data=data_file, window_ms=win,
+                                    version=v.version, distribution="poisson")
+            p = at_rate()
             cand.points.append(p)
-            if _passes(p, rate, inp.budget_p99_ms, win):
-                cand.sustainable = (rate, failed_at)
-                return
+            if keeps_up(p, rate, win):
+                d, _ = choice.judge(p, inp.budget_p99_ms, at_rate)
+                if d.passed:
+                    cand.sustainable, cand.budget_decision = (rate, failed_at), d
+                    return
+                if d.undecided:
+                    cand.undecided.append(d)
             failed_at = rate
             if not keeps_up(p, rate, win):  # overloaded: go below what it did sustain
                 ceiling = 0.9 * p.throughput

@@ -4,7 +4,8 @@ The space: instances x ORT intra-op threads (their product at most the cores), a
 batching off or on with a few queue delays and preferred batch sizes. Each configuration is
 loaded through the load API's config override (the repository is not touched) and swept with
 perf_analyzer. Kept: the highest throughput whose p99 meets the budget; at a fixed --rate, the
-lowest p99 among those that sustain the rate.
+lowest p99 among those that sustain the rate. "Meets" and "better than the published configuration"
+are judged on intervals (retool.serve.choice); a point within the noise of the budget does not meet it.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from retool import console
-from retool.serve import loadtest as lt
+from retool.serve import choice, loadtest as lt
 from retool.serve.profile import ServingConfig
 
 #: the space's first point when nothing is published: 1 instance, ORT's threads, no batching. Once a
@@ -106,26 +107,46 @@ class Measured:
     config: ServingConfig
     points: list = field(default_factory=list)
     best: Any = None  # the LoadPoint kept for this configuration
+    #: the kept point against the budget (retool.speed.Decision), and the points judged within the noise
+    decision: Any = None
+    undecided: list = field(default_factory=list)
     error: str | None = None
 
     def to_dict(self) -> dict:
         return {"label": self.config.label, "config": self.config.to_dict(), "error": self.error,
-                "points": [p.to_dict() for p in self.points], "best": self.best.to_dict() if self.best else None}
+                "points": [p.to_dict() for p in self.points], "best": self.best.to_dict() if self.best else None,
+                "budget_decision": self.decision.to_dict() if self.decision else None,
+                "undecided": [d.to_dict() for d in self.undecided]}
 
 
-def _pick(m: Measured, budget: float | None, rate: float | None) -> None:
-    if rate:
-        ok = [p for p in m.points if p.throughput >= 0.95 * rate and (budget is None or p.p99_ms <= budget)]
-        m.best = min(ok, key=lambda p: p.p99_ms) if ok else None
-    else:
-        m.best = lt.best_within(m.points, budget)
+def pick(m: Measured, spec: lt.LoadSpec, again=None) -> None:
+    """The point kept for one configuration: at a fixed rate, the lowest p99 among the points that keep
+    up and meet the budget; else the highest throughput that meets it (any point without a budget).
+    "Meets" is the decision rule's (retool.serve.choice); ``again(point)`` measures a point once more
+    while it is within the noise of the budget."""
+    budget = spec.budget_p99_ms
+    m.best = m.decision = None
+    if budget is None:
+        if spec.rate:
+            ok = [p for p in m.points if choice.keeps_up(p, spec.rate, spec.window_ms)]
+            m.best = min(ok, key=lambda p: p.p99_ms) if ok else None
+        else:
+            m.best = max(m.points, key=lambda p: p.throughput) if m.points else None
+        return
+    order = (sorted(m.points, key=lambda p: p.p99_ms) if spec.rate
+             else sorted(m.points, key=lambda p: -p.throughput))
+    for p in order:
+        if spec.rate and not choice.keeps_up(p, spec.rate, spec.window_ms):
+            continue
+        d, rep = choice.judge(p, budget, (lambda p=p: again(p)) if again else None)
+        if d.passed:
+            m.best, m.decision = rep, d
+            return
+        if d.undecided:
+            m.undecided.append(d)
 
 
-def tune(sess, repo, name: str, *, budget_ms: float | None, rate: float | None = None, space_name: str = "quick",
-         concurrency: Sequence[int] = (1, 2, 4, 8), rates: Sequence[float] = (), window_ms: int = lt.DEFAULT_WINDOW_MS,
-         cost_per_hour: float | None = None, configs: "Sequence[ServingConfig] | str | None" = None,
-         currency: str = "USD",
-         timeout: float = 120.0) -> dict:
+def tune(sess, repo, name: str, spec: lt.LoadSpec, *, configs: "Sequence[ServingConfig] | str | None" = None) -> dict:
     """Measure each configuration; returns the report (JSON-ready). ``configs`` replaces the space
     ("published": only the configuration in the repository, loaded as it is)."""
     from retool.serve import samples as smp
@@ -140,7 +161,7 @@ def tune(sess, repo, name: str, *, budget_ms: float | None, rate: float | None =
     if configs == "published":  # measure what is published, as it is
         todo = [published]
     else:
-        todo = list(configs) if configs else space(space_name, mbs, n_cores, published)
+        todo = list(configs) if configs else space(spec.space, mbs, n_cores, published)
     man = repo.manifest(name, v)
     import tempfile
     from pathlib import Path
@@ -153,6 +174,11 @@ def tune(sess, repo, name: str, *, budget_ms: float | None, rate: float | None =
         if (man.get("samples") or {}).get("file"):
             data = smp.read_published(repo, name, v, man["samples"])
             data_file = lt.input_data_file(data["in"], Path(tmp), batched=mbs > 0)
+
+        def again(p):
+            return lt.run_point(name, sess.grpc_url, concurrency=int(p.load) if p.mode == "concurrency" else None,
+                                rate=p.load if p.mode == "rate" else None, input_data=data_file,
+                                window_ms=spec.window_ms)
         try:
             took: list[float] = []  # each configuration's time: the next one's estimate on a terminal's bar
             for cfg in todo:
@@ -163,11 +189,12 @@ def tune(sess, repo, name: str, *, budget_ms: float | None, rate: float | None =
                                   estimate_s=sum(took) / len(took) if took else None):
                     try:
                         sess.load(name, None if configs == "published" else override(base, cfg, mbs),
-                                  timeout=timeout)
-                        sweep_rates = list(rates) or ([rate] if rate else [])
-                        m.points = lt.sweep(name, sess.grpc_url, concurrency=concurrency, rates=sweep_rates,
-                                            input_data=data_file, window_ms=window_ms,
-                                            stop_above_ms=None if rate or rates else budget_ms)
+                                  timeout=spec.timeout)
+                        stop = None if spec.rate or spec.rates else (lambda p: choice.over_budget(p, spec.budget_p99_ms))
+                        m.points = lt.sweep(name, sess.grpc_url, concurrency=spec.concurrency,
+                                            rates=spec.sweep_rates(), input_data=data_file, window_ms=spec.window_ms,
+                                            stop=stop)
+                        pick(m, spec, again)  # may measure a point again: the configuration is still loaded
                     except Exception as exc:  # one configuration that fails is reported, not fatal
                         from retool.errors import RetoolError
 
@@ -176,17 +203,15 @@ def tune(sess, repo, name: str, *, budget_ms: float | None, rate: float | None =
                         m.error = str(exc)
                         failed.append(exc)
                 took.append(time.perf_counter() - t_cfg)
-                _pick(m, budget_ms, rate)
         finally:
             if sess.server is None:  # an existing server goes back to the published config
                 try:
-                    sess.load(name, timeout=timeout)
+                    sess.load(name, timeout=spec.timeout)
                 except Exception:  # noqa: BLE001 - best effort on someone else's server
                     console.warn(f"could not reload {name} with its published config on {sess.http_url}")
     if failed and len(failed) == len(measured):
         raise nothing_measured(name, failed)
-    return report(name, v, measured, budget_ms, rate, cost_per_hour, n_cores, window_ms,
-                  time.perf_counter() - t0, sess.backend_note, published, currency)
+    return report(name, v, measured, spec, n_cores, time.perf_counter() - t0, sess.backend_note, published)
 
 
 def nothing_measured(name: str, errors: list):
@@ -200,8 +225,9 @@ def nothing_measured(name: str, errors: list):
     return err
 
 
-def report(name, version, measured: list[Measured], budget_ms, rate, cost_per_hour, n_cores, window_ms, seconds,
-           note, published: ServingConfig = DEFAULT, currency: str = "USD") -> dict:
+def report(name, version, measured: list[Measured], spec: lt.LoadSpec, n_cores: int, seconds: float, note: str,
+           published: ServingConfig = DEFAULT) -> dict:
+    rate = spec.rate
     kept = [m for m in measured if m.best is not None]
     if rate:
         chosen = min(kept, key=lambda m: m.best.p99_ms) if kept else None
@@ -211,22 +237,24 @@ def report(name, version, measured: list[Measured], budget_ms, rate, cost_per_ho
     decision = challenger = None
     if chosen is not None and default is not None and default.best is not None and chosen is not default:
         # the published configuration stays unless the new best beats it beyond the noise
-        decision = lt.compare(chosen.best, default.best, "p99_ms" if rate else "throughput")
+        decision = choice.compare(chosen.best, default.best, "p99_ms" if rate else "throughput")
         challenger = chosen
         if decision.outcome != "pass":
             chosen = default
     out: dict[str, Any] = {
-        "model": name, "version": version, "budget_p99_ms": budget_ms, "rate": rate, "cores": n_cores,
-        "window_ms": window_ms, "seconds": round(seconds, 1), "server": note,
+        "model": name, "version": version, "budget_p99_ms": spec.budget_p99_ms, "rate": rate, "cores": n_cores,
+        "window_ms": spec.window_ms, "seconds": round(seconds, 1), "server": note, "spec": spec.to_dict(),
         "configs": [m.to_dict() for m in measured], "chosen": None, "met": chosen is not None,
         "published": published.to_dict(), "decision": decision.to_dict() if decision else None,
         "kept_published": chosen is default and decision is not None,
         "challenger": challenger.config.label if challenger is not None else None,
+        "undecided": sum(len(m.undecided) for m in measured),
     }
     if chosen is not None:
         b = chosen.best
         out["chosen"] = {"label": chosen.config.label, "config": chosen.config.to_dict(), "point": b.to_dict(),
-                         "cost_per_million": lt.cost_per_million(cost_per_hour, b.throughput)}
+                         "cost_per_million": lt.cost_per_million(spec.price_per_hour, b.throughput),
+                         "budget_decision": chosen.decision.to_dict() if chosen.decision else None}
         if default is not None and default.best is not None and not rate:
             out["chosen"]["throughput_vs_default"] = b.throughput / default.best.throughput
         if default is not None:
@@ -236,11 +264,13 @@ def report(name, version, measured: list[Measured], budget_ms, rate, cost_per_ho
         pts = [(m, p) for m in measured for p in m.points]
         if pts:
             m, p = min(pts, key=lambda mp: mp[1].p99_ms)
+            budget = spec.budget_p99_ms
             out["closest"] = {"label": m.config.label, "point": p.to_dict(),
-                              "over_budget_ms": (p.p99_ms - budget_ms) if budget_ms is not None else None}
-    if cost_per_hour:
-        out["cost_per_hour"] = cost_per_hour
-        out["currency"] = currency
+                              "over_budget_ms": (p.p99_ms - budget) if budget is not None else None,
+                              "within_noise": bool(m.undecided)}
+    if spec.price_per_hour:
+        out["cost_per_hour"] = spec.price_per_hour
+        out["currency"] = spec.currency
     return out
 
 
@@ -281,6 +311,9 @@ def verdict(rep: dict) -> str:
         return f"{rep['model']}: no configuration could be measured (see the report's errors)"
     p = c["point"]
     over = f", {c['over_budget_ms']:.2f} ms over" if c.get("over_budget_ms") is not None else ""
+    if c.get("within_noise") and (c.get("over_budget_ms") or 0) <= 0:
+        over = (": within the noise of the budget even after measuring again (undecided, planned as a miss); "
+                "rerun on a quieter machine or with a longer --window-ms")
     at = f" at {rep['rate']:g} req/s" if rep.get("rate") else ""
     return (f"{rep['model']}: no configuration meets p99 <= {budget:g} ms{at}: the closest, {c['label']}, has p99 "
             f"{p['p99_ms']:.2f} ms at {p['mode']} {p['load']:g}{over}")
