@@ -1,8 +1,9 @@
 """The numeric precision a source model computes in, so that parity is judged by the right tolerances.
 
-A quantized source (TorchScript or an eager module with ``quantized::`` ops, from torch.ao.quantization)
-rounds at every layer in its own kernels; the ONNX copy rounds with onnxruntime's. Their outputs agree
-as well as two int8 implementations do, not to fp32 precision, so parity uses the int8 tolerances.
+A quantized source (TorchScript or an eager module with ``quantized::`` ops, from torch.ao.quantization;
+a TensorFlow graph with fake-quant ops, from Keras quantization-aware training) rounds at every layer in
+its own kernels; the ONNX copy rounds with onnxruntime's. Their outputs agree as well as two int8
+implementations do, not to fp32 precision, so parity uses the int8 tolerances.
 """
 from __future__ import annotations
 
@@ -46,8 +47,25 @@ def torch_precision(torch, module) -> tuple[str, str]:
     return "fp32", ""
 
 
+#: TensorFlow ops that round to an integer grid in the graph: what TFMOT's QAT layers become
+_TF_QUANT_OPS = ("FakeQuantWithMinMaxVars", "FakeQuantWithMinMaxVarsPerChannel", "FakeQuantWithMinMaxArgs",
+                 "QuantizeAndDequantizeV2", "QuantizeAndDequantizeV3", "QuantizeAndDequantizeV4")
+
+
+def graph_def_precision(graph_def) -> tuple[str, str]:
+    """("int8", why) for a TensorFlow GraphDef (with its function library) that fake-quantizes, else fp32."""
+    ops = {n.op for n in graph_def.node} | {n.op for f in graph_def.library.function for n in f.node_def}
+    found = sorted(o for o in ops if o in _TF_QUANT_OPS)
+    if not found:
+        return "fp32", ""
+    return "int8", f"the TensorFlow graph fake-quantizes ({', '.join(found)}: quantization-aware training)"
+
+
 def source_precision(model) -> tuple[str, str]:
     """(precision, why) of a loaded SourceModel; fp32 unless the source says otherwise."""
+    own = getattr(model, "source_precision", None)
+    if callable(own):
+        return own()
     module = getattr(model, "module", None)
     torch = getattr(model, "torch", None)
     if torch is not None and module is not None and getattr(model, "framework", "") == "torch":

@@ -207,6 +207,16 @@ class TFSource(SourceModel):
             self._fn = self.tf.function(traced, input_signature=self._signature(), autograph=False)
         return self._fn
 
+    def source_precision(self) -> tuple[str, str]:
+        """int8 when the traced graph fake-quantizes (a QAT model), else fp32."""
+        from retool.converter.source_precision import graph_def_precision
+
+        try:
+            graph_def = self.function().get_concrete_function().graph.as_graph_def()
+        except Exception:  # a function that cannot be traced here fails at export, with its own message
+            return "fp32", ""
+        return graph_def_precision(graph_def)
+
     def export(self, path: Path, opset: int | None) -> ExportResult:
         import_tf2onnx()
         opset = check_opset(opset)

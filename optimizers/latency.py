@@ -115,10 +115,19 @@ def thread_sweep(fp32_path, cand_path, feeds, budget_s: float = 1.0) -> dict:
         n = counts[-1]
         sessions = {t: make_session(cand_path, threads=t) for t in counts}
         plan = Plan(runs=None, time_budget_s=budget_s, warmup=5, min_runs=10, max_runs=5000)
-        paired, _ = measure_interleaved({t: (lambda s=s: run_session(s, feeds)) for t, s in sessions.items()}, plan,
-                                        cpu_times=True)
+        from retool import machine
+
+        with machine.watch("thread sweep") as block:
+            paired, _ = measure_interleaved({t: (lambda s=s: run_session(s, feeds)) for t, s in sessions.items()},
+                                            plan, cpu_times=True)
         d = speed.decide_ratio(paired[1], paired[n], 1.0 + speed.NOISE_FLOOR)  # n threads' speed-up over 1
+        others = (block.result or {}).get("others_cpu_pct")
+        if others is not None and others > machine.BUSY_OTHERS_PCT:
+            # other processes held the cores n threads need: the sweep measured them, not the artifact
+            d = d.with_outcome(speed.UNDECIDED, f"timed while other processes used {others:g}% of the CPUs: "
+                                                f"not decided on a busy machine; rerun on a quiet one")
         out["measured"][str(n)]["decision_vs_1"] = d.to_dict()
+        out["machine"] = block.result
         if d.passed:
             best, why = n, f"{n} threads decidedly faster than 1 ({d.text})"
         else:

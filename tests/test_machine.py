@@ -59,3 +59,28 @@ def test_a_validate_report_carries_the_machine_and_the_busy_flag(tmp_path):
     assert any(w.startswith("BUSY") for w in rep.warnings)
     # at 1 intra-op thread the thread CPU time is reported beside wall time
     assert rep.data["latency"]["candidate"]["1"]["cpu_p50_ms"] > 0
+
+
+def test_the_serving_thread_count_is_not_decided_on_a_busy_machine(tmp_path):
+    import itertools
+
+    import numpy as np
+    import pytest
+
+    from fixtures.onnx_tiny import linear
+    from retool.optimizers.latency import all_threads, thread_sweep
+
+    if all_threads() < 2:
+        pytest.skip("one usable core: there is only one thread count")
+    model = linear(tmp_path / "m.onnx")
+    feeds = {"x": np.ones((1, 4), np.float32)}
+    k = itertools.count()
+
+    def stat():  # each reading: 95 % of the CPUs busy since the last, none of it this process's
+        i = next(k)
+        return f"cpu  {1000 + 190 * i} 0 0 {1000 + 10 * i} 0 0 0 0 0 0\n"
+    with machine.use_readers(stat=stat, own_cpu_s=lambda: 0.0, total_cpus=lambda: 2):
+        out = thread_sweep(model, model, feeds, budget_s=0.2)
+    d = out["measured"][str(all_threads())]["decision_vs_1"]
+    assert d["outcome"] == "undecided" and "busy machine" in d["note"] and out["machine"]["others_cpu_pct"] > 50
+    assert out["best_intra_op_threads"] == 1 and "undecided" in out["why"]

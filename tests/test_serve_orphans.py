@@ -164,3 +164,19 @@ def test_kill_9_of_repo_check_while_the_server_starts_leaves_nothing(repo, tmp_p
         assert not _wait_gone(_using(own), 10)
     finally:
         _kill(p)
+
+
+@pytest.mark.slow
+def test_kill_9_of_retool_plan_while_it_measures_leaves_nothing(repo, tmp_path):
+    # the plan's Triton is started with the CPU affinity of one replica: a second path to a server
+    p = _retool("plan", repo, "lin", "--budget-p99-ms", "1000", "--rate", "50", "--window-ms", "5000",
+                "--space", "small", "--out", tmp_path / "plan", cwd=tmp_path)
+    try:
+        kids = _wait_for(p.pid, {"tritonserver", "triton_python_b", "perf_analyzer"})
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(30)
+        left = _wait_gone(kids)
+        assert not left, {pid: kids[pid] for pid in left}
+        assert not (tmp_path / "plan").exists()  # nothing half-written
+    finally:
+        _kill(p)
