@@ -361,6 +361,9 @@ class TorchSource(SourceModel):
                               if issubclass(w.category, UserWarning)][:5]
                 if exporter != "dynamo" and not self.scripted:
                     warn_list.insert(0, "dynamo exporter failed; used the TorchScript exporter: " + errors[0])
+                pinned = self.program.pinned_note() if self.program is not None else None
+                if pinned:
+                    warn_list.insert(0, pinned)
                 return ExportResult(f"torch.onnx.export({exporter})",
                                     {"exporter": exporter, "external_data": large,
                                      "output_names": output_names, "output_names_source": self.output_names_source,
@@ -384,7 +387,8 @@ class TorchSource(SourceModel):
         return {"static_batch": self.program.static_batch is not None,
                 "verified_batch_sizes": list(self.program.verify_batches),
                 "batch_range": list(self.program.batch_range) if self.program.batch_range else None,
-                "call_keywords": list(self.program.keywords)}
+                "call_keywords": list(self.program.keywords),
+                "fixed_axes": {n: {str(a): v for a, v in ax.items()} for n, ax in (self.program.fixed_axes or {}).items()}}
 
     def _export_dynamo(self, target, args, path, opset, input_names, output_names, dyn_axes, large):
         import logging

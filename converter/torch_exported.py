@@ -30,6 +30,22 @@ class ProgramInputs:
     keywords: tuple[str, ...]
     #: (min, max or None) of a dynamic batch axis
     batch_range: tuple[int, int | None] | None = None
+    #: input name -> {axis: size} of the non-batch axes the program fixed (torch.export specialised them)
+    fixed_axes: Mapping[str, Mapping[int, int]] | None = None
+
+    def pinned_note(self) -> str | None:
+        """One line for the report when a program with a dynamic batch fixes an axis of a non-image input
+        (a sequence, usually: torch.export specialises what it cannot trace symbolically, e.g. nn.LSTM)."""
+        if self.static_batch is not None or not self.fixed_axes:
+            return None
+        shown = {n: ax for n, ax in self.fixed_axes.items()
+                 if ax and len(next(s for s in self.specs if s.name == n).shape) != 4}
+        if not shown:
+            return None
+        what = "; ".join(f"{n}: axis {', '.join(f'{a} = {v}' for a, v in sorted(ax.items()))}"
+                         for n, ax in shown.items())
+        return (f"the program fixes {what} (torch.export specialised it): other sizes are refused; re-export "
+                f"with torch.export.Dim for that axis if the model allows it")
 
 
 def _range(ep, sym) -> tuple[int, int | None]:
@@ -46,7 +62,7 @@ def read_program(torch, ep) -> ProgramInputs:
     sig = ep.graph_signature
     user = [s.arg.name for s in sig.input_specs if s.kind.name == "USER_INPUT"]
     nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
-    specs, batch_ranges, static = [], [], set()
+    specs, batch_ranges, static, fixed = [], [], set(), {}
     for name in user:
         val = nodes[name].meta.get("val")
         if val is None:
@@ -61,6 +77,8 @@ def read_program(torch, ep) -> ProgramInputs:
                 dims.append(int(d))
                 if i == 0:
                     static.add(int(d))
+                else:
+                    fixed.setdefault(name, {})[i] = int(d)
         specs.append(TensorSpec(name, str(val.dtype).replace("torch.", ""), tuple(dims)))
     in_spec = ep.call_spec.in_spec
     keywords: tuple[str, ...] = ()
@@ -81,7 +99,7 @@ def read_program(torch, ep) -> ProgramInputs:
     if batch_ranges:
         his = [r[1] for r in batch_ranges if r[1] is not None]
         rng = (max(r[0] for r in batch_ranges), min(his) if his else None)
-    return ProgramInputs(tuple(specs), static_batch, verify, keywords, rng)
+    return ProgramInputs(tuple(specs), static_batch, verify, keywords, rng, fixed)
 
 
 def call(torch, module, ep, args: Sequence):

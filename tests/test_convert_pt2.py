@@ -99,3 +99,22 @@ def test_example_inputs_of_the_wrong_shape(cli, programs, tmp_path):
     np.savez(tmp_path / "ex.npz", x=np.zeros((1, 3, 9, 9), np.float32))
     r = cli("convert", programs["static"], "--example-inputs", tmp_path / "ex.npz", "-o", tmp_path / "m.onnx")
     assert r.code == 2 and "has shape [1, 3, 9, 9], but the program was exported for x:float32:1,3,8,8" in r.err
+
+
+def test_a_program_that_fixes_the_sequence_says_so(cli, programs, tmp_path):
+    src = tst.save_lstm_pt2(programs["dir"] / "lstm.pt2", seq=6)
+    out = tmp_path / "lstm.onnx"
+    r = cli("convert", src, "-o", out)
+    assert r.code == 0, r.err
+    rep = _report(out)
+    note = next(w for w in rep["warnings"] if "fixes" in w)
+    assert "tokens: axis 1 = 6" in note and "torch.export.Dim" in note
+    assert rep["artifact"]["provenance"][0]["params"]["fixed_axes"] == {"tokens": {"1": 6}}
+    _, sess = _ort(out, {"tokens": np.zeros((3, 6), np.int64)})
+    assert sess.get_inputs()[0].shape == ["batch", 6]
+
+
+def test_an_image_program_is_not_said_to_fix_its_image_axes(cli, programs, tmp_path):
+    out = tmp_path / "ranged.onnx"
+    assert cli("convert", programs["ranged"], "-o", out).code == 0
+    assert not any("fixes" in w for w in _report(out)["warnings"])
