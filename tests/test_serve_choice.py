@@ -25,22 +25,22 @@ def _again(p99s):
 
 def test_a_point_clearly_under_or_over_the_budget_is_decided_without_measuring_again():
     again, calls = _again(itertools.repeat(1.0))
-    d, _ = choice.judge(_pt(10.0), 20.0, again)
-    assert d.passed and d.interval[1] <= 20.0 and not calls
-    d, _ = choice.judge(_pt(30.0), 20.0, again)
+    d, _, more = choice.judge(_pt(10.0), 20.0, again)
+    assert d.passed and d.interval[1] <= 20.0 and not calls and not more
+    d, _, _ = choice.judge(_pt(30.0), 20.0, again)
     assert d.outcome == "fail" and not calls
 
 
 def test_a_point_within_the_noise_of_the_budget_is_measured_again_and_then_decided():
     again, calls = _again([18.0, 18.2])  # 18 ms * 1.25 straddles 20: undecided on one run
-    d, rep = choice.judge(_pt(18.1), 20.0, again)
-    assert len(calls) == choice.REMEASURE and d.passed and d.samples == 3
+    d, rep, more = choice.judge(_pt(18.1), 20.0, again)
+    assert len(calls) == choice.REMEASURE and d.passed and d.samples == 3 and len(more) == 2
     assert rep.p99_ms == 18.1  # the median run stands for the three
 
 
 def test_still_undecided_is_planned_as_a_miss_and_says_so():
     again, calls = _again([14.0, 23.0])
-    d, _ = choice.judge(_pt(19.0), 20.0, again)
+    d, _, _ = choice.judge(_pt(19.0), 20.0, again)
     assert d.undecided and not d.passed and "safe side" in d.note and len(calls) == 2
 
 
@@ -62,8 +62,10 @@ def test_the_budget_search_keeps_the_fastest_point_that_meets_the_budget_beyond_
     assert m.best.throughput == 180.0 and m.decision.passed
     assert len(m.undecided) == 1 and m.undecided[0].estimate == 19.0
     # measured again, the 19 ms point's runs are decided under the budget: it is kept
+    m.undecided = []
     pick(m, LoadSpec(budget_p99_ms=20.0), again=lambda p: _pt(17.0, p.load, thr=p.throughput))
     assert m.best.throughput == 200.0 and m.decision.samples == 3
+    assert len(m.points) == 5 and m.best in m.points  # the two runs measured again are kept and shown
 
 
 def test_without_a_budget_the_fastest_point_is_kept_and_at_a_rate_the_lowest_p99_that_keeps_up():

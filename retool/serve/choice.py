@@ -71,9 +71,9 @@ def meets(points: Sequence[LoadPoint], budget_ms: float):
 
 def judge(first: LoadPoint, budget_ms: float, again: Callable[[], LoadPoint] | None = None,
           tries: int = REMEASURE):
-    """``first`` against the budget, measured again (``again``) while undecided. Returns the decision and
-    the point that stands for the runs (the median p99's). Only ``passed`` meets the budget: a decision
-    still undecided is on the unsafe side of nothing, and callers plan as if it missed."""
+    """``first`` against the budget, measured again (``again``) while undecided. Returns the decision, the
+    run that stands for them all (the median p99's) and the runs added. Only ``passed`` meets the budget:
+    callers plan an undecided point as if it missed."""
     runs = [first]
     d = meets(runs, budget_ms)
     while d.undecided and again is not None and len(runs) <= tries:
@@ -83,7 +83,7 @@ def judge(first: LoadPoint, budget_ms: float, again: Callable[[], LoadPoint] | N
     if d.undecided:
         d = d.with_outcome("undecided", f"p99 within the noise of the budget after {len(runs)} run(s): planned as "
                                         "a miss (the safe side)")
-    return d, sorted(runs, key=lambda p: p.p99_ms)[len(runs) // 2]
+    return d, sorted(runs, key=lambda p: p.p99_ms)[len(runs) // 2], runs[1:]
 
 
 def over_budget(p: LoadPoint, budget_ms: float | None) -> bool:

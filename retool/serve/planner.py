@@ -45,7 +45,8 @@ def measure(sess, repo, cand: Candidate, inp: PlanInputs, data_file) -> None:
             p = at_rate()
             cand.points.append(p)
             if keeps_up(p, rate, win):
-                d, _ = choice.judge(p, inp.budget_p99_ms, at_rate)
+                d, _, more = choice.judge(p, inp.budget_p99_ms, at_rate)
+                cand.points.extend(more)
                 if d.passed:
                     cand.sustainable, cand.budget_decision = (rate, failed_at), d
                     return

@@ -87,6 +87,8 @@ def table_rows(report: dict) -> list[list]:
             rows.append([c["label"], "", "", "", "", "", "", "", "error: " + c["error"][:80]])
         for p in c["points"]:
             mark = "CHOSEN" if c["label"] == chosen and c["best"] == p else ("best" if c["best"] == p else "")
+            if not mark and any(d["estimate"] == p["p99_ms"] for d in c.get("undecided") or ()):
+                mark = "within noise of budget"
             rows.append([c["label"], f"{p['mode'][:4]} {p['load']:g}", round(p["throughput"], 1),
                          round(p["p50_ms"], 2), round(p["p90_ms"], 2), round(p["p99_ms"], 2), round(p["queue_ms"], 2),
                          round(p["compute_ms"], 2), mark])

@@ -138,7 +138,8 @@ def pick(m: Measured, spec: lt.LoadSpec, again=None) -> None:
     for p in order:
         if spec.rate and not choice.keeps_up(p, spec.rate, spec.window_ms):
             continue
-        d, rep = choice.judge(p, budget, (lambda p=p: again(p)) if again else None)
+        d, rep, more = choice.judge(p, budget, (lambda p=p: again(p)) if again else None)
+        m.points.extend(more)  # the runs measured again are measurements too (the table shows them)
         if d.passed:
             m.best, m.decision = rep, d
             return
