@@ -88,3 +88,20 @@ def test_the_spec_is_frozen_and_recorded():
         s.budget_p99_ms = 30.0  # type: ignore[misc]
     assert s.sweep_rates() == [50.0] and s.to_dict()["currency"] == "EUR"
     assert LoadSpec(rates=(10.0, 20.0)).sweep_rates() == [10.0, 20.0]
+
+
+def test_the_published_configuration_stays_unless_beaten_beyond_the_noise():
+    pub, other = Measured(ServingConfig(1, None, True, 100)), Measured(ServingConfig(2, 1, False))
+    pub.best, other.best = _pt(5.0, thr=100.0), _pt(5.0, thr=120.0)  # 1.2x: inside two 25 % bands
+    chosen, d, challenger = choice.configuration([pub, other], pub, "throughput")
+    assert chosen is pub and d.undecided and challenger is other
+    other.best = _pt(5.0, thr=200.0)  # 2x: beyond the noise
+    chosen, d, _ = choice.configuration([pub, other], pub, "throughput")
+    assert chosen is other and d.passed
+    assert choice.configuration([pub, other], None, "throughput")[0] is other  # nothing published: the best
+    pub.best = None  # the published configuration met nothing
+    assert choice.configuration([pub, other], pub, "throughput")[:2] == (other, None)
+    # at a fixed rate the lowest p99 decides
+    pub.best, other.best = _pt(10.0), _pt(4.0)
+    chosen, d, _ = choice.configuration([pub, other], pub, "p99_ms")
+    assert chosen is other and d.passed

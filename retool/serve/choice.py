@@ -89,3 +89,19 @@ def judge(first: LoadPoint, budget_ms: float, again: Callable[[], LoadPoint] | N
 def over_budget(p: LoadPoint, budget_ms: float | None) -> bool:
     """A sweep can stop here: this point is over the budget beyond the noise (more load only queues more)."""
     return budget_ms is not None and meets([p], budget_ms).outcome == "fail"
+
+
+def configuration(measured: Sequence, published, by: str):
+    """Which configuration to serve: the best kept point (lowest p99 at a fixed rate, ``by="p99_ms"``; else
+    the highest throughput), but the published configuration stays unless that best beats it beyond the
+    noise. ``measured``: tune.Measured items; ``published``: the one among them that is published (or None).
+    Returns (chosen, the decision against the published configuration, the challenger it was taken on)."""
+    kept = [m for m in measured if m.best is not None]
+    if not kept:
+        return None, None, None
+    best = (min(kept, key=lambda m: m.best.p99_ms) if by == "p99_ms"
+            else max(kept, key=lambda m: m.best.throughput))
+    if published is None or published.best is None or best is published:
+        return best, None, None
+    d = compare(best.best, published.best, by)
+    return (best if d.passed else published), d, best

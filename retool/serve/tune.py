@@ -229,19 +229,8 @@ def nothing_measured(name: str, errors: list):
 def report(name, version, measured: list[Measured], spec: lt.LoadSpec, n_cores: int, seconds: float, note: str,
            published: ServingConfig = DEFAULT) -> dict:
     rate = spec.rate
-    kept = [m for m in measured if m.best is not None]
-    if rate:
-        chosen = min(kept, key=lambda m: m.best.p99_ms) if kept else None
-    else:
-        chosen = max(kept, key=lambda m: m.best.throughput) if kept else None
     default = next((m for m in measured if m.config == published), None)
-    decision = challenger = None
-    if chosen is not None and default is not None and default.best is not None and chosen is not default:
-        # the published configuration stays unless the new best beats it beyond the noise
-        decision = choice.compare(chosen.best, default.best, "p99_ms" if rate else "throughput")
-        challenger = chosen
-        if decision.outcome != "pass":
-            chosen = default
+    chosen, decision, challenger = choice.configuration(measured, default, "p99_ms" if rate else "throughput")
     out: dict[str, Any] = {
         "model": name, "version": version, "budget_p99_ms": spec.budget_p99_ms, "rate": rate, "cores": n_cores,
         "window_ms": spec.window_ms, "seconds": round(seconds, 1), "server": note, "spec": spec.to_dict(),
