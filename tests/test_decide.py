@@ -193,3 +193,16 @@ def test_the_cli_takes_undecided_and_decide_budget_into_the_gates(cli, tmp_path)
     assert cfg["undecided"] == "fail" and cfg["decide_budget_s"] == 0
     bad = cli("validate", model, "--undecided", "maybe")
     assert bad.code == 2 and "--undecided" in bad.err
+
+
+def test_decoder_speedups_go_through_the_one_rule():
+    import numpy as np
+
+    from retool.validators.decode_latency import _paired
+
+    rng = np.random.default_rng(3)
+    ref = list(1.0 + 0.1 * rng.standard_normal(200))
+    fast = _paired(ref, list(0.5 + 0.05 * rng.standard_normal(200)))
+    assert fast["measurable"] and fast["verdict"] == "faster" and fast["interval"][0] > 1.0
+    same = _paired(ref, list(ref))
+    assert not same["measurable"] and same["verdict"] == "none"

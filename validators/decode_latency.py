@@ -2,7 +2,8 @@
 prompt's length), per variant and thread count, interleaved in alternating rounds (validators.latency).
 
 A speed-up is ``reference p50 / candidate p50`` (> 1 means faster); each carries the spread of the
-paired per-round ratios (p25-p75), and one whose spread straddles 1 is reported as no difference.
+paired per-round ratios (p25-p75) and the decision rule's verdict (retool.speed.decide_ratio: a paired
+bootstrap interval that contains 1, or a ratio within 2 % of 1, is no measurable difference).
 """
 from __future__ import annotations
 
@@ -80,11 +81,16 @@ def measure(factories: Mapping[str, Callable[[int], Callable]], layout: CacheLay
 
 
 def _paired(ref: list, cand: list) -> dict:
-    """reference/candidate per round: median and p25-p75; 'none' when the spread contains 1."""
+    """reference/candidate per round: median and p25-p75 (the spread shown), and whether the difference
+    is measurable, decided by the one rule (retool.speed: the paired bootstrap interval against 1)."""
+    from retool import speed
+
     r = np.asarray(ref[:len(cand)]) / np.maximum(np.asarray(cand[:len(ref)]), 1e-9)
     lo, med, hi = (float(np.percentile(r, q)) for q in (25, 50, 75))
-    return {"ratio": round(med, 3), "p25": round(lo, 3), "p75": round(hi, 3),
-            "measurable": not (lo <= 1.0 <= hi)}
+    est, ci_lo, ci_hi = speed.paired_ratio_interval(ref, cand)
+    v = speed.verdict(est, (ci_lo, ci_hi))
+    return {"ratio": round(med, 3), "p25": round(lo, 3), "p75": round(hi, 3), "measurable": v not in (None, speed.NONE),
+            "verdict": v, "interval": [round(ci_lo, 3), round(ci_hi, 3)], "rule": speed.rule_text("ratio")}
 
 
 def torch_factory(wrapper) -> Callable[[int], Callable]:
