@@ -81,10 +81,8 @@ def test_kill_9_of_retool_serve_leaves_no_server_stub_or_folder(repo):
         _kill(p)
 
 
-@pytest.mark.slow
-def test_kill_9_of_retool_loadtest_leaves_no_perf_analyzer_or_server(repo, tmp_path):
-    p = _retool("loadtest", repo, "lin", "--concurrency", "1,1,1,1", "--window-ms", "5000",
-                "--out", tmp_path / "lt", cwd=tmp_path)
+def _kill_while_measuring(p: subprocess.Popen) -> None:
+    """SIGKILL ``p`` once its server, stub and perf_analyzer run; none of them may be left."""
     try:
         kids = _wait_for(p.pid, {"tritonserver", "triton_python_b", "perf_analyzer"})
         os.kill(p.pid, signal.SIGKILL)
@@ -93,6 +91,12 @@ def test_kill_9_of_retool_loadtest_leaves_no_perf_analyzer_or_server(repo, tmp_p
         assert not left, {pid: kids[pid] for pid in left}
     finally:
         _kill(p)
+
+
+@pytest.mark.slow
+def test_kill_9_of_retool_loadtest_leaves_no_perf_analyzer_or_server(repo, tmp_path):
+    _kill_while_measuring(_retool("loadtest", repo, "lin", "--concurrency", "1,1,1,1", "--window-ms", "5000",
+                                  "--out", tmp_path / "lt", cwd=tmp_path))
 
 
 @pytest.mark.slow
@@ -169,14 +173,6 @@ def test_kill_9_of_repo_check_while_the_server_starts_leaves_nothing(repo, tmp_p
 @pytest.mark.slow
 def test_kill_9_of_retool_plan_while_it_measures_leaves_nothing(repo, tmp_path):
     # the plan's Triton is started with the CPU affinity of one replica: a second path to a server
-    p = _retool("plan", repo, "lin", "--budget-p99-ms", "1000", "--rate", "50", "--window-ms", "5000",
-                "--space", "small", "--out", tmp_path / "plan", cwd=tmp_path)
-    try:
-        kids = _wait_for(p.pid, {"tritonserver", "triton_python_b", "perf_analyzer"})
-        os.kill(p.pid, signal.SIGKILL)
-        p.wait(30)
-        left = _wait_gone(kids)
-        assert not left, {pid: kids[pid] for pid in left}
-        assert not (tmp_path / "plan").exists()  # nothing half-written
-    finally:
-        _kill(p)
+    _kill_while_measuring(_retool("plan", repo, "lin", "--budget-p99-ms", "1000", "--rate", "50", "--window-ms",
+                                  "5000", "--space", "small", "--out", tmp_path / "plan", cwd=tmp_path))
+    assert not (tmp_path / "plan").exists()  # nothing half-written
