@@ -131,3 +131,15 @@ def test_goal_report_records_the_bound(cnn_onnx, tmp_path):
     assert rep.data["tolerance"]["confidence"] == 0.95
     json.dumps(rep.data)
     assert par["top1"] is not None
+
+
+def test_heldout_in_the_pipeline_yaml(tmp_path):
+    from retool.pipeline.config import load_config
+
+    p = tmp_path / "retool.yaml"
+    p.write_text("models:\n  - name: m\n    source: m.onnx\n    targets:\n      - name: cpu-int8\n"
+                 "        accuracy: 'top1>=0.97'\n        calibration: {data: c.npz, heldout: 150}\n")
+    assert load_config(p).models[0].targets[0].calibration["heldout"] == 150
+    p.write_text(p.read_text().replace("heldout: 150", "heldout: 0"))
+    with pytest.raises(UsageError, match="heldout"):
+        load_config(p)
