@@ -143,3 +143,34 @@ def test_heldout_in_the_pipeline_yaml(tmp_path):
     p.write_text(p.read_text().replace("heldout: 150", "heldout: 0"))
     with pytest.raises(UsageError, match="heldout"):
         load_config(p)
+
+
+@pytest.fixture(scope="module")
+def spread_cnn(tmp_path_factory):
+    """The fixture CNN with batch-norm statistics recomputed and its scores standardised (as bench's
+    anchor): class scores spread, so top-1 agreement depends on the quantization (plain fixture: 1.0)."""
+    pytest.importorskip("torch")
+    from bench.sec_peers import recalibrate_bn
+    from fixtures import torch_models
+    from retool.converter.core import convert
+
+    m = recalibrate_bn(torch_models.cnn(), [3, 32, 32])
+    art, _ = convert(m, tmp_path_factory.mktemp("spread") / "cnn.onnx", inputs=m.retool_inputs)
+    return art.path
+
+
+@pytest.mark.slow
+def test_top1_goal_returns_int8_where_reachable_and_exit_6_with_the_bound_where_not(spread_cnn, tmp_path, cli):
+    from retool.optimizers.core import optimize
+
+    art, rep = optimize(spread_cnn, tmp_path / "ok.onnx", target="cpu-int8", accuracy="top1>=0.7", heldout=299,
+                        measure=False)
+    g = rep.data["accuracy_goal"]
+    par = [c for c in rep.checks if c.name.startswith("parity")][0].details
+    assert g["met"] and art.precision == "int8" and g["heldout_samples"] == 299
+    assert par["top1_rows"] == 299 and 0.7 <= par["top1_lower"] < par["top1"] < 1.0  # int8 did cost agreement
+    out = tmp_path / "never.onnx"
+    r = cli("optimize", spread_cnn, "--target", "cpu-int8", "-o", out, "--accuracy", "top1>=0.99",
+            "--heldout", "299", "--accuracy-budget", "1", "--no-measure")
+    err = [ln for ln in r.err.splitlines() if ln.startswith("retool: error")]
+    assert r.code == 6 and not out.exists() and err and "best reached top1 0." in err[0] and "top1 lower" in err[0]
