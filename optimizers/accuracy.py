@@ -116,7 +116,7 @@ def _attempt(i, excluded, new, passed, checks) -> dict:
     worst = {}
     for c in checks:
         d = c.details or {}
-        for k in ("cosine", "top1", "max_abs"):
+        for k in ("cosine", "cosine_min_row", "top1", "top1_lower", "max_abs"):
             if k in d and isinstance(d[k], (int, float)):
                 worst[k] = min(worst.get(k, d[k]), d[k]) if k != "max_abs" else max(worst.get(k, d[k]), d[k])
     return {"attempt": i, "excluded": list(excluded), "added": [{"node": n, "score": round(float(s), 6)} for n, s in new],

@@ -26,6 +26,10 @@ RANDOM_HELDOUT_SAMPLES = 16
 #: Held-out share of real data, and caps on what is used.
 HELDOUT_FRACTION = 0.2
 MAX_HELDOUT = 32
+#: An accuracy goal holds out the rows it needs (validators.bounds.rows_needed), but never more than
+#: this share of the real samples given, nor more than this many random ones.
+GOAL_HELDOUT_SHARE = 0.5
+MAX_GOAL_RANDOM_HELDOUT = 512
 MAX_CALIBRATION = 512
 
 
@@ -148,14 +152,42 @@ class StreamingReader:
 
 
 def open_calibration(source, specs: Sequence[TensorSpec], seed: int = 0,
-                     preprocess: str | Preprocess | None = None, max_samples: int | None = None) -> CalibrationData:
+                     preprocess: str | Preprocess | None = None, max_samples: int | None = None,
+                     heldout: int | None = None, goal_heldout: int = 0) -> CalibrationData:
     """Validate ``source`` against the model inputs and index its samples (nothing big is read yet).
 
-    ``max_samples`` caps the calibration items (default MAX_CALIBRATION); the cut is reported."""
+    ``max_samples`` caps the calibration items (default MAX_CALIBRATION); the cut is reported.
+    ``heldout``: exactly this many items held out (``--heldout``); ``goal_heldout``: the rows an
+    accuracy goal needs, held out when the data allows (at most GOAL_HELDOUT_SHARE of it)."""
     if max_samples is not None and int(max_samples) < 1:
         raise UsageError(f"--calibration-samples {max_samples}: give at least 1")
-    data = _open(source, tuple(specs), seed, preprocess, int(max_samples) if max_samples else None)
+    if heldout is not None and int(heldout) < 1:
+        raise UsageError(f"--heldout {heldout}: give at least 1")
+    split = _Held(int(heldout) if heldout else None, int(goal_heldout or 0))
+    data = _open(source, tuple(specs), seed, preprocess, int(max_samples) if max_samples else None, split)
     return data
+
+
+@dataclass(frozen=True)
+class _Held:
+    """How many items are held out: exactly ``given``, or at least ``goal`` where the data allows."""
+
+    given: int | None = None
+    goal: int = 0
+
+    def count(self, n: int, where) -> int:
+        if self.given is not None:
+            if self.given > n - 1:
+                raise UsageError(f"--heldout {self.given}: {where} holds {n} sample(s); hold out at most {n - 1} "
+                                 f"(one at least is left for calibration), or give more samples")
+            return self.given
+        k = min(MAX_HELDOUT, max(1, int(round(n * HELDOUT_FRACTION))))
+        return max(k, min(self.goal, int(n * GOAL_HELDOUT_SHARE)))
+
+    def random_count(self) -> int:
+        if self.given is not None:
+            return self.given
+        return max(RANDOM_HELDOUT_SAMPLES, min(self.goal, MAX_GOAL_RANDOM_HELDOUT))
 
 
 def short_count_warning(data: CalibrationData, used: int) -> str | None:
@@ -171,10 +203,11 @@ def short_count_warning(data: CalibrationData, used: int) -> str | None:
             f"ranges from fewer samples may not cover real inputs")
 
 
-def _open(source, specs, seed, preprocess, cap) -> CalibrationData:
+def _open(source, specs, seed, preprocess, cap, held: _Held | None = None) -> CalibrationData:
+    held = held or _Held()
     pre = preprocess if isinstance(preprocess, Preprocess) else Preprocess.parse(preprocess) if preprocess else None
     if source is None:
-        return _random(specs, seed)
+        return _random(specs, seed, held.random_count())
     p = Path(source).expanduser()
     if not p.exists():
         raise UsageError(f"{p}: calibration data not found; give an .npz, a folder of .npy/.npz files or of images")
@@ -182,7 +215,7 @@ def _open(source, specs, seed, preprocess, cap) -> CalibrationData:
         if p.suffix.lower() != ".npz":
             raise UsageError(f"{p}: calibration data must be an .npz (one array per input) or a folder; "
                              f"save it with numpy.savez(path, {', '.join(s.name + '=...' for s in specs)})")
-        return _npz(p, specs, cap)
+        return _npz(p, specs, cap, held)
     files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith("."))
     arrays = [f for f in files if f.suffix.lower() in (".npy", ".npz")]
     images = [f for f in files if f.suffix.lower() in IMAGE_EXTS]
@@ -192,35 +225,39 @@ def _open(source, specs, seed, preprocess, cap) -> CalibrationData:
     if arrays and images:
         raise UsageError(f"{p}: calibration folder mixes arrays and images; keep one kind per folder")
     if arrays:
-        return _array_folder(p, arrays, specs, cap)
-    return _image_folder(p, images, specs, pre or Preprocess(), cap)
+        return _array_folder(p, arrays, specs, cap, held)
+    return _image_folder(p, images, specs, pre or Preprocess(), cap, held)
 
 
-def _split(items: list, cap: int | None, dropped: list[str]) -> tuple[list, list, list[str]]:
+def _split(items: list, cap: int | None, dropped: list[str], held: _Held | None = None,
+           where="the calibration data") -> tuple[list, list, list[str]]:
     n = len(items)
     warnings = []
     user_cap, cap = cap, cap or MAX_CALIBRATION
+    held = held or _Held()
     if n < 2:
+        if held.given:
+            held.count(n, where)  # raises: nothing can be held out of one sample
         warnings.append("only one calibration sample: parity is checked on seeded random data instead of held-out samples")
         return items, [], warnings
-    k = min(MAX_HELDOUT, max(1, int(round(n * HELDOUT_FRACTION))))
-    calib, held = items[:n - k], items[n - k:]
+    k = held.count(n, where)
+    calib, heldout = items[:n - k], items[n - k:]
     if len(calib) > cap:
         msg = f"using the first {cap} of {len(calib)} calibration samples"
         warnings.append(msg)
         dropped.append(msg + ("" if user_cap else " (the default cap; raise it with --calibration-samples)"))
         calib = calib[:cap]
-    return calib, held, warnings
+    return calib, heldout, warnings
 
 
-def _random(specs, seed: int) -> CalibrationData:
+def _random(specs, seed: int, heldout: int = RANDOM_HELDOUT_SAMPLES) -> CalibrationData:
     from retool.inputs import random_feeds
 
     def loader(i):
         return lambda: [random_feeds(specs, batch=_batch(specs), seed=seed + 1000 + i)]
 
     calib = [loader(i) for i in range(RANDOM_CALIBRATION_SAMPLES)]
-    held = [loader(RANDOM_CALIBRATION_SAMPLES + i) for i in range(RANDOM_HELDOUT_SAMPLES)]
+    held = [loader(RANDOM_CALIBRATION_SAMPLES + i) for i in range(heldout)]
     h = hashlib.sha256()
     for load in calib:
         for s in load():
@@ -232,7 +269,7 @@ def _random(specs, seed: int) -> CalibrationData:
     return CalibrationData(f"random(seed={seed})", "random", specs, calib, held, True, h.hexdigest(), [warn])
 
 
-def _npz(p: Path, specs, cap=None) -> CalibrationData:
+def _npz(p: Path, specs, cap=None, held=None) -> CalibrationData:
     from retool.inputs import load_npz
 
     arrays = load_npz(p)
@@ -256,14 +293,14 @@ def _npz(p: Path, specs, cap=None) -> CalibrationData:
     rows_n = next(iter(arrays.values())).shape[0]
     if rows_n % b:
         dropped.append(f"{rows_n % b} row(s) left over, not a whole batch of {b}")
-    calib, held, warnings = _split(items, cap, dropped)
+    calib, heldout, warnings = _split(items, cap, dropped, held, p)
     from retool.fsutil import sha256_file
 
-    return CalibrationData(str(p), "npz", specs, calib, held, False, sha256_file(p), warnings,
+    return CalibrationData(str(p), "npz", specs, calib, heldout, False, sha256_file(p), warnings,
                            given=-(-rows_n // b), dropped=dropped)
 
 
-def _array_folder(p: Path, files: list[Path], specs, cap=None) -> CalibrationData:
+def _array_folder(p: Path, files: list[Path], specs, cap=None, held=None) -> CalibrationData:
     from retool.fsutil import sha256_file
 
     if any(f.suffix.lower() == ".npy" for f in files) and len(specs) != 1:
@@ -288,16 +325,16 @@ def _array_folder(p: Path, files: list[Path], specs, cap=None) -> CalibrationDat
     for s in items[0]()[:1]:  # fail fast on the first file: names, dtypes, shapes
         check_sample(s, specs, files[0])
     dropped: list[str] = []
-    calib, held, warnings = _split(items, cap, dropped)
+    calib, heldout, warnings = _split(items, cap, dropped, held, p)
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode())
         h.update(bytes.fromhex(sha256_file(f)))
-    return CalibrationData(str(p), "folder", specs, calib, held, False, h.hexdigest(), warnings,
+    return CalibrationData(str(p), "folder", specs, calib, heldout, False, h.hexdigest(), warnings,
                            given=len(items), dropped=dropped)
 
 
-def _image_folder(p: Path, files: list[Path], specs, pre: Preprocess, cap=None) -> CalibrationData:
+def _image_folder(p: Path, files: list[Path], specs, pre: Preprocess, cap=None, held=None) -> CalibrationData:
     from retool.deps import require
     from retool.fsutil import sha256_file
 
@@ -334,12 +371,12 @@ def _image_folder(p: Path, files: list[Path], specs, pre: Preprocess, cap=None) 
 
     items = [loader(f) for f in files]
     dropped: list[str] = []
-    calib, held, warnings = _split(items, cap, dropped)
+    calib, heldout, warnings = _split(items, cap, dropped, held, p)
     h = hashlib.sha256(repr(pre.to_dict()).encode())
     for f in files:
         h.update(f.name.encode())
         h.update(bytes.fromhex(sha256_file(f)))
-    data = CalibrationData(str(p), "images", specs, calib, held, False, h.hexdigest(), warnings, pre,
+    data = CalibrationData(str(p), "images", specs, calib, heldout, False, h.hexdigest(), warnings, pre,
                            given=len(items), dropped=dropped)
     data.preprocess = Preprocess(tuple(size), pre.mean, pre.std, pre.scale, layout, pre.color)
     return data

@@ -335,7 +335,7 @@ def resolve_tolerance(profile, tolerance):
     if isinstance(tolerance, Tolerance):
         return tolerance
     if isinstance(tolerance, Mapping):
-        bad = set(tolerance) - {"atol", "rtol", "min_cosine", "min_top1"}
+        bad = set(tolerance) - {"atol", "rtol", "min_cosine", "min_top1", "confidence"}
         if bad:
             raise UsageError(f"tolerance: unknown key(s) {', '.join(sorted(bad))}; use atol, rtol, min_cosine, min_top1")
         return dataclasses.replace(profile.tolerance, **dict(tolerance))

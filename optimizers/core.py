@@ -24,7 +24,7 @@ def optimize(model, output, *, target: str, calibration=None, calibration_method
              tolerance=None, seed: int = 0, threads: int | None = None, measure: bool = True,
              accuracy_budget: int | None = None, preprocess: str | None = None,
              tune_for=None, percentile: float | None = None, calibration_samples: int | None = None,
-             accuracy=None) -> tuple[ModelArtifact, Report]:
+             accuracy=None, heldout: int | None = None) -> tuple[ModelArtifact, Report]:
     """Optimise ``model`` (path or ModelArtifact) for ``target`` and write it to ``output``.
 
     Raises UsageError (2) for bad input, OptimizationError (5) when a step fails,
@@ -33,7 +33,8 @@ def optimize(model, output, *, target: str, calibration=None, calibration_method
     ``tune_for``: the CPU the int8 choices are made for (see optimizers.hardware.resolve);
     default this one. ``calibration_method`` None: minmax (cpu-auto tries minmax, percentile
     and entropy). ``accuracy``: a goal such as "top1>=0.97,cos>=0.999" (optimizers.goal); the
-    fastest artifact that meets it is kept, and exit 6 when none does.
+    fastest artifact that meets it is kept, and exit 6 when none does. ``heldout``: held-out
+    samples for the parity check (default about 20 %, at most 32; a top-1 goal holds out what it needs).
     """
     from retool.fsutil import atomic_write_text, check_output_path, sha256_file
     from retool.onnx_info import sidecar_report_path
@@ -81,7 +82,8 @@ def optimize(model, output, *, target: str, calibration=None, calibration_method
 
             tol = DEFAULT_TOLERANCES["int8"]
     calib = open_calibration(calibration, art.inputs, seed=seed, preprocess=preprocess,
-                             max_samples=calibration_samples)
+                             max_samples=calibration_samples, heldout=heldout,
+                             goal_heldout=goal.rows_needed() if goal else 0)
     needs_calibration = profile.method == "static" or (profile.method == "auto" and any(
         get_target(c).method == "static" for c in profile.candidates))
     if calib.random and needs_calibration:
@@ -91,6 +93,10 @@ def optimize(model, output, *, target: str, calibration=None, calibration_method
         ctx = Context(art, wd, calib, calibration_method, tol, seed, threads, budget)
         ctx.user_tolerance = tolerance
         ctx.cpu, ctx.percentile, ctx.goal, ctx.measure = tuned, percentile, goal, measure
+        from retool.optimizers.goal import check_showable
+
+        check_showable(goal, ctx.reference, ctx.output_names, art.path,
+                       "random" if calib.random or not calib.heldout_items else "data")
         if profile.method == "auto":
             from retool.optimizers.auto import choose
 
@@ -109,12 +115,8 @@ def optimize(model, output, *, target: str, calibration=None, calibration_method
                     lat = _latency(art.path, cand.path, ctx.heldout[0], threads)
             except Exception as exc:  # a measurement problem must not discard a good model
                 cand.warnings.append(f"latency not measured ({_first_line(exc)})")
-        if lat and cand.precision != "fp32" and latency.slower_than_fp32(lat):
-            cand.warnings.append(
-                f"{cand.precision} result is SLOWER than fp32 here ({lat['candidate_p50_ms']:.3f} ms vs "
-                f"{lat['fp32_p50_ms']:.3f} ms at batch 1, {lat['threads']} threads); kept only because "
-                f"{'no float candidate passed' if auto_data else f'--target {profile.name} forces it'}: "
-                f"cpu-auto keeps the faster one")
+        if lat and cand.precision != "fp32":  # slower beyond the noise: said here, with the likely reasons
+            latency.record_speed(cand, profile.name, lat, ctx.here, auto_data is not None)
         sweep = None
         if measure and cand.passed and profile.provider == "CPUExecutionProvider":
             try:
@@ -158,7 +160,8 @@ def optimize(model, output, *, target: str, calibration=None, calibration_method
 
 
 def _reached(best: dict) -> str:
-    parts = [f"{k} {best[k]:.6g}" for k in ("top1", "cosine") if isinstance(best.get(k), (int, float))]
+    parts = [f"{k.replace('_', ' ')} {best[k]:.6g}" for k in ("top1", "top1_lower", "cosine", "cosine_min_row")
+             if isinstance(best.get(k), (int, float))]
     return f"{', '.join(parts) or 'nothing measurable'} with {len(best.get('excluded', []))} node(s) in fp32"
 
 

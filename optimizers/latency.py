@@ -44,7 +44,6 @@ def judged(samples: Mapping[str, Mapping[str, list]], threads: int) -> Mapping[s
 def summarize_times(times: Mapping[str, list], cpu: Mapping[str, list] | None, threads: int) -> dict:
     """The figures of :func:`measure` from per-round times (ms)."""
     from retool import speed
-    from retool.validators.decide_gates import NOT_SLOWER_THRESHOLD
 
     basis = cpu if threads == 1 and cpu else times
     out = {"threads": threads, "batch": 1, "rounds": len(next(iter(times.values()))), "spinning": False,
@@ -60,13 +59,92 @@ def summarize_times(times: Mapping[str, list], cpu: Mapping[str, list] | None, t
             r = a / np.asarray(times["fp32"])
             out["variants"][k]["ratio_vs_fp32"] = {q: round(float(np.percentile(r, p)), 4)
                                                    for q, p in (("p25", 25), ("p50", 50), ("p75", 75))}
-            d = speed.decide_ratio(basis["fp32"], basis[k], NOT_SLOWER_THRESHOLD)
-            out["variants"][k]["ratio_vs_fp32"]["decision"] = d.to_dict()
+            out["variants"][k]["ratio_vs_fp32"]["decision"] = versus_fp32(basis["fp32"], basis[k]).to_dict()
     if "fp32" in times:  # each variant's speed-up over fp32, with the spread of the paired rounds
         from retool.speed import paired
 
         out["speedup_vs_fp32"] = {k: paired(times["fp32"], ts) for k, ts in times.items() if k != "fp32"}
     return out
+
+
+def versus_fp32(fp32_ms, candidate_ms):
+    """The one rule (retool.speed) on "the candidate is not slower than fp32": the paired speed-up
+    fp32/candidate against 1/(1 + 2 %). ``fail`` means slower beyond the noise."""
+    from retool import speed
+    from retool.validators.decide_gates import NOT_SLOWER_THRESHOLD
+
+    return speed.decide_ratio(fp32_ms, candidate_ms, NOT_SLOWER_THRESHOLD)
+
+
+#: fp32 latency at batch 1 under which a model counts as small: per-op quantize/dequantize and
+#: kernel overheads then weigh more than the int8 arithmetic saves
+SMALL_MODEL_MS = 1.0
+
+
+def slower_verdict(decision, *, name: str, precision: str, method: str | None, fp32_p50_ms: float,
+                   cand_p50_ms: float, threads: int, cpu=None) -> dict:
+    """What optimize records about a quantized build's speed against fp32, and the warning it prints
+    when the build is slower beyond the noise, with the figures and the likely reasons."""
+    from retool.speed import format_decision
+
+    d = decision.to_dict() if hasattr(decision, "to_dict") else dict(decision)
+    out = {"slower": d["outcome"] == "fail", "decision": d, "fp32_p50_ms": fp32_p50_ms,
+           "candidate_p50_ms": cand_p50_ms, "threads": threads, "batch": 1}
+    if not out["slower"] or precision in ("fp32", "auto"):
+        out["slower"] = False
+        return out
+    reasons = likely_reasons(precision=precision, method=method, fp32_p50_ms=fp32_p50_ms, cpu=cpu)
+    out["reasons"] = reasons
+    out["warning"] = (f"{name} ({precision}) is SLOWER than fp32 for this model here: {cand_p50_ms:.3f} ms vs "
+                      f"{fp32_p50_ms:.3f} ms at batch 1, {threads} thread(s); speed-up {format_decision(d)}; "
+                      f"likely: {'; '.join(reasons)}")
+    return out
+
+
+def likely_reasons(*, precision: str, method: str | None, fp32_p50_ms: float, cpu=None) -> list[str]:
+    out = []
+    if fp32_p50_ms < SMALL_MODEL_MS:
+        out.append(f"the model is small (fp32 {fp32_p50_ms:.3f} ms per call): quantize/dequantize and per-op "
+                   f"overheads outweigh what int8 arithmetic saves")
+    if method == "weight_only":
+        out.append("weight-only MatMulNBits unpacks weights on every call; it pays on large memory-bound "
+                   "MatMuls (decoders), not at this size")
+    elif cpu is not None and getattr(cpu, "arch", "") == "x86_64" and not cpu.vnni:
+        out.append(f"this CPU ({cpu.kind}) has no VNNI: u8 x s8 products take the AVX2 path, which gains "
+                   f"at most about 1.85x over fp32 before the quantize/dequantize cost")
+    if method == "dynamic":
+        out.append("dynamic quantization computes activation ranges on every call")
+    return out or ["the int8 kernels do not pay for this model's ops on this CPU"]
+
+
+def record_speed(cand, target: str, lat: dict, cpu, auto: bool) -> dict | None:
+    """Judge a measured quantized result against fp32 at optimize time: the verdict goes to the report
+    (``speed_vs_fp32``) and, when it is slower beyond the noise, a warning to the console and the report."""
+    from retool import console
+
+    d = (lat.get("ratio_vs_fp32") or {}).get("decision")
+    if not d or cand.precision in ("fp32", "auto"):
+        return None
+    method = getattr(cand.profile, "method", None) or target_method(target)
+    v = slower_verdict(d, name=cand.target, precision=cand.precision, method=method, fp32_p50_ms=lat["fp32_p50_ms"],
+                       cand_p50_ms=lat["candidate_p50_ms"], threads=lat["threads"], cpu=cpu)
+    if v["slower"]:
+        w = v["warning"] + ("; kept only because no float candidate passed" if auto else
+                            f"; kept only because --target {target} forces it: cpu-auto would keep fp32")
+        v["warning"] = w
+        console.warn(w)
+        cand.warnings.append(w)
+    cand.extra["speed_vs_fp32"] = v
+    return v
+
+
+def target_method(name: str) -> str | None:
+    from retool.optimizers.targets import get_target
+
+    try:
+        return get_target(name).method
+    except Exception:  # a derived name (cpu-int8-percentile): the profile is on the candidate
+        return None
 
 
 def slower_than_fp32(variant: dict) -> bool:

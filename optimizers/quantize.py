@@ -129,6 +129,10 @@ def calibrate(model_path, samples: Iterator[dict[str, np.ndarray]], profile, met
                                        extra_options=options)
     except Exception as exc:
         raise OptimizationError(f"{model_path}: cannot prepare calibration ({_first_line(exc)})") from exc
+    if method in ("percentile", "entropy"):  # numpy's bins fail on a mask's -3.4e38 (optimizers.histogram)
+        from retool.optimizers.histogram import safe_collector
+
+        calibrator.collector = safe_collector(calibrator)
     total = 0
     shown = [0]
 

@@ -100,14 +100,16 @@ def best_attempt(attempts: list[dict], checks) -> dict:
     if not attempts:  # a float target: no search, its checks are the result
         worst: dict = {}
         for c in checks:
-            for k in ("top1", "cosine"):
+            for k in ("top1", "top1_lower", "cosine", "cosine_min_row"):
                 v = (c.details or {}).get(k)
                 if isinstance(v, (int, float)):
                     worst[k] = min(worst.get(k, v), v)
         return {"attempt": 0, "excluded": [], **worst}
-    key = lambda a: (a.get("top1", 1.0), a.get("cosine", 1.0), -len(a.get("excluded", [])))  # noqa: E731
+    key = lambda a: (a.get("top1_lower", a.get("top1", 1.0)), a.get("top1", 1.0), a.get("cosine", 1.0),  # noqa: E731
+                     -len(a.get("excluded", [])))
     best = max(attempts, key=key)
-    return {k: best.get(k) for k in ("attempt", "excluded", "top1", "cosine", "passed", "latency") if k in best}
+    return {k: best.get(k) for k in ("attempt", "excluded", "top1", "top1_lower", "cosine", "cosine_min_row", "passed",
+                                     "latency") if k in best}
 
 
 def _group_cost(attempts: list[dict], node: str) -> dict:

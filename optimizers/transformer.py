@@ -121,12 +121,17 @@ def build_dynamic(profile, ctx, tol, build_candidate):
     passing = {k: c for k, c in cands.items() if c.passed}
     chosen_key = "unfused"
     if len(passing) > 1 and ctx.measure:
+        from retool import speed
+
         with console.step("measuring fused and unfused dynamic int8 against fp32"):
-            lat = latency.measure({"fp32": ctx.src, **{k: c.path for k, c in passing.items()}}, ctx.heldout[0],
-                                  threads=ctx.threads)
+            lat, samples = latency.measure({"fp32": ctx.src, **{k: c.path for k, c in passing.items()}},
+                                           ctx.heldout[0], threads=ctx.threads, with_samples=True)
         for k in passing:
             info["variants"][k] = lat["variants"][k]
-        chosen_key = min(passing, key=lambda k: lat["variants"][k]["p50_ms"])
+        # the one rule: fused only when decidedly faster in paired rounds; a tie keeps the unfused graph
+        choice = speed.choose_fastest(latency.judged(samples, lat["threads"]), ["unfused", "fused"])
+        chosen_key = choice.name
+        info["decision"] = choice.to_dict()
         info["fp32_p50_ms"] = lat["variants"]["fp32"]["p50_ms"]
     elif passing:
         chosen_key = next(iter(passing))

@@ -198,3 +198,22 @@ def test_cpu_auto_with_goal_tries_calibration_methods(cnn_onnx, tmp_path):
     chosen = rows[rep.data["auto"]["chosen_variant"]]
     assert chosen["passed"] and not chosen.get("slower_than_fp32")
     assert rep.data["accuracy_goal"]["met"] and art.path.exists()
+
+
+def test_pareto_front_keeps_only_undominated_steps():
+    """Speed-up against agreement: a step both slower and less faithful than another is off the front."""
+    from types import SimpleNamespace
+
+    from retool.optimizers.auto import pareto, points
+
+    def step(i, speed, lower, n):
+        return {"attempt": i, "excluded": ["n"] * n, "top1": lower + 0.01, "top1_lower": lower, "passed": False,
+                "latency": {"ratio_vs_fp32": {"decision": {"estimate": speed, "interval": [speed * 0.9, speed * 1.1],
+                                                           "confidence": 0.95}}}}
+    a = SimpleNamespace(attempts=[step(0, 2.9, 0.80, 0), step(1, 2.5, 0.90, 1), step(2, 2.6, 0.85, 2)])
+    b = SimpleNamespace(attempts=[step(0, 2.0, 0.89, 0), step(1, 1.2, 0.97, 4)])
+    labels = {id(a): "cpu-int8", id(b): "cpu-int8[percentile]"}
+    front = pareto(points([a, b], lambda c: labels[id(c)]))
+    got = [(p["variant"], p["attempt"]) for p in front]
+    assert got == [("cpu-int8", 0), ("cpu-int8", 2), ("cpu-int8", 1), ("cpu-int8[percentile]", 1)]
+    assert all("95% CI" in p["speedup_text"] and p["accuracy_kind"] == "top1_lower" for p in front)

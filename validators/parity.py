@@ -15,12 +15,16 @@ class Tolerance:
     """Limits an output must meet. ``None`` disables that limit.
 
     ``atol``/``rtol`` follow numpy.allclose: |cand - ref| <= atol + rtol * |ref|.
+    ``confidence`` (an accuracy goal sets it): ``min_top1`` is judged on the one-sided lower
+    confidence bound of the agreement (validators.bounds), ``min_cosine`` on the lowest
+    per-row cosine as well as the whole output's.
     """
 
     atol: float | None = 1e-4
     rtol: float | None = 1e-3
     min_cosine: float | None = 0.9999
     min_top1: float | None = None
+    confidence: float | None = None
 
     def merged(self, **overrides) -> "Tolerance":
         return dataclasses.replace(self, **{k: v for k, v in overrides.items() if v is not None})
@@ -82,6 +86,37 @@ def top1_agreement(ref: np.ndarray, cand: np.ndarray) -> float:
     return float(np.mean(np.argmax(ref, axis=-1) == np.argmax(cand, axis=-1)))
 
 
+def min_row_cosine(ref: np.ndarray, cand: np.ndarray) -> float:
+    """The lowest cosine of one row (axis 0: a held-out sample or batch row) with its reference."""
+    r = np.asarray(ref, dtype=np.float64).reshape(ref.shape[0], -1)
+    c = np.asarray(cand, dtype=np.float64).reshape(cand.shape[0], -1)
+    nr, nc = np.linalg.norm(r, axis=1), np.linalg.norm(c, axis=1)
+    both0, one0 = (nr == 0) & (nc == 0), (nr == 0) ^ (nc == 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cos = np.sum(r * c, axis=1) / (nr * nc)
+    cos = np.where(both0, 1.0, np.where(one0, 0.0, cos))
+    return float(np.min(cos))
+
+
+def _top1_bound(ref, cand, tol: Tolerance, stats: dict) -> list[str]:
+    """A goal's top-1: the agreement's lower confidence bound must reach ``min_top1``.
+    A goal of 1 (no sample bounds a share at exactly 1) needs every row to agree."""
+    from retool.validators import bounds
+
+    n = int(ref.shape[0])
+    k = int(np.sum(np.argmax(ref, axis=-1) == np.argmax(cand, axis=-1)))
+    lo = bounds.lower_bound(k, n, tol.confidence)
+    stats.update(top1_agree=k, top1_rows=n, top1_lower=lo, top1_bound=bounds.describe(tol.confidence))
+    if tol.min_top1 is None:
+        return []
+    if tol.min_top1 >= 1.0:
+        return [] if k == n else [f"top-1 agreement {k}/{n} < 1 (a goal of 1 needs every row to agree)"]
+    if lo >= tol.min_top1:
+        return []
+    return [f"top-1 agreement {stats['top1']:.3f} ({k}/{n}; {bounds.describe(tol.confidence)} {lo:.3f}) "
+            f"< {tol.min_top1}"]
+
+
 def compare_output(name: str, ref: np.ndarray, cand: np.ndarray, tol: Tolerance, label: str = "") -> CheckResult:
     """One CheckResult for one output tensor."""
     ref = np.asarray(ref)
@@ -108,11 +143,18 @@ def compare_output(name: str, ref: np.ndarray, cand: np.ndarray, tol: Tolerance,
             stats["allclose_excess"] = excess
             if excess > 0:
                 failures.append(f"max abs error {stats['max_abs']:.3g} > atol {atol:g} + rtol {rtol:g}*|ref|")
+        if tol.confidence is not None and ref.ndim >= 2 and ref.shape[0] > 1:
+            stats["cosine_min_row"] = min_row_cosine(ref, cand)
         if tol.min_cosine is not None and stats["cosine"] < tol.min_cosine:
             failures.append(f"cosine {stats['cosine']:.6f} < {tol.min_cosine}")
+        elif tol.min_cosine is not None and stats.get("cosine_min_row", 1.0) < tol.min_cosine:
+            failures.append(f"lowest per-row cosine {stats['cosine_min_row']:.6f} < {tol.min_cosine} "
+                            f"(over {ref.shape[0]} rows)")
         if looks_like_scores(ref) and ref.shape[0] >= 1:
             stats["top1"] = top1_agreement(ref, cand)
-            if tol.min_top1 is not None and stats["top1"] < tol.min_top1:
+            if tol.confidence is not None:
+                failures += _top1_bound(ref, cand, tol, stats)
+            elif tol.min_top1 is not None and stats["top1"] < tol.min_top1:
                 failures.append(f"top-1 agreement {stats['top1']:.3f} < {tol.min_top1}")
     return CheckResult(check_name, not failures, stats.get("max_abs"), tol.to_dict(), "; ".join(failures), stats)
 

@@ -19,6 +19,8 @@ from retool.commands.common import (COSINE, FRACTION, PERCENTILE, SAMPLES, SEED,
               "(implies --calibration-method percentile; ORT's default 99.999).")
 @click.option("--calibration-samples", type=SAMPLES, metavar="N",
               help="Use at most N calibration samples (default 512); the report says how many were used.")
+@click.option("--heldout", type=SAMPLES, metavar="N", help="Hold out N samples for the parity check (default about "
+              "20 %, at most 32; a top-1 --accuracy goal holds out the count it needs, up to half the data).")
 @click.option("--accuracy", metavar="GOAL", help="Accuracy goal on held-out samples, e.g. 'top1>=0.97,cos>=0.999': "
               "keeps the fastest artifact that meets it (nodes fall back to fp32 as needed); exit 6 if none does.")
 @click.option("--preprocess", metavar="SPEC", help="For image folders: 'resize=H,W;mean=..;std=..;layout=nchw;"
@@ -34,8 +36,8 @@ from retool.commands.common import (COSINE, FRACTION, PERCENTILE, SAMPLES, SEED,
               help="The CPU the int8 choices are made for: here, x86-avx2, x86-avx512, x86-vnni, arm64-dotprod, "
                    "or a cpuinfo file. The report says when it differs from this CPU.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a summary.")
-def optimize_cmd(model, output, target, calibration, calibration_method, percentile, calibration_samples, accuracy,
-                 preprocess, tolerance, accuracy_budget, threads, no_measure, seed, tune_for, as_json):
+def optimize_cmd(model, output, target, calibration, calibration_method, percentile, calibration_samples, heldout,
+                 accuracy, preprocess, tolerance, accuracy_budget, threads, no_measure, seed, tune_for, as_json):
     """Optimise the ONNX MODEL for --target and write it to -o.
 
     Checks parity against MODEL on held-out samples and measures latency at
@@ -53,7 +55,7 @@ def optimize_cmd(model, output, target, calibration, calibration_method, percent
                                calibration_method=calibration_method, tolerance=tol, seed=seed, threads=threads,
                                measure=not no_measure, accuracy_budget=accuracy_budget, preprocess=preprocess,
                                tune_for=tune_for, percentile=percentile, calibration_samples=calibration_samples,
-                               accuracy=accuracy)
+                               accuracy=accuracy, heldout=heldout)
     except ValidationFailed as exc:
         if exc.report is not None:
             emit_report(exc.report, as_json, console.checks_table(exc.report.checks))
@@ -96,7 +98,8 @@ def summary(report) -> str:
     goal = d.get("accuracy_goal")
     if goal:
         best = goal.get("best_reached") or {}
-        got = ", ".join(f"{k} {best[k]:.4f}" for k in ("top1", "cosine") if isinstance(best.get(k), (int, float)))
+        got = ", ".join(f"{k.replace('_', ' ')} {best[k]:.4f}" for k in ("top1", "top1_lower", "cosine")
+                        if isinstance(best.get(k), (int, float)))
         rows.append(["accuracy goal", f"{goal['text']}: {'met' if goal['met'] else 'NOT met'} ({got}, "
                                       f"{goal['heldout_samples']} held-out samples)"])
     if d.get("excluded_nodes"):

@@ -56,7 +56,8 @@ GATES = Obj({"max_p99_ms": (MILLISECONDS, False), "min_speedup": (SPEEDUP, False
              "parity": (MapOf(TOLERANCE), False), "not_slower": (bool, False),
              "undecided": (OneOf(("pass", "fail")), False), "decide_budget_s": (TIME_BUDGET_S, False)})
 CALIBRATION = Obj({"data": (str, False), "method": (OneOf(("minmax", "entropy", "percentile")), False),
-                   "preprocess": (str, False), "percentile": (PERCENTILE, False), "samples": (SAMPLES, False)},
+                   "preprocess": (str, False), "percentile": (PERCENTILE, False), "samples": (SAMPLES, False),
+                   "heldout": (SAMPLES, False)},
                   shorthand="data")
 PUBLISH = Obj({"when": (OneOf(PUBLISH_WHEN), False), "alias": (str, False), "repository": (str, False),
                "name": (str, False), "force": (bool, False), "signing": (Obj({"key": (str, True), "cert": (str, False)}, shorthand="key"), False)})

@@ -124,7 +124,8 @@ def _target_job(model: ModelConfig, target: TargetConfig, fp32_path: str, base_d
         art, orep = optimize(fp32_path, out, target=target.name, calibration=_resolve(cal.get("data"), base),
                              calibration_method=cal.get("method"), preprocess=cal.get("preprocess"),
                              tolerance=dict(target.tolerance) or None, seed=seed, percentile=cal.get("percentile"),
-                             calibration_samples=cal.get("samples"), accuracy=target.accuracy)
+                             calibration_samples=cal.get("samples"), accuracy=target.accuracy,
+                             heldout=cal.get("heldout"))
         result["optimize"] = _outcome("optimize", t0, path=str(out), sha256=art.sha256,
                                       report=str(tdir / "model.report.json"))
     except BaseException as exc:  # noqa: BLE001

@@ -1,0 +1,52 @@
+"""cpu-auto --accuracy "top1>=0.97" on the ResNet-18-like fixture with recalibrated BN (issue 24, item 1).
+
+    .venv/bin/python bench/goal_search.py WORKDIR [HELDOUT=300] [BUDGET=3] [TARGET=cpu-auto]
+
+Random-normal inputs (seed 11), 64 calibration samples, HELDOUT held out, 1 thread. Prints the goal
+block, the chosen target and the Pareto front (speed-up over fp32 with its 95 % CI, top-1 lower bound);
+the whole report goes to WORKDIR/TARGET.report.json. Record `uptime` beside the figures.
+"""
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+work = Path(sys.argv[1])
+work.mkdir(parents=True, exist_ok=True)
+heldout = int(sys.argv[2]) if len(sys.argv) > 2 else 300
+budget = int(sys.argv[3]) if len(sys.argv) > 3 else 3
+target = sys.argv[4] if len(sys.argv) > 4 else "cpu-auto"
+fp32 = work / "fp32.onnx"
+if not fp32.exists():
+    from bench.sec_peers import recalibrate_bn
+    from fixtures.torch_models import resnet18_like
+    from retool.converter.core import convert
+
+    m = recalibrate_bn(resnet18_like(), [3, 224, 224])
+    convert(m, fp32, inputs=m.retool_inputs)
+calib = work / "calib.npz"
+if not calib.exists():
+    rng = np.random.default_rng(11)
+    np.savez(calib, x=rng.standard_normal((heldout + 64, 3, 224, 224)).astype(np.float32))
+
+from retool.errors import ValidationFailed  # noqa: E402
+from retool.optimizers.core import optimize  # noqa: E402
+
+print("load before:", os.getloadavg(), flush=True)
+t0 = time.time()
+try:
+    _, rep = optimize(fp32, work / f"{target}.onnx", target=target, calibration=calib, accuracy="top1>=0.97",
+                      threads=1, heldout=heldout, accuracy_budget=budget, calibration_samples=64)
+    met = True
+except ValidationFailed as exc:
+    rep, met = exc.report, False
+print("seconds", round(time.time() - t0), "load after:", os.getloadavg(), "met", met)
+d = rep.data
+(work / f"{target}.report.json").write_text(json.dumps(d, indent=1, default=str))
+print(json.dumps({"goal": d.get("accuracy_goal"), "chosen": d.get("chosen_target"),
+                  "pareto": (d.get("auto") or {}).get("pareto")}, indent=1, default=str))
