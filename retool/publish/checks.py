@@ -8,8 +8,7 @@ from retool.errors import PublishError, UnsafePath
 from retool.publish import index, regression
 from retool.publish.finding import Finding  # noqa: F401  (re-exported: verify's findings)
 from retool.publish.config import parse_with_triton_schema
-from retool.publish.names import check_version
-from retool.publish.revision import ALIASES, CONFIG
+from retool.publish.names import ALIASES, CONFIG, check_version
 from retool.publish.storage import MANIFEST
 
 SIGNATURE = "model.sig"  # retool.publish.signing.SIGNATURE (that module imports model-signing lazily)

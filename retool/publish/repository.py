@@ -20,11 +20,12 @@ from retool.errors import PublishError, UnsafePath, UsageError
 from retool.publish import index, regression
 from retool.publish.config import DEFAULT_MAX_BATCH, batchable
 from retool.publish.manifest import build_manifest, publisher
-from retool.publish.names import (ascii_digits, check_alias, check_instances, check_max_batch_size, check_model_name,
-                                  check_version, triton_reads_as_version, version_of)
+from retool.publish.names import (ALIASES, CONFIG, SERVING, ascii_digits, check_alias, check_instances,
+                                  check_max_batch_size, check_model_name, check_version, triton_reads_as_version,
+                                  version_of)
 from retool.publish.checks import Checks, Finding
 from retool.publish.config import config_json  # noqa: F401  (re-exported)
-from retool.publish.revision import ALIASES, CONFIG, SERVING, ServingState
+from retool.publish.revision import ServingState
 from retool.publish.storage import MANIFEST, MODEL_FILE, Storage, open_storage
 from retool.types import CheckResult, ModelArtifact, Report, now_iso
 
