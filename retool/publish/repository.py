@@ -266,7 +266,9 @@ class Repository(ServingState, Checks):
                     if self.signer is not None:  # signed before it is visible; the signature travels with it
                         from retool.publish.signing import sign_version
 
-                        staged = sign_version(store, staged, files, mbytes, self.signer)
+                        # the sha256s the manifest records, computed above: the files are not hashed again
+                        staged = sign_version(store, staged, files, mbytes, self.signer,
+                                              {rel: f["sha256"] for rel, f in info.items()})
                     if self._commit_version(name, staged, v, manifest, mbytes, first=not committed):
                         break
                     if requested is not None:
