@@ -293,22 +293,34 @@ def verify_repository(repo: "Repository", name: str | None, trust_key) -> tuple[
     """``repo verify --trust-key``: the manifests, the index and the signatures, each file's bytes read once.
     model-signing's import (about 1.3 s: sigstore, tuf) runs in a thread while retool hashes; the signatures
     are then checked against the digests that pass computed. Returns (findings, files checked)."""
+    import sys
     import threading
 
     trust = _pem(trust_key, "--trust-key")
     loading = threading.Thread(target=_preload, daemon=True)
-    loading.start()
-    digests: dict = {}
-    findings, checked = repo.verify(name, digests=digests)
-    loading.join()
+    # the import holds the GIL; a short switch interval lets the hashing thread back in between its chunks
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(min(interval, 0.0005))
+    try:
+        loading.start()
+        digests: dict = {}
+        findings, checked = repo.verify(name, digests=digests)
+        loading.join()
+    finally:
+        sys.setswitchinterval(interval)
     for n in [repo.require_model(name)] if name else repo.models():
         findings += verify(repo, n, trust, digests)
     return findings, checked
 
 
 def _preload() -> None:
+    """The imports a signed verify needs later: model-signing, and Triton's schema for config.pbtxt."""
     with contextlib.suppress(Exception):  # a missing extra is reported where it is used, as one line
         _lib()
+    with contextlib.suppress(Exception):
+        from retool.publish.config import parse_with_triton_schema
+
+        parse_with_triton_schema("")
 
 
 def require_signed(repo_url, names, trust_key, require: bool = True, storage_options=None) -> None:
