@@ -206,9 +206,9 @@ class _Scheduler:
                 reuse = opt_hit["result"]["optimize"] if opt_hit else None
                 args = (target_job, m, t, fp32["path"], self.base, str(self.out_dir), self.seed, reuse)
             job = (kind, m, ti, attempt, args, reuse)
-            if kind == "convert":
+            if kind == "convert" and not attempt:
                 ready.append(job)
-            else:  # depth first: the model already converted goes on before another model starts
+            else:  # depth first: a model already started goes on (or retries) before another model starts
                 ready.insert(0, job)
 
         def start_ready():
