@@ -91,8 +91,11 @@ def large_model(d: dict) -> str:
         rows.append([name, _m(s["wall_s"], "{:.1f}"), f"{s['peak_rss_bytes'] / 2**30:.2f}",
                      _m(s["rss_over_model_size"], "{:.2f}"), "yes" if s.get("meets_goal") else "NO",
                      "-" if s.get("above_floor_over_model_size") is None else f"{s['above_floor_over_model_size']:.2f}"])
-    return head + "\n" + _table(["stage", "wall s", "peak RSS GiB", "RSS/size", "meets goal",
-                                  "(RSS-floor)/size"], rows)
+    out = head + "\n" + _table(["stage", "wall s", "peak RSS GiB", "RSS/size", "meets goal",
+                                 "(RSS-floor)/size"], rows)
+    if d.get("signing"):
+        out += "\n\nsigning: " + (_status(d["signing"]) or signing(d["signing"]))
+    return out
 
 
 def pipeline(d: dict) -> str:
@@ -106,6 +109,7 @@ from bench.sec_plan import render as plan  # noqa: E402,F401  (the "plan" sectio
 from bench.sec_peers import render_table as peers  # noqa: E402,F401  (globals() lookup by section name)
 from bench.sec_decoder import render_decoder as decoder  # noqa: E402,F401  (section "decoder")
 from bench.sec_decisions import render as decisions  # noqa: E402,F401  (section "decisions")
+from bench.sec_signing import render as signing  # noqa: E402  (section "signing", and large_model's signing)
 
 
 def render(name: str, d: dict) -> str:

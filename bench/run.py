@@ -32,7 +32,8 @@ from bench.report import render  # noqa: E402
 
 RESULT_SCHEMA = 1
 ALL_TARGETS = ("cpu", "cpu-int8", "cpu-int8-dynamic", "arm64-int8", "gpu-fp16", "tensorrt-int8", "npu-uint8", "cpu-auto")
-SECTIONS = ("cold_start", "models", "large_model", "pipeline", "serving", "plan", "peers", "decoder", "decisions")
+SECTIONS = ("cold_start", "models", "large_model", "pipeline", "serving", "plan", "peers", "decoder", "decisions",
+            "signing")
 
 
 def settings_for(args) -> dict:
@@ -50,6 +51,7 @@ def settings_for(args) -> dict:
         "pipeline_repeats": 1 if quick else 5,
         "parity_scale": 0.25 if quick else 1.0,
         "large_mlp": "2048x8" if quick else None,  # None: bench.models.LARGE_WIDTH x LARGE_DEPTH
+        "signing_repeats": 1 if quick else 3,
         "targets": list(args.targets.split(",")) if args.targets else list(ALL_TARGETS),
         "models": list(args.models.split(",")) if args.models else [m.name for m in MODELS],
     }

@@ -203,6 +203,11 @@ def large_model(settings: dict, work: Path) -> dict:
             res["stages"]["optimize_cpu"] = _rss_stage(r, size, floor, output_size_bytes=got.get("size_bytes"))
         else:
             res["stages"]["optimize_cpu"] = got if got and got.get("status") == "error" else child_failure(r, "optimize cpu")
+        print("   publishing it signed and unsigned, verifying it with and without signatures", flush=True)
+        from bench.sec_signing import sign_and_verify  # issue 25's figure: verify --trust-key vs hashing once
+
+        res["signing"] = {"model": "the torch-converted MLP",
+                          **sign_and_verify(big, work / "signing", settings.get("signing_repeats", 3))}
         from bench import sec_large_tf  # the TensorFlow case: a Keras MLP of the same shape
 
         res["tensorflow"] = sec_large_tf.convert_tf(settings, work / "tf", _rss_stage, _convert, _onnx_size)
@@ -262,3 +267,4 @@ from bench.sec_serving import serving  # noqa: E402,F401  (section "serving": a 
 from bench.sec_plan import plan  # noqa: E402,F401  (section "plan": the serving plan's figures)
 from bench.sec_peers import peers  # noqa: E402,F401  (section 'peers': retool vs plain onnxruntime.quantization)
 from bench.sec_decisions import decisions  # noqa: E402,F401  (section "decisions": issue 22's figures)
+from bench.sec_signing import signing  # noqa: E402,F401  (section "signing": issue 25's figure alone)

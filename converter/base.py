@@ -85,14 +85,14 @@ class SourceModel(abc.ABC):
 
     def reference(self, art, request: "ConvertRequest", tol) -> "Reference":
         """Run the source for parity, before it is freed; ``compare`` gets what this returns."""
-        from retool.converter.core import reference_outputs
+        from retool.converter.source_parity import reference_outputs
 
         feeds_list, refs = reference_outputs(self, art, request)
         return Reference(feeds_list, refs, tuple(self.extra_checks(feeds_list, tol)), dict(self.custom_parity()))
 
     def compare(self, sess, ref: "Reference", art, request: "ConvertRequest", tol) -> list:
         """Parity CheckResults of the ONNX session against ``reference``'s result."""
-        from retool.converter.core import compare_with_onnxruntime
+        from retool.converter.source_parity import compare_with_onnxruntime
 
         return compare_with_onnxruntime(sess, ref.feeds, ref.outputs, art, request, tol, ref.custom) + list(ref.extra)
 

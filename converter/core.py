@@ -6,21 +6,20 @@ import errno
 import os
 import re
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from retool import console
 from retool.converter.base import ConvertRequest, SourceModel
-from retool.errors import ConversionError, RetoolError, UsageError, ValidationFailed, first_line
+from retool.converter.source_parity import first_line_of as _first_line
+from retool.converter.source_parity import index_hint as _index_hint
+from retool.errors import ConversionError, RetoolError, UsageError, ValidationFailed
 from retool.fsutil import atomic_write_text, check_output_path, move_onnx, sha256_file, staging_dir
 from retool.registry import CONVERTERS
 from retool.types import CheckResult, ModelArtifact, ProvenanceStep, Report, TensorSpec, now_iso
 
 #: Exporter facts a serving client needs, copied from the export params into the report's data.
 REPORTED_PARAMS = ("output_names_source", "static_batch", "batch_range", "verified_batch_sizes")
-#: one-line error text; this module keeps its own length limit
-_first_line = partial(first_line, limit=500, with_type=True)
 
 
 def is_callable_ref(text: str) -> bool:
@@ -283,60 +282,10 @@ def _raise_if_broken(checks: list[CheckResult], request: ConvertRequest) -> None
                               f"({broken[0].name}: {broken[0].message})")
 
 
-def _index_hint(exc, specs, request) -> str:
-    from retool.input_ranges import index_hint
-
-    return index_hint(f"{type(exc).__name__}: {exc}", specs, request.example_inputs)
-
-
 def _dims_used(specs, feeds_list) -> dict:
     from retool.input_ranges import dims_used
 
     return dims_used(specs, feeds_list)
-
-
-def _shapes(feeds) -> dict:
-    return {k: list(v.shape) for k, v in feeds.items()}
-
-
-def reference_outputs(model: SourceModel, art: ModelArtifact, request: ConvertRequest):
-    """The verification inputs (two batch sizes when the batch is dynamic) and the source's outputs."""
-    feeds_list = model.verification_feeds(art.inputs, request.example_inputs, request.seed)
-    refs = []
-    for feeds in feeds_list:
-        try:
-            refs.append(model.run(model.reference_feeds(feeds)))
-        except RetoolError:
-            raise
-        except Exception as exc:
-            raise ConversionError(f"{request.source_label}: the source model failed on inputs "
-                                  f"{_shapes(feeds)}: {_first_line(exc)}"
-                                  f"{_index_hint(exc, art.inputs, request)}") from exc
-    return feeds_list, refs
-
-
-def compare_with_onnxruntime(sess, feeds_list, refs, art: ModelArtifact, request: ConvertRequest,
-                             tol, custom: Mapping | None = None) -> list[CheckResult]:
-    from retool.runtime import run_session
-    from retool.validators.parity import compare_outputs
-
-    names = [o.name for o in art.outputs]
-    checks = []
-    for feeds, ref in zip(feeds_list, refs):
-        first = next(iter(feeds.values()), None)
-        label = f"batch{first.shape[0]}" if len(feeds_list) > 1 and first is not None and first.ndim else ""
-        try:
-            cand = run_session(sess, feeds)
-        except Exception as exc:
-            raise ConversionError(f"{request.source_label}: onnxruntime failed on inputs "
-                                  f"{_shapes(feeds)}: {_first_line(exc)}"
-                                  f"{_index_hint(exc, art.inputs, request)}") from exc
-        if not custom or len(ref) != len(cand):
-            checks += compare_outputs(names, ref, cand, tol, label)
-            continue
-        for name, r, c in zip(names, ref, cand):  # one output at a time, so each keeps its own check
-            checks += [custom[name](name, r, c, label)] if name in custom else compare_outputs([name], [r], [c], tol, label)
-    return checks
 
 
 def _hardware() -> dict:

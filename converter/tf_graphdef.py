@@ -9,7 +9,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from retool.converter.base import ConvertRequest, ExportResult, SourceModel
-from retool.converter.tf_converter import _nchw, _resolve_specs, _spec_from_shape
+from retool.converter.tf_source import _nchw, _resolve_specs, _spec_from_shape
 from retool.converter.tf_export import check_opset, finalize, import_tf, import_tf2onnx, run_tf2onnx
 from retool.deps import version_of
 from retool.errors import ConversionError, UsageError

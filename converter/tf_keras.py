@@ -11,7 +11,7 @@ from typing import Mapping, Sequence
 
 from retool.converter.base import ConvertRequest
 from retool.converter.keras_load import lean_keras_load
-from retool.converter.tf_converter import (TFSource, _is_hdf5, _module_names, _resolve_specs, _select_outputs,
+from retool.converter.tf_source import (TFSource, _is_hdf5, _module_names, _resolve_specs, _select_outputs,
                                            _spec_from_shape)
 from retool.converter.tf_export import import_tf
 from retool.deps import version_of

@@ -216,7 +216,7 @@ def error_hist_svg(output: str, entries: Mapping[int, Mapping]) -> str:
 
 
 def render_html(report: Report) -> str:
-    from retool.validators.core import GATE_HEADERS, SUMMARY_HEADERS, gate_rows, summary_rows
+    from retool.validators.tables import GATE_HEADERS, SUMMARY_HEADERS, gate_rows, summary_rows
 
     d = report.data
     cand = d.get("candidate") or {}
@@ -258,7 +258,7 @@ def render_html(report: Report) -> str:
         body.append(f'<p{cls}><b>Machine while timing:</b> {_e(describe(d["machine"]))}</p>')
     body.append("<h2>Summary</h2>" + _table(SUMMARY_HEADERS, summary_rows(report), result_col=5))
     if isinstance(d.get("serving"), Mapping):
-        from retool.validators.report_serving import serving_html
+        from retool.validators.serving_render import serving_html
 
         body.append(serving_html(d["serving"]))
     if lat.get("candidate"):

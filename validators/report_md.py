@@ -14,7 +14,7 @@ def _md_table(headers, rows) -> str:
 
 
 def render_markdown(report: Report) -> str:
-    from retool.validators.core import GATE_HEADERS, SUMMARY_HEADERS, gate_rows, summary_rows
+    from retool.validators.tables import GATE_HEADERS, SUMMARY_HEADERS, gate_rows, summary_rows
 
     d = report.data
     cand = d.get("candidate") or {}
@@ -45,7 +45,7 @@ def render_markdown(report: Report) -> str:
         parts += [f"**Machine while timing:** {icon}{describe(d['machine'])}", ""]
     parts += [_md_table(SUMMARY_HEADERS, summary_rows(report)), ""]
     if isinstance(d.get("serving"), dict):
-        from retool.validators.report_serving import serving_markdown
+        from retool.validators.serving_render import serving_markdown
 
         parts += [serving_markdown(d["serving"]), ""]
     rows = gate_rows(report)

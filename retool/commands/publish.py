@@ -175,10 +175,8 @@ def repo_verify(url, name, require_signature, trust_key, as_json):
     if require_signature and not trust_key:
         raise UsageError("--require-signature needs --trust-key PUB.pem (the publisher's public key)")
     repo = open_repo(url)
-    findings, checked = repo.verify(name)
-    if trust_key:
-        for n in [repo.require_model(name)] if name else repo.models():
-            findings += signing.verify(repo, n, trust_key)
+    # with a trust key: one pass over the bytes serves the manifests and the signatures
+    findings, checked = signing.verify_repository(repo, name, trust_key) if trust_key else repo.verify(name)
     if as_json:
         _echo_json({"repository": repo.url, "files_checked": checked, "ok": not findings,
                     "findings": [f.to_dict() for f in findings]})

@@ -178,10 +178,11 @@ class _Scheduler:
 
         engine = None
         pending: dict[Any, tuple] = {}
+        #: jobs ready to run, in the order they start: a model's next target before the next model's convert
+        ready: list[tuple] = []
         t_start = time.perf_counter()
 
         def submit(kind, m, ti, attempt=0):
-            nonlocal engine
             reuse = None
             if kind == "convert":
                 key = self._convert_key(m)
@@ -190,7 +191,6 @@ class _Scheduler:
                     console.info(f"• {m.name}: convert cached")
                     self.converts[m.name] = {**hit["result"], "status": "cached"}
                     return after_convert(m)
-                engine = engine or self._engine()
                 args = (convert_job, m, self.base, str(self.out_dir), self.seed)
             else:
                 t = m.targets[ti]
@@ -204,15 +204,29 @@ class _Scheduler:
                 self.opt_keys[(m.name, t.name)] = opt_key
                 opt_hit = self.cache.get(opt_key)
                 reuse = opt_hit["result"]["optimize"] if opt_hit else None
-                engine = engine or self._engine()
                 args = (target_job, m, t, fp32["path"], self.base, str(self.out_dir), self.seed, reuse)
-            if self.engine_name != "local":  # a local job says "started" itself, when it really starts
-                console.info(f"• {m.name}{'' if kind == 'convert' else '/' + m.targets[ti].name}: {kind} submitted")
-            extra = {}
-            if self.engine_name == "ray" and kind == "target":
-                extra["files_in"] = self._files_for(m, m.targets[ti] if reuse else None)
-            fut = engine.submit(*args, **extra)
-            pending[fut] = (kind, m, ti, attempt)
+            job = (kind, m, ti, attempt, args, reuse)
+            if kind == "convert" and not attempt:
+                ready.append(job)
+            else:  # depth first: a model already started goes on (or retries) before another model starts
+                ready.insert(0, job)
+
+        def start_ready():
+            """Start ready jobs while a local worker is free. A job starts only after the driver finished the
+            one before it (its publish included), so each job's lines stay one block on stderr."""
+            nonlocal engine
+            limit = self.workers if self.engine_name == "local" else len(ready) + len(pending)
+            while ready and len(pending) < limit and not stopping[0]:
+                kind, m, ti, attempt, args, reuse = ready.pop(0)
+                engine = engine or self._engine()
+                if self.engine_name != "local":  # a local job says "started" itself, when it really starts
+                    console.info(f"• {m.name}{'' if kind == 'convert' else '/' + m.targets[ti].name}: "
+                                 f"{kind} submitted")
+                extra = {}
+                if self.engine_name == "ray" and kind == "target":
+                    extra["files_in"] = self._files_for(m, m.targets[ti] if reuse else None)
+                fut = engine.submit(*args, **extra)
+                pending[fut] = (kind, m, ti, attempt)
 
         def after_convert(m):
             res = self.converts[m.name]
@@ -260,6 +274,7 @@ class _Scheduler:
                 submit("target", m, ti + 1)
 
         def stop_all():
+            ready.clear()
             for fut, (kind, m, ti, _) in list(pending.items()):
                 engine.cancel(fut)
                 pending.pop(fut)
@@ -278,6 +293,7 @@ class _Scheduler:
                 if stopping[0]:
                     break
                 submit("convert", m, None)
+            start_ready()
             while pending:
                 for fut in engine.wait_any(pending):
                     if fut not in pending:
@@ -303,6 +319,7 @@ class _Scheduler:
                         after_convert(m)
                     else:
                         finish_target(m, ti, res)
+                start_ready()  # after this job's lines (and its publish): the next job's come after them
         finally:
             if engine is not None:
                 engine.close()

@@ -8,8 +8,7 @@ from retool.errors import PublishError, UnsafePath
 from retool.publish import index, regression
 from retool.publish.finding import Finding  # noqa: F401  (re-exported: verify's findings)
 from retool.publish.config import parse_with_triton_schema
-from retool.publish.names import check_version
-from retool.publish.revision import ALIASES, CONFIG
+from retool.publish.names import ALIASES, CONFIG, check_version
 from retool.publish.storage import MANIFEST
 
 SIGNATURE = "model.sig"  # retool.publish.signing.SIGNATURE (that module imports model-signing lazily)
@@ -19,7 +18,9 @@ class Checks:
     """Mixed into Repository."""
 
     # ---- checking ----------------------------------------------------------------------------------------
-    def verify_version(self, name: str, version: int) -> list[Finding]:
+    def verify_version(self, name: str, version: int, digests: dict | None = None) -> list[Finding]:
+        """The version's files against its manifest; ``digests`` (when given) gets the sha256 computed for each
+        file (relative name -> hex), so a signature check can use them instead of reading the bytes again."""
         base = f"{name}/{version}"
         loc = self.storage.location
         try:
@@ -41,6 +42,8 @@ class Checks:
             except UnsafePath as exc:
                 out.append(Finding(name, version, loc(base), "unsafe-path", str(exc)))
                 continue
+            if digests is not None:
+                digests[rel] = digest  # what the bytes hash to now, not what the manifest claims
             if digest != meta.get("sha256"):
                 out.append(Finding(name, version, loc(f"{base}/{rel}"), "changed",
                                    f"sha256 {digest[:12]}… but the manifest says {str(meta.get('sha256'))[:12]}…"))
@@ -53,8 +56,9 @@ class Checks:
             out.append(Finding(name, version, where, "added", "not in the manifest"))
         return out
 
-    def verify(self, name: str | None = None) -> tuple[list[Finding], int]:
-        """Recompute every hash. Returns (findings, number of files checked)."""
+    def verify(self, name: str | None = None, digests: dict | None = None) -> tuple[list[Finding], int]:
+        """Recompute every hash. Returns (findings, number of files checked). ``digests`` (when given) gets each
+        version folder's computed sha256s: {"<name>/<version>": {relative name: hex}}."""
         names = [self.require_model(name)] if name else self.models()
         findings: list[Finding] = []
         checked = 0
@@ -67,7 +71,7 @@ class Checks:
                 continue
             versions = sorted(int(k) for k, kind in folders.items() if kind == "ok")
             for v in versions:
-                findings += self.verify_version(n, v)
+                findings += self.verify_version(n, v, None if digests is None else digests.setdefault(f"{n}/{v}", {}))
                 checked += len(self.storage.files(f"{n}/{v}"))
             committed = self.versions(n)
             findings += index.check(self, n, folders, committed)

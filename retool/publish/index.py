@@ -78,7 +78,7 @@ def check(repo: "Repository", name: str, folders: dict[str, str], committed: lis
     from retool.fsutil import sha256_bytes
     from retool.publish.config import parse_with_triton_schema
     from retool.publish.finding import Finding
-    from retool.publish.revision import ALIASES, CONFIG
+    from retool.publish.names import ALIASES, CONFIG
 
     loc = repo.storage.location
     out: list[Finding] = []

@@ -5,6 +5,12 @@ import re
 
 from retool.errors import UsageError
 
+#: What retool writes in a model's folder beside its version folders (Triton reads config.pbtxt).
+CONFIG = "config.pbtxt"
+ALIASES = "aliases.json"
+#: serving profiles measured after publish (retool run's serve step, repo configure): version -> settings
+SERVING = "serving.json"
+
 # Triton uses the model name as a folder name and in URLs (/v2/models/<name>); keep to a portable set.
 _MODEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _ALIAS = re.compile(r"[a-z][a-z0-9_-]{0,63}")

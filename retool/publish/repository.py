@@ -20,11 +20,12 @@ from retool.errors import PublishError, UnsafePath, UsageError
 from retool.publish import index, regression
 from retool.publish.config import DEFAULT_MAX_BATCH, batchable
 from retool.publish.manifest import build_manifest, publisher
-from retool.publish.names import (ascii_digits, check_alias, check_instances, check_max_batch_size, check_model_name,
-                                  check_version, triton_reads_as_version, version_of)
+from retool.publish.names import (ALIASES, CONFIG, SERVING, ascii_digits, check_alias, check_instances,
+                                  check_max_batch_size, check_model_name, check_version, triton_reads_as_version,
+                                  version_of)
 from retool.publish.checks import Checks, Finding
 from retool.publish.config import config_json  # noqa: F401  (re-exported)
-from retool.publish.revision import ALIASES, CONFIG, SERVING, ServingState
+from retool.publish.revision import ServingState
 from retool.publish.storage import MANIFEST, MODEL_FILE, Storage, open_storage
 from retool.types import CheckResult, ModelArtifact, Report, now_iso
 
@@ -265,7 +266,9 @@ class Repository(ServingState, Checks):
                     if self.signer is not None:  # signed before it is visible; the signature travels with it
                         from retool.publish.signing import sign_version
 
-                        staged = sign_version(store, staged, files, mbytes, self.signer)
+                        # the sha256s the manifest records, computed above: the files are not hashed again
+                        staged = sign_version(store, staged, files, mbytes, self.signer,
+                                              {rel: f["sha256"] for rel, f in info.items()})
                     if self._commit_version(name, staged, v, manifest, mbytes, first=not committed):
                         break
                     if requested is not None:

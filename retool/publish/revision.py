@@ -9,13 +9,8 @@ from retool.errors import PublishError, UsageError
 from retool.publish import index
 from retool.publish.config import build_config, config_json
 from retool.publish.manifest import publisher
-from retool.publish.names import check_instances, check_version
+from retool.publish.names import CONFIG, SERVING, check_instances, check_version
 from retool.types import now_iso
-
-CONFIG = "config.pbtxt"
-ALIASES = "aliases.json"
-#: serving profiles measured after publish (retool run's serve step, repo configure): version -> settings
-SERVING = "serving.json"
 
 
 class ServingState:

@@ -23,7 +23,7 @@ import re
 import shutil
 import tempfile
 from dataclasses import dataclass, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Iterator
 
 from retool.errors import MissingDependency, PublishError, UsageError
@@ -48,10 +48,44 @@ def _lib():
     return model_signing
 
 
-def _hashing(ignore) -> object:
+def _hashing(ignore, known: dict | None = None) -> object:
+    """model-signing's file serialization (sha256 per file). ``known``: {relative name: sha256 hex} retool
+    computed from the same bytes (verify's pass, or publish's manifest); those files are not read again."""
     ms = _lib()
-    return ms.hashing.Config().use_file_serialization(hashing_algorithm="sha256", allow_symlinks=False) \
+    cls = _known_digests(known) if known else ms.hashing.Config
+    return cls().use_file_serialization(hashing_algorithm="sha256", allow_symlinks=False) \
         .set_ignored_paths(paths=sorted(set(ignore)), ignore_git_paths=False)
+
+
+def _known_digests(known: dict):
+    """A hashing configuration whose manifest takes the digests in ``known`` and has model-signing hash every
+    other file of the folder (its walk, ignore rules and symlink refusal decide which). The manifest is the
+    same either way: model-signing's file serialization is each file's plain sha256, as retool's manifests."""
+    ms = _lib()
+    from model_signing._hashing.hashing import Digest  # model-signing 1.1.x (pinned <1.2 in pyproject)
+
+    class Known(ms.hashing.Config):
+        def hash(self, model_path, *, files_to_hash=None):
+            root = Path(model_path)
+            ignored = {Path(p).as_posix() for p in getattr(self, "_ignored_paths", ())}
+            mine = {rel: d for rel, d in known.items() if not any(rel == i or rel.startswith(i.rstrip("/") + "/")
+                                                                  for i in ignored)}
+            rest = []
+            for p in (files_to_hash if files_to_hash is not None else [root, *root.glob("**/*")]):
+                rel = Path(p).relative_to(root).as_posix()
+                if rel in mine and Path(p).is_symlink():  # model-signing refuses it, as without ``known``
+                    del mine[rel]
+                if rel not in mine:
+                    rest.append(Path(p))
+            theirs = super().hash(root, files_to_hash=rest)
+            items = [ms.manifest.FileManifestItem(path=PurePosixPath(rel), digest=Digest("sha256", bytes.fromhex(d)))
+                     for rel, d in mine.items()]
+            items += [ms.manifest.FileManifestItem(path=PurePosixPath(rd.identifier), digest=rd.digest)
+                      for rd in theirs.resource_descriptors()]
+            return ms.manifest.Manifest(theirs.model_name, items,
+                                        ms.manifest.SerializationType.from_args(theirs.serialization_type))
+
+    return Known
 
 
 def _pem(path, flag: str) -> Path:
@@ -86,8 +120,8 @@ class Signer:
                              f"its certificate") from None
         return cfg
 
-    def sign(self, folder: Path, out: Path, ignore) -> bytes:
-        self.config().set_hashing_config(_hashing(ignore)).sign(folder, out)
+    def sign(self, folder: Path, out: Path, ignore, known: dict | None = None) -> bytes:
+        self.config().set_hashing_config(_hashing(ignore, known)).sign(folder, out)
         return out.read_bytes()
 
 
@@ -104,9 +138,9 @@ def signer(key=None, cert=None, chain=()) -> Signer | None:
 
 
 # ---- views: a local folder model-signing can read ------------------------------------------------------
-def _fill(store: "Storage", key: str, dest: Path, skip=()) -> None:
+def _fill(store: "Storage", key: str, dest: Path, skip=(), known=()) -> None:
     for rel in store.files(key):
-        if rel.split("/", 1)[0] in skip:
+        if rel.split("/", 1)[0] in skip or rel in known:
             continue
         p = dest / rel
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -114,8 +148,9 @@ def _fill(store: "Storage", key: str, dest: Path, skip=()) -> None:
 
 
 @contextlib.contextmanager
-def _view(store: "Storage", key: str, skip=()) -> Iterator[Path]:
-    """The folder itself when local; else a temporary copy of its files (those under ``skip`` left out)."""
+def _view(store: "Storage", key: str, skip=(), known=()) -> Iterator[Path]:
+    """The folder itself when local; else a temporary copy of its files (those under ``skip`` left out, and
+    those in ``known``: their digests are already known, so their bytes need not travel)."""
     from retool.publish.storage import LocalStorage
 
     if isinstance(store, LocalStorage):
@@ -125,7 +160,7 @@ def _view(store: "Storage", key: str, skip=()) -> Iterator[Path]:
     try:
         view = tmp / key.rsplit("/", 1)[-1]
         view.mkdir()
-        _fill(store, key, view, skip)
+        _fill(store, key, view, skip, known)
         yield view
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -139,14 +174,16 @@ def _transient(entry: str) -> bool:
 
 
 # ---- signing ---------------------------------------------------------------------------------------
-def sign_version(store: "Storage", staged: "Staged", files: dict, mbytes: bytes, key: Signer) -> "Staged":
-    """Sign a staged version (its files and manifest) before it is committed; the signature travels with it."""
+def sign_version(store: "Storage", staged: "Staged", files: dict, mbytes: bytes, key: Signer,
+                 digests: dict | None = None) -> "Staged":
+    """Sign a staged version (its files and manifest) before it is committed; the signature travels with it.
+    ``digests``: the files' sha256s as the manifest records them (publish computed them), signed as they are."""
     from retool.publish.storage import MANIFEST, LocalStorage
 
     if isinstance(store, LocalStorage):  # the staging folder becomes the version: sign it in place
         folder = Path(staged.key)
         (folder / MANIFEST).write_bytes(mbytes)  # commit writes the same bytes again
-        key.sign(folder, folder / SIGNATURE, [SIGNATURE])
+        key.sign(folder, folder / SIGNATURE, [SIGNATURE], digests)
         return staged
     with tempfile.TemporaryDirectory(prefix="retool-sign-") as tmp:
         view = Path(tmp) / "version"
@@ -158,7 +195,7 @@ def sign_version(store: "Storage", staged: "Staged", files: dict, mbytes: bytes,
             except OSError:
                 shutil.copyfile(src, dst)
         (view / MANIFEST).write_bytes(mbytes)
-        data = key.sign(view, Path(tmp) / SIGNATURE, [SIGNATURE])
+        data = key.sign(view, Path(tmp) / SIGNATURE, [SIGNATURE], digests)
     store.write_bytes(f"{staged.key}/{SIGNATURE}", data)
     return replace(staged, files=(SIGNATURE, *(f for f in staged.files if f != SIGNATURE)))
 
@@ -197,19 +234,19 @@ def _problems(message: str) -> list[tuple[str, str]]:
 
 
 def _verify_folder(store: "Storage", model: str, version, key: str, sig: str, trust: Path,
-                   skip=()) -> list["Finding"]:
+                   skip=(), known: dict | None = None) -> list["Finding"]:
     from retool.publish.finding import Finding
 
     loc = store.location
     if not store.exists(f"{key}/{sig}"):
         return [Finding(model, version, loc(f"{key}/{sig}"), "unsigned",
                         "no signature; publish it again with --sign-key")]
-    with _view(store, key, skip) as folder:
+    with _view(store, key, skip, known or ()) as folder:
         extra = [k for k in (os.listdir(folder) if folder.is_dir() else ()) if _transient(k)]
         cfg = _verifier(trust)
         sig_path = folder / sig
         try:
-            cfg.set_hashing_config(_hashing([*extra, sig])).verify(folder, sig_path)
+            cfg.set_hashing_config(_hashing([*extra, sig], known)).verify(folder, sig_path)
         except Exception as exc:  # noqa: BLE001 - model-signing raises ValueError and friends for a bad bundle
             text = str(exc)
             found = _problems(text)
@@ -236,18 +273,54 @@ def _verifier(trust: Path):
                          f"give the publisher's EC public key PEM (openssl ec -in KEY.pem -pubout)") from None
 
 
-def verify(repo: "Repository", name: str, trust_key) -> list["Finding"]:
-    """Every version folder and config.sig of ``name`` against ``trust_key`` (public key or CA PEM)."""
+def verify(repo: "Repository", name: str, trust_key, digests: dict | None = None) -> list["Finding"]:
+    """Every version folder and config.sig of ``name`` against ``trust_key`` (public key or CA PEM).
+    ``digests``: what ``repo.verify(..., digests=)`` computed, so no file is hashed twice."""
     trust = _pem(trust_key, "--trust-key")
     _verifier(trust)  # a bad trust key is a usage error, before any download
     store = repo.storage
     out = []
     for k, kind in sorted(repo._version_folders(name).items()):
         if kind == "ok":
-            out += _verify_folder(store, name, int(k), f"{name}/{k}", SIGNATURE, trust)
+            out += _verify_folder(store, name, int(k), f"{name}/{k}", SIGNATURE, trust,
+                                  known=(digests or {}).get(f"{name}/{k}"))
     known = repo.indexed_versions(name)
     skip = {k for k in store.listdir(name) if k in known or _transient(k)}
     return out + _verify_folder(store, name, None, name, CONFIG_SIGNATURE, trust, skip)
+
+
+def verify_repository(repo: "Repository", name: str | None, trust_key) -> tuple[list["Finding"], int]:
+    """``repo verify --trust-key``: the manifests, the index and the signatures, each file's bytes read once.
+    model-signing's import (about 1.3 s: sigstore, tuf) runs in a thread while retool hashes; the signatures
+    are then checked against the digests that pass computed. Returns (findings, files checked)."""
+    import sys
+    import threading
+
+    trust = _pem(trust_key, "--trust-key")
+    loading = threading.Thread(target=_preload, daemon=True)
+    # the import holds the GIL; a short switch interval lets the hashing thread back in between its chunks
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(min(interval, 0.0005))
+    try:
+        loading.start()
+        digests: dict = {}
+        findings, checked = repo.verify(name, digests=digests)
+        loading.join()
+    finally:
+        sys.setswitchinterval(interval)
+    for n in [repo.require_model(name)] if name else repo.models():
+        findings += verify(repo, n, trust, digests)
+    return findings, checked
+
+
+def _preload() -> None:
+    """The imports a signed verify needs later: model-signing, and Triton's schema for config.pbtxt."""
+    with contextlib.suppress(Exception):  # a missing extra is reported where it is used, as one line
+        _lib()
+    with contextlib.suppress(Exception):
+        from retool.publish.config import parse_with_triton_schema
+
+        parse_with_triton_schema("")
 
 
 def require_signed(repo_url, names, trust_key, require: bool = True, storage_options=None) -> None:
@@ -262,8 +335,7 @@ def require_signed(repo_url, names, trust_key, require: bool = True, storage_opt
     repo = open_repo(repo_url, storage_options)
     findings = []
     for n in (list(names) if names else repo.models()):
-        n = repo.require_model(n)
-        findings += repo.verify(n)[0] + verify(repo, n, trust_key)
+        findings += verify_repository(repo, repo.require_model(n), trust_key)[0]
     if findings:
         f = findings[0]
         more = f" and {len(findings) - 1} more" if len(findings) > 1 else ""

@@ -1,0 +1,60 @@
+"""`repo verify --trust-key` reads each file's bytes once (issue 25's figure): the signature check takes the
+sha256 that retool's verify pass just computed instead of hashing the files again, and still refuses a
+changed file with the file's name."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fixtures.onnx_tiny import linear
+from retool.publish import open_repo, publish
+
+pytest.importorskip("model_signing")
+ec = pytest.importorskip("cryptography.hazmat.primitives.asymmetric.ec")
+ser = pytest.importorskip("cryptography.hazmat.primitives.serialization")
+
+
+@pytest.fixture
+def signed(tmp_path):
+    key = ec.generate_private_key(ec.SECP256R1())
+    priv, pub = tmp_path / "key.pem", tmp_path / "key.pub.pem"
+    priv.write_bytes(key.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.PKCS8, ser.NoEncryption()))
+    pub.write_bytes(key.public_key().public_bytes(ser.Encoding.PEM, ser.PublicFormat.SubjectPublicKeyInfo))
+    repo = tmp_path / "repo"
+    publish(linear(tmp_path / "a.onnx", external_data_mb=0.2), repo, "m", sign_key=priv, max_regression="off")
+    return repo, pub
+
+
+def _check(folder: Path, pub: Path, known: dict | None):
+    from retool.publish import signing
+
+    signing._verifier(pub).set_hashing_config(signing._hashing(["model.sig"], known)).verify(folder, folder / "model.sig")
+
+
+def test_the_signature_check_uses_the_digests_given_not_the_bytes(signed):
+    from retool.fsutil import sha256_file
+
+    repo, pub = signed
+    v1 = repo / "m" / "1"
+    data = {p.name: sha256_file(p) for p in v1.iterdir() if p.name not in ("model.sig", "manifest.json")}
+    _check(v1, pub, data)  # the right digests: passes, manifest.json hashed by model-signing itself
+    wrong = {**data, "a.onnx.data": "0" * 64}
+    with pytest.raises(ValueError, match="Hash mismatch for 'a.onnx.data'"):
+        _check(v1, pub, wrong)  # the file is intact: only the given digest can have failed it
+
+
+def test_verify_repository_passes_a_signed_repository_and_names_a_changed_file(signed):
+    from retool.publish.signing import verify_repository
+
+    repo, pub = signed
+    findings, checked = verify_repository(open_repo(repo), None, pub)
+    assert findings == [] and checked == 5  # model, data, samples, manifest, model.sig
+    data = repo / "m" / "1" / "a.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[-1] ^= 1
+    data.write_bytes(bytes(raw))
+    findings, _ = verify_repository(open_repo(repo), "m", pub)
+    kinds = {(f.problem, Path(f.path).name) for f in findings}
+    assert ("changed", "a.onnx.data") in kinds  # the manifest check
+    assert ("bad-signature", "a.onnx.data") in kinds  # the signature check, from the same pass's digest
