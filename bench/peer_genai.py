@@ -199,6 +199,11 @@ def compare(folder: Path, fp32: Path, int4: Path, work: Path, quick: bool, threa
             RETOOL_INT4: lambda s=ort_step(make_session(int4, threads=threads)): _loop_run(s, layout, prompt, n_new),
             RETOOL_FP32: lambda s=ort_step(ref): _loop_run(s, layout, prompt, n_new)}
     tokens = {k: f()[2] for k, f in runs.items()}
+    ids = np.asarray([prompt], np.int64)
+    mask, pos = np.ones_like(ids), np.arange(len(prompt), dtype=np.int64)[None]
+    logits = {"builder int4": _loop_step(builder_sess, blayout.layers)(ids, mask, pos, blayout.empty_past(1))[0],
+              "retool int4": ort_step(make_session(int4, threads=threads))(ids, mask, pos, layout.empty_past(1))[0]}
+    fp = ort_step(ref)(ids, mask, pos, layout.empty_past(1))[0].astype(np.float64)
     eos = json.loads((out / "genai_config.json").read_text())["model"].get("eos_token_id")
 
     def agree(a: list[int], ref: list[int]) -> str:
@@ -232,6 +237,10 @@ def compare(folder: Path, fp32: Path, int4: Path, work: Path, quick: bool, threa
     res.update({"threads": threads, "prompt_tokens": PROMPT_TOKENS, "new_tokens": n_new,
                 "rounds": len(tok[GENAI]), "variants": variants,
                 "genai_tokens_agree_with_loop": agree(tokens[GENAI], tokens[BUILDER_LOOP]),
+                # is the builder's model the same function? prompt logits against retool's parity-checked fp32
+                "prefill_logits_vs_fp32": {k: {"max_abs_diff": round(float(np.abs(v - fp).max()), 4),
+                                               "cosine": round(float((v * fp).sum() / (np.linalg.norm(v) * np.linalg.norm(fp))), 6)}
+                                           for k, v in logits.items()},
                 "graphs": {"builder int4": graph_ops(res["model"]), "retool int4": graph_ops(int4),
                            "retool fp32": graph_ops(fp32)},
                 "goal_retool_int4_vs_builder_at_loop": goal.to_dict()})
@@ -251,6 +260,8 @@ def render(name: str, g: dict) -> list[str]:
         rows.append(f"| {name} | {k} | {m['median']:.3f} [{m['p25']:.3f}-{m['p75']:.3f}] | {p['median']:.2f} | "
                     f"{a['estimate']:.2f} ({a['ci95'][0]:.2f}-{a['ci95'][1]:.2f}) | "
                     f"{b['estimate']:.2f} ({b['ci95'][0]:.2f}-{b['ci95'][1]:.2f}) | {v['tokens_agree_with_fp32']} |")
+    acc = "; ".join(f"{k}: max abs diff {v['max_abs_diff']}, cos {v['cosine']}" for k, v in g["prefill_logits_vs_fp32"].items())
+    rows.append(f"| {name} | prompt logits vs retool fp32 | {acc} |||||")
     rows.append(f"| {name} | goal: retool int4 <= {GOAL_VS_BUILDER}x builder @ loop | "
                 f"{g['goal_retool_int4_vs_builder_at_loop']['text']} |||||")
     return rows

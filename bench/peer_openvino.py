@@ -55,7 +55,9 @@ class Peers:
 
         key = (label, threads)
         if key not in self._compiled:
-            cfg = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+            # no pinning: ORT does not pin either, and on a shared machine a pinned thread waits for its core
+            cfg = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1,
+                   "ENABLE_CPU_PINNING": False}
             if self.hints.get(label):
                 cfg["INFERENCE_PRECISION_HINT"] = self.hints[label]
             self._compiled[key] = ov.Core().compile_model(self.models[label], "CPU", cfg)
@@ -85,7 +87,7 @@ def _build(kind: str, fp32: Path, calib, input_name: str, work: Path) -> Peers:
 
     work.mkdir(parents=True, exist_ok=True)
     core = ov.Core()
-    default_hint = str(core.get_property("CPU", "INFERENCE_PRECISION_HINT"))
+    default_hint = core.get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()  # bf16 on AMX
     t0 = time.perf_counter()
     model = ov.convert_model(str(fp32))
     fp32_s = time.perf_counter() - t0
@@ -102,6 +104,7 @@ def _build(kind: str, fp32: Path, calib, input_name: str, work: Path) -> Peers:
     versions = {"openvino": ov.get_version().split("-")[0], "nncf": nncf.__version__}
     info = {"status": "ok", "versions": versions, "cpu_default_inference_precision": default_hint,
             "shapes": "as converted from the ONNX file (dynamic), like the ORT sessions",
+            "compile": "CPU, PERFORMANCE_HINT=LATENCY, NUM_STREAMS=1, INFERENCE_NUM_THREADS=threads, ENABLE_CPU_PINNING=false",
             "variants": {
                 FP32: {"build_s": round(fp32_s, 2), "how": "ov.convert_model(onnx), INFERENCE_PRECISION_HINT=f32",
                        "size_bytes": _size(work / "ov-fp32.xml")},
