@@ -90,5 +90,6 @@ def test_genai_peer_times_the_builder_model_beside_retools(tmp_path, tmp_path_fa
     assert got["graphs"]["builder int4"].get("GroupQueryAttention", 0) > 0
     assert got["goal_retool_int4_vs_builder_at_loop"]["outcome"] in ("pass", "fail", "undecided")
     assert got["prefill_logits_vs_fp32"]["retool int4"]["cosine"] > 0.99  # retool int4 keeps the function
+    assert isinstance(got["builder_model_comparable"], bool)
     assert all(v["ms_per_token"]["n"] == got["rounds"] >= 5 for v in got["variants"].values())
     assert "| builder int4 @ genai |" in "\n".join(peer_genai.render("llama", got))
