@@ -35,7 +35,13 @@ test: install lint
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
-bench: install
+# the peers the bench measures retool against (pyproject extra "bench"); never part of `make install`
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP) pyproject.toml constraints.txt
+	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
+	touch $(BENCH_STAMP)
+
+bench: install $(BENCH_STAMP)
 	$(PY) bench/run.py --out bench/results
 
 clean:

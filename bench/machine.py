@@ -14,7 +14,7 @@ from retool.meminfo import meminfo_bytes
 FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_tile",
          "f16c", "avx512_fp16", "asimd", "asimddp", "i8mm")
 PACKAGES = ("retool", "onnxruntime", "onnx", "torch", "tensorflow", "keras", "tf2onnx", "opencv-python-headless",
-            "numpy", "onnxsim")
+            "numpy", "onnxsim", "openvino", "nncf", "onnxruntime-genai")
 
 
 def _cpuinfo() -> tuple[str, set[str]]:
@@ -60,7 +60,8 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def machine_info(root=None) -> dict:
+def machine_info(root=None, gemm_threads: int | None = None) -> dict:
+    """The machine; with ``gemm_threads``, also its GEMM limit (bench/gemm.py: fp32 and u8s8 GOP/s)."""
     model, flags = _cpuinfo()
     try:
         usable = len(os.sched_getaffinity(0))
@@ -70,7 +71,7 @@ def machine_info(root=None) -> dict:
         load = os.getloadavg()
     except OSError:
         load = None
-    return {
+    out = {
         "cpu_model": model,
         "cpu_count": os.cpu_count(),
         "cpus_usable": usable,
@@ -82,6 +83,11 @@ def machine_info(root=None) -> dict:
         "versions": versions(),
         "git_commit": _git_commit(root) if root else None,
     }
+    if gemm_threads:
+        from bench.gemm import limit
+
+        out["gemm_limit"] = limit(gemm_threads)
+    return out
 
 
 def short_description(m: dict) -> str:
@@ -91,7 +97,17 @@ def short_description(m: dict) -> str:
     v = m.get("versions") or {}
     return (f"{m.get('cpu_model')}, {m.get('cpus_usable')} cores, "
             f"{mem / 2**30:.0f} GiB RAM" if mem else f"{m.get('cpu_model')}, {m.get('cpus_usable')} cores") + (
-        f", {'/'.join(flags)}" if flags else "") + f"; onnxruntime {v.get('onnxruntime')}, torch {v.get('torch')}"
+        f", {'/'.join(flags)}" if flags else "") + f"; onnxruntime {v.get('onnxruntime')}, torch {v.get('torch')}" + (
+        _gemm_text(m["gemm_limit"]) if "gemm_limit" in m else "")
+
+
+def _gemm_text(g: dict) -> str:
+    if "fp32_gops" not in g:
+        return f"; GEMM limit not measured ({g.get('reason', '?')})"
+    s = g["u8s8_speedup_over_fp32"]
+    return (f"; GEMM limit at {g['threads']} thread(s): fp32 {g['fp32_gops']['median']:.0f}, u8s8 "
+            f"{g['u8s8_gops']['median']:.0f} GOP/s (int8 {s['estimate']:.2f}x fp32, 95% CI {s['ci95'][0]:.2f}-"
+            f"{s['ci95'][1]:.2f})")
 
 
 def section_start():

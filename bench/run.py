@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"bench-{_stamp()}{'-quick' if args.quick else ''}.json"
-    machine = machine_info(ROOT)
+    machine = machine_info(ROOT, gemm_threads=1)  # with the GEMM limit every ratio is read against
     result = {"schema_version": RESULT_SCHEMA, "kind": "retool-bench", "started_at": _stamp(), "finished_at": None,
               "complete": False, "wall_s": None, "machine": machine, "settings": settings, "sections": {}}
     print(f"retool bench ({'quick' if args.quick else 'full'}) on {short_description(machine)}", flush=True)

@@ -131,11 +131,36 @@ def run_model(name: str, work: Path, quick: bool) -> dict:
     factories["torch-eager"] = decode_latency.torch_factory(wrapper)
     lat = decode_latency.measure(factories, layout, reference="fp32", budget_s=0.5 if quick else 3.0)
     g = crep.data["generation"]
-    return {"trained": MODELS[name][1], "build_s": round(build_s, 1), "convert_s": round(convert_s, 1),
+    genai = _genai_peer(name, folder, paths, work, quick)
+    return {"genai_peer": genai, "trained": MODELS[name][1], "build_s": round(build_s, 1), "convert_s": round(convert_s, 1),
             "fp32_generation": {"greedy": f"{g['greedy']['agreement']}/{g['greedy']['steps']}",
                                 "max_logit_diff": g["greedy"]["max_abs_diff"], "min_margin": g["greedy"]["min_margin"]},
             "weight_only": info, "variants": variants, "latency": lat,
             "agreement_meaningful": MODELS[name][1]}
+
+
+def _genai_peer(name: str, folder: Path, paths: dict, work: Path, quick: bool) -> dict:
+    """onnxruntime-genai's builder model against retool's int4 / fp32 (bench/peer_genai.py), 1 thread."""
+    from bench import peer_genai
+
+    try:
+        return peer_genai.compare(folder, paths["fp32"], paths["int4"], work / f"{name}.genai", quick)
+    except Exception as exc:  # a result too; the section's other figures stand
+        import traceback
+
+        traceback.print_exc()
+        return {"status": "error", "reason": f"{type(exc).__name__}: {str(exc)[:300]}"}
+
+
+def _render_genai(d: dict) -> str:
+    from bench import peer_genai
+
+    rows = [r for name, m in (d.get("models") or {}).items() for r in peer_genai.render(name, m.get("genai_peer"))]
+    if not rows:
+        return ""
+    return "\n".join(["", "onnxruntime-genai peer (1 thread; ms/token median [IQR]; ratios: median x the builder's "
+                      "model, 95% paired CI):", "| model | variant | ms/token | prefill ms | x builder @ genai | "
+                      "x builder @ ORT loop | tokens = fp32 |", "|---|---|---|---|---|---|---|", *rows])
 
 
 def render_decoder(d: dict) -> str:
@@ -160,7 +185,7 @@ def render_decoder(d: dict) -> str:
             lines.append(f"| {name} | {v} | {row.get('size_ratio', '')} | {l1.get('ms_per_token', '')} | {spt} | "
                          f"{l1.get('prefill_ms', '')} | {la.get('ms_per_token', '')} | {agree} | "
                          f"{row.get('free_running', '')} | {row.get('tf_min_cosine', '')} |")
-    return "\n".join(lines)
+    return "\n".join(lines) + _render_genai(d)
 
 
 def main(argv=None) -> int:

@@ -7,6 +7,10 @@ threads) and checked on the same 64 test inputs, which no calibrator saw. Each f
 retool ÷ peer: latency as the median of paired per-round ratios with its IQR; size; top-1
 agreement and cosine with fp32.
 
+OpenVINO fp32 and NNCF int8 (bench/peer_openvino.py, the ``bench`` extra) run in the same loop;
+where one is faster than retool's fastest variant of at least its accuracy beyond the noise, the
+row says BEHIND PEER (and bench/compare.py does too).
+
     .venv/bin/python bench/run.py --sections peers [--quick]
 """
 from __future__ import annotations
@@ -19,6 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from bench import peer_openvino  # noqa: E402  (OpenVINO itself is imported only when the extra is there)
 
 #: The issue's goals (docs/optimize.md): checked and recorded, never asserted.
 CNN_GOAL_TOP1, CNN_GOAL_LATENCY_VS_PEER = 0.97, 1.10
@@ -104,7 +110,8 @@ def peers(settings: dict, work: Path) -> dict:
 
     work.mkdir(parents=True, exist_ok=True)
     out: dict = {"peers": {"cnn": "onnxruntime.quantization.quantize_static(QDQ, per_channel, U8S8, MinMax)",
-                           "transformer": "onnxruntime.quantization.quantize_dynamic(defaults)"},
+                           "transformer": "onnxruntime.quantization.quantize_dynamic(defaults)",
+                           "openvino": "OpenVINO fp32 and NNCF int8 (bench/peer_openvino.py)"},
                  "models": {}}
     for name, spec in _models(settings["quick"]).items():
         print(f"   peers: {name}", flush=True)
@@ -194,7 +201,7 @@ def run_model(args: dict) -> dict:
     test, _ = _data(name, spec, TEST, seed=777)
     np.savez(d / "calib.npz", **{input_name: calib})
 
-    res: dict = {"status": "ok", "hardware": detect().to_dict(), "variants": {}}
+    res: dict = {"status": "ok", "kind": name, "hardware": detect().to_dict(), "variants": {}, "retool_over_peer": {}}
     paths = {"fp32": fp32, "peer": d / "peer.onnx"}
     res["variants"]["peer"] = {"build_s": round(_peer(name, fp32, calib, input_name, paths["peer"]), 2)}
     # "tune-for x86-vnni" on a CPU without VNNI: what reduce_range buys or costs here
@@ -230,6 +237,9 @@ def run_model(args: dict) -> dict:
             "profile_reduce_range": data["profile"].get("reduce_range")}
         paths[label] = dst
 
+    ovp = peer_openvino.build(name, fp32, calib, input_name, d / "openvino")
+    res["openvino"] = ovp.info
+
     # Agreement with fp32 on the test inputs (batch 1 each, as served).
     sessions = {k: make_session(p, threads=args["threads"]) for k, p in paths.items()}
     ref = [run_session(sessions["fp32"], {input_name: x[None]})[0] for x in test]
@@ -241,15 +251,22 @@ def run_model(args: dict) -> dict:
         res["variants"][k].update(_agreement(ref, outs), size_bytes=model_size(paths[k]),
                                   size_vs_fp32=round(model_size(paths[k]) / fp32_size, 4))
     res["fp32_size_bytes"] = fp32_size
+    for k in ovp.labels:
+        run = ovp.runner(k, args["threads"])
+        v = res["openvino"]["variants"][k]
+        v.update(_agreement(ref, [run({input_name: x[None]})[0] for x in test]),
+                 size_vs_fp32=round(v["size_bytes"] / fp32_size, 4))
 
     # Latency: every variant interleaved, batch 1, at 1 and at all threads.
     feeds = {input_name: test[0][None]}
     res["latency"] = {}
     for t in sorted({1, all_threads()}):
         ss = {k: make_session(p, threads=t) for k, p in paths.items()}
-        times = interleaved({k: (lambda s=s: run_session(s, feeds)) for k, s in ss.items()},
-                            warmup=args["warmup"], min_rounds=args["min_rounds"], budget_s=args["budget_s"])
+        fns = {k: (lambda s=s: run_session(s, feeds)) for k, s in ss.items()}
+        fns.update({k: (lambda r=ovp.runner(k, t): r(feeds)) for k in ovp.labels})
+        times = interleaved(fns, warmup=args["warmup"], min_rounds=args["min_rounds"], budget_s=args["budget_s"])
         res["latency"][str(t)] = {k: summarize(v) for k, v in times.items()}
+        _openvino_vs(res, times, t, list(paths), ovp.labels)
         for k in paths:
             if k in ("fp32",):
                 continue
@@ -259,7 +276,6 @@ def run_model(args: dict) -> dict:
                 v.setdefault("vs_peer", {})[str(t)] = ratio_summary(times[k], times["peer"])
 
     peer = res["variants"]["peer"]
-    res["retool_over_peer"] = {}
     for k, v in res["variants"].items():
         if k == "peer" or "vs_peer" not in v:
             continue
@@ -275,6 +291,29 @@ def run_model(args: dict) -> dict:
             "behind": behind}
     res["goals"] = _goals(name, res)
     return res
+
+
+def _openvino_vs(res: dict, times: dict, threads: int, ort: list[str], ov: list[str]) -> None:
+    """The OpenVINO variants' ratios at ``threads``, and whether retool is behind them (BEHIND PEER)."""
+    from bench.stats import ratio_summary
+
+    if not ov:
+        return
+    t, variants = str(threads), res["openvino"]["variants"]
+    for k in ov:
+        variants[k].setdefault("vs_fp32", {})[t] = ratio_summary(times[k], times["fp32"])
+        variants[k].setdefault("vs_peer", {})[t] = ratio_summary(times[k], times["peer"])
+    # "equal accuracy": top-1 within one test input for the CNN, cosine within 1e-4 for the transformer
+    metric, tol = ("top1", 1.0 / TEST) if res.get("kind") == "cnn" else ("cosine", 1e-4)
+    acc = {k: (1.0 if k == "fp32" else res["variants"][k][metric]) for k in ort if k != "peer"}
+    acc.update({k: variants[k][metric] for k in ov})
+    retool = [k for k in ort if k != "peer"]
+    verdicts = peer_openvino.behind(times, acc, retool, ov, tol)
+    res["openvino"].setdefault("versus_retool", {})[t] = {"accuracy": metric, "tolerance": tol, "rows": verdicts}
+    for k, v in verdicts.items():
+        if v["behind"]:  # bench/compare.py prints every "behind" entry as BEHIND PEER
+            res["retool_over_peer"].setdefault(f"retool best vs {k}", {"behind": []})["behind"].append(
+                f"latency at {t} thread(s) ({v['why']})")
 
 
 def _goals(name: str, res: dict) -> dict:
@@ -318,9 +357,28 @@ def render_table(d: dict) -> str:
                          ratio(v["vs_fp32"]["1"]),
                          ratio((v.get("vs_peer") or {}).get("1")), ratio((v.get("vs_peer") or {}).get(threads[-1])),
                          ", ".join((m["retool_over_peer"].get(k) or {}).get("behind", []))])
+        rows += _openvino_rows(model, m, threads, ratio)
     head = ["model", "variant", "top-1", "cosine", "size ×fp32", "latency ×fp32 (1t)", "×peer (1t)",
             "×peer (all t)", "behind the peer"]
     return table(head, rows) + "\n(latency: median [IQR] of paired per-round ratios; below 1 is faster)"
+
+
+def _openvino_rows(model: str, m: dict, threads: list[str], ratio) -> list[list[str]]:
+    ov = m.get("openvino") or {}
+    if ov.get("status") != "ok":
+        return [[model, "OpenVINO", f"{ov.get('status', 'not run')}: {ov.get('reason', '')}"[:80]] + [""] * 6]
+    rows = []
+    for k, v in ov["variants"].items():
+        if "top1" not in v:
+            continue
+        verdicts = {t: r["rows"].get(k) for t, r in (ov.get("versus_retool") or {}).items()}
+        behind = [f"{t}t: {r['retool_best']}" for t, r in verdicts.items() if r and r["behind"]]
+        mark = ("BEHIND PEER (" + ", ".join(behind) + ")") if behind else "retool keeps up: " + "; ".join(
+            f"{t}t {r['retool_best']}" for t, r in verdicts.items() if r)
+        rows.append([model, k, f"{v['top1']:.3f}", f"{v['cosine']:.5f}", f"{v['size_vs_fp32']:.2f}",
+                     ratio((v.get("vs_fp32") or {}).get("1")), ratio((v.get("vs_peer") or {}).get("1")),
+                     ratio((v.get("vs_peer") or {}).get(threads[-1])), mark])
+    return rows
 
 
 def main(argv: list[str]) -> int:
