@@ -45,7 +45,7 @@ def _feeds(seed=2):
 
 
 def _trace(tmp_path, model, name):
-    """torch.jit.trace the model (HF's torchscript=True way), saved and loaded back as users ship it."""
+    """torch.jit.trace the model, saved and loaded back as users ship it."""
     ex = {k: torch.from_numpy(v) for k, v in _feeds(0).items()}
     traced = torch.jit.trace(model, (ex["input_ids"], ex["attention_mask"]))
     src = tmp_path / f"{name}.pt"
@@ -69,8 +69,8 @@ def test_traced_transformers_model_keeps_hf_names(tmp_path, cli, classify):
     from fixtures import hf_models
 
     cls = BertForSequenceClassification if classify else BertModel
-    model = cls.from_pretrained(str(hf_models.bert(tmp_path / "bert", seed=1, classify=classify)),
-                                torchscript=True).eval()
+    model = cls.from_pretrained(str(hf_models.bert(tmp_path / "bert", seed=1, classify=classify))).eval()
+    model.config.return_dict = False  # a tuple, as torch.jit.trace needs
     src = _trace(tmp_path, model, "traced")
     loaded = torch.jit.load(str(src))
     from retool.converter.torch_outputs import traced_class_name
@@ -97,7 +97,8 @@ def test_traced_wrapper_has_lost_the_class_and_stays_positional(tmp_path, cli):
 
     from fixtures import hf_models
 
-    bert = BertModel.from_pretrained(str(hf_models.bert(tmp_path / "bert", seed=1)), torchscript=True).eval()
+    bert = BertModel.from_pretrained(str(hf_models.bert(tmp_path / "bert", seed=1))).eval()
+    bert.config.return_dict = False
 
     class Wrapper(torch.nn.Module):
         def __init__(self, inner):
