@@ -203,3 +203,19 @@ def test_perplexity_gate_alone_can_refuse_and_measures_text(llama, tmp_path, cli
     ppl = rep["data"]["perplexity"]
     assert ppl["text"].startswith("sampled from the fp32 model") and 0.9 < ppl["ratio"] < 1.05
     assert "HQQWeightOnlyQuantConfig" in rep["data"]["tools"][-1]
+
+
+def test_pipeline_target_options(tmp_path):
+    """retool.yaml: a target's `options:` reach optimize as the --target spec; a bad one names its line."""
+    from retool.errors import UsageError
+    from retool.pipeline.config import load_config
+
+    cfg = tmp_path / "retool.yaml"
+    cfg.write_text("models:\n  - name: lm\n    source: lm.onnx\n    targets:\n      - name: cpu-int4\n"
+                   "        options: {algorithm: hqq, max_ppl_ratio: 1.1}\n      - cpu-int8-weight\n")
+    t4, t8 = load_config(cfg).models[0].targets
+    assert t4.spec == "cpu-int4:algorithm=hqq,max_ppl_ratio=1.1" and t8.spec == "cpu-int8-weight"
+    cfg.write_text("models:\n  - name: lm\n    source: lm.onnx\n    targets:\n      - name: cpu-int4\n"
+                   "        options:\n          algorithm: awq\n")
+    with pytest.raises(UsageError, match=r"retool.yaml:\d+: models\[0\].targets\[0\].options: .*rtn, gptq or hqq"):
+        load_config(cfg)
