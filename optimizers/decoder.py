@@ -142,7 +142,8 @@ def optimize_decoder(art, out: Path, profile, tol, *, seed: int, threads: int, m
 CALIBRATION_SEQUENCES = 32
 #: seed offsets keep calibration, held-out perplexity text and gate prompts apart
 CALIBRATION_SEED, HELDOUT_SEED = 7001, 9001
-ALGO_CONFIG = {"rtn": "DefaultWeightOnlyQuantConfig", "gptq": "GPTQWeightOnlyQuantConfig",
+ALGO_CONFIG = {"rtn": "DefaultWeightOnlyQuantConfig",
+               "gptq": "DefaultWeightOnlyQuantConfig, then retool's GPTQ ints and scales (optimizers/gptq.py)",
                "hqq": "HQQWeightOnlyQuantConfig"}
 
 

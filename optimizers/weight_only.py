@@ -7,6 +7,10 @@ writes GPT-2's Conv1D layers as ``Gemm`` and may feed a tied head through a ``Tr
 So the graph is first rewritten (Gemm -> MatMul + Add with the weight stored transposed as a
 constant; Transpose of a constant folded), and afterwards the result must hold one MatMulNBits
 per weight MatMul and be smaller, or this fails loudly.
+
+Algorithms: ``rtn`` (round to nearest, ORT's default quantizer), ``hqq`` (ORT's HQQ: no data,
+asymmetric; its nodes get ``accuracy_level`` set afterwards, ORT writes none) and ``gptq``
+(calibrated; retool's own, see optimizers/gptq.py for why not ORT's).
 """
 from __future__ import annotations
 
