@@ -20,6 +20,8 @@ import numpy as np
 PERCDAMP = 0.01
 #: rows handled per lazy batch update (a multiple of the int4 block)
 LAZY_ROWS = 128
+#: Hessians held at once; more activations mean another pass over the calibration feeds
+HESSIAN_BYTES = 1 << 30
 
 
 def block_scales(w: np.ndarray) -> np.ndarray:
@@ -107,7 +109,6 @@ def hessians(model, activations: list[str], feeds) -> dict[str, np.ndarray]:
 def apply(rtn_model, fp_model, feeds, block: int = 32) -> int:
     """Replace the ints and scales of ``rtn_model``'s symmetric 4-bit MatMulNBits (written by ORT from
     ``fp_model``) with GPTQ's, calibrated on ``feeds``; returns how many weights were replaced."""
-    from onnx import numpy_helper
 
     fp_inits = {i.name: i for i in fp_model.graph.initializer}
     act_of = {n.input[1]: n.input[0] for n in fp_model.graph.node if n.op_type == "MatMul" and n.input[1] in fp_inits}
@@ -119,11 +120,30 @@ def apply(rtn_model, fp_model, feeds, block: int = 32) -> int:
         wname = node.input[1][:-3] if node.input[1].endswith("_Q4") else ""  # ORT names B "<weight>_Q4"
         if wname in act_of and node.input[1] in inits and node.input[2] in inits:
             targets.append((node, wname, act_of[wname]))
-    hs = hessians(fp_model, sorted({a for _, _, a in targets}), feeds)
+    dims = {a: int(fp_inits[w].dims[0]) for _, w, a in targets if len(fp_inits[w].dims) == 2}
+    chunks, cur, size = [], [], 0
+    for a in sorted(dims):  # Hessians are K x K float64: hold at most HESSIAN_BYTES of them at once
+        if cur and size + 8 * dims[a] ** 2 > HESSIAN_BYTES:
+            chunks.append(cur)
+            cur, size = [], 0
+        cur.append(a)
+        size += 8 * dims[a] ** 2
+    chunks += [cur] if cur else []
+    done = 0
+    for chunk in chunks:
+        hs = hessians(fp_model, chunk, feeds)
+        done += _rewrite([t for t in targets if t[2] in hs], hs, fp_inits, inits, block)
+        del hs
+    return done
+
+
+def _rewrite(targets, hs, fp_inits, inits, block: int) -> int:
+    from onnx import numpy_helper
+
     done = 0
     for node, wname, act in targets:
         w = numpy_helper.to_array(fp_inits[wname])
-        if w.ndim != 2 or act not in hs:
+        if w.ndim != 2:
             continue
         q, s = gptq(w, hs[act], block)
         b, sc = pack(q, s, block)
