@@ -138,20 +138,29 @@ def apply(rtn_model, fp_model, feeds, block: int = 32) -> int:
 
 
 def _rewrite(targets, hs, fp_inits, inits, block: int) -> int:
+    """GPTQ once per activation: the weights that multiply the same input (q, k, v; gate, up) share its
+    Hessian and GPTQ treats columns independently, so they are quantized side by side in one pass."""
     from onnx import numpy_helper
 
+    by_act: dict[str, list] = {}
+    for t in targets:
+        by_act.setdefault(t[2], []).append(t)
     done = 0
-    for node, wname, act in targets:
-        w = numpy_helper.to_array(fp_inits[wname])
-        if w.ndim != 2:
+    for act, group in by_act.items():
+        ws = [numpy_helper.to_array(fp_inits[wname]) for _, wname, _ in group]
+        if any(w.ndim != 2 or w.shape[0] != ws[0].shape[0] for w in ws):
             continue
-        q, s = gptq(w, hs[act], block)
-        b, sc = pack(q, s, block)
-        old_b, old_s = inits[node.input[1]], inits[node.input[2]]
-        if tuple(old_b.dims) != b.shape or int(np.prod(old_s.dims)) != sc.size:
-            continue  # another layout than ORT 1.32's: keep round-to-nearest for this weight
-        old_b.CopyFrom(numpy_helper.from_array(b, old_b.name))
-        sc = sc.astype(numpy_helper.to_array(old_s).dtype).reshape(tuple(old_s.dims))
-        old_s.CopyFrom(numpy_helper.from_array(sc, old_s.name))
-        done += 1
+        q, s = gptq(np.concatenate(ws, axis=1), hs[act], block)
+        col = 0
+        for (node, _, _), w in zip(group, ws):
+            n = w.shape[1]
+            b, sc = pack(q[:, col:col + n], s[:, col:col + n], block)
+            col += n
+            old_b, old_s = inits[node.input[1]], inits[node.input[2]]
+            if tuple(old_b.dims) != b.shape or int(np.prod(old_s.dims)) != sc.size:
+                continue  # another layout than ORT 1.32's: keep round-to-nearest for this weight
+            old_b.CopyFrom(numpy_helper.from_array(b, old_b.name))
+            sc = sc.astype(numpy_helper.to_array(old_s).dtype).reshape(tuple(old_s.dims))
+            old_s.CopyFrom(numpy_helper.from_array(sc, old_s.name))
+            done += 1
     return done
