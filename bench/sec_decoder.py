@@ -1,7 +1,8 @@
 """Bench section ``decoder``: fp32 / int8-weight / int4 decoders, against ORT's quantizers used directly.
 
 For each decoder: file size, prefill ms and ms per token at 1 and all threads (torch eager too),
-and greedy agreement with the fp32 ONNX model (teacher-forced and free-running). Two kinds of model:
+and greedy agreement with the fp32 ONNX model (teacher-forced and free-running). Two kinds of model
+(plus ``SIZES``: random Llamas at hidden 256, 512 and 1024, fp32 against int4 ms/token only):
 - ``*-trained``: the tiny test fixtures, briefly trained on a synthetic rule, so agreement means
   something (their top-1 margins are large);
 - ``llama-medium``: random weights at a size where weight-only kernels can pay off; its latency and
@@ -41,6 +42,65 @@ def decoder(settings: dict, work: Path) -> dict:
         return {"status": status, "reason": f"exit {r.rc}: {(lines[-1] if lines else '')[:400]}",
                 "stderr_tail": r.tail(1500)}
     return json.loads(out.read_text())
+
+
+#: "where int4 pays": random-weight Llamas of three sizes, fp32 against int4 ms/token only (name -> overrides)
+SIZES = {
+    "llama-h256": {"hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 4, "num_attention_heads": 4,
+                   "num_key_value_heads": 2, "vocab_size": 2048},
+    "llama-h512": MODELS["llama-medium"][2],
+    "llama-h1024": {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 4,
+                    "num_attention_heads": 16, "num_key_value_heads": 8, "vocab_size": 4096},
+}
+
+
+def _random_llama(folder: Path, over: dict) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from fixtures import hf_models
+
+    torch.manual_seed(0)
+    cfg = hf_models.llama_config()
+    for k, v in over.items():
+        setattr(cfg, k, v)
+    cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
+    return hf_models._save(AutoModelForCausalLM.from_config(cfg), folder)
+
+
+def run_size(name: str, work: Path, quick: bool) -> dict:
+    """fp32 against int4 (rtn: every algorithm writes the same MatMulNBits) ms/token and size, one size."""
+    from retool.converter.core import convert
+    from retool.optimizers import weight_only
+    from retool.runtime import make_session
+    from retool.validators import decode_latency
+    from retool.validators.generation import layout_from_session
+
+    folder = _random_llama(work / name, SIZES[name])
+    fp32, int4 = work / f"{name}.fp32.onnx", work / f"{name}.int4.onnx"
+    convert(str(folder), fp32)
+    info = weight_only.quantize(fp32, int4, bits=4)
+    layout = layout_from_session(make_session(fp32, threads=1))
+    lat = decode_latency.measure({"fp32": decode_latency.ort_factory(fp32), "int4": decode_latency.ort_factory(int4)},
+                                 layout, reference="fp32", budget_s=0.5 if quick else 3.0)
+    return {"hidden": SIZES[name]["hidden_size"], "size_mb": round(info["size_in"] / 1e6, 2),
+            "int4_size_ratio": round(info["size_out"] / info["size_in"], 3), "latency": lat}
+
+
+def render_sizes(d: dict) -> str:
+    lines = ["| model (random weights) | fp32 MB | int4 size × fp32 | threads | fp32 ms/token | int4 ms/token | "
+             "int4 speed-up (p25–p75) |", "|---|---|---|---|---|---|---|"]
+    for name, m in (d.get("sizes") or {}).items():
+        if "error" in m:
+            lines.append(f"| {name} | error: {m['error'][:80]} ||||||")
+            continue
+        for t, row in m["latency"]["by_threads"].items():
+            sp = row["int4"].get("decode_speedup") or {}
+            spt = (f"{sp['ratio']:.2f} ({sp['p25']:.2f}–{sp['p75']:.2f})" if sp.get("measurable")
+                   else "no measurable difference")
+            lines.append(f"| {name} | {m['size_mb']} | {m['int4_size_ratio']} | {t} | {row['fp32']['ms_per_token']} | "
+                         f"{row['int4']['ms_per_token']} | {spt} |")
+    return "\n".join(lines)
 
 
 def _build(name: str, folder: Path) -> Path:
@@ -185,6 +245,8 @@ def render_decoder(d: dict) -> str:
             lines.append(f"| {name} | {v} | {row.get('size_ratio', '')} | {l1.get('ms_per_token', '')} | {spt} | "
                          f"{l1.get('prefill_ms', '')} | {la.get('ms_per_token', '')} | {agree} | "
                          f"{row.get('free_running', '')} | {row.get('tf_min_cosine', '')} |")
+    if d.get("sizes"):
+        lines += ["", "Where int4 pays: ms/token against model size", "", render_sizes(d)]
     return "\n".join(lines) + _render_genai(d)
 
 
@@ -208,6 +270,12 @@ def main(argv=None) -> int:
 
             traceback.print_exc()
             out["models"][name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    out["sizes"] = {}
+    for name in SIZES:
+        try:
+            out["sizes"][name] = run_size(name, work, quick)
+        except Exception as exc:
+            out["sizes"][name] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
     (work / "decoder.json").write_text(json.dumps(out, indent=1, default=str))
     print(render_decoder(out))
     return 0

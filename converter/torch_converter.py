@@ -18,7 +18,7 @@ import numpy as np
 
 from retool.converter.torch_archive import NO_INPUTS, TORCH_SUFFIXES, classify_file, undeclared_inputs_error
 from retool.converter.base import Converter, ConvertRequest, ExportResult, SourceModel, merge_specs
-from retool.converter.torch_outputs import HF_NAMED, choose_names, flat_module, flatten_named, hf_output_names, is_flat
+from retool.converter.torch_outputs import choose_names, flat_module, flatten_named, hf_output_names, is_flat
 from retool.converter.torch_outputs import short_error as _short
 from retool.deps import require, version_of
 from retool.converter.torch_imports import broken_import_error, import_failure
@@ -322,8 +322,8 @@ class TorchSource(SourceModel):
         names, self.output_names_source = choose_names(
             found, named, (self.request.options or {}).get("output_names"),
             [s.name for s in self.input_specs], self.request.source_label)
-        if named is HF_NAMED and self.output_names_source == "model":
-            self.output_names_source = HF_NAMED
+        if isinstance(named, str) and self.output_names_source == "model":  # HF_NAMED or a traced model's class
+            self.output_names_source = named
         return names
 
     def export(self, path: Path, opset: int | None) -> ExportResult:

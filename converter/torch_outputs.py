@@ -82,8 +82,11 @@ HF_NAMED = "transformers ModelOutput (return_dict=True)"
 
 
 def hf_output_names(torch, module, args, found: list[str]) -> tuple[list[str], object]:
-    """(names, HF_NAMED) from the ModelOutput of a transformers ``PreTrainedModel`` (pickled with
-    ``return_dict=False``) when its fields line up with the tuple it returned; else (found, False)."""
+    """(names, where they came from) from the ModelOutput of a transformers ``PreTrainedModel`` (pickled with
+    ``return_dict=False``, or traced: see traced_hf_names) when its fields line up with the tuple it returned;
+    else (found, False)."""
+    if isinstance(module, torch.jit.ScriptModule):
+        return traced_hf_names(torch, module, args, found)
     if not any(c.__name__ == "PreTrainedModel" for c in type(module).__mro__):
         return found, False
     try:
@@ -95,6 +98,104 @@ def hf_output_names(torch, module, args, found: list[str]) -> tuple[list[str], o
     if not named or len(pairs) != len(found):
         return found, False
     return [n for n, _ in pairs], HF_NAMED
+
+
+def traced_class_name(module) -> str:
+    """The qualified name TorchScript keeps for a traced/scripted module's original class, e.g.
+    ``__torch__.transformers.models.bert.modeling_bert.BertModel`` (mangling segments dropped); '' if none."""
+    try:
+        qn = module._c.qualified_name
+    except Exception:
+        return ""
+    return ".".join(p for p in qn.split(".") if not p.startswith("___torch_mangle"))
+
+
+def _transformers_class(qualified: str):
+    """The transformers PreTrainedModel class named by ``qualified``, or None (only the installed library is
+    imported, never the source's own code)."""
+    import importlib
+
+    if not qualified.startswith("__torch__.transformers."):
+        return None
+    modname, _, name = qualified[len("__torch__."):].rpartition(".")
+    try:
+        import transformers
+
+        cls = getattr(importlib.import_module(modname), name, None)
+    except Exception:
+        return None
+    return cls if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel) else None
+
+
+def _output_class(cls):
+    """The ModelOutput dataclass ``cls.forward`` is annotated to return, or None."""
+    import typing
+
+    from transformers.utils import ModelOutput
+
+    fwd = cls.forward
+    try:
+        ret = typing.get_type_hints(fwd).get("return")
+    except Exception:
+        ret = getattr(fwd, "__annotations__", {}).get("return")
+        if isinstance(ret, str):  # a forward reference: look the name up in the model's module
+            import sys
+
+            ns = vars(sys.modules[cls.__module__])
+            ret = next((ns.get(t.strip()) for t in ret.replace("|", ",").replace("[", ",").replace("]", ",")
+                        .split(",") if isinstance(ns.get(t.strip()), type) and issubclass(ns[t.strip()], ModelOutput)),
+                       None)
+    stack = [ret]
+    while stack:
+        t = stack.pop()
+        if isinstance(t, type) and issubclass(t, ModelOutput):
+            return t
+        stack.extend(typing.get_args(t))
+    return None
+
+
+#: the rank each well-known HF output has; a traced tensor of another rank means the names do not line up
+_HF_RANKS = {"last_hidden_state": (3,), "pooler_output": (2,), "logits": (2, 3), "start_logits": (2,),
+             "end_logits": (2,), "image_embeds": (2,), "text_embeds": (2,)}
+
+
+def traced_hf_names(torch, module, args, found: list[str]) -> tuple[list[str], object]:
+    """Names for a TorchScript module traced from a transformers model (``torch.jit.trace`` keeps no output
+    names, but its class's qualified name survives, also through ``torch.jit.save``/``load``): the fields of
+    the ModelOutput its ``forward`` is annotated to return, in order, without ``loss`` (a trace without
+    ``labels`` returns none) and as many as the module returned. Only single-tensor fields are used, and each
+    known field must have its usual rank. A module traced inside a wrapper (``__torch__.Wrapper``) has lost
+    its class: (found, False), and the names stay positional."""
+    import dataclasses
+    import typing
+
+    cls = _transformers_class(traced_class_name(module))
+    if cls is None:
+        return found, False
+    try:
+        out_cls = _output_class(cls)
+        if out_cls is None:
+            return found, False
+        hints = typing.get_type_hints(out_cls)
+        inputs = {v.debugName().split(".")[0] for v in list(module.graph.inputs())[1:]}
+        fields = [f.name for f in dataclasses.fields(out_cls) if f.name != "loss" or "labels" in inputs]
+        single = []
+        for name in fields:  # the leading fields that hold one tensor (not a tuple of them, not a cache)
+            ann = str(hints.get(name, ""))
+            if "tuple" in ann.lower() or "cache" in ann.lower() or "Tensor" not in ann:
+                break
+            single.append(name)
+        if not found or len(found) > len(single):
+            return found, False
+        names = single[:len(found)]
+        with torch.no_grad():
+            pairs, _ = flatten_named(torch, module(*args))
+        if any(n in _HF_RANKS and t.dim() not in _HF_RANKS[n] for n, (_, t) in zip(names, pairs)):
+            return found, False
+    except Exception:  # the positional names stay
+        return found, False
+    return names, (f"transformers {cls.__name__}.forward returns {out_cls.__name__} (class from the traced "
+                   f"module's TorchScript name)")
 
 
 def unique(names: Sequence[str], taken: Sequence[str] = ()) -> list[str]:

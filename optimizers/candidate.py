@@ -212,8 +212,11 @@ def build_candidate(profile, ctx: Context, tol, method: str | None = None, base:
         o = profile.extra_options
         out = wd / f"{name}.onnx"
         with console.step(f"{name}: weight-only int{o['bits']} (MatMulNBits, block {o['block_size']})"):
+            algo = str(o.get("algorithm", "rtn"))  # gptq calibrates on the calibration data
             weight_only.quantize(ctx.src, out, bits=int(o["bits"]), block_size=int(o["block_size"]),
-                                 accuracy_level=o.get("accuracy_level"), symmetric=bool(o.get("symmetric", True)))
+                                 accuracy_level=o.get("accuracy_level"), symmetric=bool(o.get("symmetric", True)),
+                                 algorithm=algo, calibration=list(ctx.calib.calibration_samples())
+                                 if algo == "gptq" else None)
         passed, checks = ctx.evaluate(out, tol)
         return Candidate(name, out, profile.precision, passed, checks,
                          ["onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer"], quantize.versions())

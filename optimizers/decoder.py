@@ -34,16 +34,26 @@ def optimize_decoder(art, out: Path, profile, tol, *, seed: int, threads: int, m
     from retool.validators.generation import (DEFAULT_NEW_TOKENS, layout_from_session, make_prompts, ort_step,
                                               quantized_gate)
 
+    from retool.validators import perplexity
+
     o = dict(profile.extra_options)
     n_new = int(o.get("new_tokens", DEFAULT_NEW_TOKENS))
+    algo = str(o.get("algorithm", "rtn"))
+    heldout = perplexity.load_heldout(o["heldout"]) if o.get("heldout") else None
+    ref_sess = make_session(art.path, threads=threads)
+    layout = layout_from_session(ref_sess)
+    calib = None
+    if algo == "gptq":
+        with console.step(f"gptq calibration: {CALIBRATION_SEQUENCES} sequences sampled from the fp32 model"):
+            calib = calibration_feeds(ort_step(ref_sess), layout, seed)
     with staging_dir(out) as wd:
         cand = wd / f"{profile.name}.onnx"
-        with console.step(f"{profile.name}: weight-only int{o['bits']} (MatMulNBits, block {o['block_size']})"):
+        with console.step(f"{profile.name}: weight-only int{o['bits']} {algo} (MatMulNBits, block {o['block_size']})"):
             info = weight_only.quantize(art.path, cand, bits=int(o["bits"]), block_size=int(o["block_size"]),
-                                        accuracy_level=o.get("accuracy_level"), symmetric=bool(o.get("symmetric", True)))
+                                        accuracy_level=o.get("accuracy_level"), symmetric=bool(o.get("symmetric", True)),
+                                        algorithm=algo, calibration=calib)
         check_loads_path(cand, profile.name)
-        ref_sess, cand_sess = make_session(art.path, threads=threads), make_session(cand, threads=threads)
-        layout = layout_from_session(ref_sess)
+        cand_sess = make_session(cand, threads=threads)
         prompts = make_prompts(layout.vocab, seed)
         # tol is the target's gate with the user's --tolerance on top: None there is the user's "none"
         min_agree = tol.min_top1 if tol.min_top1 is not None else 0.0
@@ -52,6 +62,14 @@ def optimize_decoder(art, out: Path, profile, tol, *, seed: int, threads: int, m
         with console.step(f"generation gate ({mode}, {len(prompts)} prompts x {n_new} tokens vs fp32)"):
             checks, gen = quantized_gate(ort_step(ref_sess), ort_step(cand_sess), layout, prompts, n_new,
                                          min_agree, min_cos, bool(o.get("free_running")))
+        texts = heldout or perplexity.self_generated(ort_step(ref_sess), layout, seed + HELDOUT_SEED)
+        max_ppl = o.get("max_ppl_ratio")
+        with console.step(f"perplexity on {sum(len(t) for t, _ in texts)} held-out sequences "
+                          f"({'given' if heldout else 'sampled from fp32'}) vs fp32"):
+            ppl_check, ppl = perplexity.ppl_gate(ort_step(ref_sess), ort_step(cand_sess), layout, texts,
+                                                 None if max_ppl is None else float(max_ppl))
+        ppl["text"] = f"given ({o['heldout']})" if heldout else "sampled from the fp32 model (temperature 1, seeded)"
+        checks = list(checks) + [ppl_check]
         del ref_sess, cand_sess
         passed = all(c.passed for c in checks if c.severity == "gate")
         warnings = []
@@ -83,8 +101,9 @@ def optimize_decoder(art, out: Path, profile, tol, *, seed: int, threads: int, m
             ops[n.op_type] = ops.get(n.op_type, 0) + 1
         size_in, size_out = file_size(art.path, art.extra_files), file_size(staged, extra)
         versions = {"onnxruntime": version_of("onnxruntime") or "", "onnx": version_of("onnx") or ""}
-        tools = [f"onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer(bits={o['bits']}, "
-                 f"block_size={o['block_size']}, symmetric, accuracy_level={o.get('accuracy_level')})"]
+        tools = [f"onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer({ALGO_CONFIG[algo]}, "
+                 f"bits={o['bits']}, block_size={o['block_size']}, "
+                 f"{'symmetric' if info['symmetric'] else 'asymmetric'}, accuracy_level={o.get('accuracy_level')})"]
         if info["gemm_rewritten"] or info["transposed_weights_folded"]:
             tools.insert(0, "retool Gemm -> MatMul + Add rewrite (weights stored transposed)")
         step = ProvenanceStep("optimize", f"retool.optimizers:{profile.name}", versions,
@@ -102,7 +121,7 @@ def optimize_decoder(art, out: Path, profile, tol, *, seed: int, threads: int, m
                                                              "sha256": art.sha256},
                 "size_mb": round(size_out / 1e6, 4),
                 "size_mb_input": round(size_in / 1e6, 4), "size_ratio": round(size_out / size_in, 4) if size_in else None,
-                "generation": gen, "weight_only": info, "decode_latency": lat, "latency": None,
+                "generation": gen, "perplexity": ppl, "weight_only": info, "decode_latency": lat, "latency": None,
                 "tolerance": tol.to_dict(), "node_types": dict(sorted(ops.items())), "tools": tools,
                 "evaluated_on": "CPUExecutionProvider"}
         report = Report("optimize", new_art, tuple(all_checks), data, tuple(warnings))
@@ -111,11 +130,38 @@ def optimize_decoder(art, out: Path, profile, tol, *, seed: int, threads: int, m
             atomic_write_text(side, report.to_json())
             why = "; ".join(f"{c.name}: {c.message}" for c in checks if not c.passed and c.severity == "gate")
             raise ValidationFailed(f"{art.path}: {profile.name} decoder misses its generation gate ({why}); {out} "
-                                   f"was not written (report: {side}); relax --tolerance or choose "
-                                   f"cpu-int8-weight", report=report)
+                                   f"was not written (report: {side}); relax --tolerance, try another "
+                                   f"algorithm ({profile.name}:algorithm=rtn|gptq|hqq) or choose cpu-int8-weight",
+                                   report=report)
         move_onnx(staged, out)
     atomic_write_text(sidecar_report_path(out), report.to_json())
     return new_art, report
+
+
+#: GPTQ calibration: sequences sampled from the fp32 model after seeded random prompts (its own text)
+CALIBRATION_SEQUENCES = 32
+#: seed offsets keep calibration, held-out perplexity text and gate prompts apart
+CALIBRATION_SEED, HELDOUT_SEED = 7001, 9001
+ALGO_CONFIG = {"rtn": "DefaultWeightOnlyQuantConfig",
+               "gptq": "DefaultWeightOnlyQuantConfig, then retool's GPTQ ints and scales (optimizers/gptq.py)",
+               "hqq": "HQQWeightOnlyQuantConfig"}
+
+
+def calibration_feeds(step, layout, seed: int) -> list[dict]:
+    """GPTQ's calibration: prefill feeds (empty cache) of text the fp32 model samples itself."""
+    import numpy as np
+
+    from retool.validators.generation import past_names
+    from retool.validators.perplexity import self_generated
+
+    (ids, _), = self_generated(step, layout, seed + CALIBRATION_SEED, sequences=CALIBRATION_SEQUENCES)
+    feeds = []
+    for i in range(0, len(ids), 4):
+        chunk = ids[i:i + 4]
+        pos = np.broadcast_to(np.arange(chunk.shape[1], dtype=np.int64), chunk.shape).copy()
+        feeds.append({"input_ids": chunk, "attention_mask": np.ones_like(chunk), "position_ids": pos,
+                      **dict(zip(past_names(layout.layers), layout.empty_past(len(chunk))))})
+    return feeds
 
 
 def torch_eager_factory(art, warnings: list):

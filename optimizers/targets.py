@@ -66,7 +66,7 @@ class TargetProfile:
             how = "fp16 weights and compute, fp32 IO kept"
         elif self.method == "weight_only":
             o = self.extra_options
-            how = (f"weight-only int{o.get('bits')} MatMulNBits (block {o.get('block_size')}, "
+            how = (f"weight-only int{o.get('bits')} MatMulNBits, {o.get('algorithm', 'rtn')} (block {o.get('block_size')}, "
                    f"{'symmetric' if o.get('symmetric', True) else 'asymmetric'}, accuracy_level "
                    f"{o.get('accuracy_level')}); activations stay float; decoders gated on generation")
         elif self.method == "auto":
@@ -149,26 +149,77 @@ CPU_AUTO = TargetProfile(
 
 # Weight-only targets for decoders (issue 16). The gate: tolerance.min_top1 is the teacher-forced
 # top-1 agreement over the generated steps, min_cosine the minimum per-step logit cosine.
+# max_ppl_ratio: the candidate's perplexity over fp32's on held-out text (validators/perplexity.py).
+# The int4 default algorithm is chosen by measurement (docs/optimize.md, "Choosing the int4 algorithm").
 CPU_INT4 = TargetProfile(
     "cpu-int4", "weight-only int4 (MatMulNBits, block 32) for decoder LLMs and other MatMul-heavy models",
     method="weight_only", precision="int4", graph_level="disable", simplify=False,
     tolerance=Tolerance(atol=None, rtol=None, min_cosine=0.98, min_top1=31 / 32),
-    extra_options={"bits": 4, "block_size": 32, "symmetric": True, "accuracy_level": 4, "free_running": False},
+    extra_options={"bits": 4, "block_size": 32, "symmetric": True, "accuracy_level": 4, "free_running": False,
+                   "algorithm": "gptq", "max_ppl_ratio": 1.05},
 )
 
 CPU_INT8_WEIGHT = TargetProfile(
     "cpu-int8-weight", "weight-only int8 (MatMulNBits, block 32): each row independent of the batch, unlike "
     "dynamic int8", method="weight_only", precision="int8", graph_level="disable", simplify=False,
     tolerance=Tolerance(atol=None, rtol=None, min_cosine=0.999, min_top1=1.0),
-    extra_options={"bits": 8, "block_size": 32, "symmetric": True, "accuracy_level": 4, "free_running": True},
+    extra_options={"bits": 8, "block_size": 32, "symmetric": True, "accuracy_level": 4, "free_running": True,
+                   "algorithm": "rtn", "max_ppl_ratio": 1.05},
 )
+
+#: options a weight-only target takes as ``cpu-int4:algorithm=hqq,accuracy_level=0``: key -> (parser, what)
+WEIGHT_ONLY_OPTIONS = {
+    "algorithm": (str, "rtn, gptq or hqq"), "accuracy_level": (int, "0 (unset), 1 fp32, 2 fp16, 3 bf16, 4 int8"),
+    "block_size": (int, "16, 32, 64, 128 or 256"), "symmetric": ("bool", "true or false"),
+    "free_running": ("bool", "true or false"), "max_ppl_ratio": (float, "a ratio >= 1 or none"),
+    "new_tokens": (int, "1 to 512"), "heldout": (str, "an .npy/.npz of token ids"),
+}
+
+
+def with_options(profile: TargetProfile, text: str) -> TargetProfile:
+    """``profile`` with ``key=value,...`` from a target spec applied to its extra_options (weight-only targets)."""
+    from retool.errors import UsageError
+
+    if profile.method != "weight_only":
+        raise UsageError(f"--target {profile.name}:{text}: only weight-only targets (cpu-int4, cpu-int8-weight) "
+                         f"take options")
+    opts = dict(profile.extra_options)
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, eq, raw = item.partition("=")
+        key, raw = key.strip(), raw.strip()
+        if key not in WEIGHT_ONLY_OPTIONS or not eq:
+            raise UsageError(f"--target {profile.name}:{text}: {item!r} is not an option; give key=value with "
+                             f"key one of {', '.join(WEIGHT_ONLY_OPTIONS)}")
+        kind, what = WEIGHT_ONLY_OPTIONS[key]
+        try:
+            if raw.lower() == "none" and key in ("max_ppl_ratio", "accuracy_level", "heldout"):
+                val = None
+            elif kind == "bool":
+                if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(raw)
+                val = raw.lower() in ("true", "1", "yes")
+            else:
+                val = kind(raw)
+        except ValueError:
+            raise UsageError(f"--target {profile.name}: {key}={raw!r}: give {what}") from None
+        ok = {"algorithm": lambda v: v in ("rtn", "gptq", "hqq"),
+              "accuracy_level": lambda v: v is None or 0 <= v <= 4,
+              "block_size": lambda v: v in (16, 32, 64, 128, 256),
+              "max_ppl_ratio": lambda v: v is None or v >= 1.0, "new_tokens": lambda v: 1 <= v <= 512}
+        if key in ok and not ok[key](val):
+            raise UsageError(f"--target {profile.name}: {key}={raw!r}: give {what}")
+        opts[key] = val
+    if opts.get("algorithm") == "gptq" and opts.get("bits") != 4:
+        raise UsageError(f"--target {profile.name}: algorithm=gptq writes MatMulNBits only for 4 bits; use rtn or hqq")
+    return dataclasses.replace(profile, extra_options=opts)
 
 
 def get_target(name: str) -> TargetProfile:
     """The profile registered under ``name`` (UsageError listing the known ones otherwise)."""
     from retool.registry import TARGETS
 
-    return TARGETS.get(name)
+    base, _, opts = name.partition(":")
+    return with_options(TARGETS.get(base), opts) if opts else TARGETS.get(name)
 
 
 def all_targets() -> list[TargetProfile]:

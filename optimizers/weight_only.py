@@ -7,6 +7,10 @@ writes GPT-2's Conv1D layers as ``Gemm`` and may feed a tied head through a ``Tr
 So the graph is first rewritten (Gemm -> MatMul + Add with the weight stored transposed as a
 constant; Transpose of a constant folded), and afterwards the result must hold one MatMulNBits
 per weight MatMul and be smaller, or this fails loudly.
+
+Algorithms: ``rtn`` (round to nearest, ORT's default quantizer), ``hqq`` (ORT's HQQ: no data,
+asymmetric; its nodes get ``accuracy_level`` set afterwards, ORT writes none) and ``gptq``
+(calibrated; retool's own, see optimizers/gptq.py for why not ORT's).
 """
 from __future__ import annotations
 
@@ -99,6 +103,13 @@ def weight_matmuls(model) -> list[str]:
             if n.op_type == "MatMul" and n.input[1] in inits and len(inits[n.input[1]].dims) == 2]
 
 
+def weight_bytes(model) -> int:
+    """Bytes of the stored tensors: on a tiny model the graph itself outweighs them in the file."""
+    from onnx import numpy_helper
+
+    return sum(len(t.raw_data) if t.raw_data else numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
+
+
 def count_op(model, op: str) -> int:
     return sum(1 for n in model.graph.node if n.op_type == op)
 
@@ -116,30 +127,81 @@ def check_quantized(where, expected: int, got: int, size_in: int, size_out: int)
                                 f"{size_in}); the quantization did not take effect")
 
 
+#: weight-only algorithms: onnxruntime's round-to-nearest, GPTQ (calibrated) and HQQ (no data)
+ALGORITHMS = ("rtn", "gptq", "hqq")
+
+
+def _algo_config(algorithm: str, bits: int, block_size: int, symmetric: bool, accuracy_level, calibration):
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, HQQWeightOnlyQuantConfig
+
+    if algorithm == "hqq":  # always asymmetric (it optimises the zero point)
+        return HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits)
+    if algorithm == "gptq":  # retool's GPTQ (optimizers/gptq.py) rewrites a symmetric RTN result's ints and scales
+        if bits != 4:
+            raise OptimizationError(f"algorithm gptq writes int4 only, not int{bits}; use rtn or hqq")
+        if not calibration:
+            raise OptimizationError("algorithm gptq needs calibration feeds")
+        symmetric = True
+    return DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric,
+                                        accuracy_level=accuracy_level, bits=bits)
+
+
+def set_accuracy_level(model, level: int | None) -> int:
+    """Set ``accuracy_level`` on every MatMulNBits (HQQ writes none, i.e. fp32 compute); returns how many."""
+    import onnx
+
+    if level is None:
+        return 0
+    n = 0
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            keep = [a for a in node.attribute if a.name != "accuracy_level"]
+            del node.attribute[:]
+            node.attribute.extend(keep + [onnx.helper.make_attribute("accuracy_level", int(level))])
+            n += 1
+    return n
+
+
 def quantize(src, dst, bits: int = 4, block_size: int = 32, accuracy_level: int | None = 4,
-             symmetric: bool = True) -> dict:
-    """Write the MatMulNBits model of ``src`` to ``dst``; returns what was done (counts, sizes)."""
+             symmetric: bool = True, algorithm: str = "rtn", calibration=None) -> dict:
+    """Write the MatMulNBits model of ``src`` to ``dst``; returns what was done (counts, sizes).
+
+    ``algorithm``: rtn | gptq | hqq; ``calibration``: feed dicts of ``src`` (gptq only)."""
+    import copy
     import logging
 
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     from retool.fsutil import file_size
 
+    if algorithm not in ALGORITHMS:
+        raise OptimizationError(f"weight-only algorithm {algorithm!r}: use one of {', '.join(ALGORITHMS)}")
     src, dst = Path(src), Path(dst)
     model = onnx.load(str(src))
     rewrites = expose_weights(model)
     expected = len(weight_matmuls(model))
-    cfg = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric,
-                                       accuracy_level=accuracy_level, bits=bits)
+    w_in = max(1, weight_bytes(model))
+    cfg = _algo_config(algorithm, bits, block_size, symmetric, accuracy_level, calibration)
     logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
+    symmetric = symmetric or algorithm == "gptq"
+    fp_model = copy.deepcopy(model) if algorithm == "gptq" else None
+    gptq_weights = 0
     try:
         q = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric,
                                  accuracy_level=accuracy_level, algo_config=cfg)
         q.process()
+        out = q.model.model
+        if fp_model is not None:
+            from retool.optimizers import gptq
+
+            gptq_weights = gptq.apply(out, fp_model, calibration, block_size)
+            if not gptq_weights:
+                raise OptimizationError("GPTQ found no symmetric MatMulNBits weight to rewrite")
     except Exception as exc:
-        raise OptimizationError(f"{src}: MatMulNBits quantization failed ({first_line(exc, 200)})") from exc
-    out = q.model.model
+        raise OptimizationError(f"{src}: MatMulNBits quantization ({algorithm}) failed "
+                                f"({first_line(exc, 200)})") from exc
+    set_accuracy_level(out, accuracy_level)
     got = count_op(out, "MatMulNBits")
     large = out.ByteSize() > 1_900_000_000
     onnx.save(out, str(dst), save_as_external_data=large, all_tensors_to_one_file=True,
@@ -148,5 +210,8 @@ def quantize(src, dst, bits: int = 4, block_size: int = 32, accuracy_level: int 
 
     size_in, size_out = file_size(src, external_data_files(src)), file_size(dst, external_data_files(dst))
     check_quantized(src, expected, got, size_in, size_out)
-    return {**rewrites, "weight_matmuls": expected, "matmulnbits": got, "bits": bits, "block_size": block_size,
-            "accuracy_level": accuracy_level, "symmetric": symmetric, "size_in": size_in, "size_out": size_out}
+    return {**rewrites, "weight_matmuls": expected, "weight_bytes_ratio": round(weight_bytes(out) / w_in, 4), "matmulnbits": got, "bits": bits, "block_size": block_size,
+            "accuracy_level": accuracy_level, "symmetric": symmetric if algorithm != "hqq" else False,
+            "algorithm": algorithm, "calibration_feeds": len(calibration or []) if algorithm == "gptq" else 0,
+            "gptq_weights": gptq_weights,
+            "size_in": size_in, "size_out": size_out}

@@ -68,7 +68,8 @@ SERVE = Obj({"check": (bool, False), "load": (bool, False), "budget_p99_ms": (MI
              "window_ms": (WINDOW_MS, False), "url": (str, False)})
 TARGET = Obj({"name": (str, True), "tolerance": (TOLERANCE, False), "gates": (GATES, False),
               "calibration": (CALIBRATION, False), "publish": (PUBLISH, False),
-              "accuracy": (str, False), "serve": (SERVE, False)}, shorthand="name")
+              "accuracy": (str, False), "serve": (SERVE, False), "options": (MapOf(object), False)},
+             shorthand="name")
 #: after serve: the serving plan for the model's family (retool plan), its own gate
 PLAN = Obj({"budget_p99_ms": (MILLISECONDS, True), "rate": (RATE, True),
             "profile": (OneOf(("realtime", "throughput")), False), "price_per_hour": (COST_PER_HOUR, False),
@@ -103,6 +104,14 @@ class TargetConfig:
     #: accuracy goal, e.g. "top1>=0.97,cos>=0.999" (retool.optimizers.goal)
     accuracy: str | None = None
     serve: Mapping[str, Any] = field(default_factory=dict)
+    #: weight-only target options, e.g. {algorithm: hqq} (optimizers.targets.with_options)
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def spec(self) -> str:
+        """The name with its options, as ``--target`` takes it: ``cpu-int4:algorithm=hqq``."""
+        opts = ",".join(f"{k}={'none' if v is None else v}" for k, v in self.options.items())
+        return f"{self.name}:{opts}" if opts else self.name
 
 
 @dataclass(frozen=True)
@@ -233,6 +242,7 @@ def parse_config(data: Any, src: str = "<config>", loc: _Located | None = None,
                 _merge({"when": "gates-pass"}, defaults.get("publish"), m.get("publish"), t.get("publish")),
                 t.get("accuracy"),
                 _merge(defaults.get("serve"), m.get("serve"), t.get("serve")),
+                dict(t.get("options") or {}),
             ))
         from retool.optimizers.goal import parse_goal
         from retool.registry import TARGETS
@@ -249,6 +259,14 @@ def parse_config(data: Any, src: str = "<config>", loc: _Located | None = None,
                 line = loc.lines.get(("models", i, "targets", j)) or loc.lines.get(("defaults", "targets", j), "?")
                 raise UsageError(f"{src}:{line}: models[{i}].targets[{j}]: unknown target '{t.name}'{tip} "
                                  f"(known: {', '.join(TARGETS.names())})")
+            if t.options:
+                from retool.optimizers.targets import get_target
+
+                try:
+                    get_target(t.spec)
+                except UsageError as exc:
+                    line = loc.lines.get(("models", i, "targets", j, "options"), "?")
+                    raise UsageError(f"{src}:{line}: models[{i}].targets[{j}].options: {exc}") from None
         tnames = [t.name for t in targets]
         if len(set(tnames)) != len(tnames):
             raise UsageError(f"{src}:{loc.lines.get(('models', i, 'targets'), '?')}: models[{i}].targets: "

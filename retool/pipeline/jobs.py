@@ -121,7 +121,7 @@ def _target_job(model: ModelConfig, target: TargetConfig, fp32_path: str, base_d
     try:
         _maybe_fault(model.name, target.name)
         cal = dict(target.calibration)
-        art, orep = optimize(fp32_path, out, target=target.name, calibration=_resolve(cal.get("data"), base),
+        art, orep = optimize(fp32_path, out, target=target.spec, calibration=_resolve(cal.get("data"), base),
                              calibration_method=cal.get("method"), preprocess=cal.get("preprocess"),
                              tolerance=dict(target.tolerance) or None, seed=seed, percentile=cal.get("percentile"),
                              calibration_samples=cal.get("samples"), accuracy=target.accuracy,
