@@ -59,6 +59,8 @@ def test_family_converts_with_generation_parity(tmp_path_factory, fam):
     g = report["data"]["generation"]
     for name in ("greedy", "batch", "left_padded"):
         assert g[name]["agreement"] == g[name]["steps"] and g[name]["max_abs_diff"] < 1e-4, (name, g[name])
+    print(f"{fam}: min margin {g['greedy']['min_margin']:.4g}, max logit diff "
+          f"{max(g[n]['max_abs_diff'] for n in ('greedy', 'batch', 'left_padded')):.3g}")
     assert g["greedy"]["min_margin"] > 1e-3  # trained: margins far above the logit error, so a wrong token shows
     cfg = json.loads((folder / "config.json").read_text())
     if fam in SLIDING:
@@ -130,6 +132,8 @@ def test_sliding_window_left_padding_matches_transformers(tmp_path_factory, fam)
     tokens, logits, present = _ort_greedy(path, ids, mask, NEW_TOKENS)
     assert present.shape[2] == 11 + NEW_TOKENS - 1  # the graph's cache holds the whole past
     np.testing.assert_array_equal(tokens, ref_tokens)
+    print(f"{fam}: ORT vs transformers, left-padded past the window: max logit diff "
+          f"{float(np.abs(logits - ref_logits).max()):.3g}")
     assert float(np.abs(logits - ref_logits).max()) < 1e-4
     for row, prompt in enumerate((long, short)):
         alone_tokens, alone_logits, _ = _ort_greedy(path, prompt.astype(np.int64), np.ones_like(prompt), NEW_TOKENS)
