@@ -4,6 +4,7 @@
 tensor), so a wrapper takes ``forward(input_ids, attention_mask, position_ids, *past)``,
 rebuilds the cache inside and returns ``(logits, *present)``. ``position_ids`` is an input
 because GPT-2's absolute positions are wrong for left-padded rows without it.
+Sliding-window layers (Mistral, Gemma 2/3) keep their whole past too; the mask applies the window.
 Parity is generation parity (validators/generation.py), not one forward pass.
 """
 from __future__ import annotations
@@ -33,10 +34,18 @@ def cache_argument(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _make_cache(DynamicCache, pairs, config):
+def _make_cache(DynamicCache, pairs):
+    """A cache whose layers all keep the whole past (plain ``DynamicLayer``), sliding-window layers too.
+
+    Built from the config, transformers 5 gives sliding layers a ``DynamicSlidingWindowLayer`` that keeps
+    only the last window - 1 tokens and counts the tokens it has seen; rebuilt from tensors at every step it
+    counts only those it holds, so the mask reads the 2D attention mask at the wrong positions and a
+    left-padded row goes wrong once the past outgrows the window. With the whole past in the cache the
+    mask functions still apply the window (``sliding_window_overlay`` from the config), from the true
+    positions, and ``present`` is the whole past, as the full-attention layers' is."""
     if hasattr(DynamicCache, "from_legacy_cache"):  # transformers 4.x
         return DynamicCache.from_legacy_cache(tuple(pairs))
-    return DynamicCache(pairs, config=config)
+    return DynamicCache(pairs)
 
 
 def _flat_cache(cache) -> list:
@@ -53,6 +62,16 @@ def _present(out):
     raise ValueError("the model returned no cache (use_cache=True was ignored)")
 
 
+def sliding_window(config) -> int | None:
+    """The attention window of the sliding layers, None when every layer attends to the whole past."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    window = getattr(text, "sliding_window", None)
+    types = getattr(text, "layer_types", None)
+    if window is None or (types is not None and "sliding_attention" not in types):
+        return None
+    return int(window)
+
+
 def make_wrapper(torch, model, layers: int):
     from transformers import DynamicCache
 
@@ -65,7 +84,7 @@ def make_wrapper(torch, model, layers: int):
 
         def forward(self, input_ids, attention_mask, position_ids, *past):
             pairs = [(past[2 * i], past[2 * i + 1]) for i in range(layers)]
-            cache = _make_cache(DynamicCache, pairs, self.model.config)
+            cache = _make_cache(DynamicCache, pairs)
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              use_cache=True, return_dict=True, **{arg: cache})
             return (out.logits, *_flat_cache(_present(out)))
@@ -174,7 +193,7 @@ class DecoderSource(SourceModel):
         return ExportResult("torch.onnx.export(dynamo, KV-cache wrapper)",
                             {"exporter": "dynamo", "task": "text-generation", "external_data": large, "cache_argument":
                              cache_argument(self.model), "layers": L.layers, "kv_heads": L.kv_heads,
-                             "head_dim": L.head_dim})
+                             "head_dim": L.head_dim, "sliding_window": sliding_window(self.model.config)})
 
     # -- generation parity -------------------------------------------------
     def _prompts(self):
