@@ -101,17 +101,15 @@ def test_padded_batch_matches_transformers_and_the_rule(converted, fam):
     cfg = model.config
     g = torch.Generator().manual_seed(99)
     perm = hf_frontier.seq2seq_perm(torch, cfg.vocab_size, 0)
-    src, mask, tgt = hf_frontier.seq2seq_batch(torch, perm, 4, NEW, g, cfg.pad_token_id)
+    src, mask, tgt = hf_frontier.seq2seq_batch(torch, perm, 16, NEW, g, cfg.pad_token_id)
     model.generation_config = GenerationConfig(decoder_start_token_id=cfg.decoder_start_token_id,
                                                pad_token_id=cfg.pad_token_id, eos_token_id=None)
     with torch.no_grad():
         want = model.generate(input_ids=src, attention_mask=mask, max_new_tokens=NEW, do_sample=False)[:, 1:].numpy()
     got = _ort_greedy(path, companion_paths(path)[0], src.numpy(), mask.numpy(), cfg.decoder_start_token_id, NEW)
     np.testing.assert_array_equal(got, want)
-    lengths = mask.sum(1).numpy()
-    # the copy itself (one pass over the source) is learnt; the wrap-around is harder, so not asserted
-    copied = np.mean([np.mean(got[r, :n] == tgt.numpy()[r, :n]) for r, n in enumerate(lengths)])
-    assert copied >= 0.9, copied
+    # measured 0.94 (T5): a row whose first token misses the major one misses all its tokens
+    assert np.mean(got == tgt.numpy()) >= 0.8, np.mean(got == tgt.numpy())
 
 
 def test_decoder_that_ignores_the_encoder_mask_fails_the_padded_check(converted, tmp_path, monkeypatch, cli):
