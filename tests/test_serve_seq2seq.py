@@ -24,10 +24,10 @@ def repo(tmp_path_factory):
         _, dec, _ = hf_frontier.converted_seq2seq(tmp_path_factory, fam)
         publish(companion_paths(dec)[0], repo, f"{fam}-encoder", max_regression="off")
         publish(dec, repo, fam, max_regression="off")
-    # BART's served encoder changes after publish: its token embeddings are negated
+    # BART's served encoder changes after publish: the weights of its last layer are negated
     path = repo / "bart-encoder" / "1" / "model.onnx"
     m = onnx.load(str(path))
-    hit = [i for i in m.graph.initializer if "embed_tokens" in i.name or "shared" in i.name]
+    hit = [i for i in m.graph.initializer if "encoder.layers.1." in i.name and i.data_type == onnx.TensorProto.FLOAT]
     assert hit, [i.name for i in m.graph.initializer]
     for init in hit:
         init.CopyFrom(onnx.numpy_helper.from_array(-onnx.numpy_helper.to_array(init), init.name))
