@@ -69,7 +69,9 @@ def check_one(sess: Session, repo, name: str, version: int | None = None, timeou
     from retool.serve import decoder, seq2seq
 
     if seq2seq.is_seq2seq(man):  # an encoder-decoder: its encoder is another model of the repository
-        out["seq2seq"] = seq2seq.check(sess, repo, name, v, man, cfg, protocols)
+        data = (smp.read_published(repo, name, v, entry, split=False)
+                if entry and entry.get("file") and entry.get("kind") == "seq2seq" else None)
+        out["seq2seq"] = seq2seq.check(sess, repo, name, v, man, cfg, data, protocols)
         out["passed"] = bool(ready and out["seq2seq"]["passed"])
         return out
     if decoder.is_decoder(man):  # random feeds do not fit a cache graph: a greedy generation, step by step

@@ -106,8 +106,10 @@ def _served(client, enc: tuple[str, int], dec: tuple[str, int], layers: int):
     return encoder_runner(run_enc, layers), decoder_runner(run_dec, layers)
 
 
-def check(sess, repo, name: str, version: int, manifest: dict, cfg: dict, protocols: Sequence[str]) -> dict:
-    """The generation check of one decoder version with its encoder, over each protocol."""
+def check(sess, repo, name: str, version: int, manifest: dict, cfg: dict, data: dict | None,
+          protocols: Sequence[str]) -> dict:
+    """The generation check of one decoder version with its encoder, over each protocol. ``data``: the
+    samples.npz arrays (None when publish stored none: the seeded prompts, compared with onnxruntime only)."""
     from retool.inputs import SAMPLES_SEED
     from retool.runtime import make_session
     from retool.serve.client import InferClient
@@ -124,11 +126,7 @@ def check(sess, repo, name: str, version: int, manifest: dict, cfg: dict, protoc
         esess = make_session(folder / "model.onnx", threads=1)
     layout = layout_from_sessions(dsess, loop)
     entry = manifest.get("samples") or {}
-    prompts, published = [], {}
-    if entry.get("kind") == "seq2seq" and entry.get("file"):
-        from retool.serve.samples import read_published
-
-        prompts, published = _stored(read_published(repo, name, version, entry, split=False))
+    prompts, published = _stored(data) if data else ([], {})
     n = int((entry.get("seq2seq") or {}).get("new_tokens") or DEFAULT_NEW_TOKENS)
     prompts = prompts or seq2seq_prompts(layout.vocab, SAMPLES_SEED)
     local = _run_cases(encoder_runner(esess.run, layout.layers), decoder_runner(dsess.run, layout.layers), layout,
