@@ -64,9 +64,10 @@ def test_bart_without_task_converts(tmp_path, cli):
     from fixtures import hf_frontier
 
     out = tmp_path / "b.onnx"
-    r = cli("convert", hf_frontier.bart(tmp_path / "bart"), "-o", out, "--json")
+    r = cli("convert", hf_frontier.bart(tmp_path / "bart"), "-o", out)
     assert r.code == 0, r.err
-    art = json.loads(r.out)["artifact"]
+    assert "and beside it b.encoder.onnx, b.seq2seq.json" in r.out
+    art = json.loads((tmp_path / "b.report.json").read_text())["artifact"]
     assert art["extra_files"] == ["b.encoder.onnx", "b.seq2seq.json"]
     assert (tmp_path / "b.encoder.onnx").is_file() and (tmp_path / "b.seq2seq.json").is_file()
     assert [o["name"] for o in art["outputs"]][:2] == ["logits", "present.0.decoder.key"]

@@ -51,4 +51,6 @@ def convert_cmd(source, output, framework, weights, inputs, example_inputs, opse
             emit_report(exc.report, as_json, console.checks_table(exc.report.checks))
         raise
     human = console.checks_table(report.checks) + f"\n\nwrote {art.path} (opset {art.opset}, {report.data.get('exporter')})"
+    if report.data.get("task") == "text2text-generation":  # the decoder; the encoder and the loop lie beside it
+        human += f"\n  and beside it {', '.join(art.extra_files)} (encoder, loop: docs/huggingface.md)"
     emit_report(report, as_json, human)
