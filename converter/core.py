@@ -174,8 +174,10 @@ def _convert_loaded(model: SourceModel, request: ConvertRequest, out: Path, veri
             {"framework": request.framework, "source": request.source_label, "opset": art.opset,
              "inputs": [str(s) for s in model.input_specs], **dict(result.params)},
             src_digest, digest, started, None)
+        # files the export wrote beside the model (an encoder-decoder's encoder and loop) travel with it
+        companions = tuple(result.params.get("companion_files") or ())
         art = ModelArtifact(out, "onnx", art.inputs, art.outputs, art.opset, "fp32", None, digest, (step,),
-                            art.extra_files)
+                            art.extra_files + companions)
 
         identical = bool(result.params.get("identical_to_source"))
         ref = None
@@ -226,12 +228,25 @@ def _convert_loaded(model: SourceModel, request: ConvertRequest, out: Path, veri
         if write_report:
             atomic_write_text(side, report.to_json())
         try:
+            _move_companions(tmp, out, companions)
             move_onnx(staged, out)
         except BaseException:
             if write_report:
                 side.unlink(missing_ok=True)
             raise
     return art, report
+
+
+def _move_companions(tmp: Path, out: Path, names: Sequence[str]) -> None:
+    """Move the files an export wrote beside the staged model next to ``out``, before the model itself."""
+    from retool.fsutil import inside
+
+    for name in names:
+        src, dst = inside(tmp, name, allow_root=False), inside(out.parent, name, allow_root=False)
+        if name.endswith(".onnx"):
+            move_onnx(src, dst)
+        else:
+            os.replace(src, dst)
 
 
 def _tolerance(model: SourceModel, tolerance) -> tuple:

@@ -1,5 +1,6 @@
 """Hugging Face folders that retool cannot convert faithfully are refused with one line (issue 23):
-encoder-decoders, weights that do not fit the architecture, causal LMs without a KV cache."""
+encoder-decoders forced through another task or not exported (speech), weights that do not fit the
+architecture, causal LMs without a KV cache. T5/BART themselves convert (tests/test_convert_seq2seq.py)."""
 from __future__ import annotations
 
 import json
@@ -25,10 +26,21 @@ def test_t5_feature_extraction_is_one_line_not_a_traceback(tmp_path, cli):
     out = tmp_path / "t5.onnx"
     line = _one_line(cli("-q", "convert", src, "-o", out, "--task", "feature-extraction"), 4)
     assert "T5ForConditionalGeneration is an encoder-decoder" in line and "decoder inputs" in line
-    assert "T5EncoderModel" in line and not out.exists()
-    # without --task: the message says encoder-decoders are not exported yet, and what to do instead
-    line = _one_line(cli("-q", "convert", src, "-o", out), 4)
-    assert "does not export encoder-decoders" in line and "optimum-cli" in line and "T5EncoderModel" in line
+    assert "without --task" in line and "T5EncoderModel" in line and not out.exists()
+
+
+def test_speech_encoder_decoder_refused_before_loading(tmp_path, cli):
+    """An encoder-decoder retool does not export (Whisper: speech features, not tokens) is named up front."""
+    src = tmp_path / "whisper"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"architectures": ["WhisperForConditionalGeneration"],
+                                                 "model_type": "whisper", "is_encoder_decoder": True}))
+    (src / "model.safetensors").write_bytes(b"")
+    line = _one_line(cli("-q", "convert", src, "-o", tmp_path / "w.onnx"), 4)
+    assert "WhisperForConditionalGeneration is an encoder-decoder" in line and "not model_type 'whisper'" in line
+    assert "t5, mt5, bart, mbart, marian" in line and "optimum-cli" in line
+    line = _one_line(cli("-q", "convert", src, "-o", tmp_path / "w.onnx", "--task", "text2text-generation"), 4)
+    assert "--task text2text-generation is for the encoder-decoders" in line
 
 
 @pytest.mark.slow
@@ -46,11 +58,19 @@ def test_t5_encoder_advice_converts(tmp_path, cli):
     assert [o["name"] for o in json.loads(r.out)["artifact"]["outputs"]] == ["last_hidden_state"]
 
 
-def test_bart_without_task_names_encoder_decoder(tmp_path, cli):
+@pytest.mark.slow
+def test_bart_without_task_converts(tmp_path, cli):
+    """Once refused (issue 23): an encoder-decoder folder now converts to an encoder and a decoder."""
     from fixtures import hf_frontier
 
-    line = _one_line(cli("-q", "convert", hf_frontier.bart(tmp_path / "bart"), "-o", tmp_path / "b.onnx"), 4)
-    assert "BartForConditionalGeneration is an encoder-decoder" in line
+    out = tmp_path / "b.onnx"
+    r = cli("convert", hf_frontier.bart(tmp_path / "bart"), "-o", out)
+    assert r.code == 0, r.err
+    assert "and beside it b.encoder.onnx, b.seq2seq.json" in r.out
+    art = json.loads((tmp_path / "b.report.json").read_text())["artifact"]
+    assert art["extra_files"] == ["b.encoder.onnx", "b.seq2seq.json"]
+    assert (tmp_path / "b.encoder.onnx").is_file() and (tmp_path / "b.seq2seq.json").is_file()
+    assert [o["name"] for o in art["outputs"]][:2] == ["logits", "present.0.decoder.key"]
 
 
 def test_gpt2_weights_under_a_llama_config_refused(tmp_path, cli):

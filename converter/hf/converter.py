@@ -6,7 +6,8 @@ from typing import Any
 
 from retool.converter.base import Converter, ConvertRequest, SourceModel
 from retool.converter.hf.folder import (ENCODER_ONLY_TASKS, TASKS, check_loadable, encoder_decoder_message,
-                                       infer_task, is_encoder_decoder, is_hf_folder, read_folder, task_of)
+                                       infer_task, is_encoder_decoder, is_hf_folder, is_text2text, read_folder,
+                                       task_of)
 from retool.deps import require
 from retool.errors import ConversionError, RetoolError, first_line
 
@@ -30,9 +31,18 @@ class HFConverter(Converter):
         task = infer_task(folder, request.options.get("task"))
         if task in ENCODER_ONLY_TASKS and is_encoder_decoder(folder):
             raise ConversionError(encoder_decoder_message(folder, task))
+        if task == "text2text-generation" and not is_text2text(folder):
+            arch = folder.architectures[0] if folder.architectures else folder.model_type
+            raise ConversionError(f"{path / 'config.json'}: --task text2text-generation is for the encoder-decoders "
+                                  f"T5, BART, Marian and MBart (*ForConditionalGeneration); {arch} is not one: "
+                                  f"leave --task out to infer the task")
         require("torch", "hf", "convert Hugging Face models")
         transformers = require("transformers", "hf", "convert Hugging Face models")
         model = load_model(transformers, folder, task, request.trust_remote_code)
+        if task == "text2text-generation":
+            from retool.converter.hf.seq2seq import Seq2SeqSource
+
+            return Seq2SeqSource(model, folder, request)
         if task == "text-generation":
             from retool.converter.hf.decoder import DecoderSource
 

@@ -19,7 +19,10 @@ TASKS = {
     "sequence-classification": "AutoModelForSequenceClassification",
     "image-classification": "AutoModelForImageClassification",
     "text-generation": "AutoModelForCausalLM",
+    "text2text-generation": "AutoModelForSeq2SeqLM",
 }
+#: model_type values exported as text2text-generation (converter/hf/seq2seq.py); Whisper (speech) is not one
+TEXT2TEXT_TYPES = ("t5", "mt5", "bart", "mbart", "marian")
 _SUFFIX_TASKS = (
     ("ForCausalLM", "text-generation"), ("LMHeadModel", "text-generation"),
     ("ForSequenceClassification", "sequence-classification"),
@@ -101,6 +104,8 @@ def infer_task(folder: HFFolder, task: str | None = None) -> str:
             raise UsageError(f"--task {task!r}: use one of {', '.join(TASKS)}")
         return task
     archs = folder.architectures
+    if is_text2text(folder):
+        return "text2text-generation"
     for arch in archs:
         for suffix, t in _SUFFIX_TASKS:
             if arch.endswith(suffix):
@@ -116,23 +121,33 @@ def is_encoder_decoder(folder: HFFolder) -> bool:
     return bool(folder.config.get("is_encoder_decoder"))
 
 
+def is_text2text(folder: HFFolder) -> bool:
+    """An encoder-decoder retool exports (T5, BART, Marian, MBart ``*ForConditionalGeneration`` / ``*MTModel``)."""
+    return (is_encoder_decoder(folder) and folder.model_type in TEXT2TEXT_TYPES and
+            any(a.endswith(("ForConditionalGeneration", "MTModel")) for a in folder.architectures))
+
+
 #: tasks whose export needs only the encoder's inputs; an encoder-decoder needs decoder inputs too
 ENCODER_ONLY_TASKS = ("feature-extraction",)
 
 
 def encoder_decoder_message(folder: HFFolder, task: str | None = None) -> str:
-    """One line: an encoder-decoder (T5, BART, Marian, Whisper) is not exported yet, and what to do instead."""
+    """One line: why this encoder-decoder is not converted as asked, and what to do instead."""
     arch = folder.architectures[0] if folder.architectures else folder.model_type
     family = re.sub(r"(ForConditionalGeneration|Model)$", "", arch)
-    why = "retool does not export encoder-decoders (text2text-generation) yet"
     if task:
-        why = f"--task {task} would need decoder inputs too, and {why}"
+        why = f"--task {task} would need decoder inputs too"
+        if is_text2text(folder):
+            why += "; convert it without --task (or with --task text2text-generation) to export encoder and decoder"
+    else:
+        why = (f"retool exports the encoder-decoders {', '.join(TEXT2TEXT_TYPES)} (text2text-generation), "
+               f"not model_type {folder.model_type!r} yet")
     encoder = f"{family}EncoderModel"
     alone = (f"to export its encoder alone, save transformers.{encoder}.from_pretrained(folder) with save_pretrained "
              f"and convert that folder" if _has_encoder_class(encoder) else
              "to export its encoder alone, save the model's get_encoder() in a folder of its own")
-    return (f"{folder.path / 'config.json'}: {arch} is an encoder-decoder ({why}); {alone}, or export the whole "
-            f"model with Optimum (optimum-cli export onnx --task text2text-generation)")
+    whole = "" if task else ", or export the whole model with Optimum (optimum-cli export onnx)"
+    return f"{folder.path / 'config.json'}: {arch} is an encoder-decoder ({why}); {alone}{whole}"
 
 
 def _has_encoder_class(name: str) -> bool:

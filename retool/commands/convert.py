@@ -18,8 +18,10 @@ from retool.commands.common import (COSINE, NEW_TOKENS, OPSET, SEED, TOLERANCE, 
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the random verification inputs.")
 @source_options
 @click.option("--task", help="Hugging Face folder: feature-extraction, sequence-classification, "
-                             "image-classification or text-generation (default: from config.json's architectures).")
-@click.option("--new-tokens", type=NEW_TOKENS, help="text-generation: greedy tokens compared in the parity check (default 32).")
+                             "image-classification, text-generation or text2text-generation (default: from "
+                             "config.json's architectures).")
+@click.option("--new-tokens", type=NEW_TOKENS, help="text-generation / text2text-generation: greedy tokens compared in "
+                                                     "the parity check (default 32 / 16).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of a table.")
 def convert_cmd(source, output, framework, weights, inputs, example_inputs, opset, trust_remote_code, no_verify,
                 atol, rtol, min_cosine, seed, signature, output_names, inputs_as_nchw, custom_objects,
@@ -49,4 +51,6 @@ def convert_cmd(source, output, framework, weights, inputs, example_inputs, opse
             emit_report(exc.report, as_json, console.checks_table(exc.report.checks))
         raise
     human = console.checks_table(report.checks) + f"\n\nwrote {art.path} (opset {art.opset}, {report.data.get('exporter')})"
+    if report.data.get("task") == "text2text-generation":  # the decoder; the encoder and the loop lie beside it
+        human += f"\n  and beside it {', '.join(art.extra_files)} (encoder, loop: docs/huggingface.md)"
     emit_report(report, as_json, human)

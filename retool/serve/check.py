@@ -66,8 +66,14 @@ def check_one(sess: Session, repo, name: str, version: int | None = None, timeou
                            "index": index, "config": completed_config(cfg), "parity": [], "passed": ready}
     man = repo.manifest(name, v)
     entry = man.get("samples")
-    from retool.serve import decoder
+    from retool.serve import decoder, seq2seq
 
+    if seq2seq.is_seq2seq(man):  # an encoder-decoder: its encoder is another model of the repository
+        data = (smp.read_published(repo, name, v, entry, split=False)
+                if entry and entry.get("file") and entry.get("kind") == "seq2seq" else None)
+        out["seq2seq"] = seq2seq.check(sess, repo, name, v, man, cfg, data, protocols)
+        out["passed"] = bool(ready and out["seq2seq"]["passed"])
+        return out
     if decoder.is_decoder(man):  # random feeds do not fit a cache graph: a greedy generation, step by step
         data = None
         if entry and entry.get("file") and entry.get("kind") == "generation":
@@ -130,6 +136,12 @@ def check(repo_url: str, name: str | None = None, version: int | None = None, *,
     bad = [r for r in results if not r.get("passed")]
     if bad:
         r = bad[0]
+        if r.get("seq2seq"):
+            from retool.serve.seq2seq import failure as seq2seq_failure
+
+            err = ValidationFailed(f"{r['model']} v{r.get('version')}: {seq2seq_failure(r['seq2seq']) or 'not ready'}")
+            err.report = report
+            raise err
         if r.get("generation"):
             from retool.serve.decoder import failure
 
@@ -161,8 +173,8 @@ def render(report: dict) -> str:
         par = m.get("parity") or []
         worst = max((p["max_abs"] or 0.0 for p in par), default=None)
         where = " ".join(f"{p['protocol']}@{p['batch']}" for p in par)
-        if m.get("generation"):
-            par = m["generation"]["protocols"]
+        if m.get("generation") or m.get("seq2seq"):
+            par = (m.get("generation") or m["seq2seq"])["protocols"]
             worst = max((p["max_logit_diff"] for p in par), default=None)
             where = "generation " + " ".join(p["protocol"] for p in par)
         rows.append([m["model"], m["version"], "ready" if m["ready"] else "NOT READY",
@@ -173,9 +185,13 @@ def render(report: dict) -> str:
                                 "parity through the server"], rows))
     from retool.serve.decoder import render as render_generation
 
+    from retool.serve.seq2seq import render as render_seq2seq
+
     for m in report["models"]:
         if m.get("generation"):
             lines += render_generation(m)
+        if m.get("seq2seq"):
+            lines += render_seq2seq(m)
     return "\n".join(lines)
 
 

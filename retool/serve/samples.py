@@ -38,7 +38,16 @@ def build(model_path, rows: int, reference=None, seed: int = SAMPLES_SEED, repor
     model_path = Path(model_path)
     ins, outs = _specs(model_path)
     from retool.validators.generation import is_decoder_graph
+    from retool.validators.seq2seq_generation import is_seq2seq_decoder_graph
 
+    if is_seq2seq_decoder_graph([s.name for s in ins]):  # greedy tokens with its encoder (retool/serve/seq2seq.py)
+        from retool.serve import seq2seq
+
+        arrays, gen = seq2seq.build(model_path, seed)
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        return buf.getvalue(), {"file": SAMPLES_FILE, "rows": 1, "batched": False, "seed": seed, "inputs": [],
+                                "outputs": [], **gen}
     if is_decoder_graph([s.name for s in ins]):
         from retool.serve import decoder
 
