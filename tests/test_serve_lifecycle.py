@@ -127,3 +127,37 @@ def test_retool_serve_prints_urls_and_stops_on_ctrl_c(repo, sigint_ignored):
             while not _gone(server_pids) and time.time() < deadline:
                 time.sleep(0.2)
     assert _gone(server_pids)
+
+
+@pytest.mark.slow
+def test_a_free_port_taken_by_another_server_before_triton_binds_it_is_picked_again(repo, monkeypatch):
+    """Two jobs on one runner: a port we picked can be answered by someone else's server."""
+    import http.server
+    import threading
+
+    from retool.serve import server as server_mod
+
+    class Live(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - a stranger that says "live" and names itself "triton"
+            body = b'{"name": "triton"}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    stranger = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Live)
+    threading.Thread(target=stranger.serve_forever, daemon=True).start()
+    taken = stranger.server_address[1]
+    picks = iter([taken])
+    real = server_mod.free_port
+    monkeypatch.setattr(server_mod, "free_port", lambda host="127.0.0.1": next(picks, None) or real(host))
+    try:
+        with TritonServer(repo) as srv:
+            assert srv.http_port != taken and srv._answers_as_us()
+            first = srv.pid
+    finally:
+        stranger.shutdown()
+    assert _gone([first])

@@ -36,6 +36,12 @@ _LOG_LINE = re.compile(r"^([EWI])\d{4} [\d:.]+ +\d+ [^\]]+\] ?(.*)$")
 
 
 _TMP_PREFIX = "retool-triton-"
+_PORT_TRIES = 3
+_IN_USE = re.compile(r"already in use|Address in use|EADDRINUSE", re.I)
+
+
+class _PortTaken(ServingError):
+    """Our server could not have the port it was given (internal: start() picks others)."""
 _STOPPED = b"stopped"
 #: run by a separate interpreter: it outlives a SIGKILLed retool just long enough to clean up
 _WATCHDOG = """
@@ -197,6 +203,7 @@ class TritonServer:
         self._tmp_dir: Path | None = None  # ours to remove when the server stops
         self._watchdog: subprocess.Popen | None = None
         self._watch_fd: int | None = None
+        self.server_id: str | None = None  # Triton's --id: tells our server from another on the same port
 
     # -- addresses -----------------------------------------------------------------------------
     @property
@@ -222,9 +229,24 @@ class TritonServer:
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> "TritonServer":
+        # ports we picked can be taken by another process before Triton binds them (two CI jobs on one
+        # runner): then pick again; a port the user named is never changed
+        auto = self.http_port is None and self.grpc_port is None
+        for attempt in range(_PORT_TRIES):
+            try:
+                return self._start_once()
+            except _PortTaken as exc:
+                if not auto or attempt == _PORT_TRIES - 1:
+                    raise ServingError(f"{exc}; leave --http-port/--grpc-port out to use free ones, or stop "
+                                       f"what holds the port") from None
+                self.http_port = self.grpc_port = None
+        raise AssertionError("unreachable")
+
+    def _start_once(self) -> "TritonServer":
         home = ensure_home()
         self.http_port = self.http_port or free_port(self.host)
         self.grpc_port = self.grpc_port or free_port(self.host)
+        self.server_id = f"retool-{os.getpid()}-{os.urandom(4).hex()}"
         clean_stale_dirs()
         if self._log_dir is None:  # the owner's pid in the name: a later start can tell a dead one
             self._tmp_dir = log_dir = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{os.getpid()}-"))
@@ -236,6 +258,7 @@ class TritonServer:
                f"--model-control-mode={self.model_control}", f"--backend-directory={home.backends}",
                f"--cache-directory={home.caches}", f"--http-address={self.host}", f"--http-port={self.http_port}",
                f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}", "--allow-metrics=false",
+               f"--id={self.server_id}",
                f"--exit-timeout-secs={self.exit_timeout}", "--log-verbose=0", "--strict-readiness=true",
                *(f"--load-model={m}" for m in self.load), *self.extra_args]
         self._log_fh = open(self.log_path, "wb")
@@ -285,7 +308,16 @@ class TritonServer:
         return "; ".join(reasons) or "no message in its log"
 
     def _died(self) -> ServingError:
-        return ServingError(f"tritonserver exited with code {self.proc.returncode} at start-up: {self.reason()}")
+        msg = f"tritonserver exited with code {self.proc.returncode} at start-up: {self.reason()}"
+        return _PortTaken(msg) if _IN_USE.search(self.log_text()) else ServingError(msg)
+
+    def _answers_as_us(self) -> bool:
+        """Is the server on our port ours? Another one that took the port would also say 'live'."""
+        import json
+        import urllib.request
+
+        with urllib.request.urlopen(f"{self.http_url}/v2", timeout=2) as r:
+            return json.loads(r.read() or b"{}").get("name") == self.server_id
 
     def wait_live(self, timeout: float) -> None:
         import urllib.error
@@ -297,9 +329,12 @@ class TritonServer:
                 raise self._died()
             try:
                 with urllib.request.urlopen(f"{self.http_url}/v2/health/live", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, OSError):
+                    live = r.status == 200
+                if live and self._answers_as_us():
+                    return
+                if live:
+                    raise _PortTaken(f"tritonserver could not take {self.http_url}: another server answers there")
+            except (urllib.error.URLError, ConnectionError, OSError, ValueError):
                 pass
             if time.monotonic() > deadline:
                 raise ServingTimeout(f"tritonserver did not answer on {self.http_url} within {timeout:g} s "
