@@ -160,9 +160,11 @@ def _convert_loaded(model: SourceModel, request: ConvertRequest, out: Path, veri
             raise ConversionError(f"{request.source_label}: the exporter wrote no ONNX file")
 
         try:
+            from retool.converter.slim import slim_node_metadata
             from retool.input_ranges import keep_given, rename_dims
 
             renamed = rename_dims(staged, model.input_specs)  # the user's axis names, not s27
+            slim_node_metadata(staged)
             art = artifact_from_onnx(staged)
             art = dataclasses.replace(art, inputs=keep_given(art.inputs, model.input_specs))
         except UsageError as exc:  # our exporter wrote something unreadable: a conversion failure

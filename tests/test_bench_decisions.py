@@ -71,12 +71,19 @@ def test_identical_series_give_intervals_around_one_and_a_real_difference_does_n
     assert few["contains_1"] and few["hi"] is None
 
 
-def test_honesty_counts_the_share_of_intervals_containing_one_against_the_goal():
-    iv = [{"contains_1": True}] * 19 + [{"contains_1": False}]
+def test_honesty_counts_the_pairs_the_rule_calls_the_same_against_the_goal():
+    iv = [sd.pair_interval([1.0] * 20, [1.0] * 20)] * 19 + [sd.pair_interval([1.0] * 20, [1.1] * 20)]
     h = sd.honesty(iv)
-    assert (h["pairs"], h["contain_1"], h["fraction"], h["meets_goal"]) == (20, 19, 0.95, True)
-    h = sd.honesty(iv[1:] + [{"contains_1": False}])
-    assert (h["contain_1"], h["meets_goal"]) == (18, False)
+    assert (h["pairs"], h["rule_says_same"], h["fraction"], h["meets_goal"]) == (20, 19, 0.95, True)
+    h = sd.honesty(iv[1:] + [iv[-1]])
+    assert (h["rule_says_same"], h["meets_goal"]) == (18, False)
+    # 0.5 % apart, steadily: the interval misses 1.0, yet the rule calls them the same (the noise floor)
+    rng = np.random.default_rng(1)
+    base = rng.lognormal(0.0, 0.01, 400)
+    close = sd.pair_interval(base, 1.005 * base * rng.lognormal(0, 0.002, 400))
+    assert not close["contains_1"] and close["rule_says_same"]
+    h = sd.honesty([close] * 20)
+    assert h["meets_goal"] and h["contain_1"] == 0 and h["fraction_contain_1"] == 0.0
     assert sd.honesty([])["fraction"] is None
 
 
@@ -150,5 +157,5 @@ def test_render_shows_the_figures_and_the_flips():
          "pipeline": {"runs": runs, "stability": sd.flips(runs), "cost": sd.cost(runs)}}
     assert d["honesty"]["load_robust"]["wall_loaded_over_quiet"] == summarize([1.0], unit="x")
     out = sd.render(d)
-    assert "100% (1/1)" in out and "flips: 1" in out and "FLIP: run 1 m/cpu serving: a -> b" in out
+    assert "1/1 (CI has 1: 1" in out and "flips: 1" in out and "FLIP: run 1 m/cpu serving: a -> b" in out
     assert "BUSY load [3.0, 2.0, 1.0]" in out

@@ -105,3 +105,34 @@ def test_the_published_configuration_stays_unless_beaten_beyond_the_noise():
     pub.best, other.best = _pt(10.0), _pt(4.0)
     chosen, d, _ = choice.configuration([pub, other], pub, "p99_ms")
     assert chosen is other and d.passed
+
+
+def test_a_challenger_that_won_one_unpaired_measurement_must_win_alternating_rounds_too():
+    """Two configurations measured minutes apart: a load that changed in between can fake a win."""
+    pub, other = Measured(ServingConfig(1, 1, True, 100)), Measured(ServingConfig(1, 2, True, 500))
+    pub.best, other.best = _pt(10.0), _pt(4.0)  # beyond the bands when measured one after the other
+    asked = []
+
+    def confirm_with(pub_p99s, ch_p99s):
+        def confirm(challenger, published):
+            asked.append((challenger, published))
+            return choice.confirmed([_pt(x) for x in pub_p99s], [_pt(x) for x in ch_p99s], "p99_ms")
+        return confirm
+
+    # back to back, the two are alike: the published configuration stays, and the decision says so
+    chosen, d, challenger = choice.configuration([pub, other], pub, "p99_ms", confirm_with([5.0, 4.0, 6.0],
+                                                                                          [5.5, 4.5, 5.0]))
+    assert chosen is pub and not d.passed and challenger is other and asked == [(other, pub)]
+    assert "paired rounds" in d.rule and d.samples == 3
+    # the challenger wins every round: it replaces the published configuration
+    chosen, d, _ = choice.configuration([pub, other], pub, "p99_ms", confirm_with([10.0, 9.0, 11.0],
+                                                                                  [4.0, 4.2, 3.9]))
+    assert chosen is other and d.passed and d.interval[0] > 1.0
+    # by throughput: higher is better for the challenger
+    d = choice.confirmed([_pt(5.0, thr=100.0)] * 3, [_pt(5.0, thr=x) for x in (150.0, 160.0, 155.0)], "throughput")
+    assert d.passed and 1.4 < d.estimate < 1.7
+    # no win in the unpaired comparison: nothing is re-measured
+    asked.clear()
+    pub.best, other.best = _pt(5.0), _pt(4.9)
+    choice.configuration([pub, other], pub, "p99_ms", confirm_with([1.0] * 3, [1.0] * 3))
+    assert not asked

@@ -16,6 +16,9 @@ from retool.serve.profile import ServingConfig, ServingProfile, load_profile
 from retool.serve.session import open_session
 from retool.serve.tune import DEFAULT, space, tune
 
+# budgets met or missed by real timings: run alone (make test's serial phase), not beside another worker
+pytestmark = pytest.mark.serial
+
 WINDOW = 400  # ms: short windows keep the suite quick; figures from here are plumbing, not benchmarks
 
 

@@ -14,6 +14,9 @@ from retool.serve.loadtest import LoadPoint
 from retool.serve.plan import Candidate, PlanInputs, Variant, choose
 from retool.serve.profile import ServingConfig
 
+# budgets met or missed by real timings: run alone (make test's serial phase), not beside another worker
+pytestmark = pytest.mark.serial
+
 WINDOW = "400"  # ms: plumbing, not benchmarks
 
 

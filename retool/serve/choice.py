@@ -91,10 +91,13 @@ def over_budget(p: LoadPoint, budget_ms: float | None) -> bool:
     return budget_ms is not None and meets([p], budget_ms).outcome == "fail"
 
 
-def configuration(measured: Sequence, published, by: str):
+def configuration(measured: Sequence, published, by: str, confirm: Callable | None = None):
     """Which configuration to serve: the best kept point (lowest p99 at a fixed rate, ``by="p99_ms"``; else
     the highest throughput), but the published configuration stays unless that best beats it beyond the
     noise. ``measured``: tune.Measured items; ``published``: the one among them that is published (or None).
+    The two were measured one after the other, so a load that changed in between can fake a win:
+    ``confirm(challenger, published)`` re-measures them in alternation and its paired decision is the
+    one that counts (see ``confirmed``).
     Returns (chosen, the decision against the published configuration, the challenger it was taken on)."""
     kept = [m for m in measured if m.best is not None]
     if not kept:
@@ -104,4 +107,26 @@ def configuration(measured: Sequence, published, by: str):
     if published is None or published.best is None or best is published:
         return best, None, None
     d = compare(best.best, published.best, by)
+    if d.passed and confirm is not None:
+        d = confirm(best, published)
     return (best if d.passed else published), d, best
+
+
+#: rounds of (published, challenger) measured in alternation before a challenger replaces the published
+CONFIRM_ROUNDS = 3
+
+
+def confirmed(published_runs: Sequence[LoadPoint], challenger_runs: Sequence[LoadPoint], by: str):
+    """Paired rounds of the two configurations (round i of each measured back to back): pass when the
+    challenger is better in the bootstrap interval of the median ratio, as speed gates are judged."""
+    from retool.speed import decide, paired_ratio_interval
+
+    if by == "throughput":  # the ratio of 1/throughput: higher is better for the challenger, as for p99
+        ref, cand = [1 / max(p.throughput, 1e-12) for p in published_runs], [1 / max(p.throughput, 1e-12)
+                                                                             for p in challenger_runs]
+    else:
+        ref, cand = [p.p99_ms for p in published_runs], [p.p99_ms for p in challenger_runs]
+    est, lo, hi = paired_ratio_interval(ref, cand)
+    return decide(est, lo, hi, 1.0, higher_is_better=True, samples=len(ref),
+                  rule=f"{'throughput' if by == 'throughput' else 'p99'} ratio over {len(ref)} paired rounds "
+                       f"(published, challenger) measured in alternation; bootstrap interval of the median")

@@ -204,15 +204,49 @@ def tune(sess, repo, name: str, spec: lt.LoadSpec, *, configs: "Sequence[Serving
                         m.error = str(exc)
                         failed.append(exc)
                 took.append(time.perf_counter() - t_cfg)
+            if failed and len(failed) == len(measured):
+                raise nothing_measured(name, failed)
+
+            def confirm(challenger: Measured, default: Measured):
+                return _confirm(sess, name, spec, data_file, challenger, default, base, mbs, configs == "published")
+
+            # inside the try: the confirmation loads configurations too, and an existing server gets its
+            # published one back after it
+            return report(name, v, measured, spec, n_cores, time.perf_counter() - t0, sess.backend_note,
+                          published, confirm=confirm)
         finally:
             if sess.server is None:  # an existing server goes back to the published config
                 try:
                     sess.load(name, timeout=spec.timeout)
                 except Exception:  # noqa: BLE001 - best effort on someone else's server
                     console.warn(f"could not reload {name} with its published config on {sess.http_url}")
-    if failed and len(failed) == len(measured):
-        raise nothing_measured(name, failed)
-    return report(name, v, measured, spec, n_cores, time.perf_counter() - t0, sess.backend_note, published)
+
+
+def _confirm(sess, name, spec, data_file, challenger: Measured, default: Measured, base, mbs, as_is: bool):
+    """Measure the published configuration and the challenger in alternation, at the challenger's kept
+    point's load, and decide on the paired rounds (retool.serve.choice.confirmed)."""
+    p = challenger.best
+    runs: dict[str, list] = {"published": [], "challenger": []}
+    with console.step(f"{name}: {challenger.config.label} beat the published {default.config.label}: "
+                      f"confirming over {choice.CONFIRM_ROUNDS} alternating rounds"):
+        try:
+            for _ in range(choice.CONFIRM_ROUNDS):
+                for key, m in (("published", default), ("challenger", challenger)):
+                    sess.load(name, None if as_is and m is default else override(base, m.config, mbs),
+                              timeout=spec.timeout)
+                    runs[key].append(lt.run_point(
+                        name, sess.grpc_url, concurrency=int(p.load) if p.mode == "concurrency" else None,
+                        rate=p.load if p.mode == "rate" else None, input_data=data_file, window_ms=spec.window_ms))
+        except Exception as exc:  # noqa: BLE001 - a round that cannot be measured keeps the published one
+            from retool.errors import RetoolError
+            from retool.speed import decide
+
+            if not isinstance(exc, RetoolError):
+                raise
+            nan = float("nan")
+            return decide(nan, nan, nan, 1.0, rule=f"the confirmation could not be measured ({exc}): the "
+                                                   f"published configuration stays")
+    return choice.confirmed(runs["published"], runs["challenger"], "p99_ms" if spec.rate else "throughput")
 
 
 def nothing_measured(name: str, errors: list):
@@ -227,10 +261,11 @@ def nothing_measured(name: str, errors: list):
 
 
 def report(name, version, measured: list[Measured], spec: lt.LoadSpec, n_cores: int, seconds: float, note: str,
-           published: ServingConfig = DEFAULT) -> dict:
+           published: ServingConfig = DEFAULT, confirm=None) -> dict:
     rate = spec.rate
     default = next((m for m in measured if m.config == published), None)
-    chosen, decision, challenger = choice.configuration(measured, default, "p99_ms" if rate else "throughput")
+    chosen, decision, challenger = choice.configuration(measured, default, "p99_ms" if rate else "throughput",
+                                                        confirm)
     out: dict[str, Any] = {
         "model": name, "version": version, "budget_p99_ms": spec.budget_p99_ms, "rate": rate, "cores": n_cores,
         "window_ms": spec.window_ms, "seconds": round(seconds, 1), "server": note, "spec": spec.to_dict(),
