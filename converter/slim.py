@@ -3,7 +3,7 @@
 torch.onnx (dynamo) stores a stack trace, the FX node and the module class chain on every node.
 Nothing reads them at serving time, and on small models they are most of the file: 347 of a
 452 KB int4 decoder. The module scope (``pkg.torch.onnx.name_scopes``) stays: the accuracy
-search names the source layer of a node from it.
+search names the source layer of a node from it (``namespace`` only where the scopes are absent).
 """
 from __future__ import annotations
 
@@ -34,7 +34,10 @@ def slim_node_metadata(path: Path) -> int:
     dropped = 0
     for graph in _graphs(model.graph):
         for node in graph.node:
-            keep = [p for p in node.metadata_props if p.key not in DROPPED]
+            keys = {p.key for p in node.metadata_props}
+            # "namespace" repeats the scopes with class names: the layer name falls back on it only without them
+            drop = DROPPED + (("namespace",) if "pkg.torch.onnx.name_scopes" in keys else ())
+            keep = [p for p in node.metadata_props if p.key not in drop]
             if len(keep) != len(node.metadata_props):
                 dropped += len(node.metadata_props) - len(keep)
                 del node.metadata_props[:]
