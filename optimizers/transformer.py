@@ -2,9 +2,10 @@
 
 ``onnxruntime.transformers.optimizer`` fuses Attention, SkipLayerNormalization,
 BiasGelu and EmbedLayerNormalization where it finds their patterns. Which ones it
-finds depends on the exporter (the torch dynamo graph of attention does not fuse;
-SkipLayerNormalization usually does), so the fused model is a candidate base for
-dynamic int8, never assumed better: both bases are quantized and measured.
+finds depends on the exporter: ORT does not match the torch dynamo exporter's attention,
+so optimizers.attention_rewrite turns it into com.microsoft.Attention first (dynamic int8
+then makes QAttention of it). The fused model is a candidate base for dynamic int8, never
+assumed better: both bases are quantized and measured.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 #: What the fusions produce (counted in the report).
 FUSED_OPS = ("Attention", "MultiHeadAttention", "SkipLayerNormalization", "EmbedLayerNormalization", "BiasGelu",
              "FastGelu", "Gelu", "LayerNormalization", "SkipSimplifiedLayerNormalization")
+#: What dynamic int8 makes of them (the fused int8 build's counts in the report).
+QUANT_OPS = FUSED_OPS + ("QAttention", "MatMulInteger", "DynamicQuantizeMatMul", "Softmax")
 
 
 @dataclass(frozen=True)
@@ -55,14 +58,29 @@ def detect_encoder(path) -> Encoder | None:
     return None
 
 
-def fuse(src, dst, encoder: Encoder) -> dict:
-    """Write ORT's transformer fusions of ``src`` to ``dst``; returns what was fused."""
+def fuse(src, dst, encoder: Encoder, notes: dict | None = None) -> dict:
+    """Write ORT's transformer fusions of ``src`` to ``dst``; returns what was fused.
+
+    The torch dynamo exporter's attention is first rewritten into com.microsoft.Attention
+    (optimizers.attention_rewrite: each block proven on padded inputs), since ORT's attention
+    fusion does not match it; ``notes`` gets what that pass rewrote and skipped."""
     import contextlib
     import io
     import logging
+    from pathlib import Path
 
+    import onnx
     from onnxruntime.transformers.optimizer import optimize_model
 
+    from retool.optimizers.attention_rewrite import rewrite
+
+    dst = Path(dst)
+    res = rewrite(onnx.load(str(src)))
+    if notes is not None:
+        notes.update(res.to_dict())
+    if res.rewritten:
+        src = dst.with_name(dst.stem + ".attention.onnx")
+        onnx.save(res.model, str(src))
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
     with contextlib.redirect_stdout(io.StringIO()):  # the optimizer prints its statistics
         # num_heads/hidden_size 0: read from the graph; opt_level 0: python fusions only, so the
@@ -74,12 +92,12 @@ def fuse(src, dst, encoder: Encoder) -> dict:
     return stats
 
 
-def op_counts(path) -> dict[str, int]:
+def op_counts(path, ops=FUSED_OPS) -> dict[str, int]:
     import onnx
 
     m = onnx.load(str(path), load_external_data=False)
     c = Counter(n.op_type for n in m.graph.node)
-    return {k: c[k] for k in FUSED_OPS if c.get(k)}
+    return {k: c[k] for k in ops if c.get(k)}
 
 
 def build_dynamic(profile, ctx, tol, build_candidate):
@@ -97,14 +115,15 @@ def build_dynamic(profile, ctx, tol, build_candidate):
     fused_fp32 = ctx.workdir / "fused.fp32.onnx"
     try:
         with console.step(f"transformer fusions (onnxruntime.transformers, model_type={enc.model_type})"):
-            stats = fuse(ctx.src, fused_fp32, enc)
+            rewrite_notes: dict = {}
+            stats = fuse(ctx.src, fused_fp32, enc, rewrite_notes)
         info["fusions"] = stats
+        info["attention_rewrite"] = rewrite_notes
         ok, checks = ctx.evaluate(fused_fp32, ctx.fp32_tolerance)
         info["fused_fp32_parity"] = {c.name: {k: (c.details or {}).get(k) for k in ("cosine", "max_abs")}
                                      for c in checks}
         if not stats:
-            info["fused"] = "nothing to fuse in this graph (the torch dynamo exporter's attention does not match " \
-                            "ORT's patterns; the TorchScript exporter's usually does)"
+            info["fused"] = "nothing to fuse in this graph"
         elif not ok:
             info["fused"] = "fusion changed the fp32 outputs beyond the fp32 tolerance; not used"
         else:
@@ -113,6 +132,9 @@ def build_dynamic(profile, ctx, tol, build_candidate):
             fused = build_candidate(profile, ctx, tol, base=pre, tag="fused")
             fused.warnings.extend(w for w in warns if w not in fused.warnings)
             fused.tools.insert(0, f"onnxruntime.transformers.optimizer(model_type={enc.model_type})")
+            if rewrite_notes.get("attention_blocks"):
+                fused.tools.insert(0, "retool attention rewrite (com.microsoft.Attention)")
+            info["fused_int8"] = {"passed": fused.passed, "ops": op_counts(fused.path, QUANT_OPS)}
             cands["fused"] = fused
     except Exception as exc:  # fusion is an optimisation: the unfused base still stands
         from retool.errors import first_line
