@@ -285,6 +285,8 @@ def apply(model, blocks: list[Block]):
                 new_nodes.append(helper.make_node("Cast", [b.mask_input], [casts[b.mask_input]],
                                                   name=f"attention_rewrite.cast.{b.mask_input}", to=TensorProto.INT32))
             inputs.append(casts[b.mask_input])
+        else:
+            inputs.append("")  # ORT's EmbedLayerNormalization fusion reads input 3 of every Attention
         chain, t = [], b.out
         if b.seq_first or b.out_rank == 2:  # back to the layout the out-projection reads
             t = f"{b.out}.attention"

@@ -97,6 +97,8 @@ def test_rewrite_leaves_a_block_it_cannot_prove(hf_bert_onnx):
 
 def test_torch_transformer_encoder_layer_fuses(transformer_onnx, tmp_path):
     """nn.TransformerEncoderLayer (packed in_proj, seq-first inside) becomes Attention too."""
+    import onnx
+
     from retool.inputs import random_feeds
     from retool.onnx_info import artifact_from_onnx
     from retool.optimizers.transformer import detect_encoder, fuse, op_counts
@@ -106,6 +108,9 @@ def test_torch_transformer_encoder_layer_fuses(transformer_onnx, tmp_path):
     fuse(transformer_onnx, dst, detect_encoder(transformer_onnx), notes)
     assert notes["attention_blocks"] == 2, notes
     assert op_counts(dst, FUSED_COUNTED).get("Attention") == 2
+    # no mask here: input 3 is present and empty (ORT's EmbedLayerNormalization fusion indexes it)
+    assert all(len(n.input) >= 4 and n.input[3] == "" for n in onnx.load(str(dst)).graph.node
+               if n.op_type == "Attention")
     specs = artifact_from_onnx(transformer_onnx).inputs
     for seed in range(2):
         feeds = random_feeds(specs, batch=2, seed=50 + seed, sizes={"seq": 11})
