@@ -238,22 +238,27 @@ def _match(g: _Graph, sm):
                  seq_first=seq_first, out_rank=out_rank)
 
 
-def _mask_input(g: _Graph, mask: str) -> str | None:
-    """The 2-D integer graph input the additive mask is computed from (prefers one named *mask*)."""
-    seen, stack, found = set(), [mask], []
+def _data_inputs(g: _Graph, t: str) -> list[str]:
+    """The graph inputs ``t`` depends on through their values (a Shape is no data dependency)."""
+    seen, stack, found = set(), [t], []
     while stack:
         t = stack.pop()
         if t in seen:
             continue
         seen.add(t)
         if t in g.inputs:
-            tt = g.inputs[t].type.tensor_type
-            if tt.elem_type in (6, 7, 9) and len(tt.shape.dim) == 2:  # int32, int64, bool
-                found.append(t)
+            found.append(t)
             continue
         n = g.prod.get(t)
-        if n is not None and n.op_type != "Shape":  # a shape is no data dependency
+        if n is not None and n.op_type != "Shape":
             stack.extend(i for i in n.input if i)
+    return found
+
+
+def _mask_input(g: _Graph, found: list[str]) -> str | None:
+    """The one 2-D integer input among ``found`` (prefers one named *mask*): the padding mask."""
+    found = [t for t in found if g.inputs[t].type.tensor_type.elem_type in (6, 7, 9)  # int32, int64, bool
+             and len(g.inputs[t].type.tensor_type.shape.dim) == 2]
     named = [f for f in found if "mask" in f.lower()]
     return (named or found)[0] if len(named or found) == 1 else None
 
@@ -405,19 +410,30 @@ def rewrite(model) -> Result:
         pass
     blocks, skipped = find_blocks(model)
     g = _Graph(model)
-    usable = []
+    usable, shape_only = [], []
     for b in blocks:
         if b.mask is not None:
-            b.mask_input = _mask_input(g, b.mask)
-            if b.mask_input is None:
+            found = _data_inputs(g, b.mask)
+            if not found:  # built from shapes alone (ViT's all-pass mask, or a causal one): looked at below
+                shape_only.append(b)
+            elif (mi := _mask_input(g, found)) is None:
                 skipped[b.softmax] = "the mask does not come from one 2-D integer input (a padding mask)"
                 continue
+            b.mask_input = mi if found else None
         usable.append(b)
     if not usable:
         return Result(model, [], skipped)
     feeds = _feeds(model, {b.mask_input for b in usable if b.mask_input})
     outs = [b.out for b in usable]
-    ref = _run(model, feeds, outs)
+    ref = _run(model, feeds, outs + [b.mask for b in shape_only])
+    for b in shape_only:
+        if np.any(ref[b.mask] != 0):
+            skipped[b.softmax] = "a mask computed from shapes alone that is not all zeros (causal?)"
+            usable.remove(b)
+        else:
+            b.mask = None
+    if not usable:
+        return Result(model, [], skipped)
     agreed = []
     trial = apply(model, usable)
     got = _run(trial, feeds, outs)
@@ -432,10 +448,10 @@ def rewrite(model) -> Result:
                 err = float(np.max(np.abs(ref[b.out] - got[b.out]))) if ref[b.out].shape == got[b.out].shape \
                     else "shape"
                 skipped[b.softmax] = f"the Attention node disagrees with the original block (max |diff| {err})"
-        trial = apply(model, agreed) if agreed else model
-    if agreed and agreed is not usable:
+        if not agreed:
+            return Result(model, [], skipped)
+        trial = apply(model, agreed)
         got = _run(trial, feeds, [])
-    final_ok = all(_agree(ref[o.name], got[o.name]) for o in model.graph.output if o.name in got)
-    if not final_ok:
+    if not all(_agree(ref[o.name], got[o.name]) for o in model.graph.output if o.name in got):
         return Result(model, [], {**skipped, "model": "the rewritten model's outputs disagree; nothing rewritten"})
     return Result(trial, [b.softmax for b in agreed], skipped)
