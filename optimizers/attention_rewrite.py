@@ -384,14 +384,20 @@ def _run(model, feeds, extra: list[str]) -> dict:
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    m = model.__class__()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    m.graph.output.extend(helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in extra if t not in have)
+    outputs = model.graph.output
+    n = len(outputs)
+    have = {o.name for o in outputs}
+    types = {v.name: v.type.tensor_type.elem_type for v in model.graph.value_info}
+    outputs.extend(helper.make_tensor_value_info(t, types.get(t) or TensorProto.FLOAT, None)
+                   for t in dict.fromkeys(extra) if t not in have)
+    try:  # the extra outputs only for this session: no copy of a large model
+        data = model.SerializeToString()
+    finally:
+        del outputs[n:]
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    s = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    s = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
     names = [o.name for o in s.get_outputs()]
     return dict(zip(names, s.run(None, feeds)))
 
