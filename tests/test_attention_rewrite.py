@@ -144,3 +144,21 @@ def test_skip_layer_norm_expansion_keeps_outputs(hf_bert_onnx, hf_bert_fused, tm
     feeds = _text_feeds(7)
     for r, g in zip(_outputs(hf_bert_onnx, feeds), _outputs(dst, feeds)):
         np.testing.assert_allclose(g, r, atol=2e-4, rtol=1e-3)
+
+
+@pytest.mark.slow
+def test_vit_attention_fuses(tmp_path):
+    """ViT's exported mask is built from shapes alone and is all zeros: the blocks fuse with no mask."""
+    pytest.importorskip("transformers")
+    from fixtures import hf_models
+    from retool.converter.core import convert
+    from retool.optimizers.transformer import detect_encoder, fuse, op_counts
+
+    art, _ = convert(hf_models.vit(tmp_path / "vit"), tmp_path / "vit.onnx")
+    notes: dict = {}
+    dst = tmp_path / "fused.onnx"
+    fuse(art.path, dst, detect_encoder(art.path), notes)
+    assert notes["attention_blocks"] == 2 and not notes["skipped"], notes
+    assert op_counts(dst, FUSED_COUNTED).get("Attention") == 2
+    x = {"pixel_values": np.random.default_rng(3).standard_normal((2, 3, 32, 32)).astype(np.float32)}
+    assert _cos(_outputs(art.path, x)[0], _outputs(dst, x)[0]) >= 0.99999
