@@ -192,7 +192,8 @@ def build_dynamic(profile, ctx, tol, build_candidate):
                     cand.tools.insert(0, "retool attention rewrite (com.microsoft.Attention)")
                 if key == "fused-layernorm":
                     cand.tools.append("SkipLayerNormalization expanded to Sum + LayerNormalization")
-                info["fused_int8"][key] = {"passed": cand.passed, "ops": op_counts(cand.path, QUANT_OPS)}
+                info["fused_int8"][key] = {"passed": cand.passed, "ops": op_counts(cand.path, QUANT_OPS),
+                                           "kept_float": list(cand.excluded)}
                 cands[key] = cand
     except Exception as exc:  # fusion is an optimisation: the unfused base still stands
         from retool.errors import first_line

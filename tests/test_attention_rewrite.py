@@ -129,8 +129,9 @@ def test_dynamic_int8_of_the_fused_bert_is_qattention_and_passes(hf_bert_onnx, t
     assert set(tr["fused_int8"]) == {"fused", "fused-layernorm"}
     for key, built in tr["fused_int8"].items():
         assert built["passed"], (key, tr)  # the target's own int8 tolerance on held-out samples
-        ops = built["ops"]
-        assert ops.get("QAttention") == 2 and not ops.get("Attention") and not ops.get("Softmax"), (key, ops)
+        ops, kept = built["ops"], [n for n in built["kept_float"] if n.startswith("Attention.")]
+        assert ops.get("QAttention") == 2 - len(kept) and ops.get("Attention", 0) == len(kept), (key, ops, kept)
+        assert ops.get("QAttention") and not ops.get("Softmax"), (key, ops)  # the accuracy fallback kept some int8
     assert tr["fused_int8"]["fused"]["ops"].get("SkipLayerNormalization", 0) >= 3
     assert not tr["fused_int8"]["fused-layernorm"]["ops"].get("SkipLayerNormalization")
 
