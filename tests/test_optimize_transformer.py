@@ -42,11 +42,12 @@ def test_dynamic_int8_on_encoder_measures_fused_and_unfused(transformer_onnx, tm
     tr = rep.data["transformer"]
     assert tr["encoder"]["kind"] == "text" and tr["fusions"].get("SkipLayerNormalization")
     assert tr["fused_fp32_parity"]["parity:output@held-out"]["cosine"] > 0.99999
-    assert set(tr["variants"]) == {"unfused", "fused"}
+    assert set(tr["variants"]) == {"unfused", "fused", "fused-layernorm"}
     assert tr["chosen"] == tr["decision"]["name"] and tr["decision"]["reason"]  # the one rule (retool.speed)
     m = onnx.load(str(art.path))
     ops = {n.op_type for n in m.graph.node}
     assert ("SkipLayerNormalization" in ops) == (tr["chosen"] == "fused")
+    assert ("QAttention" in ops) == (tr["chosen"] != "unfused")  # the rewritten attention, quantized
     # the embedding table is int8 now: a quantized 2-D initializer feeds a Gather
     q2d = [t.name for t in m.graph.initializer if t.data_type in (onnx.TensorProto.UINT8, onnx.TensorProto.INT8)
            and len(t.dims) == 2]
