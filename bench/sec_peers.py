@@ -221,7 +221,10 @@ def run_model(args: dict) -> dict:
             plain = dict(tolerance={"min_cosine": 0.0, "min_top1": None}, accuracy_budget=0) if goal is None \
                 else dict(accuracy_budget=2)
             _, rep = optimize(fp32, dst, target=target, calibration=d / "calib.npz", accuracy=goal,
-                              threads=args["threads"], measure=target == "cpu-auto" or goal is not None,
+                              # a transformer's dynamic int8 picks its base (unfused, fused, fused with
+                              # SkipLayerNorm expanded) by timing them: unmeasured it keeps the unfused one
+                              threads=args["threads"],
+                              measure=target in ("cpu-auto", "cpu-int8-dynamic") or goal is not None,
                               tune_for=tune, **plain)
         except Exception as exc:  # a result too: the target refused, or the goal was not met
             res["variants"][label] = {"status": "error", "reason": str(exc).splitlines()[0][:400]}
