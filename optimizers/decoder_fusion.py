@@ -395,6 +395,13 @@ def _toposort(nodes: list, available: set) -> list:
     return out
 
 
+def _sort(model) -> None:
+    g = model.graph
+    nodes = _toposort(list(g.node), {i.name for i in g.input} | {t.name for t in g.initializer})
+    del g.node[:]
+    g.node.extend(nodes)
+
+
 def _last_dims(model) -> dict:
     import onnx
 
@@ -419,12 +426,29 @@ def fuse_norms(model) -> None:
                                                                       FusionSkipSimplifiedLayerNormalization)
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    for name in ("onnxruntime.transformers", "fusion_base", "onnx_model", "symbolic_shape_infer", ""):
+    for name in ("onnxruntime.transformers", "fusion_base", "onnx_model", "symbolic_shape_infer"):
         logging.getLogger(name).setLevel(logging.ERROR)
     om = OnnxModel(model)
     FusionSimplifiedLayerNormalization(om).apply()
     FusionSkipSimplifiedLayerNormalization(om).apply()
     om.prune_graph()
+    _ms_domain_norms(model)
+
+
+def _ms_domain_norms(model) -> None:
+    """onnxruntime registers SimplifiedLayerNormalization in the ONNX domain, which the ONNX checker (and any
+    other runtime) rejects at opset 18; the first norm (no residual before it) becomes the com.microsoft
+    SkipSimplifiedLayerNormalization of x + x with epsilon x 4: RMSNorm(2x, 4 eps) = RMSNorm(x, eps), and
+    the scalings by 2 and 4 are exact in floating point."""
+    import onnx
+
+    for n in model.graph.node:
+        if n.op_type == "SimplifiedLayerNormalization" and n.domain in ("", "ai.onnx") and len(n.input) >= 2:
+            eps = float(_attr(n, "epsilon", 1e-5))
+            x, gamma, y = n.input[0], n.input[1], n.output[0]
+            new = onnx.helper.make_node("SkipSimplifiedLayerNormalization", [x, x, gamma], [y], name=n.name,
+                                        domain=MS, epsilon=4 * eps)
+            n.CopyFrom(new)
 
 
 def prune(model) -> None:
@@ -469,6 +493,7 @@ def fuse_model(model, *, layers: int, kv_heads: int, head_dim: int, max_position
         fuse_norms(model)
     except Exception as exc:  # onnxruntime's passes on a graph they do not expect: left as it was
         info["skipped"]["norms"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+    _sort(model)  # onnxruntime's passes append the fused nodes at the end
     g = _G(model)
     info["merged_matmul_groups"] = merge_sibling_matmuls(g)
     if sliding_window is not None:
@@ -484,7 +509,12 @@ def fuse_model(model, *, layers: int, kv_heads: int, head_dim: int, max_position
         except Unfusable as exc:
             model.ParseFromString(snapshot)
             info["skipped"]["attention"] = str(exc)
+    _sort(model)
     prune(model)
+    if any(n.domain == MS for n in model.graph.node) and not any(o.domain == MS for o in model.opset_import):
+        import onnx
+
+        model.opset_import.append(onnx.helper.make_opsetid(MS, 1))
     ops = op_counts(model)
     info.update({"nodes_after": len(model.graph.node), "fused_ops": {k: ops.get(k, 0) for k in FUSED_OPS},
                  "matmuls": ops.get("MatMul", 0)})
