@@ -23,58 +23,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from retool.optimizers.graph_rewrite import (Graph, Unfusable, attr, last_dims, op_counts, prune, ranks,
+                                             replace_nodes, sort_graph, toposort)
+
 #: additive bias of a padded key: float32's lowest, as transformers' masks use (finite: no NaN in softmax)
 MASKED = float(np.finfo(np.float32).min)
 MS = "com.microsoft"
 
 
-class Unfusable(Exception):
-    """A pattern the rewrite does not handle: the layer is left as exported."""
-
-
-class _G:
-    """Producer / consumer maps over a ModelProto's main graph (rebuilt after each edit)."""
-
-    def __init__(self, model):
-        self.model, self.g = model, model.graph
-        self.refresh()
-
-    def refresh(self):
-        self.inits = {t.name: t for t in self.g.initializer}
-        self.prod = {o: n for n in self.g.node for o in n.output if o}
-        self.cons: dict[str, list] = {}
-        for n in self.g.node:
-            for i in n.input:
-                self.cons.setdefault(i, []).append(n)
-
-    def const(self, name):
-        from onnx import numpy_helper
-
-        if name in self.inits:
-            return numpy_helper.to_array(self.inits[name])
-        p = self.prod.get(name)
-        if p is not None and p.op_type == "Constant":
-            return numpy_helper.to_array(p.attribute[0].t)
-        return None
-
-    def add_init(self, name, array):
-        from onnx import numpy_helper
-
-        self.g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
-        self.inits[name] = self.g.initializer[-1]
-        return name
-
-
-def _attr(node, name, default=None):
-    import onnx
-
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
-def _op(g: _G, tensor, op):
+def _op(g: Graph, tensor, op):
     n = g.prod.get(tensor)
     if n is None or n.op_type != op:
         raise Unfusable(f"{tensor}: expected {op}, found {n.op_type if n is not None else 'a graph input'}")
@@ -82,7 +39,7 @@ def _op(g: _G, tensor, op):
 
 
 # -- sibling MatMuls ---------------------------------------------------------------------------------------
-def merge_sibling_matmuls(g: _G) -> int:
+def merge_sibling_matmuls(g: Graph) -> int:
     """MatMul(x, W1..Wn) with constant 2-D weights (and each an Add of a constant bias, or none) ->
     MatMul(x, [W1..Wn]) (+ Add) + Split; returns how many groups were merged."""
     import onnx
@@ -128,32 +85,20 @@ def merge_sibling_matmuls(g: _G) -> int:
             drop = {m.output[0] for m in mms}
         split = g.add_init(f"{tag}_split", np.array(sizes, np.int64))
         new.append(onnx.helper.make_node("Split", [out, split], outs, name=f"{tag}_Split", axis=-1))
-        _replace(g, drop, new)
+        replace_nodes(g, drop, new)
         merged += 1
 
 
-def _replace(g: _G, drop_ids: set, new_nodes: list) -> None:
-    """Drop the nodes ``drop_ids`` and put ``new_nodes`` where the first of them was (they read only what
-    that node could read: the shared input and constants)."""
-    nodes = list(g.g.node)
-    idx = min(i for i, n in enumerate(nodes) if n.output[0] in drop_ids)
-    kept = [n for n in nodes[:idx] if n.output[0] not in drop_ids]
-    rest = [n for n in nodes[idx:] if n.output[0] not in drop_ids]
-    del g.g.node[:]
-    g.g.node.extend(kept + new_nodes + rest)
-    g.refresh()
-
-
 # -- attention ---------------------------------------------------------------------------------------------
-def _unhead(g: _G, t):
+def _unhead(g: Graph, t):
     """x3d from Transpose(Reshape(x3d, (B, S, N, D)), perm 0,2,1,3)."""
     tr = _op(g, t, "Transpose")
-    if list(_attr(tr, "perm", [])) != [0, 2, 1, 3]:
+    if list(attr(tr, "perm", [])) != [0, 2, 1, 3]:
         raise Unfusable(f"{t}: a Transpose that is not BSND -> BNSD")
     return _op(g, tr.input[0], "Reshape").input[0]
 
 
-def _slice_range(g: _G, node):
+def _slice_range(g: Graph, node):
     starts, ends = g.const(node.input[1]), g.const(node.input[2])
     axes = g.const(node.input[3]) if len(node.input) > 3 and node.input[3] else None
     if starts is None or ends is None or starts.size != 1 or (axes is not None and int(axes.ravel()[0]) not in (-1, 3)):
@@ -161,7 +106,7 @@ def _slice_range(g: _G, node):
     return int(starts.ravel()[0]), int(ends.ravel()[0])
 
 
-def _rotary(g: _G, t, head_dim: int):
+def _rotary(g: Graph, t, head_dim: int):
     """(x, cos, sin) of t = x * cos + rotate_half(x) * sin (transformers' non-interleaved RoPE on the full head)."""
     add = _op(g, t, "Add")
     muls = [g.prod.get(i) for i in add.input]
@@ -175,7 +120,7 @@ def _rotary(g: _G, t, head_dim: int):
     cat_in = next(i for i in rot.input if g.prod.get(i) is not None and g.prod[i].op_type == "Concat")
     sin = rot.input[1] if rot.input[0] == cat_in else rot.input[0]
     cat = g.prod[cat_in]
-    if len(cat.input) != 2 or _attr(cat, "axis") not in (-1, 3):
+    if len(cat.input) != 2 or attr(cat, "axis") not in (-1, 3):
         raise Unfusable(f"{t}: rotate_half is not a 2-way Concat on the last axis")
     neg = _op(g, cat.input[0], "Neg")
     hi, lo = _op(g, neg.input[0], "Slice"), _op(g, cat.input[1], "Slice")
@@ -189,7 +134,7 @@ def _rotary(g: _G, t, head_dim: int):
     return x, cos, sin
 
 
-def _scaled_back(g: _G, t, stop, limit: int = 16):
+def _scaled_back(g: Graph, t, stop, limit: int = 16):
     """Walk from ``t`` back to ``stop`` through shape ops and constant scalings; returns the scale product."""
     scale = 1.0
     for _ in range(limit):
@@ -211,20 +156,20 @@ def _scaled_back(g: _G, t, stop, limit: int = 16):
     raise Unfusable(f"{t}: the attention's key is not the cache ({stop}) through shape ops and scalings")
 
 
-def _forward_one(g: _G, t, ops):
+def _forward_one(g: Graph, t, ops):
     c = [n for n in g.cons.get(t, []) if n.op_type in ops]
     if len(c) != 1:
         raise Unfusable(f"{t}: expected one consumer of {ops}")
     return c[0]
 
 
-def match_layer(g: _G, i: int, head_dim: int) -> dict:
+def match_layer(g: Graph, i: int, head_dim: int) -> dict:
     """The tensors of layer ``i``'s attention (raises Unfusable when its pattern is not the plain one)."""
     pk, pv, ok, ov = (f"past_key_values.{i}.key", f"past_key_values.{i}.value", f"present.{i}.key",
                       f"present.{i}.value")
     ck, cv = _op(g, ok, "Concat"), _op(g, ov, "Concat")
     if (list(ck.input)[:1] != [pk] or list(cv.input)[:1] != [pv] or len(ck.input) != 2 or len(cv.input) != 2
-            or _attr(ck, "axis") not in (2, -2) or _attr(cv, "axis") not in (2, -2)):
+            or attr(ck, "axis") not in (2, -2) or attr(cv, "axis") not in (2, -2)):
         raise Unfusable(f"layer {i}: present is not Concat(past, new) on the sequence axis")
     v3d = _unhead(g, cv.input[1])
     kt, cos, sin = _rotary(g, ck.input[1], head_dim)
@@ -244,7 +189,7 @@ def match_layer(g: _G, i: int, head_dim: int) -> dict:
     if n is not None and n.op_type == "Where":  # SDPA's IsNaN guard on fully masked rows
         probs = n.input[2]
     sm = _op(g, probs, "Softmax")
-    if _attr(sm, "axis", -1) not in (-1, 3):
+    if attr(sm, "axis", -1) not in (-1, 3):
         raise Unfusable(f"layer {i}: softmax not over the keys")
     s = sm.input[0]
     n = g.prod.get(s)
@@ -266,14 +211,14 @@ def match_layer(g: _G, i: int, head_dim: int) -> dict:
     q3d = _unhead(g, qt)
     sk = _scaled_back(g, qk.input[1], ok)
     tr = _forward_one(g, pvmm.output[0], ("Transpose",))
-    if list(_attr(tr, "perm", [])) != [0, 2, 1, 3]:
+    if list(attr(tr, "perm", [])) != [0, 2, 1, 3]:
         raise Unfusable(f"layer {i}: attention output not transposed back to BSND")
     out = _forward_one(g, tr.output[0], ("Reshape",))
     return {"q": q3d, "k": k3d, "v": v3d, "cos": cos, "sin": sin, "scale": sq * sk, "out": out.output[0],
             "drop": [ck, cv, out], "past": (pk, pv), "present": (ok, ov)}
 
 
-def rotary_caches(g: _G, cos: str, sin: str, head_dim: int, positions: int):
+def rotary_caches(g: Graph, cos: str, sin: str, head_dim: int, positions: int):
     """(cos_cache, sin_cache) of shape (positions, head_dim / 2): the graph's own tables evaluated at
     positions 0..positions-1 (so any RoPE scaling the export computed is kept)."""
     import onnx
@@ -309,7 +254,7 @@ def rotary_caches(g: _G, cos: str, sin: str, head_dim: int, positions: int):
     return out
 
 
-def _shared_inputs(g: _G) -> dict:
+def _shared_inputs(g: Graph) -> dict:
     """seqlens_k (every row the full length), total_sequence_length, and the padding bias (B, 1, S, T)."""
     import onnx
     from onnx import TensorProto
@@ -338,7 +283,7 @@ def _shared_inputs(g: _G) -> dict:
     return {"nodes": nodes, "seqlens_k": "gqa_seqlens_k", "total": "gqa_total_len", "bias": "gqa_attention_bias"}
 
 
-def fuse_attention(g: _G, layers: int, kv_heads: int, head_dim: int, max_positions: int) -> int:
+def fuse_attention(g: Graph, layers: int, kv_heads: int, head_dim: int, max_positions: int) -> int:
     """Every layer's rotary + attention + cache concat -> RotaryEmbedding x2 + GroupQueryAttention (all or none)."""
     import onnx
 
@@ -346,7 +291,7 @@ def fuse_attention(g: _G, layers: int, kv_heads: int, head_dim: int, max_positio
     if past.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
         raise Unfusable("the cache is not float32 (the padding bias is built in float32)")
     found = [match_layer(g, i, head_dim) for i in range(layers)]
-    shapes = _last_dims(g.model)
+    shapes = last_dims(g.model)
     cos_c, sin_c = rotary_caches(g, found[0]["cos"], found[0]["sin"], head_dim, max_positions)
     cos_name, sin_name = g.add_init("gqa_cos_cache", cos_c), g.add_init("gqa_sin_cache", sin_c)
     shared = _shared_inputs(g)
@@ -372,49 +317,11 @@ def fuse_attention(g: _G, layers: int, kv_heads: int, head_dim: int, max_positio
     drop = {d.output[0] for f in found for d in f["drop"]}
     nodes = [n for n in g.g.node if n.output[0] not in drop] + new_nodes
     del g.g.node[:]
-    g.g.node.extend(_toposort(nodes, {i.name for i in g.g.input} | set(g.inits)))
+    g.g.node.extend(toposort(nodes, {i.name for i in g.g.input} | set(g.inits)))
     if not any(o.domain == MS for o in g.model.opset_import):
         g.model.opset_import.append(onnx.helper.make_opsetid(MS, 1))
     g.refresh()
     return len(found)
-
-
-def _toposort(nodes: list, available: set) -> list:
-    ready, out, pending = set(available) | {""}, [], list(nodes)
-    while pending:
-        rest = []
-        for n in pending:
-            if all(i in ready for i in n.input):
-                out.append(n)
-                ready.update(n.output)
-            else:
-                rest.append(n)
-        if len(rest) == len(pending):
-            raise Unfusable(f"the rewritten graph has a cycle or a missing input at {rest[0].name}")
-        pending = rest
-    return out
-
-
-def _sort(model) -> None:
-    g = model.graph
-    nodes = _toposort(list(g.node), {i.name for i in g.input} | {t.name for t in g.initializer})
-    del g.node[:]
-    g.node.extend(nodes)
-
-
-def _last_dims(model) -> dict:
-    import onnx
-
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    except Exception:
-        inferred = model
-    out = {}
-    for vi in list(inferred.graph.value_info) + list(model.graph.value_info):
-        dims = vi.type.tensor_type.shape.dim
-        if dims and dims[-1].HasField("dim_value"):
-            out[vi.name] = dims[-1].dim_value
-    return out
 
 
 # -- norms (onnxruntime's passes) and cleanup --------------------------------------------------------------
@@ -428,8 +335,18 @@ def fuse_norms(model) -> None:
 
     for name in ("onnxruntime.transformers", "fusion_base", "onnx_model", "symbolic_shape_infer"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    rank = ranks(model)
+
+    class Rank3(FusionSimplifiedLayerNormalization):
+        """Hidden states only: a per-head norm (Qwen3's and Gemma 3's QK-norm, rank 4) stays as exported, since
+        onnxruntime's fused norms with a residual take rank 2 or 3 and the plain one is not valid ONNX."""
+
+        def fuse(self, node, input_name_to_nodes, output_name_to_node):
+            if rank.get(node.output[0], 3) == 3:
+                super().fuse(node, input_name_to_nodes, output_name_to_node)
+
     om = OnnxModel(model)
-    FusionSimplifiedLayerNormalization(om).apply()
+    Rank3(om).apply()
     FusionSkipSimplifiedLayerNormalization(om).apply()
     om.prune_graph()
     _ms_domain_norms(model)
@@ -444,39 +361,11 @@ def _ms_domain_norms(model) -> None:
 
     for n in model.graph.node:
         if n.op_type == "SimplifiedLayerNormalization" and n.domain in ("", "ai.onnx") and len(n.input) >= 2:
-            eps = float(_attr(n, "epsilon", 1e-5))
+            eps = float(attr(n, "epsilon", 1e-5))
             x, gamma, y = n.input[0], n.input[1], n.output[0]
             new = onnx.helper.make_node("SkipSimplifiedLayerNormalization", [x, x, gamma], [y], name=n.name,
                                         domain=MS, epsilon=4 * eps)
             n.CopyFrom(new)
-
-
-def prune(model) -> None:
-    """Drop nodes nothing reads (transitively), then initializers and value_info nothing names."""
-    g = model.graph
-    live = {o.name for o in g.output}
-    keep = []
-    for n in reversed(list(g.node)):
-        if any(o in live for o in n.output):
-            keep.append(n)
-            live.update(i for i in n.input if i)
-    keep.reverse()
-    del g.node[:]
-    g.node.extend(keep)
-    inits = [t for t in g.initializer if t.name in live]
-    del g.initializer[:]
-    g.initializer.extend(inits)
-    made = {o for n in g.node for o in n.output}
-    vis = [v for v in g.value_info if v.name in made]
-    del g.value_info[:]
-    g.value_info.extend(vis)
-
-
-def op_counts(model) -> dict:
-    ops: dict[str, int] = {}
-    for n in model.graph.node:
-        ops[n.op_type] = ops.get(n.op_type, 0) + 1
-    return ops
 
 
 FUSED_OPS = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding",
@@ -493,8 +382,8 @@ def fuse_model(model, *, layers: int, kv_heads: int, head_dim: int, max_position
         fuse_norms(model)
     except Exception as exc:  # onnxruntime's passes on a graph they do not expect: left as it was
         info["skipped"]["norms"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-    _sort(model)  # onnxruntime's passes append the fused nodes at the end
-    g = _G(model)
+    sort_graph(model)  # onnxruntime's passes append the fused nodes at the end
+    g = Graph(model)
     info["merged_matmul_groups"] = merge_sibling_matmuls(g)
     if sliding_window is not None:
         info["skipped"]["attention"] = (f"sliding-window attention ({sliding_window} tokens): the cache contract "
@@ -509,7 +398,7 @@ def fuse_model(model, *, layers: int, kv_heads: int, head_dim: int, max_position
         except Unfusable as exc:
             model.ParseFromString(snapshot)
             info["skipped"]["attention"] = str(exc)
-    _sort(model)
+    sort_graph(model)
     prune(model)
     if any(n.domain == MS for n in model.graph.node) and not any(o.domain == MS for o in model.opset_import):
         import onnx
