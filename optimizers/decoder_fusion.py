@@ -210,7 +210,11 @@ def match_layer(g: Graph, i: int, head_dim: int) -> dict:
         raise Unfusable(f"layer {i}: query and key rotated by different tables")
     q3d = _unhead(g, qt)
     sk = _scaled_back(g, qk.input[1], ok)
-    tr = _forward_one(g, pvmm.output[0], ("Transpose",))
+    t = pvmm.output[0]
+    nxt = g.cons.get(t, [])
+    if len(nxt) == 1 and nxt[0].op_type == "Reshape":  # Phi-3: back to (B, N, S, D) first
+        t = nxt[0].output[0]
+    tr = _forward_one(g, t, ("Transpose",))
     if list(attr(tr, "perm", [])) != [0, 2, 1, 3]:
         raise Unfusable(f"layer {i}: attention output not transposed back to BSND")
     out = _forward_one(g, tr.output[0], ("Reshape",))
