@@ -8,6 +8,8 @@ and greedy agreement with the fp32 ONNX model (teacher-forced and free-running).
 - ``llama-medium``: random weights at a size where weight-only kernels can pay off; its latency and
   size are meaningful, its agreement is not (random weights have near-tied logits), and it is marked so.
 
+``fp32-unfused`` / ``int4-unfused`` are the same export without the decoder fusion (convert option
+``fuse: false``, optimizers/decoder_fusion.py), so what the fused ops buy is measured in the same run.
 Peers, in the same run: ``peer-nbits-int4`` is ``MatMulNBitsQuantizer`` called directly on the
 exported graph (no Gemm rewrite, so GPT-2's layers stay fp32), ``peer-dynamic-int8`` is
 ``quantize_dynamic``. Runs in its own child process: ``python -m bench.sec_decoder WORK_DIR``.
