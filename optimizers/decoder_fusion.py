@@ -1,8 +1,8 @@
 """Rewrite an exported decoder (torch.onnx dynamo) toward onnxruntime's fused CPU contrib ops.
 
 On CPU with small models the per-node overhead dominates a decode step, so fewer, fused nodes are the lever:
-- RMSNorm -> ``SimplifiedLayerNormalization`` / ``SkipSimplifiedLayerNormalization`` (onnxruntime's own
-  transformer-optimizer passes);
+- RMSNorm -> ``SkipSimplifiedLayerNormalization`` (onnxruntime's own transformer-optimizer passes; the first
+  norm, with no residual, as x + x, see ``_ms_domain_norms``);
 - MatMuls sharing one input with constant weights (Q/K/V, gate/up) -> one MatMul on the concatenated
   weights and a Split, so weight-only int4 later gets one bigger matrix;
 - per layer, rotary embedding -> ``com.microsoft.RotaryEmbedding`` fed the graph's ``position_ids`` (so
