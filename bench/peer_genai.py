@@ -29,6 +29,8 @@ from pathlib import Path
 INSTALL = "pip install -c constraints.txt '.[bench]' (make bench does)"
 GENAI, BUILDER_LOOP, RETOOL_INT4, RETOOL_FP32 = ("builder int4 @ genai", "builder int4 @ ORT loop",
                                                  "retool int4 @ ORT loop", "retool fp32 @ ORT loop")
+#: retool's exports without the decoder fusion (optimizers/decoder_fusion.py), when the section passes them
+RETOOL_INT4_UNFUSED, RETOOL_FP32_UNFUSED = "retool int4 unfused @ ORT loop", "retool fp32 unfused @ ORT loop"
 PROMPT_TOKENS = 32
 GOAL_VS_BUILDER = 1.1
 #: the builder's model is compared only when its prompt logits are about as close to retool's fp32 as retool's int4
@@ -167,13 +169,14 @@ def graph_ops(path) -> dict:
     for n in m.graph.node:
         ops[n.op_type] = ops.get(n.op_type, 0) + 1
     keep = ("MatMulNBits", "GroupQueryAttention", "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization",
-            "RotaryEmbedding", "MatMul")
+            "RotaryEmbedding", "MatMul", "Split")
     return {"nodes": len(m.graph.node), **{k: ops[k] for k in keep if k in ops}}
 
 
-def compare(folder: Path, fp32: Path, int4: Path, work: Path, quick: bool, threads: int = 1) -> dict:
-    """The four variants of one model, interleaved; ``status`` skipped with the reason where the builder
-    (or the extra) is missing."""
+def compare(folder: Path, fp32: Path, int4: Path, work: Path, quick: bool, threads: int = 1,
+            extra: dict | None = None) -> dict:
+    """The four variants of one model (and ``extra``: label -> another retool ONNX file run by the same
+    loop), interleaved; ``status`` skipped with the reason where the builder (or the extra) is missing."""
     import numpy as np
 
     from bench.stats import interleaved, summarize
@@ -200,6 +203,8 @@ def compare(folder: Path, fp32: Path, int4: Path, work: Path, quick: bool, threa
             BUILDER_LOOP: lambda s=_loop_step(builder_sess, blayout.layers): _loop_run(s, blayout, prompt, n_new),
             RETOOL_INT4: lambda s=ort_step(make_session(int4, threads=threads)): _loop_run(s, layout, prompt, n_new),
             RETOOL_FP32: lambda s=ort_step(ref): _loop_run(s, layout, prompt, n_new)}
+    for label, p in (extra or {}).items():
+        runs[label] = lambda s=ort_step(make_session(p, threads=threads)): _loop_run(s, layout, prompt, n_new)
     tokens = {k: f()[2] for k, f in runs.items()}
     ids = np.asarray([prompt], np.int64)
     mask, pos = np.ones_like(ids), np.arange(len(prompt), dtype=np.int64)[None]
@@ -246,7 +251,7 @@ def compare(folder: Path, fp32: Path, int4: Path, work: Path, quick: bool, threa
                 "prefill_logits_vs_fp32": {k: {"max_abs_diff": round(float(np.abs(v - fp).max()), 4),
                                                "cosine": round(cos[k], 6)} for k, v in logits.items()},
                 "graphs": {"builder int4": graph_ops(res["model"]), "retool int4": graph_ops(int4),
-                           "retool fp32": graph_ops(fp32)},
+                           "retool fp32": graph_ops(fp32), **{k: graph_ops(p) for k, p in (extra or {}).items()}},
                 "goal_retool_int4_vs_builder_at_loop": goal.to_dict()})
     return res
 
@@ -266,6 +271,8 @@ def render(name: str, g: dict) -> list[str]:
                     f"{b['estimate']:.2f} ({b['ci95'][0]:.2f}-{b['ci95'][1]:.2f}) | {v['tokens_agree_with_fp32']} |")
     acc = "; ".join(f"{k}: max abs diff {v['max_abs_diff']}, cos {v['cosine']}" for k, v in g["prefill_logits_vs_fp32"].items())
     rows.append(f"| {name} | prompt logits vs retool fp32 | {acc} |||||")
+    nodes = "; ".join(f"{k}: {v['nodes']}" for k, v in (g.get("graphs") or {}).items())
+    rows.append(f"| {name} | graph nodes | {nodes} |||||")
     goal = g["goal_retool_int4_vs_builder_at_loop"]["text"] if g.get("builder_model_comparable") else (
         "not comparable: the builder's model computes a different function from the HF model's")
     rows.append(f"| {name} | goal: retool int4 <= {GOAL_VS_BUILDER}x builder @ loop | {goal} |||||")

@@ -8,6 +8,8 @@ and greedy agreement with the fp32 ONNX model (teacher-forced and free-running).
 - ``llama-medium``: random weights at a size where weight-only kernels can pay off; its latency and
   size are meaningful, its agreement is not (random weights have near-tied logits), and it is marked so.
 
+``fp32-unfused`` / ``int4-unfused`` are the same export without the decoder fusion (convert option
+``fuse: false``, optimizers/decoder_fusion.py), so what the fused ops buy is measured in the same run.
 Peers, in the same run: ``peer-nbits-int4`` is ``MatMulNBitsQuantizer`` called directly on the
 exported graph (no Gemm rewrite, so GPT-2's layers stay fp32), ``peer-dynamic-int8`` is
 ``quantize_dynamic``. Runs in its own child process: ``python -m bench.sec_decoder WORK_DIR``.
@@ -159,11 +161,14 @@ def run_model(name: str, work: Path, quick: bool) -> dict:
     t0 = time.perf_counter()
     _, crep = convert(str(folder), fp32)
     convert_s = time.perf_counter() - t0
-    paths = {"fp32": fp32}
+    # the same export without the fusion (optimizers/decoder_fusion.py): what the fused ops buy
+    unfused = work / f"{name}.fp32-unfused.onnx"
+    convert(str(folder), unfused, options={"fuse": False})
+    paths = {"fp32": fp32, "fp32-unfused": unfused}
     info = {}
-    for label, bits in (("int8-weight", 8), ("int4", 4)):
+    for label, bits, src in (("int8-weight", 8, fp32), ("int4", 4, fp32), ("int4-unfused", 4, unfused)):
         paths[label] = work / f"{name}.{label}.onnx"
-        info[label] = weight_only.quantize(fp32, paths[label], bits=bits)
+        info[label] = weight_only.quantize(src, paths[label], bits=bits)
     paths["peer-nbits-int4"] = work / f"{name}.peer-nbits.onnx"
     _peer_nbits(fp32, paths["peer-nbits-int4"])
     paths["peer-dynamic-int8"] = work / f"{name}.peer-dynamic.onnx"
@@ -177,7 +182,7 @@ def run_model(name: str, work: Path, quick: bool) -> dict:
         size = p.stat().st_size
         m = onnx.load(str(p), load_external_data=False)
         row = {"size_mb": round(size / 1e6, 3), "size_ratio": round(size / fp32.stat().st_size, 3),
-               "matmulnbits": weight_only.count_op(m, "MatMulNBits")}
+               "matmulnbits": weight_only.count_op(m, "MatMulNBits"), "nodes": len(m.graph.node)}
         if label != "fp32":
             checks, gen = quantized_gate(ort_step(ref_sess), ort_step(make_session(p, threads=1)), layout, prompts,
                                          32, 0, 0, True)
@@ -195,7 +200,7 @@ def run_model(name: str, work: Path, quick: bool) -> dict:
     return {"genai_peer": genai, "trained": MODELS[name][1], "build_s": round(build_s, 1), "convert_s": round(convert_s, 1),
             "fp32_generation": {"greedy": f"{g['greedy']['agreement']}/{g['greedy']['steps']}",
                                 "max_logit_diff": g["greedy"]["max_abs_diff"], "min_margin": g["greedy"]["min_margin"]},
-            "weight_only": info, "variants": variants, "latency": lat,
+            "fusion": crep.data.get("fusion"), "weight_only": info, "variants": variants, "latency": lat,
             "agreement_meaningful": MODELS[name][1]}
 
 
@@ -204,7 +209,9 @@ def _genai_peer(name: str, folder: Path, paths: dict, work: Path, quick: bool) -
     from bench import peer_genai
 
     try:
-        return peer_genai.compare(folder, paths["fp32"], paths["int4"], work / f"{name}.genai", quick)
+        return peer_genai.compare(folder, paths["fp32"], paths["int4"], work / f"{name}.genai", quick,
+                                  extra={peer_genai.RETOOL_INT4_UNFUSED: paths["int4-unfused"],
+                                         peer_genai.RETOOL_FP32_UNFUSED: paths["fp32-unfused"]})
     except Exception as exc:  # a result too; the section's other figures stand
         import traceback
 
@@ -242,7 +249,7 @@ def render_decoder(d: dict) -> str:
             agree = row.get("teacher_forced", "")
             if agree and not m.get("agreement_meaningful"):
                 agree += " (random weights)"
-            lines.append(f"| {name} | {v} | {row.get('size_ratio', '')} | {l1.get('ms_per_token', '')} | {spt} | "
+            lines.append(f"| {name} | {v} ({row.get('nodes', '')} nodes) | {row.get('size_ratio', '')} | {l1.get('ms_per_token', '')} | {spt} | "
                          f"{l1.get('prefill_ms', '')} | {la.get('ms_per_token', '')} | {agree} | "
                          f"{row.get('free_running', '')} | {row.get('tf_min_cosine', '')} |")
     if d.get("sizes"):

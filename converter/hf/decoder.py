@@ -121,6 +121,23 @@ def probe_layout(torch, model) -> CacheLayout:
                        str(k.dtype).replace("torch.", ""))
 
 
+def fusion_differs(plain: Path, fused: Path, seed: int, n_new: int = 4) -> str | None:
+    """Why the fused graph is not the plain export's function (a batch of two and a left-padded batch, decoded
+    with the cache by both), or None. A rewrite that matched a pattern it misread is dropped here."""
+    from retool.runtime import make_session
+    from retool.validators.generation import cases, decode, layout_from_session, make_prompts, ort_step
+
+    a, b = make_session(plain, threads=1), make_session(fused, threads=1)
+    layout = layout_from_session(a)
+    prompts = make_prompts(layout.vocab, seed)
+    for name, ids, mask, _ in cases(prompts)[len(prompts):]:
+        x, y = decode(ort_step(a), layout, ids, mask, n_new), decode(ort_step(b), layout, ids, mask, n_new)
+        diff = float(np.max(np.abs(x["logits"] - y["logits"])))
+        if not np.array_equal(x["tokens"], y["tokens"]) or diff > 1e-4:
+            return f"the fused graph differs from the export ({name}: max logit diff {diff:.3g})"
+    return None
+
+
 class DecoderSource(SourceModel):
     framework = "hf"
 
@@ -190,10 +207,48 @@ class DecoderSource(SourceModel):
         dims.update({n: PRESENT_DIMS for n in present_names(L.layers)})
         rename_dims(path, {k: v for k, v in dims.items() if not k.startswith("present") and k != "logits"},
                     {k: v for k, v in dims.items() if k.startswith("present") or k == "logits"})
-        return ExportResult("torch.onnx.export(dynamo, KV-cache wrapper)",
-                            {"exporter": "dynamo", "task": "text-generation", "external_data": large, "cache_argument":
-                             cache_argument(self.model), "layers": L.layers, "kv_heads": L.kv_heads,
-                             "head_dim": L.head_dim, "sliding_window": sliding_window(self.model.config)})
+        fusion, warns = self._fuse(path)
+        tool = "torch.onnx.export(dynamo, KV-cache wrapper)" + (", retool decoder fusion" if fusion.get("applied") else "")
+        return ExportResult(tool, {"exporter": "dynamo", "task": "text-generation", "external_data": large,
+                                   "cache_argument": cache_argument(self.model), "layers": L.layers, "kv_heads":
+                                   L.kv_heads, "head_dim": L.head_dim, "sliding_window":
+                                   sliding_window(self.model.config), "fusion": fusion}, warns)
+
+    def _fuse(self, path: Path) -> tuple[dict, tuple]:
+        """The export rewritten to onnxruntime's fused contrib ops (optimizers/decoder_fusion.py), here so that
+        the generation parity below judges the fused graph against torch; ``fuse: false`` keeps the export."""
+        if str(self.request.options.get("fuse", True)).lower() in ("false", "0", "no", "off"):
+            self.fusion = {"applied": False, "skipped": {"all": "option fuse=false"}}
+            return self.fusion, ()
+        from retool.optimizers.decoder_fusion import fuse_file
+
+        L, cfg = self.layout, self.model.config
+        text = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+        positions = int(getattr(text, "max_position_embeddings", 0) or 4096)
+        import shutil
+
+        from retool.fsutil import external_data_files
+
+        keep = path.parent / "unfused"  # the staging folder: dropped with it
+        keep.mkdir(exist_ok=True)
+        files = [path.name, *external_data_files(path)]
+        for f in files:
+            shutil.copy2(path.parent / f, keep / f)
+        try:
+            info = fuse_file(path, path, layers=L.layers, kv_heads=L.kv_heads, head_dim=L.head_dim,
+                             max_positions=positions, sliding_window=sliding_window(cfg))
+            differs = fusion_differs(keep / path.name, path, self.request.seed)
+            if differs:
+                raise ValueError(differs)
+        except Exception as exc:  # a rewrite problem leaves the plain export, which parity then checks
+            for f in files:
+                shutil.copy2(keep / f, path.parent / f)
+            self.fusion = {"applied": False, "skipped": {"all": first_line(exc, 200, with_type=True)}}
+            return self.fusion, (f"decoder fusion not applied ({self.fusion['skipped']['all']})",)
+        info["applied"] = info["nodes_after"] < info["nodes_before"]
+        self.fusion = info
+        why = "; ".join(f"{k}: {v}" for k, v in info["skipped"].items())
+        return info, ((f"decoder fusion left parts unfused ({why})",) if why else ())
 
     # -- generation parity -------------------------------------------------
     def _prompts(self):
@@ -211,7 +266,7 @@ class DecoderSource(SourceModel):
         prompts, refs = ref.outputs
         max_diff = tol.atol if tol.atol is not None else 1e-4
         checks, data = fp32_parity(ort_step(sess), self.layout, prompts, refs, self.new_tokens, max_diff)
-        self.report_data = {"task": "text-generation", "generation": data}
+        self.report_data = {"task": "text-generation", "generation": data, "fusion": getattr(self, "fusion", None)}
         return checks
 
     def close(self) -> None:
