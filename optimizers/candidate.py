@@ -286,17 +286,18 @@ def build_candidate(profile, ctx: Context, tol, method: str | None = None, base:
 
     if profile.reduce_range and hardware.reduce_range_is_guidance(profile, ctx.cpu):
         # ORT's guidance (7-bit weights without VNNI) trades saturation for precision; which one
-        # costs more depends on the model, so both are built and the smaller output error wins.
-        err = {}
-        for rr in (True, False):
-            profile = dataclasses.replace(profile, reduce_range=rr)
-            p = build([], f"rr-{rr}")
-            err[rr] = impact(p)
+        # costs more depends on the model, so the ways out are built and the smallest output error wins.
+        err, variants = {}, quantize.saturation_variants(profile, base)
+        for key, prof in variants.items():
+            profile = prof
+            p = build([], f"sat-{len(err)}")
+            err[key] = impact(p)
             accuracy._remove_onnx(p)
-        keep = err[False] < err[True]
-        profile = dataclasses.replace(profile, reduce_range=not keep)
-        notes.append(f"measured on calibration samples: output error {err[True]:.4g} with reduce_range, "
-                     f"{err[False]:.4g} without; kept reduce_range={'off' if keep else 'on'}")
+        keep = min(err, key=err.get)
+        profile = variants[keep]
+        notes.append("measured on calibration samples (u8s8 saturates without VNNI): output error "
+                     + ", ".join(f"{err[k]:.4g} with {k}" for k in err)
+                     + f"; kept {keep}: reduce_range={'on' if profile.reduce_range else 'off'}")
 
     timing = floor = None
     if ctx.goal is not None and ctx.measure and profile.provider == "CPUExecutionProvider":

@@ -125,3 +125,36 @@ def test_unreachable_goal_keeps_fp32_or_exits_6_with_the_best_reached(anchor, tm
             "--accuracy", "top1>=0.97", "--accuracy-budget", "1", "--no-measure")
     err = [ln for ln in r.err.splitlines() if ln.startswith("retool: error")]
     assert r.code == 6 and not out.exists() and err and "best reached top1 0." in err[0], r.err
+
+
+@pytest.mark.slow
+def test_without_vnni_the_saturation_ways_out_are_measured(cnn_onnx, tmp_path, monkeypatch):
+    """On x86 without VNNI (an AMD AVX2 cpuinfo), cpu-int8 builds 7-bit weights everywhere, full range,
+    7-bit weights on the first layer only (OverflowFix's idea) and U8U8, and keeps the least output error."""
+    import onnx
+    from onnx import numpy_helper
+
+    from retool.optimizers.core import optimize
+    from retool.optimizers.quantize import first_layer_weight
+
+    p = tmp_path / "cpuinfo"
+    p.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\n"
+                 "flags\t\t: fpu sse sse2 ssse3 sse4_1 sse4_2 avx f16c fma avx2 bmi2\n")
+    monkeypatch.setenv("RETOOL_CPUINFO", str(p))
+    _, rep = optimize(cnn_onnx, tmp_path / "m.onnx", target="cpu-int8", measure=False)
+    note = rep.data["hardware"]["choices"][1]
+    errs = {k: float(v) for v, k in
+            (part.split(" with ", 1) for part in note.split("output error ", 1)[1].split("; kept")[0].split(", "))}
+    assert set(errs) == {"reduce_range", "full range", "7-bit weights on the first layer", "U8U8"}, note
+    kept = note.split("; kept ", 1)[1].split(":")[0]
+    assert errs[kept] == min(errs.values())
+    prof = rep.data["profile"]
+    assert prof["weight_type"] == ("uint8" if kept == "U8U8" else "int8")
+    assert prof["reduce_range"] is (kept == "reduce_range")
+    m = onnx.load(str(tmp_path / "m.onnx"))
+    first = first_layer_weight(cnn_onnx)
+    q = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer if t.data_type == onnx.TensorProto.INT8}
+    if kept == "7-bit weights on the first layer":  # only the first layer's weights stay within 7 bits
+        w1 = [a for n, a in q.items() if n.startswith(first)]
+        rest = [a for n, a in q.items() if not n.startswith(first) and a.ndim >= 2]
+        assert w1 and int(np.abs(w1[0].astype(int)).max()) <= 64 and max(int(np.abs(a.astype(int)).max()) for a in rest) > 64
