@@ -105,7 +105,18 @@ def _row(label: str, cand, tol) -> dict:
     return {"target": label, "built": True, "passed": cand.passed, "calibration": cand.method,
             "excluded_nodes": len(cand.excluded), "tolerance": tol.to_dict(),
             "parity": {c.name: {k: (c.details or {}).get(k) for k in PARITY_KEYS if k in (c.details or {})}
-                       for c in cand.checks}}
+                       for c in cand.checks},
+            "search": [_step(a) for a in cand.attempts]}
+
+
+def _step(a: dict) -> dict:
+    """One accuracy-search step as the candidate table keeps it: what was float, what it reached, how fast."""
+    d = ((a.get("latency") or {}).get("ratio_vs_fp32") or {}).get("decision") or {}
+    out = {k: a[k] for k in ("attempt", "top1", "top1_lower", "cosine", "passed", "stopped") if k in a}
+    out["float_nodes"] = len(a.get("excluded", []))
+    if d.get("estimate") is not None:
+        out["speedup"], out["speedup_ci"] = d["estimate"], d.get("interval")
+    return out
 
 
 def screen(sub, ctx, tol, built: list, rows: list, labels: dict, name: str) -> None:
