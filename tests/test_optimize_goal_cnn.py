@@ -158,3 +158,18 @@ def test_without_vnni_the_saturation_ways_out_are_measured(cnn_onnx, tmp_path, m
         w1 = [a for n, a in q.items() if n.startswith(first)]
         rest = [a for n, a in q.items() if not n.startswith(first) and a.ndim >= 2]
         assert w1 and int(np.abs(w1[0].astype(int)).max()) <= 64 and max(int(np.abs(a.astype(int)).max()) for a in rest) > 64
+
+
+def test_imprinted_head_classifies_inputs_of_its_classes():
+    """The class-structured variant: a head imprinted from the prototypes (no training) gets most inputs
+    of 10 classes right with noise at half amplitude, and chance-level ones at none with pure noise."""
+    torch = pytest.importorskip("torch")
+    from fixtures.cnn_anchor import class_images, imprint_head, small_cnn, white_noise
+
+    m = imprint_head(small_cnn("classes"), [3, 32, 32], classes=10)
+    rng_labels = np.random.default_rng(7).integers(0, 10, 64)  # class_images draws its labels the same way
+    with torch.no_grad():
+        got = m(torch.from_numpy(class_images(64, 7, (3, 32, 32), classes=10))).argmax(1).numpy()
+        noise = m(torch.from_numpy(white_noise(64, 7, (3, 32, 32)))).argmax(1).numpy()
+    assert float(np.mean(got == rng_labels)) > 0.6
+    assert float(np.mean(noise == rng_labels)) < 0.4
