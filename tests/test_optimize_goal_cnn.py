@@ -1,5 +1,5 @@
 """Issue 24 item 1: an accuracy goal's search for an int8 mix on a CNN like the anchor (random weights,
-batch norm recalibrated on natural-like images, standardised class scores)."""
+batch norm recalibrated on white-noise inputs, standardised class scores)."""
 from __future__ import annotations
 
 from pathlib import Path
