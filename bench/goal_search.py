@@ -1,8 +1,9 @@
 """cpu-auto --accuracy "top1>=0.97" on the ResNet-18-like fixture with recalibrated BN (issue 24, item 1).
 
-    .venv/bin/python bench/goal_search.py WORKDIR [HELDOUT=300] [BUDGET=3] [TARGET=cpu-auto]
+    .venv/bin/python bench/goal_search.py WORKDIR [HELDOUT=300] [BUDGET=3] [TARGET=cpu-auto] [GOAL] [DATA=white]
 
-Random-normal inputs (seed 11), 64 calibration samples, HELDOUT held out, 1 thread. Prints the goal
+fixtures.cnn_anchor's ResNet-18 (BN recalibrated on DATA: white noise as the anchor, or natural-like
+1/f images), inputs of that kind (seed 11), 64 calibration samples, HELDOUT held out, 1 thread. Prints the goal
 block, the chosen target and the Pareto front (speed-up over fp32 with its 95 % CI, top-1 lower bound);
 the whole report goes to WORKDIR/TARGET.report.json. Record `uptime` beside the figures.
 """
@@ -21,18 +22,20 @@ work.mkdir(parents=True, exist_ok=True)
 heldout = int(sys.argv[2]) if len(sys.argv) > 2 else 300
 budget = int(sys.argv[3]) if len(sys.argv) > 3 else 3
 target = sys.argv[4] if len(sys.argv) > 4 else "cpu-auto"
+goal = sys.argv[5] if len(sys.argv) > 5 else "top1>=0.97"
+data = sys.argv[6] if len(sys.argv) > 6 else "white"  # fixtures.cnn_anchor.DATA
 fp32 = work / "fp32.onnx"
 if not fp32.exists():
-    from bench.sec_peers import recalibrate_bn
-    from fixtures.torch_models import resnet18_like
+    from fixtures.cnn_anchor import resnet18
     from retool.converter.core import convert
 
-    m = recalibrate_bn(resnet18_like(), [3, 224, 224])
+    m = resnet18(data)
     convert(m, fp32, inputs=m.retool_inputs)
 calib = work / "calib.npz"
 if not calib.exists():
-    rng = np.random.default_rng(11)
-    np.savez(calib, x=rng.standard_normal((heldout + 64, 3, 224, 224)).astype(np.float32))
+    from fixtures.cnn_anchor import DATA
+
+    np.savez(calib, x=DATA[data](heldout + 64, 11, (3, 224, 224)))
 
 from retool.errors import ValidationFailed  # noqa: E402
 from retool.optimizers.core import optimize  # noqa: E402
@@ -40,7 +43,7 @@ from retool.optimizers.core import optimize  # noqa: E402
 print("load before:", os.getloadavg(), flush=True)
 t0 = time.time()
 try:
-    _, rep = optimize(fp32, work / f"{target}.onnx", target=target, calibration=calib, accuracy="top1>=0.97",
+    _, rep = optimize(fp32, work / f"{target}.onnx", target=target, calibration=calib, accuracy=goal,
                       threads=1, heldout=heldout, accuracy_budget=budget, calibration_samples=64)
     met = True
 except ValidationFailed as exc:
@@ -48,5 +51,9 @@ except ValidationFailed as exc:
 print("seconds", round(time.time() - t0), "load after:", os.getloadavg(), "met", met)
 d = rep.data
 (work / f"{target}.report.json").write_text(json.dumps(d, indent=1, default=str))
+auto = d.get("auto") or {}
 print(json.dumps({"goal": d.get("accuracy_goal"), "chosen": d.get("chosen_target"),
-                  "pareto": (d.get("auto") or {}).get("pareto")}, indent=1, default=str))
+                  "chosen_variant": auto.get("chosen_variant"), "pareto": auto.get("pareto"),
+                  "candidates": [{k: r.get(k) for k in ("target", "passed", "probe_error", "searched", "ratio",
+                                                         "excluded_nodes", "reason")} for r in auto.get("candidates", [])]},
+                 indent=1, default=str))

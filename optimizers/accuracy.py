@@ -36,14 +36,16 @@ SHORTLIST = 6
 def search(build: Callable[[Sequence[str], object], Path], evaluate: Callable[[Path], tuple[bool, list]],
            rank: Callable[[Path, Sequence[str]], list[tuple[str, float]]], budget: int = DEFAULT_BUDGET,
            label: str = "", impact: Callable[[Path], float] | None = None,
-           timing: Callable[[Path], dict] | None = None) -> SearchResult:
+           timing: Callable[[Path], dict] | None = None,
+           floor: Callable[[dict], str | None] | None = None) -> SearchResult:
     """Build, evaluate; while it fails and the budget lasts, exclude the costliest nodes and rebuild.
 
     The local ranking is cheap but blind to what happens downstream (a pooling layer
     averages noise away), so the top of it is probed: each shortlisted node is kept
     in float on its own and the error left at the outputs (``impact``) decides.
     ``timing`` (an accuracy goal is set): each attempt's latency against fp32, so the report
-    says what every group kept in fp32 costs.
+    says what every group kept in fp32 costs. ``floor`` (given a timed attempt): why more float
+    nodes are not worth trying (the step is decidedly slower than the goal's speed floor), or None.
     """
     excluded: list[str] = []
     path = build(excluded, 0)
@@ -52,7 +54,7 @@ def search(build: Callable[[Sequence[str], object], Path], evaluate: Callable[[P
     _timed(attempts, timing, path)
     step = 1
     for attempt in range(1, budget + 1):
-        if passed:
+        if passed or _stopped(attempts, floor, label):
             break
         ranked = [(n, s) for n, s in rank(path, excluded) if n not in excluded]
         if not ranked:
@@ -75,7 +77,19 @@ def search(build: Callable[[Sequence[str], object], Path], evaluate: Callable[[P
         passed, checks = evaluate(path)
         attempts.append(_attempt(attempt, excluded, new, passed, checks))
         _timed(attempts, timing, path)
+    if not passed:
+        _stopped(attempts, floor, label)
     return SearchResult(path, passed, checks, excluded, attempts)
+
+
+def _stopped(attempts: list[dict], floor, label: str) -> bool:
+    if floor is None or "stopped" in attempts[-1]:
+        return "stopped" in attempts[-1]
+    why = floor(attempts[-1])
+    if why:
+        attempts[-1]["stopped"] = why
+        console.info(f"  {label}{why}; no more nodes kept in float")
+    return bool(why)
 
 
 def _timed(attempts: list[dict], timing, path) -> None:

@@ -32,10 +32,13 @@ def choose(profile, ctx):
         # Static targets try every calibration method unless one was asked for: which one
         # is most faithful depends on the model, and it costs only calibration time.
         methods = [ctx.method] if ctx.method or sub.method != "static" else list(AUTO_METHODS)
+        # Under a goal every method's plain build is checked, but only the most faithful one on the
+        # calibration probe gets the (costly) search for float nodes: see screen().
+        screened = ctx.goal is not None and len(methods) > 1 and ctx.budget > 0
         for method in methods:
             label = name if method in (None, methods[0]) else f"{name}[{method}]"
             try:
-                cand = build_candidate(sub, ctx, tol, method=method)
+                cand = build_candidate(sub, ctx, tol, method=method, budget=0 if screened else None)
                 check_loads(cand)
             except OptimizationError as exc:  # said now, not only in the report: the table says "not built"
                 rows.append({"target": label, "built": False, "passed": False, "reason": str(exc)})
@@ -43,10 +46,9 @@ def choose(profile, ctx):
                 continue
             built.append(cand)
             labels[id(cand)] = label
-            rows.append({"target": label, "built": True, "passed": cand.passed, "calibration": cand.method,
-                         "excluded_nodes": len(cand.excluded), "tolerance": tol.to_dict(),
-                         "parity": {c.name: {k: (c.details or {}).get(k) for k in PARITY_KEYS if k in (c.details or {})}
-                                    for c in cand.checks}})
+            rows.append(_row(label, cand, tol))
+        if screened:
+            screen(sub, ctx, tol, built, rows, labels, name)
     if not built:
         raise OptimizationError(f"{ctx.src}: no {profile.name} candidate could be built "
                                 f"({'; '.join(r['reason'] for r in rows)})")
@@ -97,6 +99,60 @@ def choose(profile, ctx):
                                   f"{p['speedup_text']}, {p['accuracy_text']}" for p in front))
     return chosen, {"candidates": rows, "chosen": chosen.target, "chosen_variant": lab(chosen), "why": why,
                     "latency": lat, "decision": choice.to_dict() if choice else None, "pareto": front}
+
+
+def _row(label: str, cand, tol) -> dict:
+    return {"target": label, "built": True, "passed": cand.passed, "calibration": cand.method,
+            "excluded_nodes": len(cand.excluded), "tolerance": tol.to_dict(),
+            "parity": {c.name: {k: (c.details or {}).get(k) for k in PARITY_KEYS if k in (c.details or {})}
+                       for c in cand.checks},
+            "search": [_step(a) for a in cand.attempts]}
+
+
+def _step(a: dict) -> dict:
+    """One accuracy-search step as the candidate table keeps it: what was float, what it reached, how fast."""
+    d = ((a.get("latency") or {}).get("ratio_vs_fp32") or {}).get("decision") or {}
+    out = {k: a[k] for k in ("attempt", "top1", "top1_lower", "cosine", "passed", "stopped") if k in a}
+    out["float_nodes"] = len(a.get("excluded", []))
+    if d.get("estimate") is not None:
+        out["speedup"], out["speedup_ci"] = d["estimate"], d.get("interval")
+    return out
+
+
+def screen(sub, ctx, tol, built: list, rows: list, labels: dict, name: str) -> None:
+    """Under a goal: of ``sub``'s plain builds (one per calibration method), the one with the smallest
+    output error on the calibration probe (never the held-out rows the goal is judged on) gets the
+    accuracy search; the others stay plain. Replaces that candidate in ``built``/``rows`` in place."""
+    from retool.optimizers.accuracy import output_error
+    from retool.optimizers.candidate import _run_all, build_candidate
+
+    mine = [c for c in built if labels[id(c)].split("[")[0] == name and c.calibrated]
+    if not mine or any(c.passed for c in mine):
+        return
+    err = {}
+    for c in mine:
+        try:
+            err[id(c)] = output_error(ctx.rank_reference(), _run_all(c.path, ctx.rank_feeds(), ctx.threads))
+        except Exception:  # a probe that does not run ranks last; the held-out check already judged it
+            err[id(c)] = float("inf")
+    best = min(mine, key=lambda c: err[id(c)])
+    label = labels[id(best)]
+    console.info("cpu-auto: calibration probe output error "
+                 + ", ".join(f"{labels[id(c)]} {err[id(c)]:.4g}" for c in mine) + f"; searching {label}")
+    try:
+        cand = build_candidate(sub, ctx, tol, method=best.method)
+    except OptimizationError as exc:
+        console.warn(f"cpu-auto: the search on {label} failed: {exc}")
+        return
+    i = built.index(best)
+    built[i] = cand
+    labels[id(cand)] = label
+    j = next(k for k, r in enumerate(rows) if r["target"] == label)
+    rows[j] = _row(label, cand, tol)
+    for c in mine:
+        r = next(r for r in rows if r["target"] == labels[id(c if c is not best else cand)])
+        r["probe_error"] = round(err[id(c)], 6)
+        r["searched"] = c is best
 
 
 def points(built: list, lab, lat: dict | None = None) -> list[dict]:

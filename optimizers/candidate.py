@@ -180,12 +180,13 @@ def _run_all(path, samples, threads, level: str = "all") -> list[np.ndarray]:
 
 
 def build_candidate(profile, ctx: Context, tol, method: str | None = None, base: Path | None = None,
-                    tag: str | None = None) -> Candidate:
+                    tag: str | None = None, budget: int | None = None) -> Candidate:
     """Build ``profile``'s model in the staging folder, with the accuracy-aware fallback for lossy targets.
 
     ``method``: the calibration method of a static target (default: the one optimize was given).
     A dynamic target on a recognised encoder goes through the transformer path (fused and
-    unfused bases, optimizers.transformer); ``base``/``tag`` are that path's calls back here."""
+    unfused bases, optimizers.transformer); ``base``/``tag`` are that path's calls back here.
+    ``budget``: the accuracy search's retries (default the context's)."""
     from retool.optimizers import accuracy, hardware, quantize
 
     if profile.method == "dynamic" and tag is None and ctx.encoder is not None:
@@ -285,25 +286,28 @@ def build_candidate(profile, ctx: Context, tol, method: str | None = None, base:
 
     if profile.reduce_range and hardware.reduce_range_is_guidance(profile, ctx.cpu):
         # ORT's guidance (7-bit weights without VNNI) trades saturation for precision; which one
-        # costs more depends on the model, so both are built and the smaller output error wins.
-        err = {}
-        for rr in (True, False):
-            profile = dataclasses.replace(profile, reduce_range=rr)
-            p = build([], f"rr-{rr}")
-            err[rr] = impact(p)
+        # costs more depends on the model, so the ways out are built and the smallest output error wins.
+        err, variants = {}, quantize.saturation_variants(profile, base)
+        for key, prof in variants.items():
+            profile = prof
+            p = build([], f"sat-{len(err)}")
+            err[key] = impact(p)
             accuracy._remove_onnx(p)
-        keep = err[False] < err[True]
-        profile = dataclasses.replace(profile, reduce_range=not keep)
-        notes.append(f"measured on calibration samples: output error {err[True]:.4g} with reduce_range, "
-                     f"{err[False]:.4g} without; kept reduce_range={'off' if keep else 'on'}")
+        keep = min(err, key=err.get)
+        profile = variants[keep]
+        notes.append("measured on calibration samples (u8s8 saturates without VNNI): output error "
+                     + ", ".join(f"{err[k]:.4g} with {k}" for k in err)
+                     + f"; kept {keep}: reduce_range={'on' if profile.reduce_range else 'off'}")
 
-    timing = None
+    timing = floor = None
     if ctx.goal is not None and ctx.measure and profile.provider == "CPUExecutionProvider":
+        from retool.optimizers.goal import below_floor
         from retool.optimizers.latency import step_latency
 
-        timing = partial(step_latency, ctx)
-    res = accuracy.search(build, lambda p: ctx.evaluate(p, tol, level), rank, budget=ctx.budget,
-                          label=f"{name}: ", impact=impact, timing=timing)
+        timing, floor = partial(step_latency, ctx), below_floor
+    res = accuracy.search(build, lambda p: ctx.evaluate(p, tol, level), rank,
+                          budget=ctx.budget if budget is None else budget,
+                          label=f"{name}: ", impact=impact, timing=timing, floor=floor)
     if profile.method == "fp16":
         ok, msg = load_in_subprocess(res.path, "all")
         if not ok:

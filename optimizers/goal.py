@@ -22,6 +22,9 @@ from retool.validators import bounds
 #: spellings accepted for each metric -> the Tolerance field it sets
 _KEYS = {"top1": "min_top1", "top-1": "min_top1", "top_1": "min_top1", "min_top1": "min_top1",
          "cos": "min_cosine", "cosine": "min_cosine", "min_cosine": "min_cosine"}
+#: Speed-up over fp32 below which a goal's search keeps no more nodes in float: a mix decidedly slower
+#: than this (retool.speed's rule on the step's paired timings) has given up what int8 is for.
+MIN_SPEEDUP = 1.5
 _PART = re.compile(r"^\s*([a-z_\-0-9]+)\s*(>=|=>|>|=)\s*([0-9.eE+\-]+)\s*$")
 
 
@@ -58,6 +61,20 @@ class AccuracyGoal:
         return {"min_top1": self.min_top1, "min_cosine": self.min_cosine, "text": str(self),
                 "confidence": self.confidence, "judged_on": self.judged_on(),
                 "rows_needed": self.rows_needed() or None}
+
+
+def below_floor(attempt: dict, floor: float = MIN_SPEEDUP) -> str | None:
+    """Why a timed search step ends the search (decidedly below ``floor`` x fp32), else None.
+    Undecided or untimed steps go on: only a decided verdict stops the search."""
+    from retool import speed
+
+    d = ((attempt.get("latency") or {}).get("ratio_vs_fp32") or {}).get("decision")
+    if not d or not isinstance(d.get("estimate"), (int, float)) or not d.get("interval"):
+        return None
+    dec = speed.decide(d["estimate"], d["interval"][0], d["interval"][1], floor)
+    if dec.outcome != speed.FAIL:
+        return None
+    return f"speed-up {speed.format_decision(dec)} is decidedly below the goal's floor of {floor:g}x fp32"
 
 
 def check_showable(goal: AccuracyGoal | None, reference, names, model, heldout_source: str) -> None:

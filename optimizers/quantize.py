@@ -207,6 +207,37 @@ def quantize_dynamic(model_path, out, profile, exclude: Sequence[str] = (), exte
                                 f"({_first_line(exc)})") from exc
 
 
+def saturation_variants(profile, model_path) -> dict:
+    """The ways around u8s8 saturation on x86 without VNNI, each a profile: 7-bit weights everywhere (ORT's
+    guidance), full range, 7-bit weights on the first layer only (NNCF's OverflowFix idea: its inputs are
+    the ones that fill the 8 bits), and U8U8. Static only; a dynamic target compares the first two."""
+    import dataclasses
+
+    out = {"reduce_range": dataclasses.replace(profile, reduce_range=True),
+           "full range": dataclasses.replace(profile, reduce_range=False)}
+    if profile.method != "static":
+        return out
+    w = first_layer_weight(model_path)
+    if w:
+        over = [{"axis": 0, "reduce_range": True}] if profile.per_channel else [{"reduce_range": True}]
+        opts = {**dict(profile.extra_options), "TensorQuantOverrides": {w: over}}
+        out["7-bit weights on the first layer"] = dataclasses.replace(profile, reduce_range=False, extra_options=opts)
+    out["U8U8"] = dataclasses.replace(profile, reduce_range=False, weight_type="uint8", symmetric_weights=False)
+    return out
+
+
+def first_layer_weight(model_path) -> str | None:
+    """The weight initializer of the first Conv / Gemm / MatMul in graph order, or None."""
+    import onnx
+
+    m = onnx.load(str(model_path), load_external_data=False)
+    inits = {i.name for i in m.graph.initializer}
+    for n in m.graph.node:
+        if n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1 and n.input[1] in inits:
+            return n.input[1]
+    return None
+
+
 def quantizable_nodes(model_path, profile) -> list[str]:
     """Names of the nodes the quantizer for ``profile`` would touch (the fallback's candidates)."""
     import onnx
