@@ -29,6 +29,16 @@ def _freeze_the_long_lived_heap():
     gc.freeze()
 
 
+#: the longest files start first, so that at the end of `make test` one worker does not wait on them alone
+_LONG_FIRST = ("test_demo.py", "test_decoder_families.py", "test_decoder_fused.py", "test_convert_seq2seq.py",
+               "test_decoder_int4.py", "test_decoder_llm.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(_LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 def pytest_sessionfinish(session, exitstatus):
     # hand the frozen objects back, so interpreter shutdown collects them (else nanobind-based
     # modules such as onnxsim report "leaked instances" at exit)

@@ -26,6 +26,7 @@ def test_a_rerun_whose_other_targets_are_cached_is_forgiven_like_the_first_run()
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # two demo runs: ~8 min alone, longer beside make test's other worker
 def test_demo_publishes_every_example_model_with_triton_configs(tmp_path):
     repo, out = tmp_path / "model-repo", tmp_path / "demo-out"
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "demo.py"), "--repo", repo, "--out", out],
