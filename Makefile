@@ -32,7 +32,7 @@ lint: install
 # Two workers for the tests that time nothing (about half the wall time on 2 cores); the `serial` ones,
 # whose outcome rests on timings or a quiet machine, run alone afterwards.
 test: install lint
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "not serial" --durations=15
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not serial" --durations=15
 	$(PY) -m pytest -q -p no:xdist -m serial --durations=10
 
 test-fast: install

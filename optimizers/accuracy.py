@@ -85,6 +85,10 @@ def search(build: Callable[[Sequence[str], object], Path], evaluate: Callable[[P
 def _stopped(attempts: list[dict], floor, label: str) -> bool:
     if floor is None or "stopped" in attempts[-1]:
         return "stopped" in attempts[-1]
+    # plain int8 already below the floor (a small model): the floor says nothing about keeping more in
+    # float, and the goal's accuracy still decides
+    if len(attempts) < 2 or floor(attempts[0]):
+        return False
     why = floor(attempts[-1])
     if why:
         attempts[-1]["stopped"] = why

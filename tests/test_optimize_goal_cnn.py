@@ -44,6 +44,11 @@ def test_search_stops_keeping_nodes_in_float_below_the_floor(tmp_path):
     res = search(build, lambda p: (False, []), rank, budget=4, timing=timing, floor=below_floor)
     assert [len(a["excluded"]) for a in res.attempts] == [0, 1, 3]  # the 1.2x step (3 float) is the last
     assert "stopped" in res.attempts[-1] and "stopped" not in res.attempts[1] and not res.passed
+    # a small model whose plain int8 is already below the floor: the floor does not stop its search
+    speeds.update({0: 1.1, 1: 1.05, 2: 1.0, 3: 0.95, 4: 0.9})
+    seen.clear()
+    res = search(build, lambda p: (False, []), rank, budget=4, timing=timing, floor=below_floor)
+    assert len(res.attempts) == 5 and not any("stopped" in a for a in res.attempts)
 
 
 def test_natural_images_are_seeded_and_unit_scale():

@@ -41,8 +41,9 @@ def reap():
 
 
 def test_children_of_a_sigkilled_parent_are_found_and_a_finished_child_is_not(reap):
-    # two sleeps outlive sh; a third ends before the kill and must not count
-    p = _spawn("sleep 0.5; sleep 60 & sleep 60 & wait")
+    # two sleeps outlive sh; a third ends before the kill and must not count (2 s: long enough for the
+    # 50 ms sampler to see it on a loaded machine)
+    p = _spawn("sleep 2; sleep 60 & sleep 60 & wait")
     with Watch(p.pid) as w:
         assert _until(lambda: sum(n == "sleep" for n in w.seen.values()) >= 3)
         os.kill(p.pid, signal.SIGKILL)
