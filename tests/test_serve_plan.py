@@ -37,7 +37,9 @@ def _plan(repo, tmp_path, *args):
 
 @pytest.mark.slow
 def test_plan_on_two_variants_picks_the_one_that_meets_the_budget(family_repo, tmp_path):
-    r, plan, out = _plan(family_repo, tmp_path, "--budget-p99-ms", "15", "--rate", "300", "--price-per-hour", "0.4",
+    # 100 req/s, not 300: at 300 perf_analyzer's Poisson load and Triton's python stub keep both cores of this
+    # machine busy, and the identity model's confirmation p99 reached 22-37 ms in stalls (a coin toss at 15)
+    r, plan, out = _plan(family_repo, tmp_path, "--budget-p99-ms", "15", "--rate", "100", "--price-per-hour", "0.4",
                          "--currency", "EUR", "--headroom", "0.5", "--apply")
     assert r.returncode == 0, r.stderr[-2000:]
     ch = plan["chosen"]
@@ -47,10 +49,10 @@ def test_plan_on_two_variants_picks_the_one_that_meets_the_budget(family_repo, t
     assert rejected and all("over budget by" in x["reason"] for x in rejected)
     lo, hi = ch["sustainable_rate"]["interval"]
     assert 0 < lo <= hi
-    assert ch["replicas"] == max(1, math.ceil(300 / (lo * 0.5)))
-    assert ch["replicas_range"] == [max(1, math.ceil(300 / (hi * 0.5))), ch["replicas"]]
+    assert ch["replicas"] == max(1, math.ceil(100 / (lo * 0.5)))
+    assert ch["replicas_range"] == [max(1, math.ceil(100 / (hi * 0.5))), ch["replicas"]]
     cpm = ch["cost_per_million"]
-    assert cpm["value"] == pytest.approx(0.4 * ch["replicas"] / (300 * 3600) * 1e6)
+    assert cpm["value"] == pytest.approx(0.4 * ch["replicas"] / (100 * 3600) * 1e6)
     assert cpm["interval"][0] <= cpm["value"] == cpm["interval"][1]
     assert ch["cost_per_month"]["value"] == pytest.approx(0.4 * ch["replicas"] * 730)
     assert ch["currency"] == "EUR" and "EUR" in (out / "plan.md").read_text()
