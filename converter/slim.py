@@ -12,27 +12,17 @@ from pathlib import Path
 DROPPED = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node", "pkg.torch.onnx.class_hierarchy")
 
 
-def _graphs(graph):
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.g.node:
-                yield from _graphs(attr.g)
-            for g in attr.graphs:
-                yield from _graphs(g)
-
-
 def slim_node_metadata(path: Path) -> int:
     """Rewrite ``path``'s graph proto without the debug metadata (external data stays where it is).
 
     Returns the number of entries dropped; the file is untouched when there were none."""
     import onnx
 
-    from retool.fsutil import load_onnx_header
+    from retool.fsutil import all_graphs, load_onnx_header
 
     model = load_onnx_header(path)
     dropped = 0
-    for graph in _graphs(model.graph):
+    for graph in all_graphs(model.graph):
         for node in graph.node:
             keys = {p.key for p in node.metadata_props}
             # "namespace" repeats the scopes with class names: the layer name falls back on it only without them

@@ -187,14 +187,20 @@ def external_data_files(model_path) -> tuple[str, ...]:
     return tuple(sorted(names))
 
 
-def _all_initializers(graph):
-    yield from graph.initializer
+def all_graphs(graph):
+    """``graph`` and every subgraph inside it (If/Loop/Scan bodies), depth first."""
+    yield graph
     for node in graph.node:
         for attr in node.attribute:
             if attr.g is not None and attr.g.ByteSize():
-                yield from _all_initializers(attr.g)
+                yield from all_graphs(attr.g)
             for g in attr.graphs:
-                yield from _all_initializers(g)
+                yield from all_graphs(g)
+
+
+def _all_initializers(graph):
+    for g in all_graphs(graph):
+        yield from g.initializer
 
 
 def file_size(path, extra: tuple[str, ...] = ()) -> int:

@@ -38,10 +38,6 @@ _LOG_LINE = re.compile(r"^([EWI])\d{4} [\d:.]+ +\d+ [^\]]+\] ?(.*)$")
 _TMP_PREFIX = "retool-triton-"
 _PORT_TRIES = 3
 _IN_USE = re.compile(r"already in use|Address in use|EADDRINUSE", re.I)
-
-
-class _PortTaken(ServingError):
-    """Our server could not have the port it was given (internal: start() picks others)."""
 _STOPPED = b"stopped"
 #: run by a separate interpreter: it outlives a SIGKILLed retool just long enough to clean up
 _WATCHDOG = """
@@ -176,6 +172,10 @@ def log_errors(text: str, model: str | None = None, limit: int = 3) -> list[str]
     # the CUDA/NVML complaints on a CPU-only machine are harmless noise, not a reason
     real = [e for e in errs if not re.search(r"CUDA|cuda|NVML|nvml|DCGM|GPU metrics|pinned memory", e)]
     return (real or errs)[-limit:]
+
+
+class _PortTaken(ServingError):
+    """Our server could not have the port it was given (internal: start() picks others)."""
 
 
 class TritonServer:

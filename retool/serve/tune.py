@@ -208,7 +208,7 @@ def tune(sess, repo, name: str, spec: lt.LoadSpec, *, configs: "Sequence[Serving
                 raise nothing_measured(name, failed)
 
             def confirm(challenger: Measured, default: Measured):
-                return _confirm(sess, name, spec, data_file, challenger, default, base, mbs, configs == "published")
+                return _confirm(sess, name, spec, data_file, challenger, default, base, mbs)
 
             # inside the try: the confirmation loads configurations too, and an existing server gets its
             # published one back after it
@@ -222,7 +222,7 @@ def tune(sess, repo, name: str, spec: lt.LoadSpec, *, configs: "Sequence[Serving
                     console.warn(f"could not reload {name} with its published config on {sess.http_url}")
 
 
-def _confirm(sess, name, spec, data_file, challenger: Measured, default: Measured, base, mbs, as_is: bool):
+def _confirm(sess, name, spec, data_file, challenger: Measured, default: Measured, base, mbs):
     """Measure the published configuration and the challenger in alternation, at the challenger's kept
     point's load, and decide on the paired rounds (retool.serve.choice.confirmed)."""
     p = challenger.best
@@ -232,8 +232,7 @@ def _confirm(sess, name, spec, data_file, challenger: Measured, default: Measure
         try:
             for _ in range(choice.CONFIRM_ROUNDS):
                 for key, m in (("published", default), ("challenger", challenger)):
-                    sess.load(name, None if as_is and m is default else override(base, m.config, mbs),
-                              timeout=spec.timeout)
+                    sess.load(name, override(base, m.config, mbs), timeout=spec.timeout)
                     runs[key].append(lt.run_point(
                         name, sess.grpc_url, concurrency=int(p.load) if p.mode == "concurrency" else None,
                         rate=p.load if p.mode == "rate" else None, input_data=data_file, window_ms=spec.window_ms))
