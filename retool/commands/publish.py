@@ -176,7 +176,7 @@ def repo_verify(url, name, require_signature, trust_key, as_json):
         raise UsageError("--require-signature needs --trust-key PUB.pem (the publisher's public key)")
     repo = open_repo(url)
     # with a trust key: one pass over the bytes serves the manifests and the signatures
-    findings, checked = signing.verify_repository(repo, name, trust_key) if trust_key else repo.verify(name)
+    findings, checked = signing.verify_repository(repo, name, trust_key)
     if as_json:
         _echo_json({"repository": repo.url, "files_checked": checked, "ok": not findings,
                     "findings": [f.to_dict() for f in findings]})

@@ -289,34 +289,37 @@ def verify(repo: "Repository", name: str, trust_key, digests: dict | None = None
     return out + _verify_folder(store, name, None, name, CONFIG_SIGNATURE, trust, skip)
 
 
-def verify_repository(repo: "Repository", name: str | None, trust_key) -> tuple[list["Finding"], int]:
-    """``repo verify --trust-key``: the manifests, the index and the signatures, each file's bytes read once.
-    model-signing's import (about 1.3 s: sigstore, tuf) runs in a thread while retool hashes; the signatures
-    are then checked against the digests that pass computed. Returns (findings, files checked)."""
+def verify_repository(repo: "Repository", name: str | None, trust_key=None) -> tuple[list["Finding"], int]:
+    """``repo verify``: the manifests and the index, and with ``trust_key`` the signatures, each file's bytes
+    read once. The imports needed after the hashing (Triton's config schema; with a trust key model-signing,
+    about 1.3 s: sigstore, tuf) run in a thread while retool hashes; the signatures are then checked against
+    the digests that pass computed. Returns (findings, files checked)."""
     import sys
     import threading
 
-    trust = _pem(trust_key, "--trust-key")
-    loading = threading.Thread(target=_preload, daemon=True)
-    # the import holds the GIL; a short switch interval lets the hashing thread back in between its chunks
+    trust = _pem(trust_key, "--trust-key") if trust_key else None
+    loading = threading.Thread(target=_preload, args=(trust is not None,), daemon=True)
+    # the import holds the GIL; a short switch interval lets the hashing thread back in between its reads
     interval = sys.getswitchinterval()
     sys.setswitchinterval(min(interval, 0.0005))
     try:
         loading.start()
-        digests: dict = {}
+        digests: dict | None = {} if trust else None
         findings, checked = repo.verify(name, digests=digests)
         loading.join()
     finally:
         sys.setswitchinterval(interval)
-    for n in [repo.require_model(name)] if name else repo.models():
-        findings += verify(repo, n, trust, digests)
+    if trust:
+        for n in [repo.require_model(name)] if name else repo.models():
+            findings += verify(repo, n, trust, digests)
     return findings, checked
 
 
-def _preload() -> None:
-    """The imports a signed verify needs later: model-signing, and Triton's schema for config.pbtxt."""
+def _preload(signed: bool) -> None:
+    """The imports verify needs later: Triton's schema for config.pbtxt, and model-signing when ``signed``."""
     with contextlib.suppress(Exception):  # a missing extra is reported where it is used, as one line
-        _lib()
+        if signed:
+            _lib()
     with contextlib.suppress(Exception):
         from retool.publish.config import parse_with_triton_schema
 
