@@ -33,6 +33,46 @@ def sha256_file(path) -> str:
     return h.hexdigest()
 
 
+#: from this many bytes on, sha256_files hashes in a child process (its start costs about 30 ms)
+CHILD_HASH_MIN_BYTES = 256 << 20
+_HASHER = """
+import hashlib, sys
+buf = bytearray(%d)
+view = memoryview(buf)
+for f in sys.argv[1:]:
+    h = hashlib.sha256()
+    with open(f, "rb", buffering=0) as fh:
+        while n := fh.readinto(buf):
+            h.update(view[:n])
+    print(h.hexdigest(), flush=True)
+""" % _HASH_CHUNK
+
+
+def sha256_files(paths: list) -> list[str]:
+    """``sha256_file`` of each path, in order. Large files are hashed in a child Python: a caller importing in
+    another thread meanwhile (verify loads model-signing, about 1.3 s, whose C extensions' start-ups hold the
+    GIL) would otherwise stall every read; measured +0.4-0.9 s on 1.5 GB. Any failure in the child falls back
+    to hashing here, so errors surface as they would without it."""
+    import subprocess
+    import sys
+
+    paths = [Path(p) for p in paths]
+    try:
+        big = sum(p.stat().st_size for p in paths) >= CHILD_HASH_MIN_BYTES and all(p.is_file() for p in paths)
+    except OSError:
+        big = False
+    if big:
+        try:
+            proc = subprocess.run([sys.executable, "-I", "-S", "-c", _HASHER, *map(str, paths)],
+                                  capture_output=True, text=True, timeout=None)
+            out = proc.stdout.split()
+            if proc.returncode == 0 and len(out) == len(paths):
+                return out
+        except OSError:
+            pass
+    return [sha256_file(p) for p in paths]
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

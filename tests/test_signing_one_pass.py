@@ -58,3 +58,37 @@ def test_verify_repository_passes_a_signed_repository_and_names_a_changed_file(s
     kinds = {(f.problem, Path(f.path).name) for f in findings}
     assert ("changed", "a.onnx.data") in kinds  # the manifest check
     assert ("bad-signature", "a.onnx.data") in kinds  # the signature check, from the same pass's digest
+
+
+def test_large_files_hash_in_a_child_process_with_the_same_digests_and_findings(signed, monkeypatch):
+    """From CHILD_HASH_MIN_BYTES on, verify hashes in a child Python (so model-signing's import beside it does
+    not stall the reads); the digests, and a changed file's findings, are the same as hashed here."""
+    import subprocess
+
+    from retool import fsutil
+    from retool.publish.signing import verify_repository
+
+    repo, pub = signed
+    files = sorted(p for p in (repo / "m" / "1").iterdir())
+    here = [fsutil.sha256_file(p) for p in files]
+    children = []
+    real_run = subprocess.run
+
+    def counting(cmd, *a, **k):
+        children.append(cmd)
+        return real_run(cmd, *a, **k)
+
+    monkeypatch.setattr(fsutil, "CHILD_HASH_MIN_BYTES", 1)
+    monkeypatch.setattr(subprocess, "run", counting)
+    assert fsutil.sha256_files(files) == here and len(children) == 1
+    data = repo / "m" / "1" / "a.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[0] ^= 1
+    data.write_bytes(bytes(raw))
+    findings, _ = verify_repository(open_repo(repo), "m", pub)
+    assert len(children) == 2  # verify's pass went through the child
+    kinds = {(f.problem, Path(f.path).name) for f in findings}
+    assert {("changed", "a.onnx.data"), ("bad-signature", "a.onnx.data")} <= kinds
+    # a missing file raises as it does without the child
+    with pytest.raises(FileNotFoundError):
+        fsutil.sha256_files([files[0], repo / "absent"])

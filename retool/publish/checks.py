@@ -33,14 +33,14 @@ class Checks:
             return [Finding(name, version, loc(f"{base}/{MANIFEST}"), "bad-manifest", str(exc))]
         out = []
         present = set(self.storage.files(base)) - {MANIFEST, SIGNATURE}  # model.sig: checked by signing.py
+        hashed = self.storage.sha256_many([f"{base}/{rel}" for rel in sorted(listed) if rel in present])
         for rel, meta in sorted(listed.items()):
             if rel not in present:
                 out.append(Finding(name, version, loc(f"{base}/{rel}"), "missing"))
                 continue
-            try:
-                digest = self.storage.sha256(f"{base}/{rel}")
-            except UnsafePath as exc:
-                out.append(Finding(name, version, loc(base), "unsafe-path", str(exc)))
+            digest = hashed[f"{base}/{rel}"]
+            if isinstance(digest, UnsafePath):
+                out.append(Finding(name, version, loc(base), "unsafe-path", str(digest)))
                 continue
             if digests is not None:
                 digests[rel] = digest  # what the bytes hash to now, not what the manifest claims

@@ -100,6 +100,20 @@ class LocalStorage(Storage):
 
         return sha256_file(self._p(key))
 
+    def sha256_many(self, keys):
+        from retool.errors import UnsafePath
+        from retool.fsutil import sha256_files
+
+        out: dict = {}
+        paths = {}
+        for k in keys:
+            try:
+                paths[k] = self._p(k)
+            except UnsafePath as exc:
+                out[k] = exc
+        out.update(zip(paths, sha256_files(list(paths.values()))))
+        return out
+
     def size(self, key):
         return self._p(key).stat().st_size
 

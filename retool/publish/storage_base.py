@@ -50,6 +50,19 @@ class Storage:
     def listdir(self, key: str) -> list[str]: raise NotImplementedError
     def files(self, key: str) -> list[str]: raise NotImplementedError
     def sha256(self, key: str) -> str: raise NotImplementedError
+
+    def sha256_many(self, keys) -> dict:
+        """{key: sha256 hex, or the UnsafePath that refused the key}: verify's one pass over a version."""
+        from retool.errors import UnsafePath
+
+        out: dict = {}
+        for k in keys:
+            try:
+                out[k] = self.sha256(k)
+            except UnsafePath as exc:
+                out[k] = exc
+        return out
+
     def size(self, key: str) -> int: raise NotImplementedError
     def location(self, key: str) -> str: raise NotImplementedError
     def lock(self, name: str): raise NotImplementedError
