@@ -51,7 +51,7 @@ def settings_for(args) -> dict:
         "pipeline_repeats": 1 if quick else 5,
         "parity_scale": 0.25 if quick else 1.0,
         "large_mlp": "2048x8" if quick else None,  # None: bench.models.LARGE_WIDTH x LARGE_DEPTH
-        "signing_repeats": 1 if quick else 3,
+        "signing_repeats": 1 if quick else 5,
         "targets": list(args.targets.split(",")) if args.targets else list(ALL_TARGETS),
         "models": list(args.models.split(",")) if args.models else [m.name for m in MODELS],
     }

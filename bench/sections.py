@@ -207,7 +207,7 @@ def large_model(settings: dict, work: Path) -> dict:
         from bench.sec_signing import sign_and_verify  # issue 25's figure: verify --trust-key vs hashing once
 
         res["signing"] = {"model": "the torch-converted MLP",
-                          **sign_and_verify(big, work / "signing", settings.get("signing_repeats", 3))}
+                          **sign_and_verify(big, work / "signing", settings.get("signing_repeats", 5))}
         from bench import sec_large_tf  # the TensorFlow case: a Keras MLP of the same shape
 
         res["tensorflow"] = sec_large_tf.convert_tf(settings, work / "tf", _rss_stage, _convert, _onnx_size)
