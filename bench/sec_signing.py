@@ -132,6 +132,8 @@ def sign_and_verify(model: Path, work: Path, repeats: int = 3) -> dict:
                     ("verify", retool_cmd() + ["repo", "verify", str(signed_repo)]),
                     ("verify_signed", retool_cmd() + ["repo", "verify", str(signed_repo), "--require-signature",
                                                       "--trust-key", str(pub)])]
+            # the publishes just wrote 4.4 GB: flush them now, or their write-back runs beside the timings
+            os.sync()
             if i == 0:  # the files were just written: read them once so every round starts alike
                 run_child(trio[0][1], timeout=600)
             print(f"   round {i + 1}/{repeats}: hash once, repo verify, repo verify --trust-key", flush=True)
