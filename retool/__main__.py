@@ -1,5 +1,3 @@
-import sys
+from retool.cli import run
 
-from retool.cli import main
-
-sys.exit(main())
+run()

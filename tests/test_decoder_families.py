@@ -40,7 +40,7 @@ def _convert(tmp_path_factory, fam):
         from retool.cli import main
 
         d = tmp_path_factory.mktemp(f"family-{fam}")
-        folder = hf_models.train_decoder(d / fam, fam, steps=STEPS)
+        folder = hf_models.trained_decoder(tmp_path_factory, fam, steps=STEPS)
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = main(["-q", "convert", str(folder), "-o", str(d / f"{fam}.onnx"), "--json"])

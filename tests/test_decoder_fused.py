@@ -33,7 +33,7 @@ def _family(tmp_path_factory, fam):
             d = tmp_path_factory.mktemp("fused-llama")
         else:
             d = tmp_path_factory.mktemp(f"fused-{fam}")
-            folder = hf_models.train_decoder(d / fam, fam, steps=100)
+            folder = hf_models.trained_decoder(tmp_path_factory, fam, steps=100)  # as the family sweep's
             fused = d / f"{fam}.onnx"
             _, report = convert(str(folder), fused)
         unfused = d / f"{fam}.unfused.onnx"

@@ -26,16 +26,14 @@ def test_a_rerun_whose_other_targets_are_cached_is_forgiven_like_the_first_run()
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # two demo runs: ~8 min alone, longer beside make test's other worker
+@pytest.mark.timeout(1200)  # ~5 min alone, longer beside make test's other worker
 def test_demo_publishes_every_example_model_with_triton_configs(tmp_path):
+    # One run: a rerun's outcome (cached targets, the same forgiveness) is the test above, and cached
+    # reruns of a pipeline are tests/test_pipeline.py's; a second full demo cost 3-4 min of the suite.
     repo, out = tmp_path / "model-repo", tmp_path / "demo-out"
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "demo.py"), "--repo", repo, "--out", out],
                           capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    # a second run on the same checkout (targets now "cached") exits 0 too
-    again = subprocess.run([sys.executable, str(ROOT / "examples" / "demo.py"), "--repo", repo, "--out", out],
-                           capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     status = {(t["model"], t["target"]): t for t in summary["targets"]}
     assert set(status) == {(m, t) for m in ("torch-cnn", "keras-cnn", "caffe-net") for t in ("cpu", "cpu-int8")}
@@ -43,7 +41,7 @@ def test_demo_publishes_every_example_model_with_triton_configs(tmp_path):
     # (which depends on the CPU), and is otherwise refused by the not-slower gate alone
     published = set()
     for (m, t), o in status.items():
-        if o["status"] in ("ok", "cached"):  # the rerun's summary: published by the first run
+        if o["status"] == "ok":
             published.add(f"{m}-{t}")
         else:
             assert t == "cpu-int8" and o["status"] == "failed" and "not-slower@" in o["message"], o

@@ -92,3 +92,45 @@ def test_large_files_hash_in_a_child_process_with_the_same_digests_and_findings(
     # a missing file raises as it does without the child
     with pytest.raises(FileNotFoundError):
         fsutil.sha256_files([files[0], repo / "absent"])
+
+
+def test_hash_early_results_are_used_only_for_unchanged_files(signed, monkeypatch, cli):
+    """``repo verify`` starts hashing a local repository's version files in a child before its imports; verify
+    takes those digests, but never for a file changed since (size or mtime), and still names a tampered file."""
+    import hashlib
+    import os
+
+    from retool import fsutil
+
+    repo, pub = signed
+    monkeypatch.setattr(fsutil, "CHILD_HASH_MIN_BYTES", 1)
+    files = sorted(p for p in (repo / "m" / "1").iterdir())
+    fsutil.hash_early(files)
+    assert set(fsutil._EARLY) == {str(p) for p in files}
+    data = repo / "m" / "1" / "a.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[1] ^= 1
+    data.write_bytes(bytes(raw))
+    st = data.stat()
+    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a write inside one mtime tick shows too
+    got = fsutil.sha256_files(files)
+    assert got == [hashlib.sha256(p.read_bytes()).hexdigest() for p in files] and not fsutil._EARLY
+    import subprocess
+
+    started = {"early": 0, "late": 0}
+    real_popen, real_run = subprocess.Popen, subprocess.run
+
+    def popen(cmd, *a, **k):
+        started["early"] += fsutil._HASHER in cmd
+        return real_popen(cmd, *a, **k)
+
+    def run(cmd, *a, **k):
+        started["late"] += fsutil._HASHER in cmd
+        return real_run(cmd, *a, **k)
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    monkeypatch.setattr(subprocess, "run", run)
+    r = cli("repo", "verify", repo, "--require-signature", "--trust-key", pub)
+    assert r.code == 7 and "a.onnx.data" in r.err, r.err
+    assert started == {"early": 1, "late": 0}  # every file verify hashed came from the early child
+    assert not fsutil._EARLY  # and what nobody asked for (manifest.json, model.sig) is forgotten

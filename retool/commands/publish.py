@@ -167,16 +167,22 @@ def repo_verify(url, name, require_signature, trust_key, as_json):
 
     With --trust-key, also check every version's model.sig and the model's config.sig with OpenSSF
     model-signing: unsigned, signed by another key, or changed since signing exits 7."""
-    from retool import console
     from retool.errors import PublishError, UsageError
-    from retool.publish import open_repo
-    from retool.publish import signing
 
     if require_signature and not trust_key:
         raise UsageError("--require-signature needs --trust-key PUB.pem (the publisher's public key)")
+    _hash_early(url, name)  # before the imports below: the bytes are read meanwhile
+    from retool import console
+    from retool.fsutil import end_early
+    from retool.publish import open_repo
+    from retool.publish import signing
+
     repo = open_repo(url)
     # with a trust key: one pass over the bytes serves the manifests and the signatures
-    findings, checked = signing.verify_repository(repo, name, trust_key)
+    try:
+        findings, checked = signing.verify_repository(repo, name, trust_key)
+    finally:
+        end_early()
     if as_json:
         _echo_json({"repository": repo.url, "files_checked": checked, "ok": not findings,
                     "findings": [f.to_dict() for f in findings]})
@@ -190,6 +196,32 @@ def repo_verify(url, name, require_signature, trust_key, as_json):
         more = f" and {len(findings) - 1} more" if len(findings) > 1 else ""
         raise PublishError(f"{f.path}: {f.problem}{more}; the repository does not match its manifests"
                            + (" and signatures" if trust_key else ""))
+
+
+def _hash_early(url: str, name: str | None) -> None:
+    """A local repository's version files start hashing in a child (fsutil.hash_early); verify takes those
+    digests. Paths are made by ``inside``, as verify makes them; anything odd is left to verify to report."""
+    import os
+    from pathlib import Path
+
+    from retool.errors import UnsafePath
+    from retool.fsutil import hash_early, inside
+
+    root = Path(url).expanduser()
+    if "://" in url or not root.is_dir():
+        return
+    files = []
+    try:
+        for model in [name] if name else sorted(os.listdir(root)):
+            folder = inside(root, model)
+            for v in sorted(os.listdir(folder)) if folder.is_dir() else ():
+                if v.isascii() and v.isdigit():
+                    base = inside(folder, v)
+                    files += [inside(root, f"{model}/{v}/{f.relative_to(base).as_posix()}")
+                              for f in base.rglob("*") if f.is_file() and not f.is_symlink()]
+    except (OSError, UnsafePath):
+        return
+    hash_early(files)
 
 
 @repo_group.command("diff")
