@@ -27,6 +27,9 @@ STABILITY_PCT = 25
 LOOSE_STABILITY_PCT = 80
 ANY_PCT = 100000  # accept whatever three windows say (the point is marked unstable)
 MAX_TRIALS = 5
+#: perf_analyzer's "use a larger time window": the window grows 4x per try, up to MAX_WINDOW_MS
+WIDER_WINDOW_TRIES = 3
+MAX_WINDOW_MS = 10_000
 
 
 @dataclass(frozen=True)
@@ -114,13 +117,17 @@ def run_point(model: str, grpc_url: str, *, concurrency: int | None = None, rate
               input_data: Path | None = None, window_ms: int = DEFAULT_WINDOW_MS, timeout: float = 180.0,
               version: int | None = None, distribution: str = "constant") -> LoadPoint:
     """One perf_analyzer measurement over gRPC. When the windows disagree (a busy machine) it is
-    measured again with a looser stability bound and marked unstable, rather than dropped.
+    measured again with a looser stability bound and marked unstable, rather than dropped. When it records
+    no request in a window (one outlasts it), the window grows, as perf_analyzer advises.
     ``distribution`` (rate mode): "constant" intervals, or "poisson" arrivals as real traffic has."""
-    try:
-        return _run_point(model, grpc_url, concurrency, rate, input_data, window_ms, timeout, version, STABILITY_PCT,
-                          distribution)
-    except _Unstable:
-        pass
+    for _ in range(WIDER_WINDOW_TRIES):
+        try:
+            return _run_point(model, grpc_url, concurrency, rate, input_data, window_ms, timeout, version,
+                              STABILITY_PCT, distribution)
+        except _Unstable:
+            break
+        except _WindowTooShort:  # a request (or the first after loading) outlasts the window: as it advises
+            window_ms = min(4 * int(window_ms), MAX_WINDOW_MS)
     try:
         p = _run_point(model, grpc_url, concurrency, rate, input_data, window_ms, timeout, version,
                        LOOSE_STABILITY_PCT, distribution)
@@ -133,6 +140,10 @@ def run_point(model: str, grpc_url: str, *, concurrency: int | None = None, rate
 
 class _Unstable(Exception):
     pass
+
+
+class _WindowTooShort(ServingError):
+    """perf_analyzer recorded no request in a window; it escapes as that one-line error only past the tries."""
 
 
 def _run_point(model, grpc_url, concurrency, rate, input_data, window_ms, timeout, version, stability,
@@ -160,7 +171,10 @@ def _run_point(model, grpc_url, concurrency, rate, input_data, window_ms, timeou
         if proc.returncode != 0 or not csv_path.exists():
             text = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
             why = next((ln for ln in text if "error" in ln.lower() or "failed" in ln.lower()), text[-1] if text else "")
-            if "stable" in (proc.stderr + proc.stdout).lower():
+            said = (proc.stderr + proc.stdout).lower()
+            if "larger time window" in said and window_ms < MAX_WINDOW_MS:
+                raise _WindowTooShort(f"perf_analyzer on {model}: {why.strip()[:200]} (window {window_ms} ms)")
+            if "stable" in said:
                 raise _Unstable(why.strip()[:200])
             raise ServingError(f"perf_analyzer on {model} failed (exit {proc.returncode}): {why.strip()[:300]}")
         points = parse_csv(csv_path, mode)
