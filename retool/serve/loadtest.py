@@ -28,7 +28,6 @@ LOOSE_STABILITY_PCT = 80
 ANY_PCT = 100000  # accept whatever three windows say (the point is marked unstable)
 MAX_TRIALS = 5
 #: perf_analyzer's "use a larger time window": the window grows 4x per try, up to MAX_WINDOW_MS
-WIDER_WINDOW_TRIES = 3
 MAX_WINDOW_MS = 10_000
 
 
@@ -120,14 +119,14 @@ def run_point(model: str, grpc_url: str, *, concurrency: int | None = None, rate
     measured again with a looser stability bound and marked unstable, rather than dropped. When it records
     no request in a window (one outlasts it), the window grows, as perf_analyzer advises.
     ``distribution`` (rate mode): "constant" intervals, or "poisson" arrivals as real traffic has."""
-    for _ in range(WIDER_WINDOW_TRIES):
+    while True:
         try:
             return _run_point(model, grpc_url, concurrency, rate, input_data, window_ms, timeout, version,
                               STABILITY_PCT, distribution)
         except _Unstable:
             break
         except _WindowTooShort:  # a request (or the first after loading) outlasts the window: as it advises
-            window_ms = min(4 * int(window_ms), MAX_WINDOW_MS)
+            window_ms = min(4 * int(window_ms), MAX_WINDOW_MS)  # at the cap it raises a plain ServingError
     try:
         p = _run_point(model, grpc_url, concurrency, rate, input_data, window_ms, timeout, version,
                        LOOSE_STABILITY_PCT, distribution)
