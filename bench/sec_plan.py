@@ -12,7 +12,8 @@ Three figures (issue 20), each with its spread:
   runs) meets the budget.
 - **per variant** (issue 24): the same served / in-process figure for the fp32 and the int8 variant, each at
   its best measured configuration (the highest sustainable rate the plan found for it), so the int8 build's
-  gain is read where it is paid for: served within the budget, not only in-process.
+  gain is read where it is paid for: served within the budget, not only in-process. A variant with no rate
+  within the budget is listed with the plan's reason (over budget by X ms, fell behind).
 """
 from __future__ import annotations
 
@@ -124,6 +125,12 @@ def plan(settings: dict, work: Path) -> dict:
         r = _served_vs_inprocess(repo, model, c["version"], c["config"], c["sustainable_rate"], n, seconds)
         r.pop("_samples")
         out["per_variant"][model] = {"label": c["label"], "sustainable_rate": c["sustainable_rate"], **r}
+    rejected = plans[-1].get("rejected") or ()
+    for rej in rejected:  # a variant with no rate at all within the budget says why
+        if rej["model"] not in out["per_variant"]:
+            n_rej = sum(r["model"] == rej["model"] for r in rejected)
+            out["per_variant"][rej["model"]] = {"label": rej.get("label"), "configurations_rejected": n_rej,
+                                                "reason": rej.get("reason")}
     # replica check: a fresh server, the planned per-replica rate, three Poisson runs
     from retool.serve.plan import Candidate, family, probe_rate
     from retool.serve.planner import measure_at
@@ -158,6 +165,10 @@ def render(d: dict) -> str:
              f"{(d.get('inprocess') or {}).get('batch')} at {(d.get('inprocess') or {}).get('median', 0):.0f}/s)",
              f"replica check at {rc.get('rate')} req/s: p99 {rc.get('p99_ms')} ms: {rc.get('outcome')}"]
     for model, v in (d.get("per_variant") or {}).items():
+        if "served_vs_inprocess" not in v:
+            lines.append(f"  {model}: no rate within the budget in any of {v.get('configurations_rejected')} "
+                         f"configuration(s); {v.get('label')}: {v.get('reason')}")
+            continue
         sv, ip = v["served_vs_inprocess"], v["inprocess"]
         lines.append(f"  {model} at its best ({v['label']}): sustainable {v['sustainable_rate']['interval']} req/s, "
                      f"in-process {ip['median']:.0f}/s at batch {ip['batch']}: served/in-process {sv['value']} "
