@@ -20,6 +20,7 @@ from bench.machine import room_for
 from bench.models import LARGE_DEPTH, LARGE_WIDTH, MLP_IN, MLP_OUT, mlp_param_count
 from bench.proc import PY, ChildResult, child_failure, retool_cmd, run_child
 from bench.stats import fmt_metric, ratio_summary, summarize
+from retool.fsutil import HASH_SCRIPT
 
 GOAL = 1.2
 MIB = 2**20
@@ -68,18 +69,9 @@ model.ir_version = 8
 onnx.save_model(model, path)
 """
 
-#: The baseline: each file read once through sha256 as retool reads it (``fsutil.sha256_file``: 16 MiB
-#: ``readinto``), so the ratio is verification's overhead, not a faster or slower read loop.
-HASH = """
-import hashlib, sys
-buf = bytearray(16 << 20)
-view = memoryview(buf)
-for f in sys.argv[1:]:
-    h = hashlib.sha256()
-    with open(f, "rb", buffering=0) as fh:
-        while n := fh.readinto(buf):
-            h.update(view[:n])
-"""
+#: The baseline: each file read once through sha256 by the same script retool's verify runs in its child
+#: (``fsutil.HASH_SCRIPT``: 16 MiB ``readinto``), so the ratio is verification's overhead, not a read loop.
+HASH = HASH_SCRIPT
 
 KEYGEN = """
 import sys

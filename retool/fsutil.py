@@ -35,7 +35,8 @@ def sha256_file(path) -> str:
 
 #: from this many bytes on, sha256_files hashes in a child process (its start costs about 30 ms)
 CHILD_HASH_MIN_BYTES = 256 << 20
-_HASHER = """
+#: the child's script (also bench's hash-once baseline): each file's sha256 on a line, in order
+HASH_SCRIPT = """
 import hashlib, sys
 buf = bytearray(%d)
 view = memoryview(buf)
@@ -72,7 +73,7 @@ def _child_hash(paths: list[Path]) -> list:
     from retool.serve.server import die_with_parent
 
     try:
-        proc = subprocess.run([sys.executable, "-I", "-S", "-c", _HASHER, *map(str, paths)],
+        proc = subprocess.run([sys.executable, "-I", "-S", "-c", HASH_SCRIPT, *map(str, paths)],
                               capture_output=True, text=True, timeout=None, preexec_fn=die_with_parent())
     except OSError:
         return [None] * len(paths)
@@ -104,7 +105,7 @@ def hash_early(paths) -> None:
     from retool.serve.server import die_with_parent
 
     try:  # a child that dies with retool, like every process retool starts
-        proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _HASHER, *(f for f, _ in files)],
+        proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", HASH_SCRIPT, *(f for f, _ in files)],
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                 preexec_fn=die_with_parent())
     except OSError:

@@ -121,11 +121,11 @@ def test_hash_early_results_are_used_only_for_unchanged_files(signed, monkeypatc
     real_popen, real_run = subprocess.Popen, subprocess.run
 
     def popen(cmd, *a, **k):
-        started["early"] += fsutil._HASHER in cmd
+        started["early"] += fsutil.HASH_SCRIPT in cmd
         return real_popen(cmd, *a, **k)
 
     def run(cmd, *a, **k):
-        started["late"] += fsutil._HASHER in cmd
+        started["late"] += fsutil.HASH_SCRIPT in cmd
         return real_run(cmd, *a, **k)
 
     monkeypatch.setattr(subprocess, "Popen", popen)
