@@ -50,35 +50,15 @@ for f in sys.argv[1:]:
 
 
 def sha256_files(paths: list) -> list[str]:
-    """``sha256_file`` of each path, in order. Large files are hashed in a child Python: a caller importing in
-    another thread meanwhile (verify loads model-signing, about 1.3 s, whose C extensions' start-ups hold the
-    GIL) would otherwise stall every read; measured +0.4-0.9 s on 1.5 GB. Any failure in the child falls back
-    to hashing here, so errors surface as they would without it. Files ``hash_early`` started are taken from
-    there when unchanged since (size and mtime)."""
+    """``sha256_file`` of each path, in order. Large files are hashed in a child Python (``hash_early``): a
+    caller importing in another thread meanwhile (verify loads model-signing, about 1.3 s, whose C extensions'
+    start-ups hold the GIL) would otherwise stall every read; measured +0.4-0.9 s on 1.5 GB. What the child
+    cannot hash is hashed here, so errors surface as they would without it. Files an earlier ``hash_early``
+    started are taken from there when unchanged since (size and mtime)."""
     paths = [Path(p) for p in paths]
     early = {p: _early(p) for p in paths}
-    rest = [p for p in paths if early[p] is None]
-    try:
-        big = sum(p.stat().st_size for p in rest) >= CHILD_HASH_MIN_BYTES and all(p.is_file() for p in rest)
-    except OSError:
-        big = False
-    done = dict(zip(rest, _child_hash(rest) if big else [None] * len(rest)))
-    return [early[p] or done[p] or sha256_file(p) for p in paths]
-
-
-def _child_hash(paths: list[Path]) -> list:
-    import subprocess
-    import sys
-
-    from retool.serve.server import die_with_parent
-
-    try:
-        proc = subprocess.run([sys.executable, "-I", "-S", "-c", HASH_SCRIPT, *map(str, paths)],
-                              capture_output=True, text=True, timeout=None, preexec_fn=die_with_parent())
-    except OSError:
-        return [None] * len(paths)
-    out = proc.stdout.split()
-    return out if proc.returncode == 0 and len(out) == len(paths) else [None] * len(paths)
+    hash_early([p for p in paths if early[p] is None])
+    return [early[p] or _early(p) or sha256_file(p) for p in paths]
 
 
 #: str(path) -> (size, mtime_ns, job, index) of files a child started hashing (``hash_early``)

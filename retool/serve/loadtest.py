@@ -142,7 +142,7 @@ class _Unstable(Exception):
 
 
 class _WindowTooShort(ServingError):
-    """perf_analyzer recorded no request in a window; it escapes as that one-line error only past the tries."""
+    """perf_analyzer recorded no request in a window (run_point widens it; escapes only from the looser retries)."""
 
 
 def _run_point(model, grpc_url, concurrency, rate, input_data, window_ms, timeout, version, stability,
