@@ -106,7 +106,8 @@ def _row(label: str, cand, tol) -> dict:
             "excluded_nodes": len(cand.excluded), "tolerance": tol.to_dict(),
             "parity": {c.name: {k: (c.details or {}).get(k) for k in PARITY_KEYS if k in (c.details or {})}
                        for c in cand.checks},
-            "search": [_step(a) for a in cand.attempts]}
+            "search": [_step(a) for a in cand.attempts],
+            **({"precision_bound": cand.extra["precision_bound"]} if cand.extra.get("precision_bound") else {})}
 
 
 def _step(a: dict) -> dict:

@@ -313,8 +313,31 @@ def build_candidate(profile, ctx: Context, tol, method: str | None = None, base:
         if not ok:
             warnings.append(f"onnxruntime CPU cannot load this fp16 model at graph level ALL ({msg}); "
                             f"on CPU use level EXTENDED (GPU providers are unaffected)")
-    return Candidate(profile.name, res.path, profile.precision, res.passed, res.checks, tools, versions, warnings,
+    cand = Candidate(profile.name, res.path, profile.precision, res.passed, res.checks, tools, versions, warnings,
                      res.excluded, res.attempts, calibrated, n_calib, method if calibrated else None, profile, notes)
+    if ctx.goal is not None and not res.passed and profile.method == "static" and profile.quant_format == "QDQ":
+        cand.extra["precision_bound"] = _precision_bound(ctx, tol, build, base, name)
+    return cand
+
+
+def _precision_bound(ctx: Context, tol, build, base: Path, name: str) -> dict | None:
+    """A goal the search missed: what int8 weights and 8-bit activations each keep alone (best effort)."""
+    from retool.optimizers import accuracy, precision_bound
+
+    try:
+        with console.step(f"{name}: the goal with only the weights, then only the activations, in int8"):
+            plain = build([], "bound")
+            try:
+                # unoptimised: onnxruntime's basic level re-quantizes a float weight between QDQ pairs
+                # (WeightBiasQuantization, per tensor), which is not the half being measured
+                bound = precision_bound.measure(plain, base, lambda p: ctx.evaluate(p, tol, "disable"), ctx.workdir,
+                                                ctx.goal, ctx.external)
+            finally:
+                accuracy._remove_onnx(plain)
+    except Exception as exc:  # a diagnosis; the goal's verdict stands without it
+        return {"error": _first_line(exc)}
+    precision_bound.log(bound, f"{name}: ")
+    return bound
 
 
 def _graph(ctx: Context, dst: Path, profile):

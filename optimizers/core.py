@@ -143,7 +143,7 @@ def optimize(model, output, *, target: str, calibration=None, calibration_method
             if ctx.goal is not None:
                 raise ValidationFailed(
                     f"{art.path}: accuracy goal {ctx.goal} cannot be met with {profile.name}: best reached "
-                    f"{_reached(report.data['accuracy_goal']['best_reached'])}; {out} was not written "
+                    f"{_reached(report.data['accuracy_goal']['best_reached'])}{_why_bound(cand)}; {out} was not written "
                     f"(report: {side}); relax --accuracy, raise --accuracy-budget"
                     f"{', give representative --calibration data' if cand.calibrated else ''} or choose another "
                     f"--target", report=report)
@@ -163,6 +163,11 @@ def _reached(best: dict) -> str:
     parts = [f"{k.replace('_', ' ')} {best[k]:.6g}" for k in ("top1", "top1_lower", "cosine", "cosine_min_row")
              if isinstance(best.get(k), (int, float))]
     return f"{', '.join(parts) or 'nothing measurable'} with {len(best.get('excluded', []))} node(s) in fp32"
+
+
+def _why_bound(cand) -> str:
+    finding = (cand.extra.get("precision_bound") or {}).get("finding")
+    return f" ({finding})" if finding else ""
 
 
 def staging_dir_for(out: Path):

@@ -61,10 +61,12 @@ def build_report(art, profile, cand, ctx, tol, lat, auto_data, staged, out, dige
         data["note"] = (f"parity was checked with CPUExecutionProvider; the target runs on {profile.provider}")
     if auto_data is not None:
         data["auto"] = auto_data
-    data.update(cand.extra)
+    data.update({k: v for k, v in cand.extra.items() if k != "precision_bound"})
     if ctx.goal is not None:
         data["accuracy_goal"] = {**ctx.goal.to_dict(), "met": bool(cand.passed), "heldout_samples": len(ctx.heldout),
                                  "best_reached": best_attempt(cand.attempts, cand.checks)}
+        if cand.extra.get("precision_bound"):
+            data["accuracy_goal"]["precision_bound"] = cand.extra["precision_bound"]
     from retool import machine
     from retool.optimizers import hardware
 

@@ -2,6 +2,7 @@
 batch norm recalibrated on white-noise inputs, standardised class scores)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -124,12 +125,19 @@ def test_unreachable_goal_keeps_fp32_or_exits_6_with_the_best_reached(anchor, tm
     ints = [r for r in auto["candidates"] if r["target"].startswith("cpu-int8") and r["built"]]
     assert ints and not any(r["passed"] for r in ints if r["target"] != "cpu-int8-dynamic")
     assert sum(bool(r.get("searched")) for r in ints) == 1  # one calibration method searched, by the probe
+    bound = next(r for r in ints if r.get("searched"))["precision_bound"]  # why int8 missed: each half alone
+    for half in ("weights_int8_only", "activations_int8_only"):
+        assert 0 < bound[half]["top1_lower"] <= bound[half]["top1"] <= 1
+    assert any(not bound[h]["meets_goal"] for h in ("weights_int8_only", "activations_int8_only"))
     model, calib = anchor
     out = tmp_path / "never.onnx"
     r = cli("optimize", model, "--target", "cpu-int8", "-o", out, "--calibration", calib, "--heldout", "300",
             "--accuracy", "top1>=0.97", "--accuracy-budget", "1", "--no-measure")
     err = [ln for ln in r.err.splitlines() if ln.startswith("retool: error")]
     assert r.code == 6 and not out.exists() and err and "best reached top1 0." in err[0], r.err
+    assert "int8 weights with float activations reach top1 0." in err[0] and "alone already miss" in err[0]
+    rep = json.loads((tmp_path / "never.report.json").read_text())["data"]["accuracy_goal"]["precision_bound"]
+    assert rep["goal"] == "top1>=0.97" and rep["finding"] in err[0]
 
 
 @pytest.mark.slow
