@@ -28,6 +28,14 @@ def family_repo(tmp_path_factory):
     return root / "repo"
 
 
+@pytest.fixture(scope="module")
+def fast_family(tmp_path_factory):
+    root = tmp_path_factory.mktemp("plan-fast")
+    # both variants about a millisecond: a budget nothing meets rejects each at its first probe
+    publish_family(root / "repo", root / "models", slow_depth=4, slow_width=64)
+    return root / "repo"
+
+
 def _plan(repo, tmp_path, *args):
     out = tmp_path / "plan"
     r = run_retool("plan", repo, "fam-fp32", "--window-ms", WINDOW, "--out", out, *args, timeout=900)
@@ -69,8 +77,8 @@ def test_plan_on_two_variants_picks_the_one_that_meets_the_budget(family_repo, t
 
 
 @pytest.mark.slow
-def test_a_budget_nothing_meets_exits_6_with_the_miss(family_repo, tmp_path):
-    r, plan, _ = _plan(family_repo, tmp_path, "--budget-p99-ms", "0.01", "--rate", "10")
+def test_a_budget_nothing_meets_exits_6_with_the_miss(fast_family, tmp_path):
+    r, plan, _ = _plan(fast_family, tmp_path, "--budget-p99-ms", "0.01", "--rate", "10")
     assert r.returncode == 6, r.stderr[-2000:]
     last = r.stderr.strip().splitlines()[-1]
     assert "no variant meets p99 <= 0.01 ms" in last and "misses by" in last and "Traceback" not in r.stderr
