@@ -129,3 +129,33 @@ def test_hash_early_results_are_used_only_for_unchanged_files(signed, monkeypatc
     assert r.code == 7 and "a.onnx.data" in r.err, r.err
     assert children.count(True) == 1  # every file verify hashed came from the early child: no second one
     assert not fsutil._EARLY  # and what nobody asked for (manifest.json, model.sig) is forgotten
+
+
+def test_kill_9_of_repo_verify_leaves_no_hashing_child(signed, tmp_path):
+    """The child that hashes a large repository dies with retool: a sparse 64 GiB version file (no disk
+    used, seconds of hashing) keeps it busy while ``repo verify`` is killed with SIGKILL."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from fixtures.proctree import descendants, wait_gone
+
+    repo, _ = signed
+    os.truncate(repo / "m" / "1" / "a.onnx.data", 64 << 30)
+    p = subprocess.Popen([sys.executable, "-m", "retool", "repo", "verify", str(repo)], cwd=tmp_path,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, kids = time.monotonic() + 60, {}
+        while not kids and time.monotonic() < deadline and p.poll() is None:
+            kids = {pid: n for pid, n in descendants(p.pid).items() if n.startswith("python")}
+            time.sleep(0.05)
+        assert kids, "repo verify started no hashing child"
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(30)
+        assert not wait_gone(list(kids), 20), kids
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(30)
