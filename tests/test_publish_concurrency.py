@@ -41,7 +41,8 @@ def test_publisher_killed_mid_copy_leaves_nothing_visible(tmp_path):
     model = linear(tmp_path / "m.onnx", external_data_mb=1)
     repo = tmp_path / "repo"
     # the test hook sleeps after each staged file, so the kill lands between the data file and the model
-    p = _retool("publish", model, "--repo", repo, "--name", "m", env={"RETOOL_TEST_STAGE_DELAY_S": "60"})
+    p = _retool("publish", model, "--repo", repo, "--name", "m", env={"RETOOL_TEST_STAGE_DELAY_S": "60",
+                                                                  "TMPDIR": str(tmp_path)})
     deadline = time.time() + 60
     staged = []
     while time.time() < deadline and not staged:

@@ -101,7 +101,8 @@ def test_a_profile_with_a_billion_instances_is_refused(tmp_path, tiny, cli):
 
 # ---- kill -9 between the version's rename and the config (item 5) -----------------------------------------
 def _publish_and_kill(model, repo, name, extra=()):
-    env = {**os.environ, "RETOOL_TEST_COMMIT_DELAY_S": "60"}
+    # a killed publish cannot remove its temporary folder: let it leave it in the test's, not in /tmp
+    env = {**os.environ, "RETOOL_TEST_COMMIT_DELAY_S": "60", "TMPDIR": str(repo.parent)}
     p = subprocess.Popen([sys.executable, "-m", "retool", "-q", "publish", str(model), "--repo", str(repo),
                           "--name", name, *extra], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, start_new_session=True)
@@ -297,7 +298,8 @@ def test_kill_9_at_random_points_of_publish_leaves_verify_clean(tmp_path, tiny):
 
     repo = tmp_path / "repo"
     rng = random.Random(7)
-    env = {**os.environ, "RETOOL_TEST_STAGE_DELAY_S": "0.2", "RETOOL_TEST_COMMIT_DELAY_S": "0.3"}
+    env = {**os.environ, "RETOOL_TEST_STAGE_DELAY_S": "0.2", "RETOOL_TEST_COMMIT_DELAY_S": "0.3",
+           "TMPDIR": str(tmp_path)}  # what a killed publish leaves stays in the test's folder
     for i in range(8):
         model = linear(tmp_path / "src" / f"k{i}.onnx", seed=10 + i, external_data_mb=0.1)
         p = subprocess.Popen([sys.executable, "-m", "retool", "-q", "publish", str(model), "--repo", str(repo),
