@@ -2,7 +2,8 @@
 with only the activations in 8 bits, taken apart from the plain QDQ model the search started from.
 
 A QDQ model holds both errors: weights stored as int8 behind a DequantizeLinear, and every activation
-passed through a QuantizeLinear/DequantizeLinear pair. Replacing the activation pairs by an Identity
+passed through a QuantizeLinear/DequantizeLinear pair. Replacing each activation pair by its float
+input (through a Relu where the pair clipped at zero: onnxruntime folds a Relu into the pair's range)
 keeps onnxruntime's own rounded weights with float activations; replacing each weight's
 DequantizeLinear by the float weight keeps onnxruntime's own activation quantization with float
 weights. When either half alone already misses the goal on the held-out rows, no build that leaves
