@@ -55,5 +55,6 @@ auto = d.get("auto") or {}
 print(json.dumps({"goal": d.get("accuracy_goal"), "chosen": d.get("chosen_target"),
                   "chosen_variant": auto.get("chosen_variant"), "pareto": auto.get("pareto"),
                   "candidates": [{k: r.get(k) for k in ("target", "passed", "probe_error", "searched", "ratio",
-                                                         "excluded_nodes", "reason")} for r in auto.get("candidates", [])]},
+                                                         "excluded_nodes", "reason", "precision_bound")
+                                  if k in r} for r in auto.get("candidates", [])]},
                  indent=1, default=str))
