@@ -23,7 +23,8 @@ WINDOW = "400"  # ms: plumbing, not benchmarks
 @pytest.fixture(scope="module")
 def family_repo(tmp_path_factory):
     root = tmp_path_factory.mktemp("plan")
-    # the int8 variant computes a 1024-deep chain of 1024x1024 MatMuls: about 80 ms, over any budget below
+    # the int8 variant computes a 1024-deep chain of 1024x1024 MatMuls: 0.8 s for one row in onnxruntime (a
+    # 128-deep one met a 50 ms budget through Triton at 2 threads), over any budget below
     publish_family(root / "repo", root / "models", slow_depth=1024)
     return root / "repo"
 
@@ -47,7 +48,7 @@ def _plan(repo, tmp_path, *args):
 def test_plan_on_two_variants_picks_the_one_that_meets_the_budget(family_repo, tmp_path):
     # 100 req/s and 50 ms: at 300 req/s perf_analyzer's Poisson load and Triton's python stub keep both cores
     # busy, and even at 100 the identity model's p99 reached 22-37 ms in scheduling stalls on a shared machine
-    # (it failed at 15 ms); the slow variant needs about 80 ms for one request, so the choice is never close
+    # (it failed at 15 ms); the slow variant needs about 0.8 s for one request, so the choice is never close
     r, plan, out = _plan(family_repo, tmp_path, "--budget-p99-ms", "50", "--rate", "100", "--price-per-hour", "0.4",
                          "--currency", "EUR", "--headroom", "0.5", "--apply")
     assert r.returncode == 0, r.stderr[-2000:]
