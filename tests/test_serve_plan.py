@@ -23,8 +23,8 @@ WINDOW = "400"  # ms: plumbing, not benchmarks
 @pytest.fixture(scope="module")
 def family_repo(tmp_path_factory):
     root = tmp_path_factory.mktemp("plan")
-    # the int8 variant computes a 1024-deep chain of 1024x1024 MatMuls: 0.8 s for one row in onnxruntime (a
-    # 128-deep one met a 50 ms budget through Triton at 2 threads), over any budget below
+    # the int8 variant computes a 1024-deep chain of 1024x1024 MatMuls: ~80 ms a row through Triton, and the
+    # plan's samples send 8 rows a request (p99 0.82-0.93 s with one in flight); a 128-deep one met 50 ms
     publish_family(root / "repo", root / "models", slow_depth=1024)
     return root / "repo"
 
