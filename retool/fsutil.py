@@ -82,7 +82,7 @@ def hash_early(paths) -> None:
             files.append((str(p), st))
     if sum(st.st_size for _, st in files) < CHILD_HASH_MIN_BYTES:
         return
-    from retool.serve.server import die_with_parent
+    from retool.procs import die_with_parent
 
     try:  # a child that dies with retool, like every process retool starts
         proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", HASH_SCRIPT, *(f for f, _ in files)],

@@ -7,12 +7,13 @@ silently falls back to the CPU for some operators shows it here.
 from __future__ import annotations
 
 import json
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+
+from retool.procs import temp_dir
 
 #: Nodes listed one by one in the report at most (the counts cover all of them).
 MAX_NODES_LISTED = 200
@@ -28,7 +29,7 @@ def node_placement(model_path, feeds: Mapping[str, np.ndarray], threads: int | N
     available = ort.get_available_providers()
     requested = list(providers or ["CPUExecutionProvider"])
     chosen = [p for p in requested if p in available] or ["CPUExecutionProvider"]
-    with tempfile.TemporaryDirectory(prefix="retool-profile-") as d:
+    with temp_dir("profile") as d:
         so = session_options(threads)
         so.enable_profiling = True
         so.profile_file_prefix = str(Path(d) / "profile")

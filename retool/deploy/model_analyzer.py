@@ -11,10 +11,10 @@ against the lists below, taken from model_analyzer/config/input/config_command_p
 """
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 from retool.errors import UsageError, ValidationFailed
+from retool.procs import temp_dir
 
 #: top-level keys of `model-analyzer profile` (1.58)
 TOP_KEYS = frozenset("""
@@ -156,7 +156,7 @@ def build(plan, repo_url: str, out: Path, *, local_repository: str | None = None
         raise UsageError(f"{repo_url}: {plan.model} v{v} has no samples.npz for perf_analyzer's input data "
                          f"({entry.get('error') or 'published before retool stored samples'}); republish it")
     data = smp.load(repo.storage.read_bytes(f"{plan.model}/{v}/{entry['file']}"))
-    with tempfile.TemporaryDirectory(prefix="retool-ma-") as tmp:
+    with temp_dir("ma") as tmp:
         input_bytes = lt.input_data_file(data["in"], Path(tmp), batched=bool(entry.get("batched"))).read_bytes()
     input_path = str(Path(out).expanduser().resolve() / INPUT_DATA)
     doc = config(plan, ma_repo, input_path, gpu)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from retool.errors import PublishError, UnsafePath, UsageError
+from retool.procs import clean_dead_temp, temp_dir
 from retool.publish import index, regression
 from retool.publish.config import DEFAULT_MAX_BATCH, batchable
 from retool.publish.manifest import build_manifest, publisher
@@ -148,7 +149,6 @@ class Repository(ServingState, Checks):
         configuration goes into config.pbtxt and its measurement into the manifest. ``samples``: store
         held-out inputs and their outputs (``samples_reference``: also the outputs of the model this
         one was optimised from) for ``retool repo check``."""
-        import tempfile
 
         from retool import console
         from retool.serve.profile import serving_settings
@@ -193,7 +193,8 @@ class Repository(ServingState, Checks):
         triton.update(serving_settings(art.path, serving_profile, triton["max_batch_size"], name))
         check_instances(triton["instance_count"], f"{serving_profile or 'serving profile'}: instance_count")
         who = {**publisher(), "at": now_iso()}
-        tmp_samples = tempfile.TemporaryDirectory(prefix="retool-samples-")
+        clean_dead_temp()  # what publishes killed with SIGKILL left
+        tmp_samples = temp_dir("samples")
         samples_entry = None
         if samples:
             from retool.serve.samples import SAMPLES_FILE, build

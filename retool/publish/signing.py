@@ -27,6 +27,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Iterator
 
 from retool.errors import MissingDependency, PublishError, UsageError
+from retool.procs import temp_dir
 
 if TYPE_CHECKING:  # pragma: no cover
     from retool.publish.finding import Finding
@@ -185,7 +186,7 @@ def sign_version(store: "Storage", staged: "Staged", files: dict, mbytes: bytes,
         (folder / MANIFEST).write_bytes(mbytes)  # commit writes the same bytes again
         key.sign(folder, folder / SIGNATURE, [SIGNATURE], digests)
         return staged
-    with tempfile.TemporaryDirectory(prefix="retool-sign-") as tmp:
+    with temp_dir("sign") as tmp:
         view = Path(tmp) / "version"
         for rel, src in files.items():
             dst = view / rel
@@ -205,7 +206,7 @@ def sign_model(repo: "Repository", name: str) -> None:
     store = repo.storage
     skip = {k for k in store.listdir(name) if k not in MODEL_FILES and (k.isascii() and k.isdigit() or _transient(k))}
     skip.add(CONFIG_SIGNATURE)
-    with _view(store, name, skip) as folder, tempfile.TemporaryDirectory(prefix="retool-sign-") as tmp:
+    with _view(store, name, skip) as folder, temp_dir("sign") as tmp:
         data = repo.signer.sign(folder, Path(tmp) / CONFIG_SIGNATURE, skip)
     store.write_bytes(f"{name}/{CONFIG_SIGNATURE}", data)
 
@@ -449,7 +450,7 @@ def sign_published(repo: "Repository", name: str) -> list[int]:
         for v in repo.versions(name):
             if store.exists(f"{name}/{v}/{SIGNATURE}"):
                 continue
-            with _view(store, f"{name}/{v}") as folder, tempfile.TemporaryDirectory(prefix="retool-sign-") as tmp:
+            with _view(store, f"{name}/{v}") as folder, temp_dir("sign") as tmp:
                 data = repo.signer.sign(folder, Path(tmp) / SIGNATURE, [SIGNATURE])
             store.write_bytes(f"{name}/{v}/{SIGNATURE}", data)
             done.append(v)

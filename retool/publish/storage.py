@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Iterator, Mapping
 
 from retool.errors import PublishError
+from retool.procs import pid_alive
 from retool.publish.storage_base import (LOCK_FILE, LOCK_TIMEOUT_S, MANIFEST, MODEL_FILE, STAGING_PREFIX, Staged,
-                                         Storage, version_numbers, pid_alive, stage_delay, publisher_id)
+                                         Storage, version_numbers, stage_delay, publisher_id)
 
 __all__ = ["LOCK_FILE", "MANIFEST", "MODEL_FILE", "STAGING_PREFIX", "LocalStorage", "Staged", "Storage",
            "open_storage", "publisher_id"]

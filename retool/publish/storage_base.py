@@ -94,11 +94,3 @@ def version_numbers(names) -> set[int]:
     return {int(n) for n in names if ascii_digits(n) and 0 < int(n) <= MAX_VERSION}
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:
-        return True
-    return True

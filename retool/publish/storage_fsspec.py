@@ -13,7 +13,8 @@ import time
 from typing import Mapping
 
 from retool.errors import MissingDependency, PublishError, RetoolError, UsageError, first_line
-from retool.publish.storage_base import MANIFEST, Staged, Storage, version_numbers, pid_alive, stage_delay, publisher_id
+from retool.procs import pid_alive
+from retool.publish.storage_base import MANIFEST, Staged, Storage, version_numbers, stage_delay, publisher_id
 
 #: one-line error text; this module keeps its own length limit
 _first_line = functools.partial(first_line, limit=None)

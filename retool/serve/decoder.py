@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from retool.fsutil import inside
+from retool.procs import temp_dir
 
 from retool.validators.generation import (DEFAULT_NEW_TOKENS, CacheLayout, cache_step, cases, compare_steps,
                                           decode, is_decoder_graph, layout_from_session, make_prompts, ort_step,
@@ -138,7 +138,7 @@ def _version_folder(repo, name: str, version: int) -> Iterator[Path]:
     if root is not None:
         yield inside(root, f"{name}/{version}", where=repo.url)
         return
-    with tempfile.TemporaryDirectory(prefix="retool-check-") as tmp:
+    with temp_dir("check") as tmp:
         base = f"{name}/{version}"
         for rel in repo.storage.files(base):
             if rel.endswith(".onnx") or not rel.endswith((".json", ".npz")):

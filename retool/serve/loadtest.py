@@ -10,7 +10,6 @@ import base64
 import csv
 import json
 import subprocess
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -18,8 +17,9 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from retool.errors import ServingError
+from retool.procs import temp_dir
 from retool.serve.home import perf_analyzer, perf_env
-from retool.serve.server import die_with_parent
+from retool.procs import die_with_parent
 
 #: a window long enough for a few hundred requests on a small CPU model, short enough to sweep
 DEFAULT_WINDOW_MS = 1500
@@ -148,7 +148,7 @@ class _WindowTooShort(ServingError):
 def _run_point(model, grpc_url, concurrency, rate, input_data, window_ms, timeout, version, stability,
                distribution="constant") -> LoadPoint:
     mode = "rate" if rate else "concurrency"
-    with tempfile.TemporaryDirectory(prefix="retool-pa-") as tmp:
+    with temp_dir("pa") as tmp:
         csv_path = Path(tmp) / "pa.csv"
         cmd = [str(perf_analyzer()), "-m", model, "-u", grpc_url, "-i", "grpc", "-b", "1",
                "--measurement-interval", str(int(window_ms)), "--stability-percentage", str(stability),

@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from retool import console
+from retool.procs import temp_dir
 from retool.serve import choice, loadtest as lt
 from retool.serve.choice import keeps_up, rate_window_ms
 from retool.serve.session import published_config
@@ -90,7 +91,6 @@ def _replica_session(repo_url: str, cores: int):
 
 def run(repo_url: str, name: str, inp: PlanInputs, *, confirm_runs: int = 3) -> dict:
     """Measure every candidate of ``name``'s family and return the plan (JSON-ready)."""
-    import tempfile
     from pathlib import Path
 
     from retool.publish import open_repo
@@ -104,7 +104,7 @@ def run(repo_url: str, name: str, inp: PlanInputs, *, confirm_runs: int = 3) -> 
     variants, dups = family(repo, name)
     todo = [v for v in variants if v.readiness_passed is not False]
     cands = [Candidate(v, c, cores=inp.cores_per_replica) for v in todo for c in configs_for(v, inp)]
-    with tempfile.TemporaryDirectory(prefix="retool-plan-") as tmp, _replica_session(repo_url, inp.cores_per_replica) as sess:
+    with temp_dir("plan") as tmp, _replica_session(repo_url, inp.cores_per_replica) as sess:
         data: dict[str, Any] = {}
         for v in todo:
             man = repo.manifest(v.model, v.version)

@@ -22,12 +22,12 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Sequence
 
 from retool.errors import ServingError, ServingTimeout, UsageError
+from retool.procs import clean_dead_temp, die_with_parent
 from retool.serve.home import ensure_home, server_env
 
 #: servers started and not yet stopped (strong references: a forgotten one is still stopped at exit)
@@ -61,29 +61,6 @@ if b"stopped" not in said:
     if folder:
         shutil.rmtree(folder, ignore_errors=True)
 """
-
-
-def die_with_parent() -> "callable | None":
-    """A preexec_fn that makes the child get SIGKILL when retool dies (Linux PR_SET_PDEATHSIG).
-
-    The signal follows the *thread* that forked: only armed from the main thread, which lives as
-    long as retool does. None where prctl is not available."""
-    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
-        return None
-    import ctypes
-
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-
-    def arm() -> None:
-        prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # retool died between fork and prctl
-            os._exit(1)
-
-    return arm
 
 
 def check_host(host: str) -> str:
@@ -134,27 +111,6 @@ def positive_seconds(value, flag: str) -> float:
     if not math.isfinite(v) or v <= 0:
         raise UsageError(f"{flag} {value}: a timeout is a number of seconds above 0, such as 120")
     return v
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def clean_stale_dirs() -> list[Path]:
-    """Remove the temporary folders of servers whose retool is gone (a kill -9 that even the watchdog missed)."""
-    gone = []
-    for d in Path(tempfile.gettempdir()).glob(f"{_TMP_PREFIX}*"):
-        m = re.fullmatch(rf"{_TMP_PREFIX}(\d+)-[^-]+", d.name)
-        if m and d.is_dir() and not d.is_symlink() and not _alive(int(m.group(1))):
-            shutil.rmtree(d, ignore_errors=True)
-            gone.append(d)
-    return gone
 
 
 def log_errors(text: str, model: str | None = None, limit: int = 3) -> list[str]:
@@ -247,7 +203,7 @@ class TritonServer:
         self.http_port = self.http_port or free_port(self.host)
         self.grpc_port = self.grpc_port or free_port(self.host)
         self.server_id = f"retool-{os.getpid()}-{os.urandom(4).hex()}"
-        clean_stale_dirs()
+        clean_dead_temp()  # folders of retools that are gone (a kill -9 that even the watchdog missed)
         if self._log_dir is None:  # the owner's pid in the name: a later start can tell a dead one
             self._tmp_dir = log_dir = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{os.getpid()}-"))
         else:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from retool import console
+from retool.procs import temp_dir
 from retool.serve import choice, loadtest as lt
 from retool.serve.profile import ServingConfig
 
@@ -164,13 +165,12 @@ def tune(sess, repo, name: str, spec: lt.LoadSpec, *, configs: "Sequence[Serving
     else:
         todo = list(configs) if configs else space(spec.space, mbs, n_cores, published)
     man = repo.manifest(name, v)
-    import tempfile
     from pathlib import Path
 
     measured: list[Measured] = []
     failed: list = []  # the RetoolError of each configuration that could not be measured
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="retool-load-") as tmp:
+    with temp_dir("load") as tmp:
         data_file = None
         if (man.get("samples") or {}).get("file"):
             data = smp.read_published(repo, name, v, man["samples"])
