@@ -18,7 +18,6 @@ from retool import console
 
 #: onnxruntime's suffix for a quantized initializer (quant_utils.TENSOR_NAME_QUANT_SUFFIX)
 QUANT_SUFFIX = "_quantized"
-METRICS = ("top1", "top1_lower", "cosine", "cosine_min_row")
 
 
 def split(qdq_path: Path, float_path: Path, weights_out: Path, activations_out: Path,
@@ -94,6 +93,8 @@ def _live(nodes: list, outputs: list[str]) -> list:
 def measure(qdq_path: Path, float_path: Path, evaluate, workdir: Path, goal, external: bool = False) -> dict | None:
     """The goal's metrics for each half alone (``evaluate``: path -> (passed, checks), the held-out
     check the search used); None when the model has no QDQ pairs to take apart."""
+    from retool.optimizers.report import worst_metrics
+
     w, a = Path(workdir) / "bound-weights.onnx", Path(workdir) / "bound-activations.onnx"
     try:
         counts = split(qdq_path, float_path, w, a, external)
@@ -102,7 +103,7 @@ def measure(qdq_path: Path, float_path: Path, evaluate, workdir: Path, goal, ext
         out = {}
         for kind, path in (("weights_int8_only", w), ("activations_int8_only", a)):
             passed, checks = evaluate(path)
-            out[kind] = {"meets_goal": bool(passed), **_metrics(checks)}
+            out[kind] = {"meets_goal": bool(passed), **worst_metrics(checks)}
     finally:
         for p in (w, a):
             for f in (p, p.with_name(p.name + ".data")):
@@ -110,16 +111,6 @@ def measure(qdq_path: Path, float_path: Path, evaluate, workdir: Path, goal, ext
     out["goal"] = str(goal)
     out["finding"] = finding(out, goal)
     return out
-
-
-def _metrics(checks) -> dict:
-    worst: dict = {}
-    for c in checks:
-        for k in METRICS:
-            v = (c.details or {}).get(k)
-            if isinstance(v, (int, float)):
-                worst[k] = min(worst.get(k, v), v)
-    return worst
 
 
 def _reached(m: dict) -> str:

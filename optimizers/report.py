@@ -100,18 +100,23 @@ def build_report(art, profile, cand, ctx, tol, lat, auto_data, staged, out, dige
 def best_attempt(attempts: list[dict], checks) -> dict:
     """The most faithful step of an accuracy search (top-1 first, then cosine)."""
     if not attempts:  # a float target: no search, its checks are the result
-        worst: dict = {}
-        for c in checks:
-            for k in ("top1", "top1_lower", "cosine", "cosine_min_row"):
-                v = (c.details or {}).get(k)
-                if isinstance(v, (int, float)):
-                    worst[k] = min(worst.get(k, v), v)
-        return {"attempt": 0, "excluded": [], **worst}
+        return {"attempt": 0, "excluded": [], **worst_metrics(checks)}
     key = lambda a: (a.get("top1_lower", a.get("top1", 1.0)), a.get("top1", 1.0), a.get("cosine", 1.0),  # noqa: E731
                      -len(a.get("excluded", [])))
     best = max(attempts, key=key)
     return {k: best.get(k) for k in ("attempt", "excluded", "top1", "top1_lower", "cosine", "cosine_min_row", "passed",
                                      "latency") if k in best}
+
+
+def worst_metrics(checks) -> dict:
+    """The lowest top-1, top-1 bound and cosines over ``checks`` (the metrics an accuracy goal judges)."""
+    worst: dict = {}
+    for c in checks:
+        for k in ("top1", "top1_lower", "cosine", "cosine_min_row"):
+            v = (c.details or {}).get(k)
+            if isinstance(v, (int, float)):
+                worst[k] = min(worst.get(k, v), v)
+    return worst
 
 
 def _group_cost(attempts: list[dict], node: str) -> dict:
