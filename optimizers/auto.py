@@ -75,6 +75,12 @@ def choose(profile, ctx):
                f"batch 1, {lat['threads']} thread(s); decided on {basis})")
         if chosen in slow:
             why += "; it is SLOWER than fp32, but no float candidate passed"
+        if len(passing) == 1 and len(built) > 1:  # the others missed: that decided, not a timing
+            what = f"the accuracy goal {ctx.goal}" if ctx.goal is not None else "its tolerance"
+            found = next((c.extra["precision_bound"]["finding"] for c in built
+                          if (c.extra.get("precision_bound") or {}).get("finding")), None)
+            why = (f"{lab(chosen)} is the only candidate that meets {what}; the {len(built) - 1} other(s) miss it"
+                   + (f" ({found})" if found else ""))
     else:
         chosen = max(built, key=lambda c: min([(x.details or {}).get("cosine", 0) or 0 for x in c.checks] or [0]))
         why = "no candidate meets its tolerance"

@@ -122,6 +122,7 @@ def test_unreachable_goal_keeps_fp32_or_exits_6_with_the_best_reached(anchor, tm
     art, rep = _goal(anchor, tmp_path / "a.onnx", "cpu-auto", "top1>=0.97", accuracy_budget=1)
     auto = rep.data["auto"]
     assert art.precision == "fp32" and auto["chosen_variant"] == "cpu"
+    assert auto["why"].startswith("cpu is the only candidate that meets the accuracy goal top1>=0.97")
     ints = [r for r in auto["candidates"] if r["target"].startswith("cpu-int8") and r["built"]]
     assert ints and not any(r["passed"] for r in ints if r["target"] != "cpu-int8-dynamic")
     assert sum(bool(r.get("searched")) for r in ints) == 1  # one calibration method searched, by the probe
