@@ -315,7 +315,9 @@ def build_candidate(profile, ctx: Context, tol, method: str | None = None, base:
                             f"on CPU use level EXTENDED (GPU providers are unaffected)")
     cand = Candidate(profile.name, res.path, profile.precision, res.passed, res.checks, tools, versions, warnings,
                      res.excluded, res.attempts, calibrated, n_calib, method if calibrated else None, profile, notes)
-    if ctx.goal is not None and not res.passed and profile.method == "static" and profile.quant_format == "QDQ":
+    # once per search: cpu-auto's plain builds per calibration method (budget 0) are screened, not diagnosed
+    if (ctx.goal is not None and not res.passed and budget != 0 and profile.method == "static"
+            and profile.quant_format == "QDQ"):
         cand.extra["precision_bound"] = _precision_bound(ctx, tol, build, base, name)
     return cand
 
