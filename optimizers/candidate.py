@@ -336,7 +336,8 @@ def _precision_bound(ctx: Context, tol, build, base: Path, name: str) -> dict | 
                                                 ctx.goal, ctx.external)
             finally:
                 accuracy._remove_onnx(plain)
-    except Exception as exc:  # a diagnosis; the goal's verdict stands without it
+    except Exception as exc:  # a diagnosis; the goal's verdict stands without it, and the failure is said
+        console.warn(f"{name}: why the goal was missed could not be measured ({_first_line(exc)})")
         return {"error": _first_line(exc)}
     precision_bound.log(bound, f"{name}: ")
     return bound
