@@ -39,10 +39,15 @@ def die_with_parent() -> "callable | None":
 _TEMP = re.compile(r"retool-([a-z0-9]+)-(\d+)-[a-z0-9_]+")
 
 
+def temp_prefix(kind: str) -> str:
+    """``retool-KIND-PID-``: the name of every temporary folder retool makes, which ``clean_dead_temp`` reads."""
+    return f"retool-{kind}-{os.getpid()}-"
+
+
 def temp_dir(kind: str) -> tempfile.TemporaryDirectory:
-    """A temporary folder named ``retool-KIND-PID-…``: when retool is killed before removing it, a later
+    """A temporary folder named by ``temp_prefix``: when retool is killed before removing it, a later
     retool's ``clean_dead_temp`` sees that its owner is gone and removes it."""
-    return tempfile.TemporaryDirectory(prefix=f"retool-{kind}-{os.getpid()}-")
+    return tempfile.TemporaryDirectory(prefix=temp_prefix(kind))
 
 
 def clean_dead_temp() -> list[Path]:

@@ -149,7 +149,6 @@ class Repository(ServingState, Checks):
         configuration goes into config.pbtxt and its measurement into the manifest. ``samples``: store
         held-out inputs and their outputs (``samples_reference``: also the outputs of the model this
         one was optimised from) for ``retool repo check``."""
-
         from retool import console
         from retool.serve.profile import serving_settings
 

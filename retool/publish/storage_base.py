@@ -92,5 +92,3 @@ def version_numbers(names) -> set[int]:
     from retool.publish.names import MAX_VERSION, ascii_digits
 
     return {int(n) for n in names if ascii_digits(n) and 0 < int(n) <= MAX_VERSION}
-
-

@@ -27,15 +27,12 @@ from pathlib import Path
 from typing import Sequence
 
 from retool.errors import ServingError, ServingTimeout, UsageError
-from retool.procs import clean_dead_temp, die_with_parent
+from retool.procs import clean_dead_temp, die_with_parent, temp_prefix
 from retool.serve.home import ensure_home, server_env
 
 #: servers started and not yet stopped (strong references: a forgotten one is still stopped at exit)
 _LIVE: "set[TritonServer]" = set()
 _LOG_LINE = re.compile(r"^([EWI])\d{4} [\d:.]+ +\d+ [^\]]+\] ?(.*)$")
-
-
-_TMP_PREFIX = "retool-triton-"
 _PORT_TRIES = 3
 _IN_USE = re.compile(r"already in use|Address in use|EADDRINUSE", re.I)
 _STOPPED = b"stopped"
@@ -205,7 +202,7 @@ class TritonServer:
         self.server_id = f"retool-{os.getpid()}-{os.urandom(4).hex()}"
         clean_dead_temp()  # folders of retools that are gone (a kill -9 that even the watchdog missed)
         if self._log_dir is None:  # the owner's pid in the name: a later start can tell a dead one
-            self._tmp_dir = log_dir = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{os.getpid()}-"))
+            self._tmp_dir = log_dir = Path(tempfile.mkdtemp(prefix=temp_prefix("triton")))
         else:
             log_dir = self._log_dir
         log_dir.mkdir(parents=True, exist_ok=True)
