@@ -59,6 +59,15 @@ def test_children_of_a_sigkilled_parent_are_found_and_a_finished_child_is_not(re
     assert kills.survivors(w.seen, "no-such-token", None, time.monotonic()) == []
 
 
+def test_a_child_that_execs_after_it_was_first_seen_bears_its_new_name(reap):
+    # a child is first seen as a copy of its parent (between fork and exec); CI saw 'sh' for a sleep
+    p = _spawn("sh -c 'sleep 0.5; exec sleep 60'; wait")
+    with Watch(p.pid) as w:
+        assert _until(lambda: "sh" in w.seen.values())
+        assert _until(lambda: "sleep" in w.seen.values() and "sh" not in w.seen.values())
+    reap.extend(w.seen)
+
+
 def test_a_process_never_sampled_is_found_by_the_marker_in_its_environment(reap):
     token = "t" + os.urandom(6).hex()
     stray = _spawn("exec sleep 60", {kills.MARK: token})
