@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 
 from fixtures import onnx_models
+from fixtures.browser import chromium, needs_chromium
 from retool.errors import UsageError
 from retool.types import Report
 from retool.validators.core import report_schema, validate
 from retool.validators.report_serving import attach_serving, serving_html, serving_markdown
-
-CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"), "/usr/bin/chromium")
-                 if p and Path(p).exists()), None)
 
 
 def _point(load, throughput, p99, mode="rate"):
@@ -191,14 +187,11 @@ class _Text(HTMLParser):
         self.parts.append(data)
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (apt-get install chromium)")
+@needs_chromium
 def test_serving_section_renders_in_headless_chromium(validated, tmp_path):
     attach_serving(validated / "report.json", _plan(priced=True))
     url = (validated / "report.html").resolve().as_uri()
-    r = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                        f"--user-data-dir={tmp_path / 'chromium-profile'}", "--dump-dom", url],
-                       capture_output=True, text=True, timeout=90)
+    r = chromium("--dump-dom", url, tmp_path=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     dom = r.stdout
     section = dom[dom.index('<section class="serving">'):dom.index("</section>")]

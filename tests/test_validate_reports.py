@@ -3,20 +3,13 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 
 from fixtures import onnx_models
+from fixtures.browser import chromium, needs_chromium
 from retool.types import Report
 from retool.validators.core import report_schema, validate, write_reports
-
-CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"), "/usr/bin/chromium")
-                 if p and Path(p).exists()), None)
-needs_chromium = pytest.mark.skipif(
-    CHROMIUM is None, reason="headless Chromium not installed (apt-get install chromium; .ci/run does this)")
 
 
 @pytest.fixture(scope="module")
@@ -118,19 +111,11 @@ def test_write_reports_returns_the_three_paths(reports, tmp_path):
     assert all(p.is_file() and p.parent == tmp_path / "again" for p in paths.values())
 
 
-def _chromium(*args, tmp_path: Path, timeout=90) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={tmp_path / 'chromium-profile'}", *args],
-        capture_output=True, text=True, timeout=timeout)
-
-
 @needs_chromium
 def test_report_html_renders_in_headless_chromium(reports, tmp_path):
     _, out = reports
     url = (out / "report.html").resolve().as_uri()
-    dom = _chromium("--dump-dom", url, tmp_path=tmp_path)
+    dom = chromium("--dump-dom", url, tmp_path=tmp_path)
     assert dom.returncode == 0, dom.stderr[-2000:]
     # the parsed DOM (not just our text) holds the plots, with their marks
     assert dom.stdout.count("<svg") >= 5
@@ -147,7 +132,7 @@ def test_report_html_renders_in_headless_chromium(reports, tmp_path):
     assert "<rect" in dom.stdout and "FAIL" in dom.stdout
 
     png = tmp_path / "report.png"
-    shot = _chromium(f"--screenshot={png}", "--window-size=1100,1600", url, tmp_path=tmp_path)
+    shot = chromium(f"--screenshot={png}", "--window-size=1100,1600", url, tmp_path=tmp_path)
     assert shot.returncode == 0 and png.is_file(), shot.stderr[-2000:]
     import cv2
     import numpy as np
