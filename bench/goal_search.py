@@ -2,10 +2,12 @@
 
     .venv/bin/python bench/goal_search.py WORKDIR [HELDOUT=300] [BUDGET=3] [TARGET=cpu-auto] [GOAL] [DATA=white]
 
-fixtures.cnn_anchor's ResNet-18 (BN recalibrated on DATA: white noise as the anchor, or natural-like
-1/f images), inputs of that kind (seed 11), 64 calibration samples, HELDOUT held out, 1 thread. Prints the goal
-block, the chosen target and the Pareto front (speed-up over fp32 with its 95 % CI, top-1 lower bound);
-the whole report goes to WORKDIR/TARGET.report.json. Record `uptime` beside the figures.
+fixtures.cnn_anchor's ResNet-18 (BN recalibrated on DATA: white noise as the anchor, natural-like 1/f
+images, or classes; ``classes:0.3`` is the classes network fed inputs with noise at 0.3 of the prototype's
+amplitude instead of 0.5: wider top-1 margins), inputs of that kind (seed 11), 64 calibration samples,
+HELDOUT held out, 1 thread. Prints the goal block, the chosen target and the Pareto front (speed-up over
+fp32 with its 95 % CI, top-1 lower bound); the whole report goes to WORKDIR/TARGET.report.json. Record
+`uptime` beside the figures.
 """
 import json
 import os
@@ -23,7 +25,8 @@ heldout = int(sys.argv[2]) if len(sys.argv) > 2 else 300
 budget = int(sys.argv[3]) if len(sys.argv) > 3 else 3
 target = sys.argv[4] if len(sys.argv) > 4 else "cpu-auto"
 goal = sys.argv[5] if len(sys.argv) > 5 else "top1>=0.97"
-data = sys.argv[6] if len(sys.argv) > 6 else "white"  # fixtures.cnn_anchor.DATA
+data = sys.argv[6] if len(sys.argv) > 6 else "white"  # fixtures.cnn_anchor.DATA[:noise for classes]
+data, _, noise = data.partition(":")
 fp32 = work / "fp32.onnx"
 if not fp32.exists():
     from fixtures.cnn_anchor import resnet18
@@ -35,7 +38,7 @@ calib = work / "calib.npz"
 if not calib.exists():
     from fixtures.cnn_anchor import DATA
 
-    np.savez(calib, x=DATA[data](heldout + 64, 11, (3, 224, 224)))
+    np.savez(calib, x=DATA[data](heldout + 64, 11, (3, 224, 224), **({"noise": float(noise)} if noise else {})))
 
 from retool.errors import ValidationFailed  # noqa: E402
 from retool.optimizers.core import optimize  # noqa: E402
