@@ -17,9 +17,8 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from retool.errors import ServingError
-from retool.procs import temp_dir
+from retool.procs import die_with_parent, temp_dir
 from retool.serve.home import perf_analyzer, perf_env
-from retool.procs import die_with_parent
 
 #: a window long enough for a few hundred requests on a small CPU model, short enough to sweep
 DEFAULT_WINDOW_MS = 1500
